@@ -1,0 +1,85 @@
+"""The whole bridge: every region, the replicated database, and the stack outputs clients consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+
+from components import cost
+from components.config import BridgeConfig
+from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
+from components.region import Region, RegionArgs
+
+CLIENT_CONFIG_SCHEMA = 1
+
+
+@dataclass
+class Bridge:
+    regions: list[Region]
+    database: ReplicatedPostgres
+    estimate: cost.Estimate
+    outputs: dict[str, pulumi.Input]
+
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """Rendered files by path (`<region>/<file>`), for the offline plan's --out."""
+        return {f"{r.spec.name}/{name}": text for r in self.regions for name, text in r.artifacts.items()}
+
+
+def build(config: BridgeConfig) -> Bridge:
+    regions = [Region(r.name, RegionArgs(r, config)) for r in config.regions]
+    by_name = {r.spec.name: r for r in regions}
+    database = ReplicatedPostgres(
+        "postgres",
+        ReplicatedPostgresArgs(
+            primary=by_name[config.primary.name], replicas=[by_name[r.name] for r in config.replicas]
+        ),
+    )
+    estimate = cost.estimate(config.regions, config.budget)
+    outputs = {
+        "client_config": client_config(config, regions),
+        "glue_records": glue_records(regions),
+        "database": database.summary,
+        "monthly_cost_usd": estimate.as_output(),
+    }
+    return Bridge(regions, database, estimate, outputs)
+
+
+def client_config(config: BridgeConfig, regions: list[Region]) -> dict:
+    """What clients read. Lists are in failover order: the order regions are listed in config."""
+    return {
+        "schema_version": CLIENT_CONFIG_SCHEMA,
+        "environment": config.environment,
+        "billing_urls": [f"https://billing1.{r.domain}" for r in regions],
+        "proxy_urls": [f"https://proxy1.{r.domain}" for r in regions],
+        "dns": {
+            "zones": [r.domain for r in regions],
+            "nameservers": [{"name": r.nameserver, "ipv4": r.ipv4, "ipv6": r.ipv6} for r in regions],
+        },
+        "regions": [
+            {
+                "name": r.spec.name,
+                "provider": r.spec.provider,
+                "location": r.spec.location,
+                "domain": r.domain,
+                "ipv4": r.ipv4,
+                "ipv6": r.ipv6,
+            }
+            for r in regions
+        ],
+    }
+
+
+def glue_records(regions: list[Region]) -> list[dict]:
+    """Per domain: the NS set and the glue (A/AAAA of its own in-zone nameserver) to enter where the
+    domain is delegated -- at the registrar for registered domains, in the parent zone otherwise."""
+    return [
+        {
+            "domain": r.domain,
+            "delegated_at": "registrar" if cost.registrable(r.domain) else "parent zone",
+            "nameservers": [other.nameserver for other in regions],
+            "glue": [{"host": r.nameserver, "ipv4": r.ipv4, "ipv6": r.ipv6}],
+        }
+        for r in regions
+    ]

@@ -1,0 +1,310 @@
+"""The whole stack config as pydantic models -- the only place that reads config.
+
+The same `parse()` runs under the Pulumi engine (values from `pulumi.Config`'s environment) and
+offline (values read from a `Pulumi.<stack>.yaml` file), so a stack that plans offline is the stack
+`pulumi up` sees. Any mistake becomes one `ConfigError` naming the key, raised before a single
+resource is declared.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from components import cost
+
+PROJECT = "ciris-bridge"
+
+# Settings that may only be given with `pulumi config set --secret`.
+SECRET_KEYS = (
+    "stripe_secret_key",
+    "stripe_webhook_secret",
+    "together_api_key",
+    "groq_api_key",
+    "openrouter_api_key",
+    "backup_s3_access_key",
+    "backup_s3_secret_key",
+    "ssh_private_key",
+)
+# Provider credentials live in the providers' own namespaces but are just as secret.
+PROVIDER_SECRET_KEYS = ("vultr:apiKey", "hcloud:token")
+
+OFFLINE_SECRET = "offline-plan-placeholder"
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN_RE = re.compile(rf"^({_LABEL}\.)+[a-z]{{2,63}}$")
+_SSH_KEY_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com) ([A-Za-z0-9+/]+=*)( \S.*)?$"
+)
+
+
+class ConfigError(ValueError):
+    """One bad setting: `key` is the full config key (with a path inside it), `message` what is wrong."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Region(_Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")
+    provider: str
+    location: str
+    plan: str
+    domain: str
+    nameserver: str = Field(pattern=rf"^{_LABEL}$", description="label of this region's nameserver, e.g. ns1")
+    volume_gb: int = Field(default=0, description="block storage for Postgres data; 0 = none")
+    postgres: Literal["primary", "replica", "none"] = "none"
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str) -> str:
+        if v not in cost.PLANS:
+            raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
+        return v
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        if not _DOMAIN_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid lower-case domain name")
+        return v
+
+    @field_validator("volume_gb")
+    @classmethod
+    def _volume(cls, v: int) -> int:
+        if v != 0 and not 10 <= v <= 10_000:
+            raise ValueError(f"{v} GB is out of range; use 0 (no volume) or 10-10000")
+        return v
+
+    @property
+    def nameserver_fqdn(self) -> str:
+        return f"{self.nameserver}.{self.domain}"
+
+
+class Budget(_Model):
+    target_usd: float = Field(gt=0)
+    ceiling_usd: float = Field(gt=0)
+    eur_usd: float = Field(default=1.10, gt=0, description="EUR->USD rate for EUR-priced items")
+
+
+class Services(_Model):
+    acme_email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$")
+    hsts_max_age: int = Field(default=31_536_000, ge=0)
+    price_per_interaction_cents: int = Field(default=5, ge=1)
+    signup_credits: int = Field(default=15, ge=0)
+
+
+class BridgeConfig(_Model):
+    environment: Literal["production", "staging"]
+    regions: list[Region] = Field(min_length=1)
+    admin_ssh_cidrs: list[str] = Field(min_length=1)
+    ssh_public_key: str
+    budget: Budget
+    services: Services = Services()
+    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("admin_ssh_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                net = ipaddress.ip_network(cidr, strict=True)
+            except ValueError as e:
+                raise ValueError(f"{cidr!r} is not a CIDR ({e})") from None
+            if net.prefixlen == 0:
+                raise ValueError(f"{cidr} opens SSH to the whole internet; list your admin addresses")
+        return v
+
+    @field_validator("ssh_public_key")
+    @classmethod
+    def _ssh_key(cls, v: str) -> str:
+        if "PRIVATE KEY" in v:
+            raise ValueError("this is a private key; give the public one (the .pub file)")
+        m = _SSH_KEY_RE.match(v.strip())
+        if not m:
+            raise ValueError("not an OpenSSH public key (expected 'ssh-ed25519 AAAA... comment')")
+        try:
+            blob = base64.b64decode(m.group(3), validate=True)
+        except ValueError:
+            raise ValueError("the key body is not valid base64") from None
+        if m.group(1).encode() not in blob[:40]:
+            raise ValueError(f"the key body does not match its type {m.group(1)}")
+        return v.strip()
+
+    # --- derived views used by the components ---
+    @property
+    def primary(self) -> Region:
+        return next(r for r in self.regions if r.postgres == "primary")
+
+    @property
+    def replicas(self) -> list[Region]:
+        return [r for r in self.regions if r.postgres == "replica"]
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
+
+    def secret(self, key: str) -> str | None:
+        value = self.secrets.get(key)
+        return value.get_secret_value() if value is not None else None
+
+
+def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = frozenset()) -> BridgeConfig:
+    """Validate a flat config map (`{"ciris-bridge:regions": ..., "hcloud:token": ...}`)."""
+    for key in PROVIDER_SECRET_KEYS:
+        if key in raw and key not in secret_keys:
+            raise ConfigError(key, f"is a secret but is given in plain text; use `pulumi config set --secret {key}`")
+
+    settings: dict[str, Any] = {}
+    secrets: dict[str, Any] = {}
+    known = set(BridgeConfig.model_fields) - {"secrets"}
+    for full_key, value in raw.items():
+        namespace, _, key = full_key.rpartition(":")
+        if namespace not in ("", PROJECT):
+            continue  # provider settings (vultr:*, hcloud:*) are the providers' business
+        shown = f"{PROJECT}:{key}"
+        if key in SECRET_KEYS:
+            if full_key not in secret_keys and shown not in secret_keys:
+                raise ConfigError(shown, f"is a secret but is given in plain text; use `pulumi config set --secret {shown}`")
+            secrets[key] = value
+        elif key in known:
+            settings[key] = _decode(value)
+        else:
+            raise ConfigError(shown, f"unknown setting; known settings are {', '.join(sorted(known | set(SECRET_KEYS)))}")
+
+    try:
+        config = BridgeConfig(**settings, secrets=secrets)
+    except ValidationError as e:
+        raise _first_error(e) from None
+    _check_topology(config)
+    _check_cost(config)
+    return config
+
+
+def _decode(value: Any) -> Any:
+    """The engine hands structured values over as JSON text; a file gives them as YAML."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _first_error(e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    path = ""
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = "is required but not set"
+    elif err["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif err["type"] in ("literal_error", "string_pattern_mismatch", "int_parsing", "greater_than", "greater_than_equal"):
+        message += f" (got {err['input']!r})"
+    more = len(e.errors()) - 1
+    return ConfigError(f"{PROJECT}:{path}", message + (f" [and {more} more problem(s)]" if more else ""))
+
+
+def _check_topology(config: BridgeConfig) -> None:
+    seen: dict[str, dict[str, int]] = {"name": {}, "domain": {}, "nameserver_fqdn": {}}
+    for i, r in enumerate(config.regions):
+        key = f"{PROJECT}:regions[{i}]"
+        if r.location not in cost.LOCATIONS[r.provider]:
+            raise ConfigError(
+                f"{key}.location",
+                f"the price table does not know {r.provider} location {r.location!r}; "
+                f"known: {', '.join(sorted(cost.LOCATIONS[r.provider]))}",
+            )
+        if r.plan not in cost.PLANS[r.provider]:
+            raise ConfigError(
+                f"{key}.plan",
+                f"the price table does not know {r.provider} plan {r.plan!r}; known: {', '.join(cost.PLANS[r.provider])}",
+            )
+        if cost.registrable(r.domain) and r.domain.rsplit(".", 1)[1] not in cost.DOMAIN_USD_PER_YEAR:
+            raise ConfigError(f"{key}.domain", f"the price table has no registration price for .{r.domain.rsplit('.', 1)[1]}")
+        for field, values in seen.items():
+            value = getattr(r, field)
+            if value in values:
+                shown = "nameserver" if field == "nameserver_fqdn" else field
+                raise ConfigError(
+                    f"{key}.{shown}", f"duplicate {shown} {value!r} (already used by regions[{values[value]}])"
+                )
+            values[value] = i
+
+    primaries = [i for i, r in enumerate(config.regions) if r.postgres == "primary"]
+    if not primaries:
+        raise ConfigError(f"{PROJECT}:regions", "no region has `postgres: primary`; exactly one must")
+    if len(primaries) > 1:
+        names = " and ".join(config.regions[i].name for i in primaries)
+        raise ConfigError(f"{PROJECT}:regions[{primaries[1]}].postgres", f"two primaries ({names}); exactly one region may be primary")
+    if config.budget.ceiling_usd < config.budget.target_usd:
+        raise ConfigError(f"{PROJECT}:budget.ceiling_usd", "is below budget.target_usd")
+
+
+def _check_cost(config: BridgeConfig) -> None:
+    est = cost.estimate(config.regions, config.budget)
+    if est.total_cents > est.ceiling_cents:
+        lines = "; ".join(f"{i.item} ${cost.usd(i.cents):.2f}" for i in est.items)
+        raise ConfigError(
+            f"{PROJECT}:budget.ceiling_usd",
+            f"the estimated monthly cost ${cost.usd(est.total_cents):.2f} exceeds the hard ceiling "
+            f"${cost.usd(est.ceiling_cents):.2f} ({lines})",
+        )
+
+
+# --- the two ways in -------------------------------------------------------------------------
+
+
+def from_engine() -> BridgeConfig:
+    """The config `pulumi up` (or the mock runtime) hands this program."""
+    from pulumi.runtime import config as rc
+
+    raw = {**rc.get_config_env(), **rc.CONFIG.get()}
+    secret_keys = set(rc.get_config_secret_keys_env()) | set(rc._SECRET_KEYS.get())
+    return parse(raw, secret_keys)
+
+
+def read_stack_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:
+    """A `Pulumi.<stack>.yaml` as a flat config map; `secure:` values (which need the passphrase
+    to decrypt) become placeholders, marked secret."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(str(path), "stack file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"is not valid YAML ({e})") from None
+    raw: dict[str, Any] = {}
+    secret_keys: set[str] = set()
+    for key, value in (doc.get("config") or {}).items():
+        key = key if ":" in key else f"{PROJECT}:{key}"
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            raw[key] = OFFLINE_SECRET
+            secret_keys.add(key)
+        else:
+            raw[key] = value
+    return raw, secret_keys
+
+
+def engine_config(raw: Mapping[str, Any]) -> dict[str, str]:
+    """The flat map as the engine passes it to a program: structured values as JSON text."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+
+
+def load_stack_file(path: str | Path) -> BridgeConfig:
+    raw, secret_keys = read_stack_file(path)
+    return parse(raw, secret_keys)

@@ -1,0 +1,112 @@
+"""Monthly cost model: a dated price table and the estimate for one stack.
+
+Amounts are kept in integer US cents (rounded once per line item) so totals add up exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+# Source: the providers' public price lists as of 2025-10 (Vultr "Cloud Compute - Regular";
+# Hetzner's cost-optimised CX line that replaced CX22 in Oct 2025, net of VAT, including the
+# primary IPv4 at EUR 0.50). Re-check the pricing pages when changing a plan.
+PRICES_AS_OF = "2025-10"
+
+# provider -> plan -> (currency, monthly price)
+PLANS: dict[str, dict[str, tuple[str, Decimal]]] = {
+    "vultr": {
+        "vc2-1c-1gb": ("USD", Decimal("5.00")),
+        "vc2-1c-2gb": ("USD", Decimal("10.00")),
+        "vc2-2c-2gb": ("USD", Decimal("15.00")),
+        "vc2-2c-4gb": ("USD", Decimal("20.00")),
+        "vc2-4c-8gb": ("USD", Decimal("40.00")),
+    },
+    "hetzner": {
+        "cx23": ("EUR", Decimal("3.49")),
+        "cx33": ("EUR", Decimal("5.49")),
+        "cx43": ("EUR", Decimal("9.49")),
+        "cx53": ("EUR", Decimal("17.99")),
+    },
+}
+
+# provider -> (currency, price per GB-month of block storage)
+VOLUME_PER_GB: dict[str, tuple[str, Decimal]] = {
+    "vultr": ("USD", Decimal("0.10")),
+    "hetzner": ("EUR", Decimal("0.044")),
+}
+
+# Locations the plans above are sold in.
+LOCATIONS: dict[str, frozenset[str]] = {
+    "vultr": frozenset({"ewr", "ord", "atl", "mia", "dfw", "lax", "sea", "sjc", "ams", "fra", "lhr"}),
+    "hetzner": frozenset({"fsn1", "nbg1", "hel1"}),
+}
+
+# TLD -> registration price per year, amortised monthly. ".ai" uses the FSD §11.2 figure
+# (~$3/month for both domains); typical .ai renewals cost more -- see README "What it costs".
+DOMAIN_USD_PER_YEAR: dict[str, Decimal] = {"ai": Decimal("18.00")}
+
+
+@dataclass(frozen=True)
+class CostItem:
+    item: str
+    cents: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    items: tuple[CostItem, ...]
+    target_cents: int
+    ceiling_cents: int
+
+    @property
+    def total_cents(self) -> int:
+        return sum(i.cents for i in self.items)
+
+    def as_output(self) -> dict:
+        return {
+            "total": usd(self.total_cents),
+            "target": usd(self.target_cents),
+            "ceiling": usd(self.ceiling_cents),
+            "prices_as_of": PRICES_AS_OF,
+            "items": [{"item": i.item, "usd": usd(i.cents)} for i in self.items],
+        }
+
+
+def usd(cents: int) -> float:
+    return round(cents / 100, 2)
+
+
+def to_cents(amount: Decimal, currency: str, eur_usd: Decimal) -> int:
+    usd_amount = amount * eur_usd if currency == "EUR" else amount
+    return int((usd_amount * 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def registrable(domain: str) -> bool:
+    """A domain directly under its TLD is registered (and paid for); deeper names are subzones."""
+    return domain.count(".") == 1
+
+
+def estimate(regions, budget) -> Estimate:
+    """Price every region's host and volume plus each registered domain.
+
+    `regions` and `budget` are the validated config models (see components.config); any plan,
+    location or TLD missing from the tables above was already refused there.
+    """
+    eur_usd = Decimal(str(budget.eur_usd))
+    items: list[CostItem] = []
+    for r in regions:
+        currency, price = PLANS[r.provider][r.plan]
+        items.append(CostItem(f"{r.name}: {r.provider} {r.plan} in {r.location}", to_cents(price, currency, eur_usd)))
+        if r.volume_gb:
+            currency, per_gb = VOLUME_PER_GB[r.provider]
+            items.append(CostItem(f"{r.name}: {r.volume_gb} GB volume", to_cents(per_gb * r.volume_gb, currency, eur_usd)))
+    for r in regions:
+        if registrable(r.domain):
+            per_year = DOMAIN_USD_PER_YEAR[r.domain.rsplit(".", 1)[1]]
+            items.append(CostItem(f"domain {r.domain} (yearly / 12)", to_cents(per_year / 12, "USD", eur_usd)))
+    return Estimate(
+        tuple(items),
+        target_cents=to_cents(Decimal(str(budget.target_usd)), "USD", eur_usd),
+        ceiling_cents=to_cents(Decimal(str(budget.ceiling_usd)), "USD", eur_usd),
+    )

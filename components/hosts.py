@@ -1,0 +1,161 @@
+"""One small host interface over the two clouds: nothing above this module branches on provider.
+
+A `Host` is a VM with an SSH key, a provider firewall, optionally a block volume, and its public
+IPv4/IPv6. `open()` adds firewall openings later (e.g. Postgres to the peers), which is how
+regions can refer to each other's addresses without a dependency cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import ediri_vultr as vultr
+import pulumi
+import pulumi_hcloud as hcloud
+
+from components.config import Region
+from components.firewall import Rule
+
+VULTR_DEBIAN_12 = 2136  # Vultr os_id of "Debian 12 x64 (bookworm)"
+HETZNER_IMAGE = "debian-12"
+
+
+@dataclass
+class Host:
+    ipv4: pulumi.Output[str]
+    ipv6: pulumi.Output[str]
+    # Block device of the data volume as the VM sees it (None without a volume).
+    data_device: pulumi.Output[str] | None
+    # Ready-made resources later steps depend on (the VM, and the volume's attachment).
+    ready: list[pulumi.Resource]
+    open: Callable[[str, Sequence[Rule]], None]
+
+
+def create(
+    name: str,
+    label: str,
+    region: Region,
+    ssh_public_key: str,
+    user_data: str,
+    rules: Sequence[Rule],
+    labels: dict[str, str],
+    parent: pulumi.Resource,
+) -> Host:
+    """`name` prefixes the Pulumi resource names; `label` is the name the cloud shows (unique per
+    account, so it carries the environment)."""
+    opts = pulumi.ResourceOptions(parent=parent)
+    return _PROVIDERS[region.provider](name, label, region, ssh_public_key, user_data, rules, labels, opts)
+
+
+def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+    key = vultr.SSHKey(f"{name}-ssh-key", name=f"{label}-deploy", ssh_key=ssh_public_key, opts=opts)
+    group = vultr.FirewallGroup(f"{name}-firewall", description=label, opts=opts)
+
+    def add_rules(purpose: str, extra: Sequence[Rule]) -> None:
+        for rule in extra:
+            for i, (fam, cidr) in enumerate(rule.sources):
+                cidr_out = pulumi.Output.from_input(cidr)
+                vultr.FirewallRule(
+                    f"{name}-{purpose}-{rule.name}-{i}",
+                    firewall_group_id=group.id,
+                    protocol=rule.protocol,
+                    port=str(rule.port),
+                    ip_type=f"v{fam}",
+                    subnet=cidr_out.apply(lambda c: c.split("/")[0]),
+                    subnet_size=cidr_out.apply(lambda c: int(c.split("/")[1])),
+                    notes=rule.description,
+                    opts=opts,
+                )
+
+    add_rules("fw", rules)
+    vm = vultr.Instance(
+        f"{name}-vm",
+        plan=region.plan,
+        region=region.location,
+        os_id=VULTR_DEBIAN_12,
+        label=label,
+        hostname=label,
+        enable_ipv6=True,
+        backups="disabled",
+        ssh_key_ids=[key.id],
+        firewall_group_id=group.id,
+        user_data=user_data,
+        tags=[f"{k}={v}" for k, v in sorted(labels.items())],
+        opts=opts,
+    )
+    ready: list[pulumi.Resource] = [vm]
+    device = None
+    if region.volume_gb:
+        volume = vultr.BlockStorage(
+            f"{name}-volume",
+            region=region.location,
+            size_gb=region.volume_gb,
+            label=f"{label}-data",
+            block_type="high_perf",
+            attached_to_instance=vm.id,
+            live=True,
+            opts=opts,
+        )
+        device = volume.mount_id.apply(lambda m: f"/dev/disk/by-id/virtio-{m}")
+        ready.append(volume)
+    return Host(vm.main_ip, vm.v6_main_ip, device, ready, add_rules)
+
+
+def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+    def firewall_rules(extra: Sequence[Rule]) -> list[hcloud.FirewallRuleArgs]:
+        return [
+            hcloud.FirewallRuleArgs(
+                direction="in",
+                protocol=rule.protocol,
+                port=str(rule.port),
+                source_ips=[cidr for _, cidr in rule.sources],
+                description=rule.description,
+            )
+            for rule in extra
+        ]
+
+    key = hcloud.SshKey(f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, labels=labels, opts=opts)
+    firewall = hcloud.Firewall(f"{name}-firewall", name=label, rules=firewall_rules(rules), labels=labels, opts=opts)
+    vm = hcloud.Server(
+        f"{name}-vm",
+        name=label,
+        server_type=region.plan,
+        image=HETZNER_IMAGE,
+        location=region.location,
+        ssh_keys=[key.id],
+        firewall_ids=[firewall.id.apply(int)],
+        # Further firewalls are attached by open(); don't fight over the list.
+        ignore_remote_firewall_ids=True,
+        public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=True, ipv6_enabled=True)],
+        user_data=user_data,
+        labels=labels,
+        opts=opts,
+    )
+
+    def add_rules(purpose: str, extra: Sequence[Rule]) -> None:
+        fw = hcloud.Firewall(
+            f"{name}-{purpose}-firewall", name=f"{label}-{purpose}", rules=firewall_rules(extra), labels=labels, opts=opts
+        )
+        hcloud.FirewallAttachment(
+            f"{name}-{purpose}-firewall-attachment", firewall_id=fw.id.apply(int), server_ids=[vm.id.apply(int)], opts=opts
+        )
+
+    ready: list[pulumi.Resource] = [vm]
+    device = None
+    if region.volume_gb:
+        volume = hcloud.Volume(
+            f"{name}-volume",
+            name=f"{label}-data",
+            size=region.volume_gb,
+            server_id=vm.id.apply(int),
+            automount=False,  # ciris-prepare-volume formats (only if blank) and mounts it
+            labels=labels,
+            opts=opts,
+        )
+        device = volume.linux_device
+        ready.append(volume)
+    return Host(vm.ipv4_address, vm.ipv6_address, device, ready, add_rules)
+
+
+_PROVIDERS = {"vultr": _vultr, "hetzner": _hetzner}

@@ -1,0 +1,118 @@
+"""Region: one hardened host with its firewall, data volume, DNS zone and service containers."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_command as command
+
+from components import cloud_init, edge, hosts, services
+from components.config import BridgeConfig, Region as RegionConfig
+from components.firewall import Rule, base_rules, ufw_commands
+
+COMPOSE_PROJECT = "ciris"
+
+
+@dataclass(frozen=True)
+class RegionArgs:
+    region: RegionConfig
+    config: BridgeConfig
+
+
+def bundle(files: dict[str, str]) -> str:
+    """A deterministic base64 tar.gz of the rendered files (same files, same bytes, no redeploy)."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(files):
+            data = files[path].encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), 0o640, 0
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(raw.getvalue()).decode()
+
+
+class Region(pulumi.ComponentResource):
+    """Outputs: `ipv4`, `ipv6`, `nameserver` (FQDN), `domain`; `artifacts` maps file names to the
+    rendered text deployed on the host (the offline plan writes them with --out)."""
+
+    def __init__(self, name: str, args: RegionArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ciris:bridge:Region", name, None, opts)
+        r, cfg = args.region, args.config
+        self.spec = r
+        self.domain = r.domain
+        self.nameserver = r.nameserver_fqdn
+        label = f"ciris-{cfg.environment}-{r.name}"
+
+        rules = base_rules(cfg.admin_ssh_cidrs)
+        user_data = cloud_init.render(label, cfg.ssh_public_key, rules)
+        self.host = hosts.create(
+            name, label, r, cfg.ssh_public_key, user_data, rules,
+            {"project": "ciris-bridge", "environment": cfg.environment, "region": r.name}, parent=self,
+        )
+        self.ipv4, self.ipv6 = self.host.ipv4, self.host.ipv6
+
+        # Service containers: the edge is real; the rest are filled in by their issues.
+        self.containers = [edge.container(), *services.placeholders(r.postgres)]
+        caddyfile = edge.render_caddyfile(
+            edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age
+        )
+        self.artifacts: dict[str, str] = {
+            "cloud-init.yaml": user_data,
+            "Caddyfile": caddyfile,
+            "compose.yaml": services.render_compose(COMPOSE_PROJECT, self.containers),
+        }
+
+        private_key = cfg.secret("ssh_private_key")
+        self.connection = command.remote.ConnectionArgs(
+            host=self.ipv4,
+            user=cloud_init.DEPLOY_USER,
+            # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
+            private_key=pulumi.Output.secret(private_key) if private_key else None,
+        )
+        payload = bundle({k: v for k, v in self.artifacts.items() if k != "cloud-init.yaml"})
+        digest = hashlib.sha256(payload.encode()).hexdigest()
+        prepare = (
+            self.host.data_device.apply(lambda d: f"sudo ciris-prepare-volume {d} {cloud_init.DATA_MOUNT}")
+            if self.host.data_device is not None
+            else "true"
+        )
+        self.deploy = command.remote.Command(
+            f"{name}-deploy",
+            connection=self.connection,
+            create=pulumi.Output.concat(
+                "set -eu; cloud-init status --wait >/dev/null; ",
+                prepare,
+                f"; base64 -d | sudo tar -xz -C {cloud_init.BUNDLE_DIR}",
+                f"; cd {cloud_init.BUNDLE_DIR} && sudo docker compose up -d --remove-orphans",
+            ),
+            stdin=payload,
+            triggers=[digest],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
+        )
+        self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
+
+    def open(self, purpose: str, rules: list[Rule]) -> None:
+        """Open more ports on this host: the provider firewall, then UFW to match."""
+        self.host.open(purpose, rules)
+        cidrs = pulumi.Output.all(*[cidr for rule in rules for _, cidr in rule.sources])
+
+        def ufw(resolved: list[str]) -> str:
+            lines, i = [], 0
+            for rule in rules:
+                n = len(rule.sources)
+                lines += ufw_commands(rule.protocol, rule.port, resolved[i : i + n])
+                i += n
+            return "set -eu; cloud-init status --wait >/dev/null; " + "; ".join(f"sudo {line}" for line in lines)
+
+        command.remote.Command(
+            f"{self._name}-{purpose}-ufw",
+            connection=self.connection,
+            create=cidrs.apply(ufw),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
+        )

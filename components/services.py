@@ -1,0 +1,69 @@
+"""Service containers on a host: their specs and the compose file rendered from them.
+
+Every container joins the host's `ciris` network and reaches the others by name. A port is
+published only when the spec says so: public ones (53, 443) and peer ones (5432) are guarded by
+the provider firewall; internal services publish nothing, or bind to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+NETWORK = "ciris"
+
+
+class ContainerSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    image: str
+    ports: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    environment: dict[str, str] = {}
+    command: tuple[str, ...] | None = None
+    healthcheck: tuple[str, ...] | None = None
+    # Declared by the foundation so the plan shows the whole region; the issue that builds the
+    # service replaces it with the real spec. Placeholders are not started.
+    placeholder: str | None = None
+
+
+def placeholders(postgres_role: str) -> list[ContainerSpec]:
+    specs = [
+        ContainerSpec(name="dns", image="powerdns/pdns-auth-49", ports=("53:53/udp", "53:53/tcp"), placeholder="DNS issue #3"),
+        ContainerSpec(name="billing", image="ciris-billing (payloads/billing)", placeholder="billing issue #5"),
+        ContainerSpec(name="proxy", image="ciris-proxy (payloads/proxy)", placeholder="proxy issue #6"),
+    ]
+    if postgres_role != "none":
+        specs.append(
+            ContainerSpec(name="postgres", image="postgres:17", ports=("5432:5432/tcp",), placeholder="Postgres issue #4")
+        )
+    return specs
+
+
+def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
+    services = {}
+    named_volumes: set[str] = set()
+    for spec in specs:
+        if spec.placeholder:
+            continue
+        svc: dict = {"image": spec.image, "restart": "unless-stopped", "networks": [NETWORK]}
+        if spec.command:
+            svc["command"] = list(spec.command)
+        if spec.ports:
+            svc["ports"] = list(spec.ports)
+        if spec.volumes:
+            svc["volumes"] = list(spec.volumes)
+            named_volumes |= {v.split(":", 1)[0] for v in spec.volumes if not v.startswith(("/", "."))}
+        if spec.environment:
+            svc["environment"] = dict(spec.environment)
+        if spec.healthcheck:
+            svc["healthcheck"] = {"test": list(spec.healthcheck), "interval": "30s", "timeout": "5s", "retries": 3}
+        svc["logging"] = {"driver": "local", "options": {"max-size": "20m", "max-file": "5"}}
+        services[spec.name] = svc
+    doc = {"name": project, "services": services, "networks": {NETWORK: {"name": NETWORK}}}
+    if named_volumes:
+        doc["volumes"] = {v: {} for v in sorted(named_volumes)}
+    return yaml.safe_dump(doc, sort_keys=False)
