@@ -1,0 +1,147 @@
+"""Config validation: every mistake a person can make gives one message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from components import config
+from tests.conftest import REPO, stack_raw
+
+P = "ciris-bridge"
+
+
+def regions(raw):
+    return raw[f"{P}:regions"]
+
+
+def _unknown_provider(raw):
+    regions(raw)[1]["provider"] = "aws"
+
+
+def _duplicate_region(raw):
+    regions(raw)[1]["name"] = regions(raw)[0]["name"]
+
+
+def _duplicate_domain(raw):
+    regions(raw)[1]["domain"] = regions(raw)[0]["domain"]
+
+
+def _no_primary(raw):
+    regions(raw)[0]["postgres"] = "replica"
+
+
+def _two_primaries(raw):
+    regions(raw)[1]["postgres"] = "primary"
+
+
+def _ssh_world_v4(raw):
+    raw[f"{P}:admin_ssh_cidrs"] = ["203.0.113.10/32", "0.0.0.0/0"]
+
+
+def _ssh_world_v6(raw):
+    raw[f"{P}:admin_ssh_cidrs"] = ["::/0"]
+
+
+def _unknown_plan(raw):
+    regions(raw)[1]["plan"] = "cx22"  # retired by Hetzner
+
+
+def _unknown_location(raw):
+    regions(raw)[0]["location"] = "mars1"
+
+
+def _over_ceiling(raw):
+    regions(raw)[0]["plan"] = "vc2-4c-8gb"
+
+
+def _plaintext_secret(raw):
+    raw[f"{P}:stripe_secret_key"] = "sk_live_plaintext"
+
+
+def _plaintext_provider_token(raw):
+    raw["hcloud:token"] = "plaintext-token"
+
+
+def _typo(raw):
+    raw[f"{P}:regoins"] = []
+
+
+def _private_key(raw):
+    raw[f"{P}:ssh_public_key"] = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n-----END OPENSSH PRIVATE KEY-----"
+
+
+def _missing_budget(raw):
+    del raw[f"{P}:budget"]
+
+
+def _bad_cidr(raw):
+    raw[f"{P}:admin_ssh_cidrs"] = ["203.0.113.10/8"]
+
+
+def _bad_domain(raw):
+    regions(raw)[0]["domain"] = "Not A Domain"
+
+
+CASES = [
+    (_unknown_provider, f"{P}:regions[1].provider", "unknown provider 'aws'"),
+    (_duplicate_region, f"{P}:regions[1].name", "duplicate name 'us-east'"),
+    (_duplicate_domain, f"{P}:regions[1].domain", "duplicate domain"),
+    (_no_primary, f"{P}:regions", "no region has `postgres: primary`"),
+    (_two_primaries, f"{P}:regions[1].postgres", "two primaries (us-east and eu-west)"),
+    (_ssh_world_v4, f"{P}:admin_ssh_cidrs", "0.0.0.0/0 opens SSH to the whole internet"),
+    (_ssh_world_v6, f"{P}:admin_ssh_cidrs", "::/0 opens SSH to the whole internet"),
+    (_unknown_plan, f"{P}:regions[1].plan", "does not know hetzner plan 'cx22'"),
+    (_unknown_location, f"{P}:regions[0].location", "does not know vultr location 'mars1'"),
+    (_over_ceiling, f"{P}:budget.ceiling_usd", "exceeds the hard ceiling $20.00"),
+    (_plaintext_secret, f"{P}:stripe_secret_key", "is a secret but is given in plain text"),
+    (_plaintext_provider_token, "hcloud:token", "is a secret but is given in plain text"),
+    (_typo, f"{P}:regoins", "unknown setting"),
+    (_private_key, f"{P}:ssh_public_key", "this is a private key"),
+    (_missing_budget, f"{P}:budget", "is required but not set"),
+    (_bad_cidr, f"{P}:admin_ssh_cidrs", "is not a CIDR"),
+    (_bad_domain, f"{P}:regions[0].domain", "not a valid lower-case domain name"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,text", CASES, ids=[c[0].__name__.strip("_") for c in CASES])
+def test_bad_config_gives_one_clear_message(mutate, key, text):
+    raw, secret_keys = stack_raw("staging")
+    mutate(raw)
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(raw, secret_keys)
+    assert info.value.key == key
+    assert text in info.value.message
+    assert str(info.value).startswith(key + ": ")
+    assert "\n" not in str(info.value)
+
+
+def test_plaintext_secret_value_is_not_echoed():
+    raw, secret_keys = stack_raw("staging")
+    raw[f"{P}:groq_api_key"] = "gsk_canary_value_123"
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(raw, secret_keys)
+    assert "gsk_canary_value_123" not in str(info.value)
+
+
+@pytest.mark.parametrize("stack", ["staging", "production"])
+def test_committed_stacks_are_valid(stack):
+    raw, secret_keys = stack_raw(stack)
+    cfg = config.parse(raw, secret_keys)
+    assert cfg.environment == stack
+    assert [r.provider for r in cfg.regions] == ["vultr", "hetzner"]
+    assert cfg.primary.provider == "vultr" and [r.provider for r in cfg.replicas] == ["hetzner"]
+
+
+def test_secure_values_in_a_stack_file_are_secrets(tmp_path):
+    src = REPO / "Pulumi.staging.yaml"
+    stack_file = tmp_path / "Pulumi.staging.yaml"
+    stack_file.write_text(src.read_text() + "  ciris-bridge:stripe_secret_key:\n    secure: v1:abc:def\n")
+    cfg = config.load_stack_file(stack_file)
+    assert cfg.secret("stripe_secret_key") == config.OFFLINE_SECRET
+    assert "stripe_secret_key" in repr(cfg.secrets) and config.OFFLINE_SECRET not in repr(cfg)
+
+
+def test_engine_json_values_parse_like_file_values():
+    """Under `pulumi up` structured values arrive as JSON text; the result must be identical."""
+    raw, secret_keys = stack_raw("production")
+    assert config.parse(config.engine_config(raw), secret_keys) == config.parse(raw, secret_keys)

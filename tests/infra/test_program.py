@@ -1,0 +1,238 @@
+"""The Pulumi program under the mock runtime.
+
+Two styles: component outputs are checked inside an `Output.apply` the test returns (so an apply
+that never runs fails the test instead of passing it); whole-program properties (firewall rules,
+secrets, cost) are checked on a finished offline plan -- the same run `python -m components.plan`
+does, after every resource has been registered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pulumi
+import pytest
+
+from components import bridge, cloud_init, config, firewall, mocks, plan
+from tests.conftest import stack_raw, third_region
+
+WORLD = {"0.0.0.0/0", "::/0"}
+CANARIES = {
+    "ciris-bridge:stripe_secret_key": "sk_live_CANARY_stripe_7f3a",
+    "ciris-bridge:ssh_private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nCANARY_ssh_91c2\n-----END OPENSSH PRIVATE KEY-----",
+    "hcloud:token": "CANARY_hcloud_token_55de",
+}
+
+
+@pytest.fixture
+def staging_monitor():
+    raw, secret_keys = stack_raw("staging")
+    return mocks.install("staging", raw, secret_keys)
+
+
+def run(stack: str = "staging", raw=None, secret_keys=None) -> plan.Plan:
+    if raw is None:
+        raw, secret_keys = stack_raw(stack)
+    return plan.run(stack, raw, secret_keys)
+
+
+# --- component outputs, asserted inside apply ---------------------------------------------
+
+
+@pulumi.runtime.test
+def test_regions_expose_their_host_addresses_in_the_client_contract(staging_monitor):
+    b = bridge.build(config.from_engine())
+    outs = pulumi.Output.all(
+        [r.ipv4 for r in b.regions], [r.ipv6 for r in b.regions], b.outputs["client_config"], b.outputs["glue_records"]
+    )
+
+    def check(args):
+        ipv4s, ipv6s, client, glue = args
+        assert len(ipv4s) == 2 and len(set(ipv4s)) == 2
+        for a in ipv4s:
+            assert ipaddress.ip_address(a) in ipaddress.ip_network("192.0.0.0/3")  # documentation ranges
+        assert [r["ipv4"] for r in client["regions"]] == ipv4s
+        assert [r["ipv6"] for r in client["regions"]] == ipv6s
+        assert [n["ipv4"] for n in client["dns"]["nameservers"]] == ipv4s
+        assert client["billing_urls"] == [
+            "https://billing1.staging.ciris-services-1.ai",
+            "https://billing1.staging.ciris-services-2.ai",
+        ]
+        assert [g["glue"][0]["ipv4"] for g in glue] == ipv4s
+        assert glue[0]["nameservers"] == ["ns1.staging.ciris-services-1.ai", "ns2.staging.ciris-services-2.ai"]
+
+    return outs.apply(check)
+
+
+@pulumi.runtime.test
+def test_replicated_postgres_names_the_replica_synchronous(staging_monitor):
+    b = bridge.build(config.from_engine())
+
+    def check(db):
+        assert db == {
+            "primary": "us-east",
+            "replicas": ["eu-west"],
+            "mode": "synchronous",
+            "synchronous_standby_names": "FIRST 1 (eu_west_replica)",
+            "port": 5432,
+        }
+
+    return pulumi.Output.from_input(b.outputs["database"]).apply(check)
+
+
+# --- whole program ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", ["staging", "production"])
+def test_both_stacks_plan_with_the_client_contract(stack):
+    p = run(stack)
+    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd"}
+    client = p.outputs["client_config"]
+    assert client["schema_version"] == 1 and client["environment"] == stack
+    assert [r["provider"] for r in client["regions"]] == ["vultr", "hetzner"]
+    types = [r.type for r in p.registrations]
+    assert types.count("vultr:index/instance:Instance") == 1
+    assert types.count("hcloud:index/server:Server") == 1
+    assert types.count("hcloud:index/volume:Volume") == 1
+    assert types.count("ciris:bridge:ReplicatedPostgres") == 1
+
+
+def expected_matrix(p: plan.Plan, admin: set[str]) -> dict[str, set]:
+    regions = {r["name"]: r for r in p.outputs["client_config"]["regions"]}
+    out = {}
+    for name in regions:
+        peers = {f"{r['ipv4']}/32" for n, r in regions.items() if n != name}
+        peers |= {f"{r['ipv6']}/128" for n, r in regions.items() if n != name}
+        out[name] = (
+            {("udp", 53, s) for s in WORLD}
+            | {("tcp", 53, s) for s in WORLD}
+            | {("tcp", 443, s) for s in WORLD}
+            | {("tcp", 22, s) for s in admin}
+            | {("tcp", 5432, s) for s in peers}
+        )
+    return out
+
+
+@pytest.mark.parametrize("stack", ["staging", "production"])
+def test_firewall_matrix_is_exactly_the_fsd_matrix(stack):
+    p = run(stack)
+    admin = set(stack_raw(stack)[0]["ciris-bridge:admin_ssh_cidrs"])
+    matrix = {region: set(rules) for region, rules in p.firewall_matrix().items()}
+    assert matrix == expected_matrix(p, admin)
+
+
+def test_provider_rule_inputs_have_the_provider_shapes():
+    p = run("production")
+    vultr_rules = [r.inputs for r in p.registrations if r.type == "vultr:index/firewallRule:FirewallRule"]
+    assert {(r["protocol"], r["port"], r["ipType"], r["subnet"], r["subnetSize"]) for r in vultr_rules} >= {
+        ("udp", "53", "v4", "0.0.0.0", 0),
+        ("udp", "53", "v6", "::", 0),
+        ("tcp", "443", "v4", "0.0.0.0", 0),
+        ("tcp", "22", "v4", "203.0.113.10", 32),
+    }
+    hcloud_fws = [r.inputs for r in p.registrations if r.type == "hcloud:index/firewall:Firewall"]
+    assert len(hcloud_fws) == 2  # the base firewall and the Postgres peer openings
+    for fw in hcloud_fws:
+        assert all(rule["direction"] == "in" for rule in fw["rules"])
+    server = next(r.inputs for r in p.registrations if r.type == "hcloud:index/server:Server")
+    assert server["serverType"] == "cx23" and server["image"] == "debian-12"
+    # hcloud IDs are strings; these inputs want numbers (the RPC layer carries numbers as floats).
+    numeric = lambda v: isinstance(v, (int, float)) and v == int(v)  # noqa: E731
+    assert server["firewallIds"] and all(numeric(i) for i in server["firewallIds"])
+    attachment = next(r.inputs for r in p.registrations if r.type == "hcloud:index/firewallAttachment:FirewallAttachment")
+    assert numeric(attachment["firewallId"]) and all(numeric(i) for i in attachment["serverIds"])
+    volume = next(r.inputs for r in p.registrations if r.type == "hcloud:index/volume:Volume")
+    assert numeric(volume["serverId"])
+
+
+def test_ssh_is_never_open_to_the_world():
+    p = run("production")
+    for region, rules in p.firewall_matrix().items():
+        ssh_sources = {src for proto, port, src in rules if port == 22}
+        assert ssh_sources and not ssh_sources & WORLD, region
+    for path, text in p.artifacts.items():
+        if path.endswith("cloud-init.yaml"):
+            assert "ufw allow proto tcp from 203.0.113.10/32 to any port 22" in text
+            assert "ufw allow 22" not in text
+            assert "PasswordAuthentication no" in text and "PermitRootLogin no" in text
+
+
+def test_ufw_mirrors_the_provider_firewall():
+    """cloud-init's UFW lines and the Postgres UFW command open what the provider firewall opens."""
+    p = run("staging")
+    matrix = p.firewall_matrix()
+    for region in ("us-east", "eu-west"):
+        ufw = p.artifacts[f"{region}/cloud-init.yaml"]
+        for proto, port, src in matrix[region]:
+            if port == 5432:
+                continue
+            line = f"ufw allow {port}/{proto}" if src in WORLD else f"ufw allow proto {proto} from {src} to any port {port}"
+            assert line in ufw
+        pg = next(r for r in p.registrations if r.name == f"{region}-postgres-ufw")
+        for proto, port, src in matrix[region]:
+            if port == 5432:
+                assert f"sudo ufw allow proto tcp from {src} to any port 5432" in pg.inputs["create"]
+    # nothing else is opened anywhere: no HTTP, no internal service port
+    for rules in matrix.values():
+        assert {port for _, port, _ in rules} == {22, 53, 443, 5432}
+
+
+def test_three_regions_plan_by_config_alone():
+    raw, secret_keys = stack_raw("production")
+    p = run("production", third_region(raw), secret_keys)
+    client = p.outputs["client_config"]
+    assert [r["name"] for r in client["regions"]] == ["us-east", "eu-west", "eu-north"]
+    assert len(client["proxy_urls"]) == 3
+    assert p.outputs["database"]["replicas"] == ["eu-west", "eu-north"]
+    matrix = {region: set(rules) for region, rules in p.firewall_matrix().items()}
+    assert matrix == expected_matrix(p, {"203.0.113.10/32"})
+    assert len([g for g in p.outputs["glue_records"] if g["delegated_at"] == "registrar"]) == 3
+
+
+def test_secrets_stay_secret():
+    raw, secret_keys = stack_raw("staging")
+    raw.update(CANARIES)
+    p = run("staging", raw, secret_keys | set(CANARIES))
+    dumped = json.dumps(p.as_json())
+    for canary in CANARIES.values():
+        assert canary.splitlines()[1 if "\n" in canary else 0] not in dumped
+    # The deploy command does get the key -- as a secret.
+    deploy = next(r for r in p.registrations if r.name == "us-east-deploy")
+    assert mocks.is_secret_value(deploy.inputs["connection"])  # secretness spreads to the whole object
+    assert "CANARY_ssh_91c2" in mocks.unwrap(deploy.inputs)["connection"]["privateKey"]
+    assert '"[secret]"' in dumped
+    assert not p.secret_outputs  # no output carries a secret at all
+
+
+def test_production_costs_at_most_the_fsd_target():
+    p = run("production")
+    cost = p.outputs["monthly_cost_usd"]
+    assert cost["total"] <= cost["target"] == 30
+    assert cost["ceiling"] == 40
+    assert round(sum(i["usd"] for i in cost["items"]), 2) == cost["total"]
+    assert any("cx23" in i["item"] for i in cost["items"])
+
+
+def test_cloud_init_hardens_the_host():
+    p = run("production")
+    doc = p.artifacts["eu-west/cloud-init.yaml"]
+    assert doc.startswith("#cloud-config\n")
+    for needle in ("unattended-upgrades", "docker-compose-plugin", "ssh_pwauth: false", "disable_root: true", "ufw --force enable", "ufw default deny incoming"):
+        assert needle in doc
+    assert cloud_init.DEPLOY_USER in doc
+
+
+def test_volume_is_prepared_before_services_start():
+    p = run("production")
+    deploy = next(r for r in p.registrations if r.name == "eu-west-deploy")
+    volume_id = next(r for r in p.registrations if r.name == "eu-west-volume")
+    assert "ciris-prepare-volume /dev/disk/by-id/scsi-0HC_Volume_" in deploy.inputs["create"]
+    assert deploy.inputs["create"].index("ciris-prepare-volume") < deploy.inputs["create"].index("docker compose up")
+    assert volume_id.inputs["size"] == 20
+    vultr_deploy = next(r for r in p.registrations if r.name == "us-east-deploy")
+    assert "ciris-prepare-volume" not in vultr_deploy.inputs["create"]  # no volume there
+
+
+def test_firewall_normalize_rejects_nothing_silently():
+    assert firewall.normalize("hcloud:index/sshKey:SshKey", {"publicKey": "x"}) == []
