@@ -23,6 +23,7 @@ from pulumi.runtime.sync_await import _sync_await
 from components import bridge, config, cost, firewall
 from components import mocks
 from components.mocks import Registration, scrub
+from components.services import ContainerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,7 @@ class Plan:
     secret_outputs: set[str]
     estimate: cost.Estimate
     artifacts: dict[str, str]
+    containers: dict[str, list[ContainerSpec]]
 
     def resources(self) -> list[dict]:
         names = {r.urn: r.name for r in self.registrations}
@@ -74,7 +76,8 @@ def run(stack: str, raw: Mapping[str, Any], secret_keys: set[str]) -> Plan:
     b = built["bridge"]
     secret_outputs = {k for k, o in built["outputs"].items() if _sync_await(o.is_secret())}
     outputs = {k: "[secret]" if k in secret_outputs else v for k, v in resolved.items()}
-    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, b.artifacts)
+    containers = {r.spec.name: r.containers for r in b.regions}
+    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, b.artifacts, containers)
 
 
 def run_stack_file(stack: str, path: str | Path) -> Plan:
@@ -101,6 +104,12 @@ def render_text(plan: Plan) -> str:
         out.append(f"  {region}:")
         for proto, port, src in rules:
             out.append(f"    {port:>5}/{proto:<3}  from {src}")
+    out += ["", "Service containers:"]
+    for region, specs in plan.containers.items():
+        for spec in specs:
+            state = f"placeholder until the {spec.placeholder}" if spec.placeholder else "deployed"
+            ports = f"  publishes {', '.join(spec.ports)}" if spec.ports else ""
+            out.append(f"  {region}/{spec.name:<9} {spec.image:<34} {state}{ports}")
     out += ["", f"Monthly cost (prices as of {cost.PRICES_AS_OF}):"]
     for item in plan.estimate.items:
         out.append(f"  {item.item:<52} ${cost.usd(item.cents):>7.2f}")

@@ -1,0 +1,186 @@
+"""The rendered Caddyfile in a real `caddy` (Debian package), with Caddy's internal CA standing in
+for Let's Encrypt and two local HTTP servers standing in for billing and the proxy."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from components import edge
+from tests.conftest import require_binary
+
+DOMAIN = "ciris-services-1.ai"
+CANARY_BODY = "CANARY-prompt-text-6b1f"
+CANARY_TOKEN = "CANARY-bearer-token-0c9e"
+
+
+class Upstream:
+    """A stand-in service that records what reaches it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.seen: list[tuple[str, str, bytes]] = []
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream.seen.append((self.command, self.path, body))
+                payload = json.dumps({"upstream": upstream.name, "path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Edge:
+    def __init__(self, tmp: Path, https_port: int, http_port: int, log: Path):
+        self.tmp, self.https_port, self.http_port, self.log = tmp, https_port, http_port, log
+        self._ctx = None
+
+    @property
+    def ctx(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            root = self.tmp / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+            self._ctx = ssl.create_default_context(cafile=str(root))
+        return self._ctx
+
+    def request(self, host: str, path: str, method: str = "GET", body: bytes | None = None, headers=None):
+        conn = http.client.HTTPSConnection(host, self.https_port, context=self.ctx, timeout=10)
+        conn.sock = self.ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.https_port), timeout=10), server_hostname=host)
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp, data
+
+
+@pytest.fixture(scope="module")
+def running_edge(tmp_path_factory):
+    caddy = require_binary("caddy")
+    tmp = tmp_path_factory.mktemp("edge")
+    billing, proxy = Upstream("billing"), Upstream("proxy")
+    https_port, http_port = free_port(), free_port()
+    caddyfile = tmp / "Caddyfile"
+    caddyfile.write_text(
+        edge.render_caddyfile(
+            edge.sites(DOMAIN, f"127.0.0.1:{billing.port}", f"127.0.0.1:{proxy.port}"),
+            tls="internal",
+            https_port=https_port,
+            http_port=http_port,
+        )
+    )
+    env = {**os.environ, "HOME": str(tmp), "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config")}
+    log = tmp / "access.log"
+    with open(log, "wb") as out, open(tmp / "caddy.err", "wb") as err:
+        proc = subprocess.Popen([caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=env, stdout=out, stderr=err)
+    e = Edge(tmp, https_port, http_port, log)
+    deadline = time.time() + 30
+    while True:
+        try:
+            e.request(f"billing1.{DOMAIN}", "/health")
+            break
+        except (OSError, ssl.SSLError):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"caddy did not come up: {(tmp / 'caddy.err').read_text()[-2000:]}")
+            time.sleep(0.2)
+    billing.seen.clear()
+    yield e, billing, proxy
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_routes_each_host_to_its_service_with_hsts(running_edge):
+    e, billing, proxy = running_edge
+    resp, data = e.request(f"billing1.{DOMAIN}", "/health")
+    assert resp.status == 200 and json.loads(data) == {"upstream": "billing", "path": "/health"}
+    assert resp.getheader("Strict-Transport-Security") == "max-age=31536000; includeSubDomains"
+    assert resp.getheader("Server") is None
+    resp, data = e.request(f"proxy1.{DOMAIN}", "/v1/models")
+    assert resp.status == 200 and json.loads(data)["upstream"] == "proxy"
+    resp, data = e.request(f"billing1.{DOMAIN}", "/v1/credits/u1")
+    assert json.loads(data) == {"upstream": "billing", "path": "/v1/credits/u1"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/metrics", "/metrics/", "/METRICS", "/v1/../metrics", "/health/../metrics", "/v1/%2e%2e/metrics", "//metrics", "/", "/admin", "/docs", "/key/generate"],
+)
+@pytest.mark.parametrize("host", ["billing1", "proxy1"])
+def test_internal_paths_are_never_routed(running_edge, host, path):
+    e, billing, proxy = running_edge
+    before = len(billing.seen) + len(proxy.seen)
+    resp, _ = e.request(f"{host}.{DOMAIN}", path)
+    reached = (billing.seen + proxy.seen)[before:]
+    assert resp.status == 404 or not any("metrics" in p.lower() for _, p, _ in reached)
+    assert all(not p.lower().rstrip("/").endswith("metrics") for _, p, _ in billing.seen + proxy.seen)
+    if path in ("/metrics", "/", "/admin", "/docs", "/key/generate"):
+        assert resp.status == 404 and not reached
+
+
+def test_access_log_has_no_bodies_and_no_credentials(running_edge):
+    e, billing, proxy = running_edge
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": CANARY_BODY}]}).encode()
+    resp, _ = e.request(
+        f"proxy1.{DOMAIN}",
+        "/v1/chat/completions",
+        method="POST",
+        body=body,
+        headers={"Authorization": f"Bearer {CANARY_TOKEN}", "Content-Type": "application/json"},
+    )
+    assert resp.status == 200
+    assert proxy.seen[-1][2] == body  # the body did go through
+    time.sleep(0.5)  # let caddy flush the log line
+    log = e.log.read_text()
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(x.get("request", {}).get("uri") == "/v1/chat/completions" for x in entries)
+    assert CANARY_BODY not in log and CANARY_TOKEN not in log
+
+
+def test_port_80_stays_closed(running_edge):
+    e, _, _ = running_edge
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", e.http_port), timeout=2).close()
+
+
+def test_production_caddyfile_uses_tls_alpn_only():
+    caddy = require_binary("caddy")
+    text = edge.render_caddyfile(edge.sites(DOMAIN), acme_email="ops@ciris.ai")
+    result = subprocess.run([caddy, "adapt", "--adapter", "caddyfile", "--config", "/dev/stdin"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads(result.stdout)
+    policies = cfg["apps"]["tls"]["automation"]["policies"]
+    issuers = [i for p in policies for i in p.get("issuers", [])]
+    assert issuers and all(i["module"] == "acme" and i["challenges"]["http"]["disabled"] for i in issuers)
+    assert all(i["email"] == "ops@ciris.ai" for i in issuers)
+    server = next(iter(cfg["apps"]["http"]["servers"].values()))
+    assert server["listen"] == [":443"]
+    assert server["automatic_https"]["disable_redirects"] is True
+    assert "admin" in cfg and cfg["admin"]["disabled"] is True
