@@ -8,6 +8,7 @@ import pulumi
 
 from components import cost
 from components.config import BridgeConfig
+from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
 from components.region import Region, RegionArgs
 
@@ -18,13 +19,17 @@ CLIENT_CONFIG_SCHEMA = 1
 class Bridge:
     regions: list[Region]
     database: ReplicatedPostgres
+    nameservers: Nameservers
     estimate: cost.Estimate
     outputs: dict[str, pulumi.Input]
 
     @property
-    def artifacts(self) -> dict[str, str]:
-        """Rendered files by path (`<region>/<file>`), for the offline plan's --out."""
-        return {f"{r.spec.name}/{name}": text for r in self.regions for name, text in r.artifacts.items()}
+    def artifacts(self) -> pulumi.Output[dict[str, str]]:
+        """Rendered files by path (`<region>/<file>`, `zones/<zone>.zone`), for the plan's --out."""
+        files = {f"{r.spec.name}/{name}": text for r in self.regions for name, text in r.artifacts.items()}
+        return pulumi.Output.all(pulumi.Output.all(**files), self.nameservers.zone_files).apply(
+            lambda a: {**a[0], **{f"zones/{zone}.zone": text for zone, text in a[1].items()}}
+        )
 
 
 def build(config: BridgeConfig) -> Bridge:
@@ -36,6 +41,15 @@ def build(config: BridgeConfig) -> Bridge:
             primary=by_name[config.primary.name], replicas=[by_name[r.name] for r in config.replicas]
         ),
     )
+    nameservers = Nameservers(
+        "dns",
+        NameserversArgs(
+            regions,
+            config.zones,
+            hostmaster=config.services.hostmaster,
+            geo=config.services.dns_geoip_database is not None,
+        ),
+    )
     estimate = cost.estimate(config.regions, config.budget)
     outputs = {
         "client_config": client_config(config, regions),
@@ -43,7 +57,9 @@ def build(config: BridgeConfig) -> Bridge:
         "database": database.summary,
         "monthly_cost_usd": estimate.as_output(),
     }
-    return Bridge(regions, database, estimate, outputs)
+    if any(z.dnssec for z in config.zones.zones.values()):
+        outputs["dnssec_ds"] = nameservers.dnssec_ds
+    return Bridge(regions, database, nameservers, estimate, outputs)
 
 
 def client_config(config: BridgeConfig, regions: list[Region]) -> dict:

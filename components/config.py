@@ -18,9 +18,10 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from components import cost
+from components import cost, dns
 
 PROJECT = "ciris-bridge"
+ROOT = Path(__file__).resolve().parent.parent
 
 # Settings that may only be given with `pulumi config set --secret`.
 SECRET_KEYS = (
@@ -105,6 +106,10 @@ class Services(_Model):
     hsts_max_age: int = Field(default=31_536_000, ge=0)
     price_per_interaction_cents: int = Field(default=5, ge=1)
     signup_credits: int = Field(default=15, ge=0)
+    hostmaster: str = Field(default="admin.ciris.ai", description="SOA contact, as a domain (admin@ciris.ai)")
+    dns_geoip_database: str | None = Field(
+        default=None, description="MaxMind DB path on the hosts; when set, health-checked records answer the closest region"
+    )
 
 
 class BridgeConfig(_Model):
@@ -114,7 +119,10 @@ class BridgeConfig(_Model):
     ssh_public_key: str
     budget: Budget
     services: Services = Services()
+    zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
+    # Filled in by parse() from zones_file, never set directly.
+    zones: dns.ZonesFile = dns.ZonesFile()
 
     @field_validator("admin_ssh_cidrs")
     @classmethod
@@ -169,7 +177,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
 
     settings: dict[str, Any] = {}
     secrets: dict[str, Any] = {}
-    known = set(BridgeConfig.model_fields) - {"secrets"}
+    known = set(BridgeConfig.model_fields) - {"secrets", "zones"}
     for full_key, value in raw.items():
         namespace, _, key = full_key.rpartition(":")
         if namespace not in ("", PROJECT):
@@ -190,7 +198,11 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
         raise _first_error(e) from None
     _check_topology(config)
     _check_cost(config)
-    return config
+    try:
+        zones = dns.load(ROOT / config.zones_file, config.regions, label=config.zones_file)
+    except dns.ZonesError as e:
+        raise ConfigError(f"{PROJECT}:zones_file", str(e)) from None
+    return config.model_copy(update={"zones": zones})
 
 
 def _decode(value: Any) -> Any:

@@ -66,6 +66,8 @@ class BridgeMocks(pulumi.runtime.Mocks):
             state["linuxDevice"] = f"/dev/disk/by-id/scsi-0HC_Volume_{rid}"
         elif args.typ == "vultr:index/blockStorage:BlockStorage":
             state["mountId"] = f"ewr-{rid}"
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            state["result"] = f"mock-{args.name}-{'x' * 16}"
         elif args.typ == "command:remote:Command":
             state.update(stdout="", stderr="")
         return rid, state

@@ -70,14 +70,16 @@ def run(stack: str, raw: Mapping[str, Any], secret_keys: set[str]) -> Plan:
         cfg = config.from_engine()
         built["bridge"] = b = bridge.build(cfg)
         built["outputs"] = outs = {k: pulumi.Output.from_input(v) for k, v in b.outputs.items()}
-        return pulumi.Output.all(**outs).apply(resolved.update)
+        return pulumi.Output.all(pulumi.Output.all(**outs), b.artifacts).apply(
+            lambda a: resolved.update(outputs=a[0], artifacts=a[1])
+        )
 
     program()
     b = built["bridge"]
     secret_outputs = {k for k, o in built["outputs"].items() if _sync_await(o.is_secret())}
-    outputs = {k: "[secret]" if k in secret_outputs else v for k, v in resolved.items()}
+    outputs = {k: "[secret]" if k in secret_outputs else v for k, v in resolved["outputs"].items()}
     containers = {r.spec.name: r.containers for r in b.regions}
-    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, b.artifacts, containers)
+    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, resolved["artifacts"], containers)
 
 
 def run_stack_file(stack: str, path: str | Path) -> Plan:

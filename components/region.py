@@ -8,15 +8,29 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pulumi
 import pulumi_command as command
+import pulumi_random as random
 
-from components import cloud_init, edge, hosts, services
+from components import cloud_init, dns, edge, hosts, services
 from components.config import BridgeConfig, Region as RegionConfig
 from components.firewall import Rule, base_rules, ufw_commands
 
 COMPOSE_PROJECT = "ciris"
+DNS_PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "dns"
+
+
+def dns_container() -> services.ContainerSpec:
+    """PowerDNS on the host's network: it binds :53 on the public addresses and its API on 127.0.0.1."""
+    return services.ContainerSpec(
+        name="dns",
+        image="ciris-dns:local",
+        build="./dns",
+        network_mode="host",
+        volumes=("./dns/pdns.conf:/etc/powerdns/ciris/pdns.conf:ro", "pdns-data:/var/lib/powerdns"),
+    )
 
 
 @dataclass(frozen=True)
@@ -38,8 +52,8 @@ def bundle(files: dict[str, str]) -> str:
 
 
 class Region(pulumi.ComponentResource):
-    """Outputs: `ipv4`, `ipv6`, `nameserver` (FQDN), `domain`; `artifacts` maps file names to the
-    rendered text deployed on the host (the offline plan writes them with --out)."""
+    """Outputs: `ipv4`, `ipv6`, `nameserver` (FQDN), `domain`, `dns_api_key` (secret); `artifacts`
+    maps file names to the rendered text deployed on the host (the offline plan writes them)."""
 
     def __init__(self, name: str, args: RegionArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ciris:bridge:Region", name, None, opts)
@@ -57,16 +71,28 @@ class Region(pulumi.ComponentResource):
         )
         self.ipv4, self.ipv6 = self.host.ipv4, self.host.ipv6
 
-        # Service containers: the edge is real; the rest are filled in by their issues.
-        self.containers = [edge.container(), *services.placeholders(r.postgres)]
+        # PowerDNS: its API key is a random secret; the API listens on the host's loopback only.
+        self.dns_api_key = random.RandomPassword(
+            f"{name}-dns-api-key", length=40, special=False, opts=pulumi.ResourceOptions(parent=self)
+        ).result
+        geoip = cfg.services.dns_geoip_database
+        pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, geoip_database=geoip))
+
+        # Service containers: edge and DNS are real; the rest are filled in by their issues.
+        self.containers = [edge.container(), dns_container(), *services.placeholders(r.postgres)]
         caddyfile = edge.render_caddyfile(
             edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age
         )
-        self.artifacts: dict[str, str] = {
-            "cloud-init.yaml": user_data,
+        # What lands in /srv/ciris on the host (cloud-init is the VM's user data instead).
+        files: dict[str, pulumi.Input[str]] = {
             "Caddyfile": caddyfile,
             "compose.yaml": services.render_compose(COMPOSE_PROJECT, self.containers),
+            "dns/pdns.conf": pdns_conf,
+            **{f"dns/{p.name}": p.read_text() for p in sorted(DNS_PAYLOAD.iterdir()) if p.is_file()},
         }
+        # The plan's copy shows where the key goes, not the key.
+        shown_conf = dns.pdns_conf(api_key="[secret]", geoip_database=geoip)
+        self.artifacts: dict[str, pulumi.Input[str]] = {"cloud-init.yaml": user_data, **files, "dns/pdns.conf": shown_conf}
 
         private_key = cfg.secret("ssh_private_key")
         self.connection = command.remote.ConnectionArgs(
@@ -75,8 +101,7 @@ class Region(pulumi.ComponentResource):
             # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
             private_key=pulumi.Output.secret(private_key) if private_key else None,
         )
-        payload = bundle({k: v for k, v in self.artifacts.items() if k != "cloud-init.yaml"})
-        digest = hashlib.sha256(payload.encode()).hexdigest()
+        payload = pulumi.Output.secret(pulumi.Output.all(**files).apply(bundle))
         prepare = (
             self.host.data_device.apply(lambda d: f"sudo ciris-prepare-volume {d} {cloud_init.DATA_MOUNT}")
             if self.host.data_device is not None
@@ -89,10 +114,11 @@ class Region(pulumi.ComponentResource):
                 "set -eu; cloud-init status --wait >/dev/null; ",
                 prepare,
                 f"; base64 -d | sudo tar -xz -C {cloud_init.BUNDLE_DIR}",
-                f"; cd {cloud_init.BUNDLE_DIR} && sudo docker compose up -d --remove-orphans",
+                f"; cd {cloud_init.BUNDLE_DIR} && sudo docker compose up -d --build --remove-orphans",
             ),
             stdin=payload,
-            triggers=[digest],
+            # The digest of the bundle, not the bundle: a changed file redeploys, no secret shows.
+            triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],
             opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
         )
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})

@@ -20,6 +20,8 @@ class ContainerSpec(BaseModel):
 
     name: str
     image: str
+    build: str | None = None  # build context inside the bundle, e.g. "./dns"
+    network_mode: str | None = None  # "host": the service binds the host's addresses itself
     ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     environment: dict[str, str] = {}
@@ -32,7 +34,6 @@ class ContainerSpec(BaseModel):
 
 def placeholders(postgres_role: str) -> list[ContainerSpec]:
     specs = [
-        ContainerSpec(name="dns", image="powerdns/pdns-auth-49", ports=("53:53/udp", "53:53/tcp"), placeholder="DNS issue #3"),
         ContainerSpec(name="billing", image="ciris-billing (payloads/billing)", placeholder="billing issue #5"),
         ContainerSpec(name="proxy", image="ciris-proxy (payloads/proxy)", placeholder="proxy issue #6"),
     ]
@@ -49,7 +50,14 @@ def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
     for spec in specs:
         if spec.placeholder:
             continue
-        svc: dict = {"image": spec.image, "restart": "unless-stopped", "networks": [NETWORK]}
+        svc: dict = {"image": spec.image}
+        if spec.build:
+            svc["build"] = spec.build
+        svc["restart"] = "unless-stopped"
+        if spec.network_mode:
+            svc["network_mode"] = spec.network_mode
+        else:
+            svc["networks"] = [NETWORK]
         if spec.command:
             svc["command"] = list(spec.command)
         if spec.ports:

@@ -1,0 +1,87 @@
+"""Nameservers: every region's PowerDNS serves every zone, loaded from records/zones.yaml.
+
+The zones are rendered once from the regions' addresses and pushed to each region's server with
+payloads/dns/pdns_sync.py over SSH against its local API. The command's trigger is the rendered
+zones' digest: an unchanged zones.yaml changes nothing; a changed record changes only its RRset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_command as command
+
+from components import cloud_init, dns
+from components.region import Region
+
+API_URL = "http://127.0.0.1:8081"
+
+
+@dataclass(frozen=True)
+class NameserversArgs:
+    regions: list[Region]
+    zones: dns.ZonesFile
+    hostmaster: str
+    geo: bool = False
+
+
+class Nameservers(pulumi.ComponentResource):
+    """Outputs: `zone_files` (zone name -> RFC 1035 text), `dnssec_ds` (zone -> DS records, for
+    the zones with DNSSEC on)."""
+
+    def __init__(self, name: str, args: NameserversArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ciris:bridge:Nameservers", name, None, opts)
+        addresses = pulumi.Output.all(*[pulumi.Output.all(r.ipv4, r.ipv6) for r in args.regions])
+
+        def render(addrs: list) -> list[dns.RenderedZone]:
+            regions = [
+                dns.RegionAddress(r.spec.name, r.domain, r.nameserver, ipv4, ipv6)
+                for r, (ipv4, ipv6) in zip(args.regions, addrs)
+            ]
+            return dns.render(args.zones, regions, hostmaster=args.hostmaster, geo=args.geo)
+
+        rendered = addresses.apply(render)
+        zones = rendered.apply(lambda zs: [z.as_dict() for z in zs])
+        self.zone_files = rendered.apply(lambda zs: {z.name.rstrip("."): dns.to_rfc1035(z) for z in zs})
+        # The serial inside the rendered SOA is the day's; the server keeps its own, so leave it
+        # out of the trigger or every new day would look like a change.
+        digest = zones.apply(lambda zs: hashlib.sha256(json.dumps(_without_serial(zs), sort_keys=True).encode()).hexdigest())
+
+        syncs = []
+        for region in args.regions:
+            request = pulumi.Output.all(region.dns_api_key, zones).apply(
+                lambda a: json.dumps({"api_url": API_URL, "api_key": a[0], "zones": a[1]})
+            )
+            syncs.append(
+                command.remote.Command(
+                    f"{region.spec.name}-dns-sync",
+                    connection=region.connection,
+                    create=f"python3 {cloud_init.BUNDLE_DIR}/dns/pdns_sync.py",
+                    stdin=pulumi.Output.secret(request),
+                    triggers=[digest],
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[region.deploy]),
+                )
+            )
+        wants_ds = [z for z, spec in args.zones.zones.items() if spec.dnssec]
+        self.dnssec_ds = (
+            syncs[0].stdout.apply(lambda out: {z.rstrip("."): s["ds"] for z, s in json.loads(out or "{}").items() if s["dnssec"]})
+            if wants_ds
+            else {}
+        )
+        self.register_outputs({"zone_files": self.zone_files, "dnssec_ds": self.dnssec_ds})
+
+
+def _without_serial(zones: list[dict]) -> list[dict]:
+    out = []
+    for z in zones:
+        rrsets = []
+        for r in z["rrsets"]:
+            if r["type"] == "SOA":
+                parts = r["records"][0].split()
+                r = {**r, "records": [" ".join(parts[:2] + parts[3:])]}
+            rrsets.append(r)
+        out.append({**z, "rrsets": rrsets})
+    return out
