@@ -1,0 +1,214 @@
+"""The rendered zones on a real PowerDNS server, loaded by the production sync script, queried with
+dnspython over UDP and TCP."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from components import config, dns as zones_mod
+from tests.conftest import REPO
+from tests.dns.conftest import API_KEY, Server, free_port
+
+Z1, Z2 = "staging.ciris-services-1.ai", "staging.ciris-services-2.ai"
+STAGING = config.load_stack_file(REPO / "Pulumi.staging.yaml")
+ADDRS = {
+    "us-east": ("192.0.2.10", "2001:db8:1::10"),
+    "eu-west": ("198.51.100.10", "2001:db8:2::10"),
+}
+
+
+def region_addresses(addrs=ADDRS, cfg=STAGING) -> list[zones_mod.RegionAddress]:
+    return [zones_mod.RegionAddress(r.name, r.domain, r.nameserver_fqdn, *addrs[r.name]) for r in cfg.regions]
+
+
+def render(zones_yaml: str | None = None, addrs=ADDRS) -> list[zones_mod.RenderedZone]:
+    regions = region_addresses(addrs)
+    zones = STAGING.zones if zones_yaml is None else zones_mod.load(zones_yaml, regions)
+    return zones_mod.render(zones, regions, hostmaster=STAGING.services.hostmaster)
+
+
+def ask(server: Server, name: str, rtype: str, tcp: bool = False) -> dns.message.Message:
+    query = dns.message.make_query(name, rtype)
+    send = dns.query.tcp if tcp else dns.query.udp
+    return send(query, "127.0.0.1", port=server.port, timeout=5)
+
+
+def answers(resp: dns.message.Message, rtype: str) -> set[str]:
+    return {rd.to_text() for rrset in resp.answer if rrset.rdtype == dns.rdatatype.from_text(rtype) for rd in rrset}
+
+
+def serial(server: Server, zone: str) -> int:
+    return next(iter(ask(server, zone, "SOA").answer[0])).serial
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_serves_the_rendered_staging_zones(pdns, tcp):
+    summary = pdns.sync(render())
+    assert set(summary) == {f"{Z1}.", f"{Z2}."} and all(s["created"] for s in summary.values())
+
+    soa_resp = ask(pdns, Z1, "SOA", tcp)
+    assert soa_resp.flags & dns.flags.AA
+    soa = next(iter(soa_resp.answer[0]))
+    assert soa.mname.to_text() == f"ns1.{Z1}." and soa.rname.to_text() == "admin.ciris.ai."
+    assert (soa.refresh, soa.retry, soa.expire, soa.minimum) == (3600, 600, 604800, 300)
+    assert re.fullmatch(r"20\d{6}\d{2}", str(soa.serial))
+    soa2 = next(iter(ask(pdns, Z2, "SOA", tcp).answer[0]))
+    assert soa2.mname.to_text() == f"ns2.{Z2}."  # each zone's SOA at its own region
+
+    for zone in (Z1, Z2):
+        assert answers(ask(pdns, zone, "NS", tcp), "NS") == {f"ns1.{Z1}.", f"ns2.{Z2}."}
+        assert answers(ask(pdns, zone, "CAA", tcp), "CAA") == {'0 issue "letsencrypt.org"', '0 issuewild ";"'}
+    assert answers(ask(pdns, f"ns1.{Z1}", "A", tcp), "A") == {"192.0.2.10"}
+    assert answers(ask(pdns, f"ns1.{Z1}", "AAAA", tcp), "AAAA") == {"2001:db8:1::10"}
+    assert answers(ask(pdns, f"ns2.{Z2}", "A", tcp), "A") == {"198.51.100.10"}
+    for label in ("billing1", "proxy1"):
+        assert answers(ask(pdns, f"{label}.{Z1}", "A", tcp), "A") == {"192.0.2.10"}
+        assert answers(ask(pdns, f"{label}.{Z2}", "A", tcp), "A") == {"198.51.100.10"}
+        assert answers(ask(pdns, f"{label}.{Z2}", "AAAA", tcp), "AAAA") == {"2001:db8:2::10"}
+    assert answers(ask(pdns, Z1, "TXT", tcp), "TXT") == {'"v=spf1 -all"'}
+
+    missing = ask(pdns, f"nope.{Z1}", "A", tcp)
+    assert missing.rcode() == dns.rcode.NXDOMAIN and missing.flags & dns.flags.AA
+    assert [r.rdtype for r in missing.authority] == [dns.rdatatype.SOA]
+
+    foreign = ask(pdns, "example.com", "A", tcp)
+    assert foreign.rcode() == dns.rcode.REFUSED and not foreign.answer
+
+
+def test_one_changed_record_changes_only_its_rrset(pdns):
+    pdns.sync(render())
+    before = serial(pdns, Z1), serial(pdns, Z2)
+
+    again = pdns.sync(render())
+    assert all(s["changed"] == [] for s in again.values())
+    assert (serial(pdns, Z1), serial(pdns, Z2)) == before
+
+    changed_yaml = (REPO / "records" / "zones.staging.yaml").read_text().replace("v=spf1 -all", "v=spf1 include:ciris.ai -all")
+    summary = pdns.sync(render(changed_yaml))
+    assert summary[f"{Z1}."]["changed"] == [f"{Z1}. TXT"]
+    assert summary[f"{Z2}."]["changed"] == []
+    assert answers(ask(pdns, Z1, "TXT"), "TXT") == {'"v=spf1 include:ciris.ai -all"'}
+    assert serial(pdns, Z1) > before[0]
+    assert serial(pdns, Z2) == before[1]
+    assert answers(ask(pdns, f"billing1.{Z1}", "A"), "A") == {"192.0.2.10"}
+
+
+def test_removed_records_are_deleted(pdns):
+    pdns.sync(render())
+    without = f"zones:\n  {Z1}: []\n  {Z2}: []\n"
+    summary = pdns.sync(render(without))
+    assert summary[f"{Z1}."]["changed"] == [f"{Z1}. TXT"]
+    assert ask(pdns, Z1, "TXT").answer == []
+
+
+def test_a_region_address_change_moves_its_records(pdns):
+    pdns.sync(render())
+    moved = {**ADDRS, "eu-west": ("203.0.113.99", "2001:db8:2::99")}
+    summary = pdns.sync(render(addrs=moved))
+    assert f"billing1.{Z2}. A" in summary[f"{Z2}."]["changed"]
+    assert f"ns2.{Z2}. A" in summary[f"{Z2}."]["changed"]
+    assert answers(ask(pdns, f"proxy1.{Z2}", "A"), "A") == {"203.0.113.99"}
+    assert summary[f"{Z1}."]["changed"] == []  # zone 1 only names ns2, whose glue lives in zone 2
+
+
+class Health:
+    """An HTTP /health endpoint on one loopback address that can be stopped and started."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.server = host, port, None
+
+    def start(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b'{"status": "healthy"}')
+
+            def log_message(self, *a):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer((self.host, self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for(server: Server, name: str, want: set[str], seconds: float = 20) -> float:
+    start = time.monotonic()
+    last = None
+    while time.monotonic() - start < seconds:
+        last = answers(ask(server, name, "A"), "A")
+        if last == want:
+            return time.monotonic() - start
+        time.sleep(0.25)
+    raise AssertionError(f"{name} answered {last}, wanted {want} within {seconds}s")
+
+
+def test_health_checked_record_drops_a_dead_region_and_takes_it_back(pdns):
+    port = free_port()
+    live = {"us-east": Health("127.0.0.2", port), "eu-west": Health("127.0.0.3", port)}
+    for h in live.values():
+        h.start()
+    addrs = {"us-east": ("127.0.0.2", "::1"), "eu-west": ("127.0.0.3", "::1")}
+    zones_yaml = f"""
+zones:
+  {Z1}:
+    - name: api
+      type: A
+      health_check: http://api.{Z1}:{port}/health
+  {Z2}: []
+"""
+    rendered = render(zones_yaml, addrs)
+    lua = rendered[0].rrset(f"api.{Z1}.", "LUA")
+    assert lua and "ifurlup(" in lua.records[0] and "'127.0.0.2', '127.0.0.3'" in lua.records[0]
+    pdns.sync(rendered)
+    try:
+        wait_for(pdns, f"api.{Z1}", {"127.0.0.2", "127.0.0.3"})
+        live["eu-west"].stop()
+        took = wait_for(pdns, f"api.{Z1}", {"127.0.0.2"})
+        assert took < 15  # check interval 1 s in the test server
+        live["eu-west"].start()
+        wait_for(pdns, f"api.{Z1}", {"127.0.0.2", "127.0.0.3"})
+    finally:
+        for h in live.values():
+            if h.server:
+                h.server.shutdown()
+                h.server.server_close()
+
+
+def test_dnssec_switch_signs_the_zone_and_reports_ds(pdns):
+    zones_yaml = f"zones:\n  {Z1}:\n    dnssec: true\n    records: []\n  {Z2}: []\n"
+    summary = pdns.sync(render(zones_yaml))
+    assert summary[f"{Z1}."]["dnssec"] and summary[f"{Z1}."]["ds"]
+    assert all(re.match(r"^\d+ 13 \d ", ds) for ds in summary[f"{Z1}."]["ds"])  # ECDSA P-256
+    assert summary[f"{Z2}."]["ds"] == []
+    assert answers(ask(pdns, Z1, "DNSKEY"), "DNSKEY")
+    again = pdns.sync(render(zones_yaml))
+    assert again[f"{Z1}."]["ds"] == summary[f"{Z1}."]["ds"] and again[f"{Z1}."]["changed"] == []
+
+
+def test_sync_fails_clearly_when_the_api_is_down(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.dns.conftest import SYNC
+
+    request = {"api_url": f"http://127.0.0.1:{free_port()}", "api_key": API_KEY, "zones": [], "wait": 1}
+    result = subprocess.run([sys.executable, str(SYNC)], input=json.dumps(request), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("pdns_sync: PowerDNS API at http://127.0.0.1:") and "not reachable" in result.stderr
+    assert API_KEY not in result.stderr

@@ -1,0 +1,124 @@
+"""records/zones.yaml: each mistake is one message naming the zone and the record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from components import config, dns
+from tests.conftest import REPO, stack_raw, third_region
+
+PROD = config.load_stack_file(REPO / "Pulumi.production.yaml")
+Z = "ciris-services-1.ai"
+
+
+def zones(records: str, zone: str = Z) -> str:
+    return f"zones:\n  {zone}:\n" + "".join(f"    - {line}\n" for line in records.strip().splitlines())
+
+
+CASES = [
+    ("{name: www, type: SRV, value: x}", "record 'www' SRV: unknown type; expected one of A, AAAA, CNAME, TXT, CAA, MX"),
+    ("{name: 'Bad Name', type: A, value: 192.0.2.1}", "record 'Bad Name' A: bad name"),
+    ("{name: '@', type: CNAME, value: other.example.org}", "record '@' CNAME: CNAME is not allowed at the zone apex"),
+    ("{name: www, type: CNAME, value: other.example.org}\n{name: www, type: TXT, value: hello}", "record 'www' CNAME: CNAME beside other data at 'www'"),
+    ("{name: billing1, type: CNAME, value: other.example.org}", "record 'billing1' CNAME: CNAME beside other data"),
+    ("{name: www, type: A, value: 192.0.2.1, ttl: 5}", "record 'www' A: ttl 5 out of range 30-604800"),
+    ("{name: www, type: A, value: 192.0.2.1, ttl: 9999999}", "record 'www' A: ttl 9999999 out of range"),
+    ("{name: www, type: A, region: mars}", "record 'www' A: unknown region 'mars'; regions are eu-west, us-east"),
+    ("{name: www, type: A, health_check: 'https://x.example/health', regions: [us-east, moon]}", "unknown region 'moon'"),
+    ("{name: www, type: A, value: 192.0.2.1}\n{name: www, type: A, value: 192.0.2.1}", "record 'www' A: duplicate record"),
+    ("{name: www, type: A, value: 999.1.1.1}", "record 'www' A: value '999.1.1.1' is not an IPv4 address"),
+    ("{name: www, type: AAAA, value: 192.0.2.1}", "is not an IPv6 address"),
+    ("{name: '@', type: MX, value: mail.example.org}", "record '@' MX: value 'mail.example.org' is not 'preference host'"),
+    ("{name: '@', type: CAA, value: 'issue letsencrypt.org'}", "is not 'flags tag \"value\"'"),
+    ("{name: www, type: A}", "record 'www' A: give exactly one of value, region or health_check"),
+    ("{name: www, type: TXT, region: us-east}", "region and health_check are for A/AAAA records"),
+    ("{name: www, type: A, health_check: 'ftp://x/'}", "is not an http(s) URL"),
+    ("{name: www, type: A, value: 192.0.2.1, colour: blue}", "zone ciris-services-1.ai, record 'www': colour: unknown field"),
+    ("{name: www, type: A, value: 192.0.2.1, ttl: 60}\n{name: www, type: A, value: 192.0.2.2, ttl: 300}", "ttl differs"),
+]
+
+
+@pytest.mark.parametrize("records,message", CASES)
+def test_bad_zones_file_names_zone_and_record(records, message):
+    with pytest.raises(dns.ZonesError) as info:
+        dns.load(zones(records), PROD.regions)
+    text = str(info.value)
+    assert text.startswith(f"zones.yaml: zone {Z}"), text
+    assert message in text
+    assert "\n" not in text
+
+
+def test_zone_that_no_region_serves():
+    with pytest.raises(dns.ZonesError, match="zone example.org: not the domain of any region"):
+        dns.load(zones("{name: www, type: A, value: 192.0.2.1}", zone="example.org"), PROD.regions)
+
+
+def test_bad_zones_file_stops_the_plan_with_exit_2(tmp_path):
+    bad_zones = tmp_path / "zones.yaml"
+    bad_zones.write_text(zones("{name: '@', type: CNAME, value: x.example.org}"))
+    stack = tmp_path / "Pulumi.production.yaml"
+    stack.write_text((REPO / "Pulumi.production.yaml").read_text() + f"  ciris-bridge:zones_file: {bad_zones}\n")
+    result = subprocess.run([sys.executable, "-m", "components.plan", "production", "--stack-file", str(stack)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"ciris-bridge:zones_file: {bad_zones}: zone {Z}, record '@' CNAME: CNAME is not allowed at the zone apex" in result.stderr
+
+
+def test_committed_zone_files_are_valid():
+    assert set(PROD.zones.zones) == {"ciris-services-1.ai", "ciris-services-2.ai"}
+    staging = config.load_stack_file(REPO / "Pulumi.staging.yaml")
+    assert set(staging.zones.zones) == {"staging.ciris-services-1.ai", "staging.ciris-services-2.ai"}
+
+
+def addresses(cfg) -> list[dns.RegionAddress]:
+    return [dns.RegionAddress(r.name, r.domain, r.nameserver_fqdn, f"192.0.2.{i + 1}", f"2001:db8::{i + 1}") for i, r in enumerate(cfg.regions)]
+
+
+def test_fsd_zone_layout_and_fsd_list_form():
+    """FSD §5.4 for ciris-services-2.ai, with the FSD's own list-under-zone form of zones.yaml."""
+    regions = addresses(PROD)
+    rendered = {z.name: z for z in dns.render(dns.load("zones:\n  ciris-services-2.ai:\n    - {name: www, type: CNAME, value: proxy1.ciris-services-2.ai}\n", regions), regions)}
+    z2 = rendered["ciris-services-2.ai."]
+    soa = z2.rrset("ciris-services-2.ai.", "SOA").records[0].split()
+    assert soa[:2] == ["ns2.ciris-services-2.ai.", "admin.ciris.ai."] and soa[3:] == ["3600", "600", "604800", "300"]
+    assert z2.rrset("ciris-services-2.ai.", "NS").records == ("ns1.ciris-services-1.ai.", "ns2.ciris-services-2.ai.")
+    assert z2.rrset("ns2.ciris-services-2.ai.", "A").records == ("192.0.2.2",)
+    assert z2.rrset("ns1.ciris-services-1.ai.", "A") is None  # that glue lives in zone 1
+    assert z2.rrset("billing1.ciris-services-2.ai.", "A").records == ("192.0.2.2",)
+    assert z2.rrset("www.ciris-services-2.ai.", "CNAME").records == ("proxy1.ciris-services-2.ai.",)
+    text = dns.to_rfc1035(z2)
+    assert text.startswith("$ORIGIN ciris-services-2.ai.") and "IN SOA   ns2.ciris-services-2.ai." in text
+
+
+def test_health_check_with_geo_picks_closest():
+    regions = addresses(PROD)
+    zf = dns.load(zones("{name: api, type: A, health_check: 'https://api.ciris-services-1.ai/health'}"), regions)
+    plain = dns.render(zf, regions)[0].rrset(f"api.{Z}.", "LUA").records[0]
+    geo = dns.render(zf, regions, geo=True)[0].rrset(f"api.{Z}.", "LUA").records[0]
+    assert plain == "A \"ifurlup('https://api.ciris-services-1.ai/health', {'192.0.2.1', '192.0.2.2'}, {selector='all', backupSelector='all'})\""
+    assert "selector='pickclosest'" in geo
+    assert "launch=lmdb,geoip" in dns.pdns_conf(api_key="k", geoip_database="/geo/City.mmdb")
+
+
+def test_any_number_of_regions():
+    raw, secret_keys = stack_raw("production")
+    cfg = config.parse(third_region(raw), secret_keys)
+    rendered = dns.render(cfg.zones, addresses(cfg))
+    assert len(rendered) == 3
+    for z in rendered:
+        assert len(z.rrset(z.name, "NS").records) == 3
+
+
+def test_api_key_never_in_plan_output():
+    result = subprocess.run([sys.executable, "-m", "components.plan", "staging", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert "dns-api-key-xxxx" not in result.stdout + result.stderr  # the mock's generated key
+    sync = next(r for r in doc["resources"] if r["name"] == "us-east-dns-sync")
+    assert sync["inputs"]["stdin"] == "[secret]"
+    key = next(r for r in doc["resources"] if r["name"] == "us-east-dns-api-key")
+    assert key["inputs"]["length"] == 40
