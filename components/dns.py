@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "CAA", "MX")
+RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "CAA", "MX", "NS")  # NS: delegating a subzone
 DEFAULT_TTL = 300
 TTL_RANGE = (30, 604_800)
 # FSD §5.4
@@ -192,6 +192,8 @@ def _check(zones: ZonesFile, regions: Sequence[Any], label: str) -> None:
                     fail(problem)
             if rec.type == "CNAME" and rec.name == "@":
                 fail("CNAME is not allowed at the zone apex")
+            if rec.type == "NS" and rec.name == "@":
+                fail("the apex NS set is generated from the regions; NS records here delegate subzones")
             key = (rec.name, rec.type, rec.value, rec.region, rec.health_check)
             if key in seen:
                 fail("duplicate record")
@@ -215,7 +217,7 @@ def _value_problem(rtype: str, value: str) -> str | None:
             ipaddress.IPv6Address(value)
     except ValueError:
         return f"value {value!r} is not an IPv{4 if rtype == 'A' else 6} address"
-    if rtype == "CNAME" and not _HOST_RE.match(value):
+    if rtype in ("CNAME", "NS") and not _HOST_RE.match(value):
         return f"value {value!r} is not a host name"
     if rtype == "MX" and not (_MX_RE.match(value) and _HOST_RE.match(value.split(" ", 1)[1]) and int(value.split(" ")[0]) < 65536):
         return f"value {value!r} is not 'preference host' (e.g. '10 mail.example.org')"
@@ -247,7 +249,7 @@ def _content(rtype: str, value: str) -> str:
     """The canonical text PowerDNS stores, so a re-sync finds nothing to change."""
     if rtype == "AAAA":
         return str(ipaddress.IPv6Address(value))
-    if rtype == "CNAME":
+    if rtype in ("CNAME", "NS"):
         return _dot(value)
     if rtype == "MX":
         pref, host = value.split(" ", 1)

@@ -20,7 +20,8 @@ def zones(records: str, zone: str = Z) -> str:
 
 
 CASES = [
-    ("{name: www, type: SRV, value: x}", "record 'www' SRV: unknown type; expected one of A, AAAA, CNAME, TXT, CAA, MX"),
+    ("{name: www, type: SRV, value: x}", "record 'www' SRV: unknown type; expected one of A, AAAA, CNAME, TXT, CAA, MX, NS"),
+    ("{name: '@', type: NS, value: ns9.example.org}", "record '@' NS: the apex NS set is generated"),
     ("{name: 'Bad Name', type: A, value: 192.0.2.1}", "record 'Bad Name' A: bad name"),
     ("{name: '@', type: CNAME, value: other.example.org}", "record '@' CNAME: CNAME is not allowed at the zone apex"),
     ("{name: www, type: CNAME, value: other.example.org}\n{name: www, type: TXT, value: hello}", "record 'www' CNAME: CNAME beside other data at 'www'"),
