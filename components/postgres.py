@@ -11,14 +11,10 @@ from dataclasses import dataclass
 import pulumi
 
 from components.firewall import peer_rule
+from components.postgres_config import standby_names
 from components.region import Region
 
 PORT = 5432
-
-
-def application_name(region_name: str) -> str:
-    """How a replica names itself to the primary (FSD: synchronous_standby_names = 'hetzner_replica')."""
-    return f"{region_name.replace('-', '_')}_replica"
 
 
 @dataclass(frozen=True)
@@ -39,14 +35,11 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             if peers:
                 member.open("postgres", [peer_rule("postgres", PORT, peers, "Postgres replication from peer regions")])
 
-        standby_names = [application_name(r.spec.name) for r in args.replicas]
         self.summary = {
             "primary": args.primary.spec.name,
             "replicas": [r.spec.name for r in args.replicas],
             "mode": "synchronous" if args.replicas else "standalone",
-            "synchronous_standby_names": (
-                f"FIRST 1 ({', '.join(standby_names)})" if standby_names else ""
-            ),
+            "synchronous_standby_names": standby_names([r.spec.name for r in args.replicas]),
             "port": PORT,
         }
         self.register_outputs({"summary": self.summary})
