@@ -135,55 +135,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pair():
-    """A primary on 127.0.0.2 and a synchronous replica on 127.0.0.3, bootstrapped with
-    pg_basebackup over TLS through a physical slot, both with the rendered configs."""
+def workspace() -> tuple[Path, dict[str, pgc.Tls]]:
+    """A directory the postgres user owns, with a CA and a certificate per test address."""
     require_binary("pg_basebackup")
     root = Path(tempfile.mkdtemp(prefix="ciris-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
     root.chmod(0o755)
     ca_file, certs = make_ca(root)
-    for p in root.iterdir():
-        if os.geteuid() == 0:
+    if os.geteuid() == 0:
+        for p in [root, *root.iterdir()]:
             shutil.chown(p, "postgres", "postgres")
-    tls = {addr: pgc.Tls(str(crt), str(key), str(ca_file)) for addr, (crt, key) in certs.items()}
+    return root, {addr: pgc.Tls(str(crt), str(key), str(ca_file)) for addr, (crt, key) in certs.items()}
 
-    primary = Cluster(root, "primary", PRIMARY_ADDR, free_port(), tls[PRIMARY_ADDR])
-    replica = Cluster(root, "replica", REPLICA_ADDR, free_port(), tls[REPLICA_ADDR])
-    for c in (primary, replica):
-        if os.geteuid() == 0:
-            shutil.chown(c.socket_dir, "postgres", "postgres")
-    pwfile = root / "pw"
+
+def init_primary(root: Path, tls: pgc.Tls, name: str = "primary", addr: str = PRIMARY_ADDR, replicas=("eu-west",)) -> Cluster:
+    """initdb, the rendered configs, start, and the roles and database the bridge uses."""
+    cluster = Cluster(root, name, addr, free_port(), tls)
+    pwfile = root / f"{name}-pw"
     pwfile.write_text(PASSWORDS["postgres"])
     if os.geteuid() == 0:
+        shutil.chown(cluster.socket_dir, "postgres", "postgres")
         shutil.chown(pwfile, "postgres", "postgres")
-    r = as_postgres([pg_bin("initdb"), "-D", str(primary.data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"])
+    r = as_postgres([pg_bin("initdb"), "-D", str(cluster.data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"])
     assert r.returncode == 0, r.stderr
-    slot = pgc.application_name("eu-west")
-    primary.write_config(
-        pgc.postgresql_conf(role="primary", replicas=["eu-west"], tls=primary.tls, listen=PRIMARY_ADDR, port=primary.port, socket_dir=str(primary.socket_dir)),
+    cluster.write_config(
+        pgc.postgresql_conf(role="primary", replicas=list(replicas), tls=tls, listen=addr, port=cluster.port, socket_dir=str(cluster.socket_dir)),
         # The superuser over TLS is a test convenience; production admin goes through the socket.
         pgc.pg_hba(peers=[REPLICA_SOURCE], app_cidrs=["127.0.0.1/32"]) + "hostssl all postgres 127.0.0.1/32 scram-sha-256\n",
     )
-    primary.start()
-    with primary.connect() as conn:
+    cluster.start()
+    with cluster.connect() as conn:
         # Bootstrap commits cannot wait for a replica that does not exist yet.
         conn.execute("SET synchronous_commit = local")
         conn.execute(f"CREATE ROLE {pgc.REPLICATION_ROLE} WITH REPLICATION LOGIN PASSWORD '{PASSWORDS[pgc.REPLICATION_ROLE]}'")
         conn.execute(f"CREATE ROLE {pgc.APP_ROLE} WITH LOGIN PASSWORD '{PASSWORDS[pgc.APP_ROLE]}'")
         conn.execute(f"CREATE DATABASE {pgc.DATABASE} OWNER {pgc.APP_ROLE}")
-        conn.execute(f"SELECT pg_create_physical_replication_slot('{slot}')")
+        for replica in replicas:
+            conn.execute(f"SELECT pg_create_physical_replication_slot('{pgc.application_name(replica)}')")
+    return cluster
 
-    env = {**os.environ, "PGPASSWORD": PASSWORDS[pgc.REPLICATION_ROLE], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(ca_file)}
+
+@pytest.fixture
+def single():
+    """One standalone cluster (no replicas), for backup and restore."""
+    root, tls = workspace()
+    cluster = init_primary(root, tls[PRIMARY_ADDR], replicas=())
+    yield root, tls, cluster
+    cluster.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pair():
+    """A primary on 127.0.0.2 and a synchronous replica on 127.0.0.3, bootstrapped with
+    pg_basebackup over TLS through a physical slot, both with the rendered configs."""
+    root, tls = workspace()
+    primary = init_primary(root, tls[PRIMARY_ADDR])
+    replica = Cluster(root, "replica", REPLICA_ADDR, free_port(), tls[REPLICA_ADDR])
+    if os.geteuid() == 0:
+        shutil.chown(replica.socket_dir, "postgres", "postgres")
+    slot = pgc.application_name("eu-west")
+    ca_file = tls[PRIMARY_ADDR].ca_file
+    env = {**os.environ, "PGPASSWORD": PASSWORDS[pgc.REPLICATION_ROLE], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": ca_file}
     r = as_postgres(
         [pg_bin("pg_basebackup"), "-h", PRIMARY_ADDR, "-p", str(primary.port), "-U", pgc.REPLICATION_ROLE,
          "-D", str(replica.data), "-X", "stream", "-S", slot, "-R", "--checkpoint=fast"],
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    conninfo = pgc.primary_conninfo(host=PRIMARY_ADDR, port=primary.port, password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot, ca_file=str(ca_file))
+    conninfo = pgc.primary_conninfo(host=PRIMARY_ADDR, port=primary.port, password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot, ca_file=ca_file)
     replica.write_config(
         pgc.postgresql_conf(role="replica", replicas=["eu-west"], tls=replica.tls, listen=REPLICA_ADDR, port=replica.port,
                             socket_dir=str(replica.socket_dir), primary_conninfo=conninfo, slot=slot),
