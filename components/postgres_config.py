@@ -93,3 +93,38 @@ def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str]) -> str:
     lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in app_cidrs]
     # Anything else -- including any non-TLS connection -- matches no line and is refused.
     return "\n".join(lines) + "\n"
+
+
+# --- monitoring (FSD §9.5: lag > 10 s warning, replication broken critical) ----------------------
+
+LAG_WARNING_SECONDS = 10
+
+# Run on the primary; one row per connected standby. replay_lag is NULL when the primary has been
+# idle (nothing to replay), which is no lag.
+REPLICATION_STATUS_SQL = """
+SELECT application_name,
+       state,
+       sync_state,
+       COALESCE(EXTRACT(EPOCH FROM replay_lag), 0)::float8 AS lag_seconds,
+       COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint AS lag_bytes
+FROM pg_stat_replication
+"""
+
+
+def replication_health(rows: Sequence[tuple], replicas: Sequence[str]) -> tuple[str, str]:
+    """(severity, message) from REPLICATION_STATUS_SQL's rows: `critical` when an expected replica
+    is not streaming or none is synchronous, `warning` when one lags more than 10 s, else `ok`."""
+    by_name = {r[0]: r for r in rows}
+    missing = [application_name(r) for r in replicas if application_name(r) not in by_name]
+    if missing:
+        return "critical", f"replication broken: {', '.join(missing)} not connected"
+    not_streaming = [r[0] for r in rows if r[1] != "streaming"]
+    if not_streaming:
+        return "critical", f"replication broken: {', '.join(not_streaming)} not streaming"
+    if replicas and not any(r[2] == "sync" for r in rows):
+        return "critical", "no synchronous replica: commits are not protected"
+    lagging = [f"{r[0]} {r[3]:.1f} s / {r[4]} bytes" for r in rows if r[3] > LAG_WARNING_SECONDS]
+    if lagging:
+        return "warning", f"replication lag over {LAG_WARNING_SECONDS} s: {', '.join(lagging)}"
+    worst = max(rows, key=lambda r: r[3], default=None)
+    return "ok", f"{len(rows)} replica(s) streaming" + (f", max lag {worst[3]:.1f} s / {worst[4]} bytes" if worst else "")

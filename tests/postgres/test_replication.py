@@ -114,3 +114,29 @@ def test_no_acknowledged_commit_is_lost_when_the_primary_is_killed(pair):
     assert len(acked) >= 200
     missing = set(acked) - present
     assert not missing, f"{len(missing)} acknowledged rows lost, e.g. {sorted(missing)[:5]}"
+
+
+def test_replication_health_query_follows_the_fsd_thresholds(pair):
+    primary, replica = pair
+    with primary.connect() as conn:
+        severity, message = pgc.replication_health(conn.execute(pgc.REPLICATION_STATUS_SQL).fetchall(), ["eu-west"])
+    assert severity == "ok" and message.startswith("1 replica(s) streaming"), message
+    replica.stop()
+    with primary.connect() as conn:
+        deadline = time.time() + 10
+        while (rows := conn.execute(pgc.REPLICATION_STATUS_SQL).fetchall()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert pgc.replication_health(rows, ["eu-west"]) == ("critical", "replication broken: eu_west_replica not connected")
+
+
+@pytest.mark.parametrize(
+    "rows,expected",
+    [
+        ([("eu_west_replica", "streaming", "sync", 12.5, 4096)], "warning"),
+        ([("eu_west_replica", "streaming", "sync", 9.9, 4096)], "ok"),
+        ([("eu_west_replica", "catchup", "sync", 0.0, 0)], "critical"),
+        ([("eu_west_replica", "streaming", "async", 0.0, 0)], "critical"),
+    ],
+)
+def test_replication_health_classification(rows, expected):
+    assert pgc.replication_health(rows, ["eu-west"])[0] == expected
