@@ -41,6 +41,8 @@ def build(config: BridgeConfig) -> Bridge:
             primary=by_name[config.primary.name], replicas=[by_name[r.name] for r in config.replicas]
         ),
     )
+    for region in regions:
+        region.build()  # every component has added its containers and files
     nameservers = Nameservers(
         "dns",
         NameserversArgs(

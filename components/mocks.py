@@ -68,6 +68,12 @@ class BridgeMocks(pulumi.runtime.Mocks):
             state["mountId"] = f"ewr-{rid}"
         elif args.typ == "random:index/randomPassword:RandomPassword":
             state["result"] = f"mock-{args.name}-{'x' * 16}"
+        elif args.typ == "tls:index/privateKey:PrivateKey":
+            state.update(privateKeyPem=f"-----BEGIN PRIVATE KEY-----\nmock {args.name}\n-----END PRIVATE KEY-----\n", publicKeyPem="mock")
+        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
+            state["certPem"] = f"-----BEGIN CERTIFICATE-----\nmock {args.name}\n-----END CERTIFICATE-----\n"
+        elif args.typ == "tls:index/certRequest:CertRequest":
+            state["certRequestPem"] = f"-----BEGIN CERTIFICATE REQUEST-----\nmock {args.name}\n-----END CERTIFICATE REQUEST-----\n"
         elif args.typ == "command:remote:Command":
             state.update(stdout="", stderr="")
         return rid, state

@@ -1,20 +1,32 @@
 """ReplicatedPostgres: the billing database, primary in one region and synchronous replicas in others.
 
-This is the component's frame: which region is primary, its replicas, the replication mode and the
-peer-only 5432 openings. Containers, configs, TLS and backups come with the Postgres issue (#4).
+Each member region gets a Postgres container (payloads/postgres) with configs rendered by
+components/postgres_config.py, a server certificate from the stack's small private CA (IP SANs:
+the region's addresses, so replicas verify the primary with sslmode=verify-full), random passwords
+kept as Pulumi secrets, and peer-only 5432 openings. Promotion stays manual (runbook).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pulumi
+import pulumi_random as random
+import pulumi_tls as tls
 
+from components import cloud_init, postgres_config as pgc
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
+from components.services import NETWORK_SUBNET, ContainerSpec
 
 PORT = 5432
+PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "postgres"
+CONFIG_MOUNT = "/etc/ciris-postgres"
+RUN_DIR = "/run/ciris-postgres"  # where bootstrap.sh copies the files, owned by postgres
+TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR}/ca.crt")
+TEN_YEARS = 24 * 365 * 10
 
 
 @dataclass(frozen=True)
@@ -24,22 +36,127 @@ class ReplicatedPostgresArgs:
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
-    """Outputs: `summary` (the `database` stack output)."""
+    """Outputs: `summary` (the `database` stack output), `app_password` (secret), `ca_cert`."""
 
     def __init__(self, name: str, args: ReplicatedPostgresArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ciris:bridge:ReplicatedPostgres", name, None, opts)
-        members = [args.primary, *args.replicas]
-        # Every member accepts every other one, so a promoted replica can stream to the old primary.
+        child = pulumi.ResourceOptions(parent=self)
+        members = self._members = [args.primary, *args.replicas]
+        replica_names = [r.spec.name for r in args.replicas]
+
+        passwords = {
+            role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result
+            for role in ("superuser", "replication", "app")
+        }
+        self.app_password = passwords["app"]
+
+        ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
+        ca = tls.SelfSignedCert(
+            f"{name}-ca",
+            private_key_pem=ca_key.private_key_pem,
+            is_ca_certificate=True,
+            subject=tls.SelfSignedCertSubjectArgs(common_name="ciris-bridge postgres CA"),
+            validity_period_hours=TEN_YEARS,
+            allowed_uses=["cert_signing", "crl_signing"],
+            opts=child,
+        )
+        self.ca_cert = ca.cert_pem
+
         for member in members:
             peers = [(m.ipv4, m.ipv6) for m in members if m is not member]
+            # Every member accepts every other one, so a promoted replica can feed the old primary.
             if peers:
                 member.open("postgres", [peer_rule("postgres", PORT, peers, "Postgres replication from peer regions")])
+            key = tls.PrivateKey(f"{name}-{member.spec.name}-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
+            csr = tls.CertRequest(
+                f"{name}-{member.spec.name}-csr",
+                private_key_pem=key.private_key_pem,
+                subject=tls.CertRequestSubjectArgs(common_name=f"postgres.{member.domain}"),
+                ip_addresses=[member.ipv4, member.ipv6],
+                opts=child,
+            )
+            cert = tls.LocallySignedCert(
+                f"{name}-{member.spec.name}-cert",
+                cert_request_pem=csr.cert_request_pem,
+                ca_private_key_pem=ca_key.private_key_pem,
+                ca_cert_pem=ca.cert_pem,
+                validity_period_hours=TEN_YEARS,
+                allowed_uses=["server_auth", "client_auth", "digital_signature", "key_encipherment"],
+                opts=child,
+            )
+            self._deploy_member(member, args.primary, replica_names, passwords, key.private_key_pem, cert.cert_pem)
 
         self.summary = {
             "primary": args.primary.spec.name,
-            "replicas": [r.spec.name for r in args.replicas],
+            "replicas": replica_names,
             "mode": "synchronous" if args.replicas else "standalone",
-            "synchronous_standby_names": standby_names([r.spec.name for r in args.replicas]),
+            "synchronous_standby_names": standby_names(replica_names),
             "port": PORT,
         }
         self.register_outputs({"summary": self.summary})
+
+    def _deploy_member(self, member: Region, primary: Region, replica_names, passwords, key_pem, cert_pem) -> None:
+        is_primary = member is primary
+        role = "primary" if is_primary else "replica"
+        slot = pgc.application_name(member.spec.name)
+        if is_primary:
+            conf = pulumi.Output.from_input(pgc.postgresql_conf(role="primary", replicas=replica_names, tls=TLS_FILES))
+            shown_conf = conf
+        else:
+            def replica_conf(a, password="[secret]"):
+                conninfo = pgc.primary_conninfo(host=a, port=PORT, password=password, application=slot, ca_file=TLS_FILES.ca_file)
+                return pgc.postgresql_conf(role="replica", replicas=replica_names, tls=TLS_FILES, primary_conninfo=conninfo, slot=slot)
+
+            conf = pulumi.Output.all(primary.ipv4, passwords["replication"]).apply(lambda a: replica_conf(a[0], a[1]))
+            shown_conf = primary.ipv4.apply(replica_conf)
+        # Replication comes from the other members (any of them may become primary).
+        hba = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
+            lambda addrs: pgc.pg_hba(
+                peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=[NETWORK_SUBNET]
+            )
+        )
+        env = pulumi.Output.all(passwords["superuser"], passwords["replication"], passwords["app"], primary.ipv4).apply(
+            lambda a: "".join(
+                f"{k}={v}\n"
+                for k, v in {
+                    "ROLE": role,
+                    "POSTGRES_PASSWORD": a[0],
+                    "REPLICATION_PASSWORD": a[1],
+                    "BILLING_PASSWORD": a[2],
+                    "PRIMARY_HOST": a[3],
+                    "PRIMARY_PORT": PORT,
+                    "SLOT": slot,
+                    "SLOTS": " ".join(pgc.application_name(r) for r in replica_names),
+                }.items()
+            )
+        )
+        data = f"{cloud_init.DATA_MOUNT}/postgres" if member.spec.volume_gb else "pgdata"
+        member.add_service(
+            ContainerSpec(
+                name="postgres",
+                image="ciris-postgres:local",
+                build="./postgres",
+                ports=(f"{PORT}:{PORT}/tcp",),
+                volumes=(f"{data}:/var/lib/postgresql/data", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                env_file="./postgres/env",
+            ),
+            {
+                "postgres/Dockerfile": (PAYLOAD / "Dockerfile").read_text(),
+                "postgres/bootstrap.sh": (PAYLOAD / "bootstrap.sh").read_text(),
+                "postgres/backup.py": (PAYLOAD / "backup.py").read_text(),
+                "postgres/env": pulumi.Output.secret(env),
+                "postgres/etc/postgresql.conf": pulumi.Output.secret(conf),
+                "postgres/etc/pg_hba.conf": hba,
+                "postgres/etc/server.crt": cert_pem,
+                "postgres/etc/server.key": pulumi.Output.secret(key_pem),
+                "postgres/etc/ca.crt": self.ca_cert,
+            },
+            shown={
+                "postgres/env": "[secret: ROLE, passwords, PRIMARY_HOST, SLOT(S)]\n",
+                "postgres/etc/postgresql.conf": shown_conf,
+                "postgres/etc/server.key": "[secret]\n",
+            },
+        )
+
+    def _peers_of(self, member: Region) -> list[Region]:
+        return [m for m in self._members if m is not member]

@@ -79,20 +79,20 @@ class Region(pulumi.ComponentResource):
         pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, geoip_database=geoip))
 
         # Service containers: edge and DNS are real; the rest are filled in by their issues.
-        self.containers = [edge.container(), dns_container(), *services.placeholders(r.postgres)]
+        self.containers = [edge.container(), dns_container(), *services.placeholders()]
         caddyfile = edge.render_caddyfile(
             edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age
         )
         # What lands in /srv/ciris on the host (cloud-init is the VM's user data instead).
-        files: dict[str, pulumi.Input[str]] = {
+        # Other components add theirs with add_service() before build() deploys the bundle.
+        self.files: dict[str, pulumi.Input[str]] = {
             "Caddyfile": caddyfile,
-            "compose.yaml": services.render_compose(COMPOSE_PROJECT, self.containers),
             "dns/pdns.conf": pdns_conf,
             **{f"dns/{p.name}": p.read_text() for p in sorted(DNS_PAYLOAD.iterdir()) if p.is_file()},
         }
         # The plan's copy shows where the key goes, not the key.
         shown_conf = dns.pdns_conf(api_key="[secret]", geoip_database=geoip)
-        self.artifacts: dict[str, pulumi.Input[str]] = {"cloud-init.yaml": user_data, **files, "dns/pdns.conf": shown_conf}
+        self.artifacts: dict[str, pulumi.Input[str]] = {"cloud-init.yaml": user_data, "dns/pdns.conf": shown_conf}
 
         private_key = cfg.secret("ssh_private_key")
         self.connection = command.remote.ConnectionArgs(
@@ -101,14 +101,29 @@ class Region(pulumi.ComponentResource):
             # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
             private_key=pulumi.Output.secret(private_key) if private_key else None,
         )
-        payload = pulumi.Output.secret(pulumi.Output.all(**files).apply(bundle))
+        self.deploy: command.remote.Command | None = None
+        self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
+
+    def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]], shown: dict[str, pulumi.Input[str]] | None = None) -> None:
+        """Add (or replace a placeholder with) a container and the files it needs in the bundle.
+        `shown` overrides what the offline plan writes for files that hold secrets."""
+        assert self.deploy is None, "add services before build()"
+        self.containers = [c for c in self.containers if c.name != container.name] + [container]
+        self.files.update(files)
+        self.artifacts.update(shown or {})
+
+    def build(self) -> command.remote.Command:
+        """Ship the bundle and start the containers: after every component has added its part."""
+        self.files["compose.yaml"] = services.render_compose(COMPOSE_PROJECT, self.containers)
+        self.artifacts = {**self.files, **self.artifacts, "compose.yaml": self.files["compose.yaml"]}
+        payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(bundle))
         prepare = (
             self.host.data_device.apply(lambda d: f"sudo ciris-prepare-volume {d} {cloud_init.DATA_MOUNT}")
             if self.host.data_device is not None
             else "true"
         )
         self.deploy = command.remote.Command(
-            f"{name}-deploy",
+            f"{self._name}-deploy",
             connection=self.connection,
             create=pulumi.Output.concat(
                 "set -eu; cloud-init status --wait >/dev/null; ",
@@ -121,7 +136,7 @@ class Region(pulumi.ComponentResource):
             triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],
             opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
         )
-        self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
+        return self.deploy
 
     def open(self, purpose: str, rules: list[Rule]) -> None:
         """Open more ports on this host: the provider firewall, then UFW to match."""

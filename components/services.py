@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 NETWORK = "ciris"
+NETWORK_SUBNET = "172.30.0.0/24"  # fixed, so pg_hba can name the host's containers
 
 
 class ContainerSpec(BaseModel):
@@ -25,6 +26,7 @@ class ContainerSpec(BaseModel):
     ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     environment: dict[str, str] = {}
+    env_file: str | None = None  # secrets, shipped in the bundle (never in compose.yaml)
     command: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
     # Declared by the foundation so the plan shows the whole region; the issue that builds the
@@ -32,15 +34,11 @@ class ContainerSpec(BaseModel):
     placeholder: str | None = None
 
 
-def placeholders(postgres_role: str) -> list[ContainerSpec]:
+def placeholders() -> list[ContainerSpec]:
     specs = [
         ContainerSpec(name="billing", image="ciris-billing (payloads/billing)", placeholder="billing issue #5"),
         ContainerSpec(name="proxy", image="ciris-proxy (payloads/proxy)", placeholder="proxy issue #6"),
     ]
-    if postgres_role != "none":
-        specs.append(
-            ContainerSpec(name="postgres", image="postgres:17", ports=("5432:5432/tcp",), placeholder="Postgres issue #4")
-        )
     return specs
 
 
@@ -67,11 +65,14 @@ def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
             named_volumes |= {v.split(":", 1)[0] for v in spec.volumes if not v.startswith(("/", "."))}
         if spec.environment:
             svc["environment"] = dict(spec.environment)
+        if spec.env_file:
+            svc["env_file"] = [spec.env_file]
         if spec.healthcheck:
             svc["healthcheck"] = {"test": list(spec.healthcheck), "interval": "30s", "timeout": "5s", "retries": 3}
         svc["logging"] = {"driver": "local", "options": {"max-size": "20m", "max-file": "5"}}
         services[spec.name] = svc
-    doc = {"name": project, "services": services, "networks": {NETWORK: {"name": NETWORK}}}
+    network = {"name": NETWORK, "ipam": {"config": [{"subnet": NETWORK_SUBNET}]}}
+    doc = {"name": project, "services": services, "networks": {NETWORK: network}}
     if named_volumes:
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}
     return yaml.safe_dump(doc, sort_keys=False)

@@ -236,3 +236,28 @@ def test_volume_is_prepared_before_services_start():
 
 def test_firewall_normalize_rejects_nothing_silently():
     assert firewall.normalize("hcloud:index/sshKey:SshKey", {"publicKey": "x"}) == []
+
+
+def test_replicated_postgres_deploys_both_members_with_rendered_settings():
+    p = run("production")
+    ips = {r["name"]: r for r in p.outputs["client_config"]["regions"]}
+    primary_conf = p.artifacts["us-east/postgres/etc/postgresql.conf"]
+    replica_conf = p.artifacts["eu-west/postgres/etc/postgresql.conf"]
+    assert "synchronous_commit = on" in primary_conf
+    assert "synchronous_standby_names = 'FIRST 1 (eu_west_replica)'" in primary_conf
+    assert f"host={ips['us-east']['ipv4']} port=5432 user=replicator password=[secret]" in replica_conf
+    assert "sslmode=verify-full" in replica_conf and "primary_slot_name = 'eu_west_replica'" in replica_conf
+    for region, peer in (("us-east", "eu-west"), ("eu-west", "us-east")):
+        hba = p.artifacts[f"{region}/postgres/etc/pg_hba.conf"].splitlines()
+        assert [line for line in hba if " replication " in line] == [
+            f"hostssl replication replicator {ips[peer]['ipv4']}/32 scram-sha-256",
+            f"hostssl replication replicator {ips[peer]['ipv6']}/128 scram-sha-256",
+        ]
+        assert all(line.startswith(("#", "local all postgres peer", "hostssl ")) for line in hba)
+        compose = p.artifacts[f"{region}/compose.yaml"]
+        assert "ciris-postgres:local" in compose and "env_file" in compose
+    assert "/srv/ciris/data/postgres:/var/lib/postgresql/data" in p.artifacts["eu-west/compose.yaml"]  # on the volume
+    assert {c.name: c.placeholder for c in p.containers["us-east"]}["postgres"] is None
+    dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
+    assert "mock-postgres-" not in dumped  # no generated password anywhere in the plan
+    assert "BEGIN PRIVATE KEY" not in dumped
