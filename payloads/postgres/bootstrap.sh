@@ -7,7 +7,8 @@
 # POSTGRES_PASSWORD, REPLICATION_PASSWORD, BILLING_PASSWORD. Rendered files: /etc/ciris-postgres.
 set -eu
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
-RUN_DIR=/run/ciris-postgres
+RUN_DIR=${RUN_DIR:-/run/ciris-postgres}
+SOCKET_DIR=${SOCKET_DIR:-/var/run/postgresql}
 if [ "$(id -u)" = 0 ]; then
   # The key must be private to postgres; the bundle is root's.
   install -d -o postgres -g postgres -m 700 "$RUN_DIR" "$PGDATA"
@@ -20,20 +21,23 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     pw=$(mktemp) && printf '%s' "$POSTGRES_PASSWORD" > "$pw"
     initdb -D "$PGDATA" -U postgres --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pw" -E UTF8
     rm -f "$pw"
-    pg_ctl -D "$PGDATA" -w -o "-c listen_addresses=''" start
-    psql -v ON_ERROR_STOP=1 -U postgres -v repl_pw="$REPLICATION_PASSWORD" -v app_pw="$BILLING_PASSWORD" <<'SQL'
+    pg_ctl -D "$PGDATA" -w -o "-c listen_addresses='' -c unix_socket_directories=$SOCKET_DIR" start
+    psql -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -v repl_pw="$REPLICATION_PASSWORD" -v app_pw="$BILLING_PASSWORD" <<'SQL'
 SET synchronous_commit = local;
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'repl_pw';
 CREATE ROLE billing WITH LOGIN PASSWORD :'app_pw';
 CREATE DATABASE cirisbilling OWNER billing;
 SQL
     for slot in ${SLOTS:-}; do
-      psql -v ON_ERROR_STOP=1 -U postgres -c "SET synchronous_commit = local" -c "SELECT pg_create_physical_replication_slot('$slot')"
+      psql -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -c "SET synchronous_commit = local" -c "SELECT pg_create_physical_replication_slot('$slot')"
     done
     pg_ctl -D "$PGDATA" -w stop
   else
     PGPASSWORD="$REPLICATION_PASSWORD" pg_basebackup -D "$PGDATA" -X stream -S "$SLOT" -R --checkpoint=fast \
       -d "host=$PRIMARY_HOST port=$PRIMARY_PORT user=replicator sslmode=verify-full sslrootcert=$RUN_DIR/ca.crt"
+    # -R also wrote a primary_conninfo without our application_name into postgresql.auto.conf,
+    # which would override the rendered one: the primary would never see its synchronous standby.
+    : > "$PGDATA/postgresql.auto.conf"
   fi
 fi
 exec postgres -D "$PGDATA" -c config_file="$RUN_DIR/postgresql.conf" -c hba_file="$RUN_DIR/pg_hba.conf"
