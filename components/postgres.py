@@ -137,7 +137,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 image="ciris-postgres:local",
                 build="./postgres",
                 ports=(f"{PORT}:{PORT}/tcp",),
-                volumes=(f"{data}:/var/lib/postgresql/data", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                # The parent of PGDATA, so a rebuilt replica can keep the old data beside the new.
+                volumes=(f"{data}:/var/lib/postgresql", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/env",
             ),
             {

@@ -12,10 +12,17 @@ SOCKET_DIR=${SOCKET_DIR:-/var/run/postgresql}
 if [ "$(id -u)" = 0 ]; then
   # The key must be private to postgres; the bundle is root's.
   install -d -o postgres -g postgres -m 700 "$RUN_DIR" "$PGDATA"
+  chown postgres:postgres "$(dirname "$PGDATA")"
   cp /etc/ciris-postgres/* "$RUN_DIR"/
   chown postgres:postgres "$RUN_DIR"/* && chmod 600 "$RUN_DIR"/server.key
-  exec gosu postgres "$0" "$@"
+  exec gosu postgres sh "$0" "$@"
 fi
+create_slots() {  # one physical slot per replica (slots are not replicated: a new primary needs its own)
+  for slot in ${SLOTS:-}; do
+    psql -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -c "SET synchronous_commit = local" \
+      -c "SELECT pg_create_physical_replication_slot('$slot') WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '$slot')"
+  done
+}
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ "$ROLE" = primary ]; then
     pw=$(mktemp) && printf '%s' "$POSTGRES_PASSWORD" > "$pw"
@@ -28,9 +35,7 @@ CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'repl_pw';
 CREATE ROLE billing WITH LOGIN PASSWORD :'app_pw';
 CREATE DATABASE cirisbilling OWNER billing;
 SQL
-    for slot in ${SLOTS:-}; do
-      psql -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -c "SET synchronous_commit = local" -c "SELECT pg_create_physical_replication_slot('$slot')"
-    done
+    create_slots
     pg_ctl -D "$PGDATA" -w stop
   else
     PGPASSWORD="$REPLICATION_PASSWORD" pg_basebackup -D "$PGDATA" -X stream -S "$SLOT" -R --checkpoint=fast \
@@ -39,5 +44,19 @@ SQL
     # which would override the rendered one: the primary would never see its synchronous standby.
     : > "$PGDATA/postgresql.auto.conf"
   fi
+fi
+# Declared failover: the config moved the primary role (then `pulumi up` restarted us).
+if [ "$ROLE" = primary ] && [ -f "$PGDATA/standby.signal" ]; then
+  echo "bootstrap: promoting this replica to primary (standby.signal removed)"
+  rm -f "$PGDATA/standby.signal"
+  pg_ctl -D "$PGDATA" -w -o "-c listen_addresses='' -c unix_socket_directories=$SOCKET_DIR" start
+  create_slots
+  pg_ctl -D "$PGDATA" -w stop
+elif [ "$ROLE" = replica ] && [ -s "$PGDATA/PG_VERSION" ] && [ ! -f "$PGDATA/standby.signal" ]; then
+  # An old primary: keep its data aside (never delete it) and rebuild from the new primary.
+  aside="$PGDATA.old-$(date -u +%Y%m%dT%H%M%SZ)"
+  echo "bootstrap: was a primary; moving its data to $aside and re-cloning from $PRIMARY_HOST"
+  mv "$PGDATA" "$aside" && install -d -m 700 "$PGDATA"
+  exec sh "$0" "$@"
 fi
 exec postgres -D "$PGDATA" -c config_file="$RUN_DIR/postgresql.conf" -c hba_file="$RUN_DIR/pg_hba.conf"

@@ -103,3 +103,68 @@ def test_bootstrap_builds_a_synchronous_pair():
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_declared_failover_swaps_roles_without_losing_data():
+    """Moving `postgres: primary` in config restarts both members with swapped roles: the replica
+    comes up as primary with every row; the old primary keeps its data aside and re-clones."""
+    root, tls = workspace()
+    procs: list[subprocess.Popen] = []
+    try:
+        pport, rport = free_port(), free_port()
+        ca = tls[PRIMARY_ADDR].ca_file
+        us, eu = pgc.application_name("us-east"), pgc.application_name("eu-west")
+        old = start(root, "primary", tls[PRIMARY_ADDR], PRIMARY_ADDR, pport, {"ROLE": "primary", "SLOTS": eu},
+                    {"role": "primary", "replicas": ["eu-west"]})
+        procs.append(old)
+        wait_ready(PRIMARY_ADDR, pport, ca, old, root / "primary.log")
+        info = pgc.primary_conninfo(host=PRIMARY_ADDR, port=pport, password=PASSWORDS[pgc.REPLICATION_ROLE], application=eu, ca_file=str(root / "replica-run" / "ca.crt"))
+        new = start(root, "replica", tls[REPLICA_ADDR], REPLICA_ADDR, rport,
+                    {"ROLE": "replica", "SLOT": eu, "PRIMARY_HOST": PRIMARY_ADDR, "PRIMARY_PORT": str(pport)},
+                    {"role": "replica", "replicas": ["eu-west"], "primary_conninfo": info, "slot": eu})
+        procs.append(new)
+        wait_ready(REPLICA_ADDR, rport, ca, new, root / "replica.log")
+        su = f"host={PRIMARY_ADDR} port={pport} user=postgres password={PASSWORDS['postgres']} dbname=postgres sslmode=verify-full sslrootcert={ca}"
+        with psycopg.connect(su, autocommit=True) as conn:
+            deadline = time.time() + 30
+            while conn.execute("SELECT sync_state FROM pg_stat_replication").fetchall() != [("sync",)]:
+                assert time.time() < deadline
+                time.sleep(0.2)
+            conn.execute("CREATE TABLE ledger (n int)")
+            conn.execute("INSERT INTO ledger SELECT generate_series(1, 100)")
+        for p in (old, new):
+            p.terminate()
+            p.wait(30)
+
+        # Roles swapped in config; each restarts with its newly rendered files.
+        for d in ("primary-run", "primary-sock", "replica-run", "replica-sock"):
+            shutil.rmtree(root / d)
+        new = start(root, "replica", tls[REPLICA_ADDR], REPLICA_ADDR, rport, {"ROLE": "primary", "SLOTS": us},
+                    {"role": "primary", "replicas": ["us-east"]})
+        procs.append(new)
+        wait_ready(REPLICA_ADDR, rport, ca, new, root / "replica.log")
+        info = pgc.primary_conninfo(host=REPLICA_ADDR, port=rport, password=PASSWORDS[pgc.REPLICATION_ROLE], application=us, ca_file=str(root / "primary-run" / "ca.crt"))
+        old = start(root, "primary", tls[PRIMARY_ADDR], PRIMARY_ADDR, pport,
+                    {"ROLE": "replica", "SLOT": us, "PRIMARY_HOST": REPLICA_ADDR, "PRIMARY_PORT": str(rport)},
+                    {"role": "replica", "replicas": ["us-east"], "primary_conninfo": info, "slot": us})
+        procs.append(old)
+        wait_ready(PRIMARY_ADDR, pport, ca, old, root / "primary.log")
+        new_su = su.replace(f"host={PRIMARY_ADDR} port={pport}", f"host={REPLICA_ADDR} port={rport}")
+        with psycopg.connect(new_su, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+            assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (100,)
+            deadline = time.time() + 30
+            while conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall() != [(us, "sync")]:
+                assert time.time() < deadline, "old primary did not come back as the synchronous replica"
+                time.sleep(0.2)
+            conn.execute("INSERT INTO ledger VALUES (101)")
+        assert list(root.glob("primary-data.old-*")), "the old primary's data was not kept aside"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(root, ignore_errors=True)
