@@ -17,7 +17,6 @@ from components import postgres_config as pgc
 from tests.conftest import REPO
 from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, REPLICA_ADDR, REPLICA_SOURCE, free_port, pg_bin, workspace
 
-REPLICA_DSN = f"host={REPLICA_ADDR} port={{rport}} user=postgres password={PASSWORDS['postgres']} dbname={pgc.DATABASE} sslmode=verify-full sslrootcert={{ca}}"
 BOOTSTRAP = REPO / "payloads" / "postgres" / "bootstrap.sh"
 
 
@@ -61,47 +60,68 @@ def wait_ready(addr: str, port: int, ca: str, proc: subprocess.Popen, log: Path)
             time.sleep(0.3)
 
 
-def test_bootstrap_builds_a_synchronous_pair():
-    root, tls = workspace()
-    procs = []
-    try:
-        pport, rport = free_port(), free_port()
-        ca = tls[PRIMARY_ADDR].ca_file
-        slot = pgc.application_name("eu-west")
-        primary = start(root, "primary", tls[PRIMARY_ADDR], PRIMARY_ADDR, pport, {"ROLE": "primary", "SLOTS": slot},
-                        {"role": "primary", "replicas": ["eu-west"]})
-        procs.append(primary)
-        wait_ready(PRIMARY_ADDR, pport, ca, primary, root / "primary.log")
-        conninfo = pgc.primary_conninfo(host=PRIMARY_ADDR, port=pport, password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot, ca_file=str(root / "replica-run" / "ca.crt"))
-        replica = start(root, "replica", tls[REPLICA_ADDR], REPLICA_ADDR, rport,
-                        {"ROLE": "replica", "SLOT": slot, "PRIMARY_HOST": PRIMARY_ADDR, "PRIMARY_PORT": str(pport)},
-                        {"role": "replica", "replicas": ["eu-west"], "primary_conninfo": conninfo, "slot": slot})
-        procs.append(replica)
-        wait_ready(REPLICA_ADDR, rport, ca, replica, root / "replica.log")
+def member(root, tls, procs, name, addr, port, role, region, peer, primary=None):
+    """Start one member through the entrypoint and wait for it: `region` is this member's region,
+    `peer` the other one's; a replica streams from `primary` = (host, port)."""
+    slot = pgc.application_name(region if role == "replica" else peer)
+    env, conf = {"ROLE": role}, {"role": role, "replicas": [peer if role == "primary" else region]}
+    if role == "primary":
+        env["SLOTS"] = slot
+    else:
+        env.update(SLOT=slot, PRIMARY_HOST=primary[0], PRIMARY_PORT=str(primary[1]))
+        conf.update(slot=slot, primary_conninfo=pgc.primary_conninfo(
+            host=primary[0], port=primary[1], password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot,
+            ca_file=str(root / f"{name}-run" / "ca.crt")))
+    proc = start(root, name, tls[addr], addr, port, env, conf)
+    procs.append(proc)
+    wait_ready(addr, port, tls[addr].ca_file, proc, root / f"{name}.log")
+    return proc
 
-        su = f"host={PRIMARY_ADDR} port={pport} user=postgres password={PASSWORDS['postgres']} dbname=postgres sslmode=verify-full sslrootcert={ca}"
-        with psycopg.connect(su, autocommit=True) as conn:
-            deadline = time.time() + 30
-            while conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall() != [(slot, "sync")]:
-                assert time.time() < deadline, f"no synchronous standby named {slot}: {conn.execute('SELECT application_name, sync_state FROM pg_stat_replication').fetchall()}"
-                time.sleep(0.2)
-        app = f"host={PRIMARY_ADDR} port={pport} user={pgc.APP_ROLE} password={PASSWORDS[pgc.APP_ROLE]} dbname={pgc.DATABASE} sslmode=verify-full sslrootcert={ca}"
-        with psycopg.connect(app, autocommit=True) as conn:
-            conn.execute("CREATE TABLE t (n int)")
-            conn.execute("INSERT INTO t VALUES (1)")  # returns only once the replica has it
-            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-        with psycopg.connect(REPLICA_DSN.format(rport=rport, ca=ca), autocommit=True) as conn:
-            deadline = time.time() + 10  # flushed on the replica at commit; replayed a moment later
-            while conn.execute("SELECT to_regclass('t') IS NOT NULL").fetchone()[0] is not True or conn.execute("SELECT n FROM t").fetchall() != [(1,)]:
-                assert time.time() < deadline
-                time.sleep(0.1)
-    finally:
-        for p in procs:
+
+def superuser(addr, port, ca, dbname="postgres"):
+    return psycopg.connect(f"host={addr} port={port} user=postgres password={PASSWORDS['postgres']} dbname={dbname} "
+                           f"sslmode=verify-full sslrootcert={ca}", autocommit=True)
+
+
+def wait_sync(conn, slot):
+    deadline = time.time() + 30
+    while (rows := conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall()) != [(slot, "sync")]:
+        assert time.time() < deadline, f"no synchronous standby named {slot}: {rows}"
+        time.sleep(0.2)
+
+
+def stop_all(procs):
+    for p in procs:
+        if p.poll() is None:
             p.terminate()
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_bootstrap_builds_a_synchronous_pair():
+    root, tls = workspace()
+    procs: list[subprocess.Popen] = []
+    try:
+        pport, rport = free_port(), free_port()
+        ca = tls[PRIMARY_ADDR].ca_file
+        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "primary", "us-east", "eu-west")
+        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "replica", "eu-west", "us-east", (PRIMARY_ADDR, pport))
+        with superuser(PRIMARY_ADDR, pport, ca) as conn:
+            wait_sync(conn, pgc.application_name("eu-west"))
+        app = f"host={PRIMARY_ADDR} port={pport} user={pgc.APP_ROLE} password={PASSWORDS[pgc.APP_ROLE]} dbname={pgc.DATABASE} sslmode=verify-full sslrootcert={ca}"
+        with psycopg.connect(app, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (n int)")
+            conn.execute("INSERT INTO t VALUES (1)")  # returns only once the replica has it
+            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+        with superuser(REPLICA_ADDR, rport, ca, pgc.DATABASE) as conn:
+            deadline = time.time() + 10  # flushed on the replica at commit; replayed a moment later
+            while conn.execute("SELECT to_regclass('t') IS NOT NULL").fetchone()[0] is not True or conn.execute("SELECT n FROM t").fetchall() != [(1,)]:
+                assert time.time() < deadline
+                time.sleep(0.1)
+    finally:
+        stop_all(procs)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -113,58 +133,25 @@ def test_declared_failover_swaps_roles_without_losing_data():
     try:
         pport, rport = free_port(), free_port()
         ca = tls[PRIMARY_ADDR].ca_file
-        us, eu = pgc.application_name("us-east"), pgc.application_name("eu-west")
-        old = start(root, "primary", tls[PRIMARY_ADDR], PRIMARY_ADDR, pport, {"ROLE": "primary", "SLOTS": eu},
-                    {"role": "primary", "replicas": ["eu-west"]})
-        procs.append(old)
-        wait_ready(PRIMARY_ADDR, pport, ca, old, root / "primary.log")
-        info = pgc.primary_conninfo(host=PRIMARY_ADDR, port=pport, password=PASSWORDS[pgc.REPLICATION_ROLE], application=eu, ca_file=str(root / "replica-run" / "ca.crt"))
-        new = start(root, "replica", tls[REPLICA_ADDR], REPLICA_ADDR, rport,
-                    {"ROLE": "replica", "SLOT": eu, "PRIMARY_HOST": PRIMARY_ADDR, "PRIMARY_PORT": str(pport)},
-                    {"role": "replica", "replicas": ["eu-west"], "primary_conninfo": info, "slot": eu})
-        procs.append(new)
-        wait_ready(REPLICA_ADDR, rport, ca, new, root / "replica.log")
-        su = f"host={PRIMARY_ADDR} port={pport} user=postgres password={PASSWORDS['postgres']} dbname=postgres sslmode=verify-full sslrootcert={ca}"
-        with psycopg.connect(su, autocommit=True) as conn:
-            deadline = time.time() + 30
-            while conn.execute("SELECT sync_state FROM pg_stat_replication").fetchall() != [("sync",)]:
-                assert time.time() < deadline
-                time.sleep(0.2)
+        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "primary", "us-east", "eu-west")
+        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "replica", "eu-west", "us-east", (PRIMARY_ADDR, pport))
+        with superuser(PRIMARY_ADDR, pport, ca) as conn:
+            wait_sync(conn, pgc.application_name("eu-west"))
             conn.execute("CREATE TABLE ledger (n int)")
             conn.execute("INSERT INTO ledger SELECT generate_series(1, 100)")
-        for p in (old, new):
-            p.terminate()
-            p.wait(30)
+        stop_all(procs)
 
         # Roles swapped in config; each restarts with its newly rendered files.
         for d in ("primary-run", "primary-sock", "replica-run", "replica-sock"):
             shutil.rmtree(root / d)
-        new = start(root, "replica", tls[REPLICA_ADDR], REPLICA_ADDR, rport, {"ROLE": "primary", "SLOTS": us},
-                    {"role": "primary", "replicas": ["us-east"]})
-        procs.append(new)
-        wait_ready(REPLICA_ADDR, rport, ca, new, root / "replica.log")
-        info = pgc.primary_conninfo(host=REPLICA_ADDR, port=rport, password=PASSWORDS[pgc.REPLICATION_ROLE], application=us, ca_file=str(root / "primary-run" / "ca.crt"))
-        old = start(root, "primary", tls[PRIMARY_ADDR], PRIMARY_ADDR, pport,
-                    {"ROLE": "replica", "SLOT": us, "PRIMARY_HOST": REPLICA_ADDR, "PRIMARY_PORT": str(rport)},
-                    {"role": "replica", "replicas": ["us-east"], "primary_conninfo": info, "slot": us})
-        procs.append(old)
-        wait_ready(PRIMARY_ADDR, pport, ca, old, root / "primary.log")
-        new_su = su.replace(f"host={PRIMARY_ADDR} port={pport}", f"host={REPLICA_ADDR} port={rport}")
-        with psycopg.connect(new_su, autocommit=True) as conn:
+        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "primary", "eu-west", "us-east")
+        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "replica", "us-east", "eu-west", (REPLICA_ADDR, rport))
+        with superuser(REPLICA_ADDR, rport, ca) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
             assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (100,)
-            deadline = time.time() + 30
-            while conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall() != [(us, "sync")]:
-                assert time.time() < deadline, "old primary did not come back as the synchronous replica"
-                time.sleep(0.2)
+            wait_sync(conn, pgc.application_name("us-east"))
             conn.execute("INSERT INTO ledger VALUES (101)")
         assert list(root.glob("primary-data.old-*")), "the old primary's data was not kept aside"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all(procs)
         shutil.rmtree(root, ignore_errors=True)
