@@ -38,7 +38,10 @@ def build(config: BridgeConfig) -> Bridge:
     database = ReplicatedPostgres(
         "postgres",
         ReplicatedPostgresArgs(
-            primary=by_name[config.primary.name], replicas=[by_name[r.name] for r in config.replicas]
+            primary=by_name[config.primary.name],
+            replicas=[by_name[r.name] for r in config.replicas],
+            backup=config.backup,
+            backup_secrets={k: config.secret(k) for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key")},
         ),
     )
     for region in regions:

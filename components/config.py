@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Settings that may only be given with `pulumi config set --secret`.
 SECRET_KEYS = (
+    "backup_encryption_key",
     "stripe_secret_key",
     "stripe_webhook_secret",
     "together_api_key",
@@ -112,6 +113,16 @@ class Services(_Model):
     )
 
 
+class BackupSettings(_Model):
+    """Where the primary's daily encrypted pg_dump goes (any S3-compatible object storage)."""
+
+    s3_endpoint: str = Field(pattern=r"^https?://\S+$")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    region: str = "us-east-1"
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    hour_utc: int = Field(default=3, ge=0, le=23)
+
+
 class BridgeConfig(_Model):
     environment: Literal["production", "staging"]
     regions: list[Region] = Field(min_length=1)
@@ -119,6 +130,7 @@ class BridgeConfig(_Model):
     ssh_public_key: str
     budget: Budget
     services: Services = Services()
+    backup: BackupSettings | None = None
     zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
     # Filled in by parse() from zones_file, never set directly.

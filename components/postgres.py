@@ -16,6 +16,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components import cloud_init, postgres_config as pgc
+from components.config import BackupSettings
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
@@ -33,6 +34,9 @@ TEN_YEARS = 24 * 365 * 10
 class ReplicatedPostgresArgs:
     primary: Region
     replicas: list[Region]
+    backup: BackupSettings | None = None
+    # Secrets from config: backup_encryption_key, backup_s3_access_key, backup_s3_secret_key.
+    backup_secrets: dict[str, str | None] | None = None
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
@@ -86,12 +90,20 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             )
             self._deploy_member(member, args.primary, replica_names, passwords, key.private_key_pem, cert.cert_pem)
 
+        if args.backup:
+            self._backup_job(args.primary, args.backup, args.backup_secrets or {}, passwords["app"])
+
         self.summary = {
             "primary": args.primary.spec.name,
             "replicas": replica_names,
             "mode": "synchronous" if args.replicas else "standalone",
             "synchronous_standby_names": standby_names(replica_names),
             "port": PORT,
+            "backup": (
+                {"bucket": args.backup.bucket, "retention_days": args.backup.retention_days, "hour_utc": args.backup.hour_utc}
+                if args.backup
+                else None
+            ),
         }
         self.register_outputs({"summary": self.summary})
 
@@ -157,6 +169,39 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "postgres/etc/postgresql.conf": shown_conf,
                 "postgres/etc/server.key": "[secret]\n",
             },
+        )
+
+    def _backup_job(self, primary: Region, backup: BackupSettings, secrets: dict, app_password) -> None:
+        """The daily pg_dump job runs beside the primary (it moves with the primary role)."""
+        dsn = (
+            f"host=postgres port={PORT} user={pgc.APP_ROLE} dbname={pgc.DATABASE} "
+            f"sslmode=verify-ca sslrootcert={CONFIG_MOUNT}/ca.crt"  # certificates name IPs, not 'postgres'
+        )
+
+        def env(password: str) -> str:
+            values = {
+                "DATABASE_URL": f"{dsn} password={password}",
+                "BACKUP_S3_ENDPOINT": backup.s3_endpoint,
+                "BACKUP_S3_BUCKET": backup.bucket,
+                "BACKUP_S3_REGION": backup.region,
+                "BACKUP_RETENTION_DAYS": backup.retention_days,
+                "BACKUP_HOUR_UTC": backup.hour_utc,
+                "BACKUP_ENCRYPTION_KEY": secrets.get("backup_encryption_key") or "",
+                "BACKUP_S3_ACCESS_KEY": secrets.get("backup_s3_access_key") or "",
+                "BACKUP_S3_SECRET_KEY": secrets.get("backup_s3_secret_key") or "",
+            }
+            return "".join(f"{k}={v}\n" for k, v in values.items())
+
+        primary.add_service(
+            ContainerSpec(
+                name="backup",
+                image="ciris-postgres:local",
+                entrypoint=("sh", "/usr/local/lib/ciris/backup-loop.sh"),
+                volumes=(f"./postgres/etc:{CONFIG_MOUNT}:ro",),
+                env_file="./postgres/backup.env",
+            ),
+            {"postgres/backup.env": pulumi.Output.secret(pulumi.Output.from_input(app_password).apply(env))},
+            shown={"postgres/backup.env": "[secret: DATABASE_URL, BACKUP_* settings and keys]\n"},
         )
 
     def _peers_of(self, member: Region) -> list[Region]:

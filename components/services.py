@@ -28,6 +28,7 @@ class ContainerSpec(BaseModel):
     environment: dict[str, str] = {}
     env_file: str | None = None  # secrets, shipped in the bundle (never in compose.yaml)
     command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
     # Declared by the foundation so the plan shows the whole region; the issue that builds the
     # service replaces it with the real spec. Placeholders are not started.
@@ -56,6 +57,8 @@ def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
             svc["network_mode"] = spec.network_mode
         else:
             svc["networks"] = [NETWORK]
+        if spec.entrypoint:
+            svc["entrypoint"] = list(spec.entrypoint)
         if spec.command:
             svc["command"] = list(spec.command)
         if spec.ports:

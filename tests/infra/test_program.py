@@ -76,6 +76,7 @@ def test_replicated_postgres_names_the_replica_synchronous(staging_monitor):
             "mode": "synchronous",
             "synchronous_standby_names": "FIRST 1 (eu_west_replica)",
             "port": 5432,
+            "backup": None,  # staging keeps no backups
         }
 
     return pulumi.Output.from_input(b.outputs["database"]).apply(check)
@@ -261,3 +262,17 @@ def test_replicated_postgres_deploys_both_members_with_rendered_settings():
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "mock-postgres-" not in dumped  # no generated password anywhere in the plan
     assert "BEGIN PRIVATE KEY" not in dumped
+
+
+def test_backup_job_runs_beside_the_primary_only():
+    raw, secret_keys = stack_raw("production")
+    secrets = {"ciris-bridge:backup_encryption_key": "Q0FOQVJZLWtleS1iYWNrdXAtMzItYnl0ZXMtbG9uZyE=", "ciris-bridge:backup_s3_secret_key": "CANARY-s3-secret"}
+    raw.update(secrets)
+    p = run("production", raw, secret_keys | set(secrets))
+    assert {c.name for c in p.containers["us-east"]} >= {"postgres", "backup"}
+    assert "backup" not in {c.name for c in p.containers["eu-west"]}
+    compose = p.artifacts["us-east/compose.yaml"]
+    assert "backup-loop.sh" in compose and "./postgres/backup.env" in compose
+    assert p.outputs["database"]["backup"] == {"bucket": "ciris-bridge-backups", "retention_days": 30, "hour_utc": 3}
+    dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
+    assert "CANARY-s3-secret" not in dumped and "Q0FOQVJZ" not in dumped
