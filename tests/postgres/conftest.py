@@ -184,12 +184,9 @@ def single():
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def pair():
-    """A primary on 127.0.0.2 and a synchronous replica on 127.0.0.3, bootstrapped with
-    pg_basebackup over TLS through a physical slot, both with the rendered configs."""
-    root, tls = workspace()
-    primary = init_primary(root, tls[PRIMARY_ADDR])
+def start_replica(root: Path, tls: dict[str, pgc.Tls], primary: Cluster) -> Cluster:
+    """A synchronous replica of `primary` on 127.0.0.3, bootstrapped with pg_basebackup over TLS
+    through its physical slot, with the rendered replica config."""
     replica = Cluster(root, "replica", REPLICA_ADDR, free_port(), tls[REPLICA_ADDR])
     if os.geteuid() == 0:
         shutil.chown(replica.socket_dir, "postgres", "postgres")
@@ -214,6 +211,15 @@ def pair():
         while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone()[0] == 0:
             assert time.time() < deadline, "replica never became synchronous"
             time.sleep(0.2)
+    return replica
+
+
+@pytest.fixture
+def pair():
+    """A primary on 127.0.0.2 and a synchronous replica on 127.0.0.3, both with the rendered configs."""
+    root, tls = workspace()
+    primary = init_primary(root, tls[PRIMARY_ADDR])
+    replica = start_replica(root, tls, primary)
     yield primary, replica
     for c in (replica, primary):
         c.stop("immediate")
