@@ -92,8 +92,9 @@ def render_text(plan: Plan) -> str:
     out = [f"Offline plan of stack '{plan.stack}' (mock runtime; addresses are documentation ranges)", ""]
     out.append("Resources by component:")
     children: dict[str | None, list[Registration]] = defaultdict(list)
+    urns = {r.urn for r in plan.registrations}
     for r in plan.registrations:
-        children[r.parent if r.parent in {x.urn for x in plan.registrations} else None].append(r)
+        children[r.parent if r.parent in urns else None].append(r)
 
     def tree(parent: str | None, depth: int) -> None:
         for r in sorted(children.get(parent, []), key=lambda r: r.name):

@@ -3,7 +3,10 @@ dnspython over UDP and TCP."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +20,7 @@ import pytest
 
 from components import config, dns as zones_mod
 from tests.conftest import REPO
-from tests.dns.conftest import API_KEY, Server, free_port
+from tests.dns.conftest import API_KEY, SYNC, Server, free_port
 
 Z1, Z2 = "staging.ciris-services-1.ai", "staging.ciris-services-2.ai"
 STAGING = config.load_stack_file(REPO / "Pulumi.staging.yaml")
@@ -200,13 +203,7 @@ def test_dnssec_switch_signs_the_zone_and_reports_ds(pdns):
     assert again[f"{Z1}."]["ds"] == summary[f"{Z1}."]["ds"] and again[f"{Z1}."]["changed"] == []
 
 
-def test_sync_fails_clearly_when_the_api_is_down(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from tests.dns.conftest import SYNC
-
+def test_sync_fails_clearly_when_the_api_is_down():
     request = {"api_url": f"http://127.0.0.1:{free_port()}", "api_key": API_KEY, "zones": [], "wait": 1}
     result = subprocess.run([sys.executable, str(SYNC)], input=json.dumps(request), capture_output=True, text=True, timeout=30)
     assert result.returncode == 1

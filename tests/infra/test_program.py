@@ -235,7 +235,7 @@ def test_volume_is_prepared_before_services_start():
     assert "ciris-prepare-volume" not in vultr_deploy.inputs["create"]  # no volume there
 
 
-def test_firewall_normalize_rejects_nothing_silently():
+def test_firewall_normalize_ignores_non_firewall_resources():
     assert firewall.normalize("hcloud:index/sshKey:SshKey", {"publicKey": "x"}) == []
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -100,58 +101,64 @@ def stop_all(procs):
                 p.kill()
 
 
-def test_bootstrap_builds_a_synchronous_pair():
+@dataclass
+class Pair:
+    root: Path
+    tls: dict
+    procs: list
+    pport: int
+    rport: int
+    ca: str
+
+
+@pytest.fixture
+def entrypoint_pair():
+    """us-east primary on 127.0.0.2 and eu-west replica on 127.0.0.3, both started by the
+    entrypoint, streaming synchronously."""
     root, tls = workspace()
-    procs: list[subprocess.Popen] = []
+    pair = Pair(root, tls, [], free_port(), free_port(), tls[PRIMARY_ADDR].ca_file)
     try:
-        pport, rport = free_port(), free_port()
-        ca = tls[PRIMARY_ADDR].ca_file
-        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "primary", "us-east", "eu-west")
-        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "replica", "eu-west", "us-east", (PRIMARY_ADDR, pport))
-        with superuser(PRIMARY_ADDR, pport, ca) as conn:
+        member(root, tls, pair.procs, "primary", PRIMARY_ADDR, pair.pport, "primary", "us-east", "eu-west")
+        member(root, tls, pair.procs, "replica", REPLICA_ADDR, pair.rport, "replica", "eu-west", "us-east", (PRIMARY_ADDR, pair.pport))
+        with superuser(PRIMARY_ADDR, pair.pport, pair.ca) as conn:
             wait_sync(conn, pgc.application_name("eu-west"))
-        app = f"host={PRIMARY_ADDR} port={pport} user={pgc.APP_ROLE} password={PASSWORDS[pgc.APP_ROLE]} dbname={pgc.DATABASE} sslmode=verify-full sslrootcert={ca}"
-        with psycopg.connect(app, autocommit=True) as conn:
-            conn.execute("CREATE TABLE t (n int)")
-            conn.execute("INSERT INTO t VALUES (1)")  # returns only once the replica has it
-            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-        with superuser(REPLICA_ADDR, rport, ca, pgc.DATABASE) as conn:
-            deadline = time.time() + 10  # flushed on the replica at commit; replayed a moment later
-            while conn.execute("SELECT to_regclass('t') IS NOT NULL").fetchone()[0] is not True or conn.execute("SELECT n FROM t").fetchall() != [(1,)]:
-                assert time.time() < deadline
-                time.sleep(0.1)
+        yield pair
     finally:
-        stop_all(procs)
+        stop_all(pair.procs)
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_declared_failover_swaps_roles_without_losing_data():
+def test_bootstrap_builds_a_synchronous_pair(entrypoint_pair):
+    p = entrypoint_pair
+    app = f"host={PRIMARY_ADDR} port={p.pport} user={pgc.APP_ROLE} password={PASSWORDS[pgc.APP_ROLE]} dbname={pgc.DATABASE} sslmode=verify-full sslrootcert={p.ca}"
+    with psycopg.connect(app, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (n int)")
+        conn.execute("INSERT INTO t VALUES (1)")  # returns only once the replica has it
+        assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+    with superuser(REPLICA_ADDR, p.rport, p.ca, pgc.DATABASE) as conn:
+        deadline = time.time() + 10  # flushed on the replica at commit; replayed a moment later
+        while conn.execute("SELECT to_regclass('t') IS NOT NULL").fetchone()[0] is not True or conn.execute("SELECT n FROM t").fetchall() != [(1,)]:
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+
+def test_declared_failover_swaps_roles_without_losing_data(entrypoint_pair):
     """Moving `postgres: primary` in config restarts both members with swapped roles: the replica
     comes up as primary with every row; the old primary keeps its data aside and re-clones."""
-    root, tls = workspace()
-    procs: list[subprocess.Popen] = []
-    try:
-        pport, rport = free_port(), free_port()
-        ca = tls[PRIMARY_ADDR].ca_file
-        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "primary", "us-east", "eu-west")
-        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "replica", "eu-west", "us-east", (PRIMARY_ADDR, pport))
-        with superuser(PRIMARY_ADDR, pport, ca) as conn:
-            wait_sync(conn, pgc.application_name("eu-west"))
-            conn.execute("CREATE TABLE ledger (n int)")
-            conn.execute("INSERT INTO ledger SELECT generate_series(1, 100)")
-        stop_all(procs)
+    p = entrypoint_pair
+    with superuser(PRIMARY_ADDR, p.pport, p.ca) as conn:
+        conn.execute("CREATE TABLE ledger (n int)")
+        conn.execute("INSERT INTO ledger SELECT generate_series(1, 100)")
+    stop_all(p.procs)
 
-        # Roles swapped in config; each restarts with its newly rendered files.
-        for d in ("primary-run", "primary-sock", "replica-run", "replica-sock"):
-            shutil.rmtree(root / d)
-        member(root, tls, procs, "replica", REPLICA_ADDR, rport, "primary", "eu-west", "us-east")
-        member(root, tls, procs, "primary", PRIMARY_ADDR, pport, "replica", "us-east", "eu-west", (REPLICA_ADDR, rport))
-        with superuser(REPLICA_ADDR, rport, ca) as conn:
-            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
-            assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (100,)
-            wait_sync(conn, pgc.application_name("us-east"))
-            conn.execute("INSERT INTO ledger VALUES (101)")
-        assert list(root.glob("primary-data.old-*")), "the old primary's data was not kept aside"
-    finally:
-        stop_all(procs)
-        shutil.rmtree(root, ignore_errors=True)
+    # Roles swapped in config; each restarts with its newly rendered files.
+    for d in ("primary-run", "primary-sock", "replica-run", "replica-sock"):
+        shutil.rmtree(p.root / d)
+    member(p.root, p.tls, p.procs, "replica", REPLICA_ADDR, p.rport, "primary", "eu-west", "us-east")
+    member(p.root, p.tls, p.procs, "primary", PRIMARY_ADDR, p.pport, "replica", "us-east", "eu-west", (REPLICA_ADDR, p.rport))
+    with superuser(REPLICA_ADDR, p.rport, p.ca) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone() == (100,)
+        wait_sync(conn, pgc.application_name("us-east"))
+        conn.execute("INSERT INTO ledger VALUES (101)")
+    assert list(p.root.glob("primary-data.old-*")), "the old primary's data was not kept aside"
