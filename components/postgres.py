@@ -27,6 +27,9 @@ PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "postgres"
 CONFIG_MOUNT = "/etc/ciris-postgres"
 RUN_DIR = "/run/ciris-postgres"  # where bootstrap.sh copies the files, owned by postgres
 TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR}/ca.crt")
+PGDATA = "/var/lib/postgresql/data"
+SOCKET_DIR = "/var/run/postgresql"
+SOCKET_VOLUME = "pgsocket"  # shared with the backup job, which talks to the server through it
 TEN_YEARS = 24 * 365 * 10
 
 
@@ -39,6 +42,10 @@ class ReplicatedPostgresArgs:
     backup_secrets: dict[str, str | None] | None = None
 
 
+def env_file(values: dict) -> str:
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
 class ReplicatedPostgres(pulumi.ComponentResource):
     """Outputs: `summary` (the `database` stack output), `app_password` (secret), `ca_cert`."""
 
@@ -47,6 +54,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         members = self._members = [args.primary, *args.replicas]
         replica_names = [r.spec.name for r in args.replicas]
+        self._backup = args.backup
+        self._backup_secrets = args.backup_secrets or {}
 
         passwords = {
             role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result
@@ -111,13 +120,18 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         is_primary = member is primary
         role = "primary" if is_primary else "replica"
         slot = pgc.application_name(member.spec.name)
+        archive = f"{RUN_DIR}/pgbackrest.conf" if self._backup else None
         if is_primary:
-            conf = pulumi.Output.from_input(pgc.postgresql_conf(role="primary", replicas=replica_names, tls=TLS_FILES))
+            conf = pulumi.Output.from_input(
+                pgc.postgresql_conf(role="primary", replicas=replica_names, tls=TLS_FILES, archive_config=archive)
+            )
             shown_conf = conf
         else:
             def replica_conf(a, password="[secret]"):
                 conninfo = pgc.primary_conninfo(host=a, port=PORT, password=password, application=slot, ca_file=TLS_FILES.ca_file)
-                return pgc.postgresql_conf(role="replica", replicas=replica_names, tls=TLS_FILES, primary_conninfo=conninfo, slot=slot)
+                return pgc.postgresql_conf(
+                    role="replica", replicas=replica_names, tls=TLS_FILES, primary_conninfo=conninfo, slot=slot, archive_config=archive
+                )
 
             conf = pulumi.Output.all(primary.ipv4, passwords["replication"]).apply(lambda a: replica_conf(a[0], a[1]))
             shown_conf = primary.ipv4.apply(replica_conf)
@@ -128,9 +142,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             )
         )
         env = pulumi.Output.all(passwords["superuser"], passwords["replication"], passwords["app"], primary.ipv4).apply(
-            lambda a: "".join(
-                f"{k}={v}\n"
-                for k, v in {
+            lambda a: env_file(
+                {
                     "ROLE": role,
                     "POSTGRES_PASSWORD": a[0],
                     "REPLICATION_PASSWORD": a[1],
@@ -139,10 +152,11 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                     "PRIMARY_PORT": PORT,
                     "SLOT": slot,
                     "SLOTS": " ".join(pgc.application_name(r) for r in replica_names),
-                }.items()
+                    **self._pgbackrest_env(),
+                }
             )
         )
-        data = f"{cloud_init.DATA_MOUNT}/postgres" if member.spec.volume_gb else "pgdata"
+        archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf()} if self._backup else {}
         member.add_service(
             ContainerSpec(
                 name="postgres",
@@ -150,13 +164,15 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 build="./postgres",
                 ports=(f"{PORT}:{PORT}/tcp",),
                 # The parent of PGDATA, so a rebuilt replica can keep the old data beside the new.
-                volumes=(f"{data}:/var/lib/postgresql", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                volumes=(f"{self._data(member)}:/var/lib/postgresql", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/env",
             ),
             {
                 "postgres/Dockerfile": (PAYLOAD / "Dockerfile").read_text(),
                 "postgres/bootstrap.sh": (PAYLOAD / "bootstrap.sh").read_text(),
                 "postgres/backup.py": (PAYLOAD / "backup.py").read_text(),
+                "postgres/backup-loop.sh": (PAYLOAD / "backup-loop.sh").read_text(),
+                **archive_files,
                 "postgres/env": pulumi.Output.secret(env),
                 "postgres/etc/postgresql.conf": pulumi.Output.secret(conf),
                 "postgres/etc/pg_hba.conf": hba,
@@ -165,7 +181,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "postgres/etc/ca.crt": self.ca_cert,
             },
             shown={
-                "postgres/env": "[secret: ROLE, passwords, PRIMARY_HOST, SLOT(S)]\n",
+                "postgres/env": "[secret: ROLE, passwords, PRIMARY_HOST, SLOT(S), pgBackRest keys]\n",
                 "postgres/etc/postgresql.conf": shown_conf,
                 "postgres/etc/server.key": "[secret]\n",
             },
@@ -179,7 +195,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         )
 
         def env(password: str) -> str:
-            values = {
+            return env_file({
                 "DATABASE_URL": f"{dsn} password={password}",
                 "BACKUP_S3_ENDPOINT": backup.s3_endpoint,
                 "BACKUP_S3_BUCKET": backup.bucket,
@@ -189,20 +205,44 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "BACKUP_ENCRYPTION_KEY": secrets.get("backup_encryption_key") or "",
                 "BACKUP_S3_ACCESS_KEY": secrets.get("backup_s3_access_key") or "",
                 "BACKUP_S3_SECRET_KEY": secrets.get("backup_s3_secret_key") or "",
-            }
-            return "".join(f"{k}={v}\n" for k, v in values.items())
+                **self._pgbackrest_env(),
+            })
 
         primary.add_service(
             ContainerSpec(
                 name="backup",
                 image="ciris-postgres:local",
                 entrypoint=("sh", "/usr/local/lib/ciris/backup-loop.sh"),
-                volumes=(f"./postgres/etc:{CONFIG_MOUNT}:ro",),
+                # pgBackRest reads the data directory (same path as the server's) and asks the
+                # server for backup start/stop through the shared socket.
+                volumes=(f"{self._data(primary)}:/var/lib/postgresql:ro", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/backup.env",
             ),
             {"postgres/backup.env": pulumi.Output.secret(pulumi.Output.from_input(app_password).apply(env))},
-            shown={"postgres/backup.env": "[secret: DATABASE_URL, BACKUP_* settings and keys]\n"},
+            shown={"postgres/backup.env": "[secret: DATABASE_URL, BACKUP_* settings and keys, pgBackRest keys]\n"},
         )
+
+    def _pgbackrest_conf(self) -> str:
+        b = self._backup
+        return pgc.pgbackrest_conf(
+            endpoint=b.s3_endpoint, bucket=b.bucket, region=b.region, retention_days=b.retention_days,
+            pg_path=PGDATA, socket_dir=SOCKET_DIR, pg_port=PORT,
+        )
+
+    def _pgbackrest_env(self) -> dict[str, str]:
+        """The repository keys; the WAL cipher passphrase is the backup encryption key."""
+        if not self._backup:
+            return {}
+        s = self._backup_secrets
+        return {
+            "PGBACKREST_REPO1_S3_KEY": s.get("backup_s3_access_key") or "",
+            "PGBACKREST_REPO1_S3_KEY_SECRET": s.get("backup_s3_secret_key") or "",
+            "PGBACKREST_REPO1_CIPHER_PASS": s.get("backup_encryption_key") or "",
+        }
+
+    @staticmethod
+    def _data(member: Region) -> str:
+        return f"{cloud_init.DATA_MOUNT}/postgres" if member.spec.volume_gb else "pgdata"
 
     def _peers_of(self, member: Region) -> list[Region]:
         return [m for m in self._members if m is not member]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Sequence
+from urllib.parse import urlsplit
 
 DATABASE = "cirisbilling"
 APP_ROLE = "billing"
@@ -47,9 +48,12 @@ def postgresql_conf(
     socket_dir: str = "/var/run/postgresql",
     primary_conninfo: str | None = None,
     slot: str | None = None,
+    archive_config: str | None = None,
 ) -> str:
     """A replica gets `primary_conninfo`/`slot` (its stream from the primary); both get the
-    synchronous settings, so a promoted replica is ready once the roles are re-declared."""
+    synchronous settings, so a promoted replica is ready once the roles are re-declared.
+    `archive_config`: a pgbackrest.conf path turns on WAL archiving (a standby archives nothing
+    until it is promoted, so every member carries the same setting)."""
     settings = {
         "listen_addresses": _q(listen),
         "port": str(port),
@@ -71,6 +75,10 @@ def postgresql_conf(
         "log_min_duration_statement": "-1",  # never log statements (they could carry user data)
         "log_statement": _q("none"),
     }
+    if archive_config:
+        settings["archive_mode"] = "on"
+        settings["archive_command"] = _q(f"pgbackrest --config={archive_config} --stanza={STANZA} archive-push %p")
+        settings["archive_timeout"] = str(ARCHIVE_TIMEOUT_SECONDS)
     if role == "replica":
         if not primary_conninfo or not slot:
             raise ValueError("a replica needs primary_conninfo and slot")
@@ -93,6 +101,62 @@ def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str]) -> str:
     lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in app_cidrs]
     # Anything else -- including any non-TLS connection -- matches no line and is refused.
     return "\n".join(lines) + "\n"
+
+
+# --- WAL archiving for point-in-time recovery (pgBackRest, FSD §6.1) -----------------------------
+
+STANZA = "ciris"
+# A partly filled WAL segment is archived after at most this long: the PITR gap on a quiet database.
+ARCHIVE_TIMEOUT_SECONDS = 300
+
+
+def pgbackrest_conf(
+    *,
+    endpoint: str,
+    bucket: str,
+    region: str,
+    retention_days: int,
+    pg_path: str,
+    socket_dir: str,
+    pg_port: int = 5432,
+    repo_path: str = "/pgbackrest",
+    ca_file: str | None = None,
+    spool_path: str = "/tmp/pgbackrest",
+) -> str:
+    """pgBackRest's configuration for the stanza, repository in the same S3 bucket as the dumps.
+
+    `endpoint`: an https:// URL (pgBackRest speaks only TLS to S3). Keys and the repository
+    cipher passphrase are not in the file: pgBackRest reads PGBACKREST_REPO1_S3_KEY,
+    PGBACKREST_REPO1_S3_KEY_SECRET and PGBACKREST_REPO1_CIPHER_PASS from the environment.
+    Full backups are kept `retention_days` days, with the WAL needed to recover to any moment since.
+    """
+    url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if url.scheme != "https" or not url.hostname:
+        raise ValueError(f"pgBackRest needs an https:// S3 endpoint, got {endpoint!r}")
+    repo = {
+        "repo1-type": "s3",
+        "repo1-path": repo_path,
+        "repo1-s3-endpoint": url.hostname,
+        "repo1-s3-bucket": bucket,
+        "repo1-s3-region": region,
+        "repo1-s3-uri-style": "path",  # works on every S3-compatible store, bucket names with dots too
+        "repo1-cipher-type": "aes-256-cbc",
+        "repo1-retention-full-type": "time",
+        "repo1-retention-full": str(retention_days),
+        "compress-type": "zst",
+        "start-fast": "y",
+        "log-level-console": "info",
+        "log-level-file": "off",
+        "lock-path": spool_path,
+        "spool-path": spool_path,
+    }
+    if url.port:
+        repo["repo1-storage-port"] = str(url.port)
+    if ca_file:
+        repo["repo1-storage-ca-file"] = ca_file
+    stanza = {"pg1-path": pg_path, "pg1-socket-path": socket_dir, "pg1-port": str(pg_port), "pg1-user": "postgres"}
+    section = lambda name, values: f"[{name}]\n" + "".join(f"{k}={v}\n" for k, v in values.items())
+    return section("global", repo) + "\n" + section(STANZA, stanza)
 
 
 # --- monitoring (FSD §9.5: lag > 10 s warning, replication broken critical) ----------------------

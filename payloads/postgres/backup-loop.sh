@@ -1,12 +1,22 @@
 #!/bin/sh
-# The daily backup job: sleep until BACKUP_HOUR_UTC (default 03), run backup.py, repeat.
-# A failed run is logged and retried the next day; it never stops the loop.
+# The backup job beside the primary (FSD §6.1), two layers in the same bucket:
+#   - pgBackRest: WAL archived continuously by the server's archive_command, plus a daily full
+#     backup; together they allow point-in-time recovery within the retention;
+#   - backup.py: a daily pg_dump, encrypted client-side (restorable with nothing but Python).
+# Runs daily at BACKUP_HOUR_UTC (default 03). A failed run is logged and retried the next day.
 set -u
 hour=${BACKUP_HOUR_UTC:-3}
+pgbr() { gosu postgres pgbackrest --config=/etc/ciris-postgres/pgbackrest.conf --stanza=ciris "$@"; }
+# archive_command fails (and WAL waits in pg_wal) until the stanza exists: create it as soon as the
+# server answers; then take the first full backup unless the repository already has one.
+until pgbr stanza-create; do echo "backup-loop: stanza-create failed; retrying in 30 s" >&2; sleep 30; done
+pgbr info | grep -q "full backup" || pgbr backup --type=full || echo "backup-loop: first full backup failed" >&2
 while :; do
   now=$(date -u +%s)
   next=$(date -u -d "today ${hour}:00" +%s)
   [ "$next" -le "$now" ] && next=$(date -u -d "tomorrow ${hour}:00" +%s)
   sleep $((next - now))
-  python3 /usr/local/lib/ciris/backup.py run || echo "backup-loop: backup failed; next try tomorrow" >&2
+  python3 /usr/local/lib/ciris/backup.py run || echo "backup-loop: pg_dump backup failed; next try tomorrow" >&2
+  # Expires full backups (and their WAL) past repo1-retention-full days.
+  pgbr backup --type=full || echo "backup-loop: pgBackRest backup failed; next try tomorrow" >&2
 done

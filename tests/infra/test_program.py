@@ -274,5 +274,12 @@ def test_backup_job_runs_beside_the_primary_only():
     compose = p.artifacts["us-east/compose.yaml"]
     assert "backup-loop.sh" in compose and "./postgres/backup.env" in compose
     assert p.outputs["database"]["backup"] == {"bucket": "ciris-bridge-backups", "retention_days": 30, "hour_utc": 3}
+    # WAL archiving (pgBackRest) on every member, so a promoted replica keeps archiving.
+    for region in ("us-east", "eu-west"):
+        conf = p.artifacts[f"{region}/postgres/etc/postgresql.conf"]
+        assert "archive_command = 'pgbackrest --config=/run/ciris-postgres/pgbackrest.conf --stanza=ciris archive-push %p'" in conf
+        repo = p.artifacts[f"{region}/postgres/etc/pgbackrest.conf"]
+        assert "repo1-s3-endpoint=fsn1.your-objectstorage.com\n" in repo and "repo1-retention-full=30\n" in repo
+    assert "/var/lib/postgresql:ro" in compose and "pgsocket:/var/run/postgresql" in compose
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY-s3-secret" not in dumped and "Q0FOQVJZ" not in dumped

@@ -39,10 +39,10 @@ def as_postgres(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     """PostgreSQL refuses to run as root; drop to the postgres user when we are root."""
     if os.geteuid() == 0:
         cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=120, **kw)
 
 
-def make_ca(dirpath: Path) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+def make_ca(dirpath: Path, addrs=(PRIMARY_ADDR, REPLICA_ADDR)) -> tuple[Path, dict[str, tuple[Path, Path]]]:
     """A CA and one server certificate per address (SAN IP), as the program's small CA does."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -56,13 +56,13 @@ def make_ca(dirpath: Path) -> tuple[Path, dict[str, tuple[Path, Path]]]:
     ca_file = dirpath / "ca.crt"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     certs = {}
-    for addr in (PRIMARY_ADDR, REPLICA_ADDR):
+    for addr in addrs:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addr)]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(addr))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(_san(addr)), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         crt, pem = dirpath / f"{addr}.crt", dirpath / f"{addr}.key"
@@ -73,9 +73,15 @@ def make_ca(dirpath: Path) -> tuple[Path, dict[str, tuple[Path, Path]]]:
     return ca_file, certs
 
 
+def _san(addr: str) -> list[x509.GeneralName]:
+    # Also as a DNS name: pgBackRest matches the endpoint string against DNS names only.
+    return [x509.IPAddress(ipaddress.ip_address(addr)), x509.DNSName(addr)]
+
+
 class Cluster:
-    def __init__(self, root: Path, name: str, addr: str, port: int, tls: pgc.Tls):
+    def __init__(self, root: Path, name: str, addr: str, port: int, tls: pgc.Tls, env: dict | None = None):
         self.root, self.name, self.addr, self.port, self.tls = root, name, addr, port, tls
+        self.env = env  # the server's environment (archive_command reads pgBackRest's keys from it)
         self.data = root / name
         self.socket_dir = root / f"{name}-sock"
         self.socket_dir.mkdir()
@@ -90,7 +96,7 @@ class Cluster:
             base.write_text(base.read_text() + "\ninclude 'ciris.conf'\n")
 
     def start(self) -> None:
-        r = as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"])
+        r = as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"], env=self.env)
         assert r.returncode == 0, r.stderr + self.log.read_text()[-2000:]
 
     def stop(self, mode: str = "fast") -> None:
@@ -147,9 +153,10 @@ def workspace() -> tuple[Path, dict[str, pgc.Tls]]:
     return root, {addr: pgc.Tls(str(crt), str(key), str(ca_file)) for addr, (crt, key) in certs.items()}
 
 
-def init_primary(root: Path, tls: pgc.Tls, name: str = "primary", addr: str = PRIMARY_ADDR, replicas=("eu-west",)) -> Cluster:
+def init_primary(root: Path, tls: pgc.Tls, name: str = "primary", addr: str = PRIMARY_ADDR, replicas=("eu-west",),
+                 archive_config: str | None = None, env: dict | None = None) -> Cluster:
     """initdb, the rendered configs, start, and the roles and database the bridge uses."""
-    cluster = Cluster(root, name, addr, free_port(), tls)
+    cluster = Cluster(root, name, addr, free_port(), tls, env)
     pwfile = root / f"{name}-pw"
     pwfile.write_text(PASSWORDS["postgres"])
     if os.geteuid() == 0:
@@ -158,7 +165,8 @@ def init_primary(root: Path, tls: pgc.Tls, name: str = "primary", addr: str = PR
     r = as_postgres([pg_bin("initdb"), "-D", str(cluster.data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"])
     assert r.returncode == 0, r.stderr
     cluster.write_config(
-        pgc.postgresql_conf(role="primary", replicas=list(replicas), tls=tls, listen=addr, port=cluster.port, socket_dir=str(cluster.socket_dir)),
+        pgc.postgresql_conf(role="primary", replicas=list(replicas), tls=tls, listen=addr, port=cluster.port,
+                            socket_dir=str(cluster.socket_dir), archive_config=archive_config),
         # The superuser over TLS is a test convenience; production admin goes through the socket.
         pgc.pg_hba(peers=[REPLICA_SOURCE], app_cidrs=["127.0.0.1/32"]) + "hostssl all postgres 127.0.0.1/32 scram-sha-256\n",
     )
