@@ -192,9 +192,11 @@ def single():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def start_replica(root: Path, tls: dict[str, pgc.Tls], primary: Cluster) -> Cluster:
+def start_replica(root: Path, tls: dict[str, pgc.Tls], primary: Cluster, via_port: int | None = None) -> Cluster:
     """A synchronous replica of `primary` on 127.0.0.3, bootstrapped with pg_basebackup over TLS
-    through its physical slot, with the rendered replica config."""
+    through its physical slot, with the rendered replica config. `via_port`: reach the primary
+    through a relay on that port of the primary's address (the benchmark's delayed link)."""
+    upstream = via_port or primary.port
     replica = Cluster(root, "replica", REPLICA_ADDR, free_port(), tls[REPLICA_ADDR])
     if os.geteuid() == 0:
         shutil.chown(replica.socket_dir, "postgres", "postgres")
@@ -202,12 +204,12 @@ def start_replica(root: Path, tls: dict[str, pgc.Tls], primary: Cluster) -> Clus
     ca_file = tls[PRIMARY_ADDR].ca_file
     env = {**os.environ, "PGPASSWORD": PASSWORDS[pgc.REPLICATION_ROLE], "PGSSLMODE": "verify-full", "PGSSLROOTCERT": ca_file}
     r = as_postgres(
-        [pg_bin("pg_basebackup"), "-h", PRIMARY_ADDR, "-p", str(primary.port), "-U", pgc.REPLICATION_ROLE,
+        [pg_bin("pg_basebackup"), "-h", PRIMARY_ADDR, "-p", str(upstream), "-U", pgc.REPLICATION_ROLE,
          "-D", str(replica.data), "-X", "stream", "-S", slot, "-R", "--checkpoint=fast"],
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    conninfo = pgc.primary_conninfo(host=PRIMARY_ADDR, port=primary.port, password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot, ca_file=ca_file)
+    conninfo = pgc.primary_conninfo(host=PRIMARY_ADDR, port=upstream, password=PASSWORDS[pgc.REPLICATION_ROLE], application=slot, ca_file=ca_file)
     replica.write_config(
         pgc.postgresql_conf(role="replica", replicas=["eu-west"], tls=replica.tls, listen=REPLICA_ADDR, port=replica.port,
                             socket_dir=str(replica.socket_dir), primary_conninfo=conninfo, slot=slot),
