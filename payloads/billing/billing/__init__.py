@@ -1,0 +1,1 @@
+"""CIRIS billing: pre-purchased credits, exactly-once consumption, a hash-chained ledger (FSD §4.2)."""

@@ -1,0 +1,77 @@
+"""python -m billing [serve]        apply pending migrations, then serve the API
+   python -m billing migrate        apply pending migrations only
+   python -m billing verify-ledger  check every hash chain and balance (exit 1 on the first break)
+   python -m billing mint-token --role service --sub proxy [--ttl-seconds N]   (operators)
+   python -m billing public-key     billing's public key (PEM), for the proxy"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import psycopg
+
+from billing import auth, migrate, settings as settings_mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m billing", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve")
+    sub.add_parser("migrate")
+    sub.add_parser("verify-ledger")
+    sub.add_parser("public-key")
+    mint = sub.add_parser("mint-token")
+    mint.add_argument("--role", choices=auth.ROLES, required=True)
+    mint.add_argument("--sub", required=True)
+    mint.add_argument("--ttl-seconds", type=int, default=3600)
+    args = parser.parse_args(argv)
+    command = args.command or "serve"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        settings = settings_mod.from_env()
+    except settings_mod.SettingsError as e:
+        print(f"billing: {e}", file=sys.stderr)
+        return 2
+
+    if command == "public-key":
+        print(auth.public_pem(settings.jwt_private_key), end="")
+        return 0
+    if command == "mint-token":
+        print(auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds)[0])
+        return 0
+    try:
+        if command == "verify-ledger":
+            from billing.verify import verify
+
+            report = verify(settings.database_url)
+            if report.problem:
+                print(f"ledger broken: {report.problem}", file=sys.stderr)
+                return 1
+            print(f"ledger ok: {report.users} users, {report.transactions} transactions checked")
+            return 0
+        applied = migrate.apply(settings.database_url)
+        if applied:
+            logging.getLogger("billing").info("applied migrations: %s", ", ".join(applied))
+    except psycopg.OperationalError as e:
+        print(f"billing: cannot reach the database at DATABASE_URL ({_first_line(e)})", file=sys.stderr)
+        return 1
+    if command == "migrate":
+        return 0
+
+    import uvicorn
+
+    from billing.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    return 0
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The HTTP API (FastAPI). Contract: README "Billing API"; the OpenAPI document is /openapi.json.
+
+Nothing a client sends is logged or echoed back: validation errors name the field, not its value.
+"""
+
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Annotated
+
+import stripe
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from billing import auth, ledger, metrics, payments
+from billing.errors import Problem
+from billing.settings import Settings
+
+log = logging.getLogger("billing")
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_AMOUNT = 1_000_000
+Key = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")]
+Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
+Ttl = Annotated[StrictInt, Field(ge=1, le=86_400)]
+Description = Annotated[str, Field(max_length=200)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewUser(Body):
+    email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
+
+
+class TokenRequest(Body):
+    user_id: uuid.UUID
+    ttl_seconds: Annotated[StrictInt, Field(ge=60, le=30 * 86_400)] = 3600
+
+
+class Consume(Body):
+    user_id: uuid.UUID
+    amount: Amount | None = None  # default: the price of one interaction
+    idempotency_key: Key
+    description: Description | None = None
+
+
+class HoldRequest(Body):
+    user_id: uuid.UUID
+    amount: Amount
+    idempotency_key: Key
+    ttl_seconds: Ttl = 300
+
+
+class Capture(Body):
+    amount: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
+
+
+class Grant(Body):
+    user_id: uuid.UUID
+    amount: Amount
+    idempotency_key: Key
+    reason: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Purchase(Body):
+    credits: StrictInt
+
+
+def create_app(settings: Settings) -> FastAPI:
+    public_key = settings.jwt_private_key.public_key()
+    pool = AsyncConnectionPool(settings.database_url, min_size=2, max_size=settings.db_pool_size, open=False,
+                               kwargs={"connect_timeout": 5})
+    stripe_client = payments.client(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await pool.open(wait=False)
+        sweeper = asyncio.create_task(sweep_holds())
+        yield
+        sweeper.cancel()
+        await pool.close()
+
+    async def sweep_holds():
+        while True:
+            await asyncio.sleep(2)
+            try:
+                await ledger.expire_holds(pool)
+            except Exception as e:  # the database may be away; the next round retries
+                log.warning("hold sweeper: %s", type(e).__name__)
+
+    app = FastAPI(title="CIRIS billing", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    async def in_tx(fn, *args):
+        async with pool.connection() as conn, conn.transaction():
+            return await fn(conn, *args)
+
+    bearer = HTTPBearer(auto_error=False)
+
+    async def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
+        if creds is None:
+            raise Problem(401, "unauthorized", "missing bearer token")
+        try:
+            return auth.verify(public_key, creds.credentials)
+        except auth.AuthError:
+            raise Problem(401, "unauthorized", "invalid or expired token") from None
+
+    Caller = Annotated[auth.Principal, Depends(principal)]
+
+    def require(p: auth.Principal, *roles: str) -> None:
+        if p.role not in roles:
+            raise Problem(403, "forbidden", f"requires role {' or '.join(roles)}")
+
+    def require_self(p: auth.Principal, user_id: str) -> uuid.UUID:
+        if not p.may_act_for(user_id):
+            raise Problem(403, "forbidden", "a user may act only on their own account")
+        try:
+            return uuid.UUID(user_id)
+        except ValueError:
+            raise Problem(404, "not_found", "user not found") from None
+
+    # --- errors: one shape, no echo of input ---------------------------------------------------
+
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, exc: Problem):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        message = f"{where}: {first.get('msg', 'invalid')}" if first.get("type") != "json_invalid" else "body is not valid JSON"
+        return JSONResponse(Problem(422, "invalid_request", message).body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return JSONResponse(Problem(exc.status_code, code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
+        return JSONResponse(Problem(500, "internal", "internal error").body(), status_code=500)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse(Problem(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes").body(), status_code=413)
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started)
+        return response
+
+    # --- routes --------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        try:
+            async with pool.connection(timeout=2) as conn:
+                await conn.execute("SELECT 1")
+        except Exception as e:
+            return JSONResponse({"status": "unhealthy", "database": type(e).__name__}, status_code=503)
+        return {"status": "healthy"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/users", status_code=201)
+    async def create_user(body: NewUser, p: Caller):
+        require(p, "admin")
+        return await in_tx(ledger.create_user, body.email, settings.signup_credits)
+
+    @app.post("/v1/auth/token")
+    async def token(body: TokenRequest, p: Caller):
+        require(p, "admin", "service")
+        async with pool.connection() as conn:
+            if not await ledger.user_exists(conn, body.user_id):
+                raise Problem(404, "not_found", "user not found")
+        access, exp = auth.mint(settings.jwt_private_key, str(body.user_id), "user", body.ttl_seconds)
+        return {"access_token": access, "token_type": "bearer", "expires_at": exp}
+
+    @app.get("/v1/credits/{user_id}")
+    async def credits(user_id: str, p: Caller):
+        uid = require_self(p, user_id)
+        async with pool.connection() as conn:
+            return await ledger.balance(conn, uid)
+
+    @app.post("/v1/credits/consume")
+    async def consume(body: Consume, p: Caller):
+        require_self(p, str(body.user_id))
+        amount = body.amount or settings.price_per_interaction_cents
+        try:
+            result = await in_tx(ledger.consume, body.user_id, amount, body.idempotency_key, body.description)
+        except Problem as e:
+            metrics.CONSUMES.labels(e.code).inc()
+            raise
+        metrics.CONSUMES.labels("replayed" if result["replayed"] else "debited").inc()
+        return result
+
+    @app.post("/v1/credits/holds", status_code=201)
+    async def hold(body: HoldRequest, p: Caller):
+        require(p, "service", "admin")
+        result, _ = await in_tx(ledger.place_hold, body.user_id, body.amount, body.idempotency_key, body.ttl_seconds)
+        return result
+
+    @app.post("/v1/credits/holds/{hold_id}/capture")
+    async def capture(hold_id: uuid.UUID, p: Caller, body: Capture | None = None):
+        require(p, "service", "admin")
+        return await in_tx(ledger.capture, hold_id, body.amount if body else None)
+
+    @app.post("/v1/credits/holds/{hold_id}/release")
+    async def release(hold_id: uuid.UUID, p: Caller):
+        require(p, "service", "admin")
+        return await in_tx(ledger.release, hold_id)
+
+    @app.post("/v1/credits/grant")
+    async def grant(body: Grant, p: Caller):
+        require(p, "admin")
+        return await in_tx(ledger.grant, body.user_id, body.amount, body.idempotency_key, body.reason)
+
+    @app.post("/v1/credits/purchase")
+    async def purchase(body: Purchase, p: Caller):
+        require(p, "user")
+        if body.credits not in settings.credit_packs:
+            packs = ", ".join(str(c) for c in sorted(settings.credit_packs))
+            raise Problem(422, "invalid_request", f"credits must be one of the packs: {packs}")
+        async with pool.connection() as conn:
+            if not await ledger.user_exists(conn, uuid.UUID(p.sub)):
+                raise Problem(404, "not_found", "user not found")
+        return await payments.checkout(stripe_client, settings, p.sub, body.credits)
+
+    @app.post("/v1/webhooks/stripe")
+    async def stripe_webhook(request: Request):
+        payload = await request.body()
+        try:
+            event = stripe.Webhook.construct_event(payload, request.headers.get("stripe-signature"), settings.stripe_webhook_secret)
+        except (stripe.SignatureVerificationError, ValueError):
+            metrics.WEBHOOKS.labels("unknown", "bad_signature").inc()
+            raise Problem(400, "bad_signature", "webhook signature missing, invalid or stale") from None
+        outcome = await in_tx(payments.handle_event, payload)
+        metrics.WEBHOOKS.labels(event["type"] if event["type"] in payments.HANDLED else "other", outcome).inc()
+        return {"received": True, "outcome": outcome}
+
+    @app.get("/v1/usage/{user_id}")
+    async def usage(user_id: str, p: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 50, cursor: str | None = None):
+        uid = require_self(p, user_id)
+        before = None
+        if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 18:
+                raise Problem(422, "invalid_request", "cursor: not a cursor from this API")
+            before = int(cursor)
+        async with pool.connection() as conn:
+            return await ledger.usage(conn, uid, limit, before)
+
+    app.state.pool = pool
+    return app

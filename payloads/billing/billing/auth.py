@@ -1,0 +1,61 @@
+"""Signed tokens (FSD §7: JWT issued by billing): EdDSA (Ed25519) only, issuer, audience and expiry
+enforced with 60 s leeway. The proxy verifies the same tokens with billing's public key."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+ISSUER = "ciris-billing"
+AUDIENCE = "ciris-bridge"
+LEEWAY_SECONDS = 60
+ROLES = ("user", "service", "admin")
+Role = Literal["user", "service", "admin"]
+
+
+class AuthError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    sub: str
+    role: Role
+
+    def may_act_for(self, user_id: str) -> bool:
+        return self.role in ("service", "admin") or self.sub == user_id
+
+
+def mint(key: Ed25519PrivateKey, sub: str, role: Role, ttl_seconds: int, now: float | None = None) -> tuple[str, int]:
+    iat = int(now if now is not None else time.time())
+    exp = iat + ttl_seconds
+    claims = {"sub": sub, "role": role, "iss": ISSUER, "aud": AUDIENCE, "iat": iat, "exp": exp}
+    return jwt.encode(claims, key, algorithm="EdDSA"), exp
+
+
+def verify(public_key: Ed25519PublicKey, token: str) -> Principal:
+    try:
+        claims = jwt.decode(
+            token,
+            public_key,
+            algorithms=["EdDSA"],  # never the token's own choice: no none, no HS256 with the public key
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+        )
+    except jwt.PyJWTError as e:
+        raise AuthError(str(e)) from None
+    role, sub = claims.get("role"), claims.get("sub")
+    if role not in ROLES or not isinstance(sub, str) or not sub:
+        raise AuthError("token has no valid role or subject")
+    return Principal(sub=sub, role=role)
+
+
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()

@@ -1,0 +1,24 @@
+"""The one error shape of the API: {"error": {"code", "message", ...}}."""
+
+from __future__ import annotations
+
+
+class Problem(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+def not_found(what: str) -> Problem:
+    return Problem(404, "not_found", f"{what} not found")
+
+
+def conflict(message: str) -> Problem:
+    return Problem(409, "conflict", message)
+
+
+def insufficient(balance: int, needed: int) -> Problem:
+    return Problem(402, "insufficient_credits", f"balance {balance} is below the {needed} needed", balance=balance)

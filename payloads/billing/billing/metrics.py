@@ -1,0 +1,16 @@
+"""Prometheus metrics (FSD §9: requests/second, credit operations, webhook outcomes). Labels are
+route templates and outcome codes only: never a user id, key or amount."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry()
+REQUESTS = Histogram("billing_request_seconds", "Request latency by route template and status", ["route", "method", "status"], registry=REGISTRY)
+CONSUMES = Counter("billing_consumes_total", "Consume requests by outcome", ["outcome"], registry=REGISTRY)
+WEBHOOKS = Counter("billing_webhook_events_total", "Stripe webhook deliveries by event type and outcome", ["type", "outcome"], registry=REGISTRY)
+REFUND_SHORTFALL = Counter("billing_refund_shortfall_cents_total", "Refunded credits that could not be taken back (already spent)", registry=REGISTRY)
+
+
+def observe(route: str, method: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(route, method, str(status)).observe(seconds)

@@ -1,0 +1,117 @@
+"""Settings from the environment. A missing or malformed value stops the service with one line
+naming the variable (SettingsError), never a traceback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+DEFAULT_PACKS = "500:500,2000:2000,10000:10000"  # credits (cents of balance) : price in US cents
+
+
+class SettingsError(ValueError):
+    def __init__(self, var: str, problem: str):
+        super().__init__(f"{var} {problem}")
+        self.var = var
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    jwt_private_key: Ed25519PrivateKey = field(repr=False)
+    stripe_secret_key: str = field(repr=False)
+    stripe_webhook_secret: str = field(repr=False)
+    stripe_api_base: str | None = None
+    price_per_interaction_cents: int = 5
+    signup_credits: int = 15
+    credit_packs: dict[int, int] = field(default_factory=dict)  # credits -> price in cents
+    checkout_success_url: str = "https://ciris.ai/credits/success"
+    checkout_cancel_url: str = "https://ciris.ai/credits/cancelled"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    db_pool_size: int = 20
+
+    def __repr__(self) -> str:  # never print the DSN's password or the keys
+        return f"Settings(host={self.host!r}, port={self.port}, price={self.price_per_interaction_cents})"
+
+
+def _required(env: Mapping[str, str], var: str) -> str:
+    value = env.get(var, "").strip()
+    if not value:
+        raise SettingsError(var, "is not set")
+    return value
+
+
+def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(var, f"must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(var, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
+    if env.get("BILLING_JWT_PRIVATE_KEY", "").strip():
+        var, pem = "BILLING_JWT_PRIVATE_KEY", env["BILLING_JWT_PRIVATE_KEY"]
+    else:
+        var = "BILLING_JWT_PRIVATE_KEY_FILE"
+        path = env.get(var, "").strip()
+        if not path:
+            raise SettingsError("BILLING_JWT_PRIVATE_KEY", "is not set (nor BILLING_JWT_PRIVATE_KEY_FILE)")
+        try:
+            with open(path) as f:
+                pem = f.read()
+        except OSError as e:
+            raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+    try:
+        key = load_pem_private_key(pem.strip().encode(), password=None)
+    except (ValueError, TypeError):
+        raise SettingsError(var, "is not a PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SettingsError(var, "must be an Ed25519 key (EdDSA tokens)")
+    return key
+
+
+def _packs(env: Mapping[str, str]) -> dict[int, int]:
+    raw = env.get("CREDIT_PACKS", "").strip() or DEFAULT_PACKS
+    packs = {}
+    for item in raw.split(","):
+        try:
+            credits, price = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SettingsError("CREDIT_PACKS", f"must be credits:price_cents pairs separated by commas, got {item!r}") from None
+        if credits <= 0 or price < 50:  # Stripe's minimum charge is $0.50
+            raise SettingsError("CREDIT_PACKS", f"needs positive credits and a price of at least 50 cents, got {item!r}")
+        packs[credits] = price
+    return packs
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    url = _required(env, "DATABASE_URL")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise SettingsError("DATABASE_URL", "must be a postgresql:// URL")
+    return Settings(
+        database_url=url,
+        jwt_private_key=_private_key(env),
+        stripe_secret_key=_required(env, "STRIPE_SECRET_KEY"),
+        stripe_webhook_secret=_required(env, "STRIPE_WEBHOOK_SECRET"),
+        stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
+        price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
+        signup_credits=_int(env, "SIGNUP_CREDITS", 15, 0, 1_000_000),
+        credit_packs=_packs(env),
+        checkout_success_url=env.get("CHECKOUT_SUCCESS_URL", "").strip() or Settings.checkout_success_url,
+        checkout_cancel_url=env.get("CHECKOUT_CANCEL_URL", "").strip() or Settings.checkout_cancel_url,
+        host=env.get("HOST", "").strip() or "0.0.0.0",
+        port=_int(env, "PORT", 8000, 1, 65535),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 20, 1, 200),
+    )

@@ -1,0 +1,181 @@
+"""A real billing process (`python -m billing`) on a real PostgreSQL cluster (TLS, the `billing`
+role, the project's rendered configs), with Stripe's HTTP API faked at STRIPE_API_BASE."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from components import postgres_config as pgc
+from tests.conftest import REPO
+from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_primary, workspace
+
+PAYLOAD = REPO / "payloads" / "billing"
+sys.path.insert(0, str(PAYLOAD))  # the payload's own modules (settings, chain) for unit checks
+WEBHOOK_SECRET = "whsec_test_secret"
+KEY = Ed25519PrivateKey.generate()
+KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+
+
+class FakeStripe:
+    """Stripe's API as far as billing uses it: POST /v1/checkout/sessions. Records each request's
+    form parameters; `fail = True` answers 500."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.fail = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                params = dict(urllib.parse.parse_qsl(body))
+                outer.requests.append({"path": self.path, "params": params, "auth": self.headers.get("authorization")})
+                if outer.fail or self.path != "/v1/checkout/sessions":
+                    self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                    return
+                sid = f"cs_test_{uuid.uuid4().hex}"
+                self._reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
+                                  "mode": "payment", "client_reference_id": params.get("client_reference_id")})
+
+            def _reply(self, status, doc):
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class Billing:
+    def __init__(self, env: dict, log: Path):
+        self.env, self.log = env, log
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, *args, env=None, timeout=60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "billing", *args], cwd=PAYLOAD, env=env or self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "billing"], cwd=PAYLOAD, env=self.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"billing did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def database_url(cluster, user=pgc.APP_ROLE) -> str:
+    return (f"postgresql://{user}:{PASSWORDS[user]}@{cluster.addr}:{cluster.port}/{pgc.DATABASE}"
+            f"?sslmode=verify-full&sslrootcert={cluster.tls.ca_file}")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    root, tls = workspace()
+    c = init_primary(root, tls[PRIMARY_ADDR], replicas=())
+    yield c
+    c.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stripe_api():
+    fake = FakeStripe()
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def billing(cluster, stripe_api, tmp_path_factory):
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(cluster),
+        "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
+        "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_API_BASE": stripe_api.url,
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    service = Billing(env, tmp_path_factory.mktemp("billing") / "billing.log")
+    service.start()
+    yield service
+    service.stop()
+
+
+def token(role: str = "admin", sub: str = "ops", key=KEY, **claims) -> str:
+    now = int(time.time())
+    body = {"sub": sub, "role": role, "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 600, **claims}
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="EdDSA")
+
+
+def bearer(role: str = "admin", sub: str = "ops", **claims) -> dict:
+    return {"Authorization": f"Bearer {token(role, sub, **claims)}"}
+
+
+ADMIN = bearer("admin")
+SERVICE = bearer("service", "proxy")
+
+
+@pytest.fixture
+def api(billing):
+    with httpx.Client(base_url=billing.url, timeout=30) as client:
+        yield client
+
+
+def new_user(api: httpx.Client, signup: int = 15) -> str:
+    """A fresh user holding `signup` credits (the signup grant plus an admin grant or a consume)."""
+    r = api.post("/v1/users", json={"email": f"{uuid.uuid4().hex[:12]}@example.org"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    user = r.json()["id"]
+    delta = signup - r.json()["balance"]
+    if delta > 0:
+        r = api.post("/v1/credits/grant", json={"user_id": user, "amount": delta, "idempotency_key": "top-up", "reason": "test"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+    elif delta < 0:
+        r = api.post("/v1/credits/consume", json={"user_id": user, "amount": -delta, "idempotency_key": "draw-down"}, headers=SERVICE)
+        assert r.status_code == 200, r.text
+    return user
+
+
+def balance(api: httpx.Client, user: str) -> int:
+    r = api.get(f"/v1/credits/{user}", headers=SERVICE)
+    assert r.status_code == 200, r.text
+    return r.json()["balance"]
