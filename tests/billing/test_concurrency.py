@@ -1,0 +1,74 @@
+"""Exactly-once under concurrency, against the real process and database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from tests.billing.conftest import SERVICE, balance, new_user
+
+
+def burst(url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    async def go():
+        limits = httpx.Limits(max_connections=len(requests))
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(client.post(path, json=body, headers=SERVICE) for path, body in requests))
+
+    return asyncio.run(go())
+
+
+def test_100_identical_consumes_debit_once(api, billing):
+    user = new_user(api, 100)
+    body = {"user_id": user, "amount": 5, "idempotency_key": "same-call"}
+    results = burst(billing.url, [("/v1/credits/consume", body)] * 100)
+    assert {r.status_code for r in results} == {200}
+    assert len({r.json()["transaction_id"] for r in results}) == 1
+    assert sum(not r.json()["replayed"] for r in results) == 1
+    assert balance(api, user) == 95
+
+
+def test_100_different_consumes_over_300_cents_exactly_60_succeed(api, billing):
+    user = new_user(api, 300)
+    results = burst(billing.url, [("/v1/credits/consume", {"user_id": user, "amount": 5, "idempotency_key": f"c{i}"}) for i in range(100)])
+    codes = [r.status_code for r in results]
+    assert codes.count(200) == 60 and codes.count(402) == 40
+    assert balance(api, user) == 0
+    assert len([i for i in _all_usage(api, user) if i["type"] == "consume"]) == 60
+
+
+def test_holds_racing_captures_releases_and_expiry(api, billing):
+    user = new_user(api, 1000)
+    holds = burst(billing.url, [("/v1/credits/holds", {"user_id": user, "amount": 10, "idempotency_key": f"h{i}", "ttl_seconds": 2 if i % 4 == 3 else 60})
+                                for i in range(40)])
+    assert all(r.status_code == 201 for r in holds)
+    ids = [r.json()["hold_id"] for r in holds]
+    assert balance(api, user) == 600
+    # For each hold: capture and release race each other (twice over); the last quarter also races expiry.
+    time.sleep(2.1)
+    actions = [(f"/v1/credits/holds/{h}/{verb}", {}) for h in ids for verb in ("capture", "release", "capture", "release")]
+    results = burst(billing.url, actions)
+    assert all(r.status_code in (200, 409) for r in results), [r.text for r in results if r.status_code not in (200, 409)]
+    captured = set()
+    for i, h in enumerate(ids):
+        outcome = [r for r in results[4 * i: 4 * i + 4] if r.status_code == 200]
+        kinds = {"capture" if "transaction_id" in r.json() else r.json()["status"] for r in outcome}
+        assert len(kinds) == 1, kinds  # a hold ends exactly one way
+        if kinds == {"capture"}:
+            captured.add(h)
+            assert i % 4 != 3, "an expired hold was captured"
+    deadline = time.time() + 10
+    while balance(api, user) != 1000 - 10 * len(captured):
+        assert time.time() < deadline, (balance(api, user), len(captured))
+        time.sleep(0.2)
+    assert len([i for i in _all_usage(api, user) if i["type"] == "capture"]) == len(captured)
+
+
+def _all_usage(api, user):
+    items, cursor = [], None
+    while True:
+        page = api.get(f"/v1/usage/{user}", params={"limit": 100, **({"cursor": cursor} if cursor else {})}, headers=SERVICE).json()
+        items += page["items"]
+        if not (cursor := page["next_cursor"]):
+            return items
