@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pulumi
 
 from components import cost
+from components.billing import Billing, BillingArgs
 from components.config import BridgeConfig
 from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
@@ -19,6 +20,7 @@ CLIENT_CONFIG_SCHEMA = 1
 class Bridge:
     regions: list[Region]
     database: ReplicatedPostgres
+    billing: Billing
     nameservers: Nameservers
     estimate: cost.Estimate
     outputs: dict[str, pulumi.Input]
@@ -44,6 +46,17 @@ def build(config: BridgeConfig) -> Bridge:
             backup_secrets={k: config.secret(k) for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key")},
         ),
     )
+    billing = Billing(
+        "billing",
+        BillingArgs(
+            regions=regions,
+            database=database,
+            primary=by_name[config.primary.name],
+            price_per_interaction_cents=config.services.price_per_interaction_cents,
+            signup_credits=config.services.signup_credits,
+            secrets={k: config.secret(k) for k in ("stripe_secret_key", "stripe_webhook_secret")},
+        ),
+    )
     for region in regions:
         region.build()  # every component has added its containers and files
     nameservers = Nameservers(
@@ -64,7 +77,7 @@ def build(config: BridgeConfig) -> Bridge:
     }
     if any(z.dnssec for z in config.zones.zones.values()):
         outputs["dnssec_ds"] = nameservers.dnssec_ds
-    return Bridge(regions, database, nameservers, estimate, outputs)
+    return Bridge(regions, database, billing, nameservers, estimate, outputs)
 
 
 def client_config(config: BridgeConfig, regions: list[Region]) -> dict:

@@ -69,7 +69,9 @@ class BridgeMocks(pulumi.runtime.Mocks):
         elif args.typ == "random:index/randomPassword:RandomPassword":
             state["result"] = f"mock-{args.name}-{'x' * 16}"
         elif args.typ == "tls:index/privateKey:PrivateKey":
-            state.update(privateKeyPem=f"-----BEGIN PRIVATE KEY-----\nmock {args.name}\n-----END PRIVATE KEY-----\n", publicKeyPem="mock")
+            pem = f"-----BEGIN PRIVATE KEY-----\nmock {args.name}\n-----END PRIVATE KEY-----\n"
+            state.update(privateKeyPem=pem, privateKeyPemPkcs8=pem,
+                         publicKeyPem=f"-----BEGIN PUBLIC KEY-----\nmock {args.name}\n-----END PUBLIC KEY-----\n")
         elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
             state["certPem"] = f"-----BEGIN CERTIFICATE-----\nmock {args.name}\n-----END CERTIFICATE-----\n"
         elif args.typ == "tls:index/certRequest:CertRequest":

@@ -138,7 +138,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         # Replication comes from the other members (any of them may become primary).
         hba = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
             lambda addrs: pgc.pg_hba(
-                peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=[NETWORK_SUBNET]
+                peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=[NETWORK_SUBNET], app_peers=True
             )
         )
         env = pulumi.Output.all(passwords["superuser"], passwords["replication"], passwords["app"], primary.ipv4).apply(

@@ -94,11 +94,13 @@ def primary_conninfo(*, host: str, port: int, password: str, application: str, c
     )
 
 
-def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str]) -> str:
-    """`peers`: CIDRs of the other regions (replication); `app_cidrs`: the container network."""
+def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str], app_peers: bool = False) -> str:
+    """`peers`: CIDRs of the other regions (replication); `app_cidrs`: the container network.
+    `app_peers`: the billing app in the other regions writes to this member too when it is primary
+    (ADR 0007)."""
     lines = ["# TYPE  DATABASE  USER  ADDRESS  METHOD", "local all postgres peer"]
     lines += [f"hostssl replication {REPLICATION_ROLE} {cidr} scram-sha-256" for cidr in peers]
-    lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in app_cidrs]
+    lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in [*app_cidrs, *(peers if app_peers else ())]]
     # Anything else -- including any non-TLS connection -- matches no line and is refused.
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,6 @@ class ContainerSpec(BaseModel):
 
 def placeholders() -> list[ContainerSpec]:
     specs = [
-        ContainerSpec(name="billing", image="ciris-billing (payloads/billing)", placeholder="billing issue #5"),
         ContainerSpec(name="proxy", image="ciris-proxy (payloads/proxy)", placeholder="proxy issue #6"),
     ]
     return specs

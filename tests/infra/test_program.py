@@ -283,3 +283,37 @@ def test_backup_job_runs_beside_the_primary_only():
     assert "/var/lib/postgresql:ro" in compose and "pgsocket:/var/run/postgresql" in compose
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY-s3-secret" not in dumped and "Q0FOQVJZ" not in dumped
+
+
+@pytest.mark.parametrize("primary", ["us-east", "eu-west"])
+def test_billing_runs_in_every_region_pointed_at_the_current_primary(primary):
+    raw, secret_keys = stack_raw("production")
+    for r in raw["ciris-bridge:regions"]:  # a declared failover is this edit plus `pulumi up`
+        r["postgres"] = "primary" if r["name"] == primary else "replica"
+    secrets = {"ciris-bridge:stripe_secret_key": "sk_live_CANARY_b1", "ciris-bridge:stripe_webhook_secret": "whsec_CANARY_b2"}
+    raw.update(secrets)
+    p = run("production", raw, secret_keys | set(secrets))
+    ips = {r["name"]: r for r in p.outputs["client_config"]["regions"]}
+    for region in ("us-east", "eu-west"):
+        assert "billing" in {c.name for c in p.containers[region]}
+        compose = p.artifacts[f"{region}/compose.yaml"]
+        assert "./billing/env" in compose and "ciris-billing:local" in compose
+        assert p.artifacts[f"{region}/billing/Dockerfile"].startswith("# The billing service")
+        assert "billing/billing/ledger.py" in "\n".join(p.artifacts) and f"{region}/billing/billing/migrations/0001_ledger.sql" in p.artifacts
+        target = "postgres:5432 (verify-ca" if region == primary else f"{ips[primary]['ipv4']}:5432 (verify-full"
+        assert target in p.artifacts[f"{region}/billing/env"]
+        # The primary accepts the other regions' billing over TLS (ADR 0007); nothing else new.
+        peer = "eu-west" if region == "us-east" else "us-east"
+        hba = p.artifacts[f"{region}/postgres/etc/pg_hba.conf"]
+        assert f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256" in hba
+    dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
+    assert "CANARY" not in dumped and "BEGIN PRIVATE KEY" not in dumped
+
+
+def test_billing_database_url_verifies_the_primary():
+    from components.billing import database_url
+
+    assert database_url(host="203.0.113.5", password="pw", same_host=False) == (
+        "postgresql://billing:pw@203.0.113.5:5432/cirisbilling?sslmode=verify-full&sslrootcert=/etc/ciris-billing/ca.crt"
+    )
+    assert "@postgres:5432/cirisbilling?sslmode=verify-ca&" in database_url(host="postgres", password="pw", same_host=True)
