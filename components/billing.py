@@ -81,6 +81,7 @@ class Billing(pulumi.ComponentResource):
                     "SIGNUP_CREDITS": args.signup_credits,
                     "HOST": "0.0.0.0",
                     "PORT": PORT,
+                    "WORKERS": 2,  # one per vCPU; bench/billing measures 2
                 })
 
             env = pulumi.Output.all(host, args.database.app_password, key.private_key_pem_pkcs8).apply(render)

@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from billing.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    if settings.workers > 1:  # each worker process reads the same environment
+        uvicorn.run("billing.app:from_environment", factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_level="info", access_log=False)
+    else:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
     return 0
 
 

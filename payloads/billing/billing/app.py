@@ -106,12 +106,13 @@ def create_app(settings: Settings) -> FastAPI:
             return await fn(conn, *args)
 
     bearer = HTTPBearer(auto_error=False)
+    verified = auth.TokenCache(public_key)
 
     async def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
         if creds is None:
             raise Problem(401, "unauthorized", "missing bearer token")
         try:
-            return auth.verify(public_key, creds.credentials)
+            return verified.verify(creds.credentials)
         except auth.AuthError:
             raise Problem(401, "unauthorized", "invalid or expired token") from None
 
@@ -152,17 +153,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def on_error(request: Request, exc: Exception):
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
         return JSONResponse(Problem(500, "internal", "internal error").body(), status_code=500)
-
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse(Problem(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes").body(), status_code=413)
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "unmatched"), request.method, response.status_code, time.perf_counter() - started)
-        return response
 
     # --- routes --------------------------------------------------------------------------------
 
@@ -267,4 +257,53 @@ def create_app(settings: Settings) -> FastAPI:
             return await ledger.usage(conn, uid, limit, before)
 
     app.state.pool = pool
-    return app
+    return LimitsAndMetrics(app)
+
+
+class LimitsAndMetrics:
+    """Refuses bodies over MAX_BODY_BYTES (413) and records each request's route template, status
+    and latency. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+
+    def __getattr__(self, name):  # app.openapi(), app.state ... for callers and tests
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return await JSONResponse(Problem(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes").body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:  # chunked bodies carry no content-length
+                raise Problem(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes")
+            return message
+
+        status = 500
+        started = time.perf_counter()
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, recording_send)
+        finally:
+            route = scope.get("route")
+            metrics.observe(getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started)
+
+
+def from_environment():
+    """The uvicorn factory for worker processes (`WORKERS` > 1): settings from the environment."""
+    from billing.settings import from_env
+
+    return create_app(from_env())

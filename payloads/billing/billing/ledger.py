@@ -53,17 +53,21 @@ async def append(conn, head: Head, *, type: str, amount: int, key: str, req: str
         "idempotency_key": key, "request_hash": req, "description": description, "ref": ref, "created_at": now(),
     }
     digest = chain.row_hash(head.last_hash, row)
+    # One round trip: the row and the moved head together.
     cur = await conn.execute(
-        """INSERT INTO transactions (user_id, seq, type, amount, balance_after, available_after, idempotency_key,
-                                     request_hash, description, ref, created_at, prev_hash, hash)
-           VALUES (%(user_id)s, %(seq)s, %(type)s, %(amount)s, %(balance_after)s, %(available_after)s, %(idempotency_key)s,
-                   %(request_hash)s, %(description)s, %(ref)s, %(created_at)s, %(prev)s, %(hash)s) RETURNING id""",
+        """WITH tx AS (
+             INSERT INTO transactions (user_id, seq, type, amount, balance_after, available_after, idempotency_key,
+                                       request_hash, description, ref, created_at, prev_hash, hash)
+             VALUES (%(user_id)s, %(seq)s, %(type)s, %(amount)s, %(balance_after)s, %(available_after)s, %(idempotency_key)s,
+                     %(request_hash)s, %(description)s, %(ref)s, %(created_at)s, %(prev)s, %(hash)s) RETURNING id)
+           UPDATE credit_balances SET balance = %(available_after)s, settled = %(balance_after)s, last_seq = %(seq)s,
+                                      last_hash = %(hash)s, updated_at = now()
+           WHERE user_id = %(user_id)s RETURNING (SELECT id FROM tx)""",
         {**row, "prev": head.last_hash, "hash": digest},
     )
     tx_id = (await cur.fetchone())[0]
     head.settled, head.balance = row["balance_after"], row["available_after"]
     head.last_seq, head.last_hash = row["seq"], digest
-    await save_head(conn, head)
     return tx_id
 
 

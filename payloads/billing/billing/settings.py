@@ -34,6 +34,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     db_pool_size: int = 20
+    workers: int = 1
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
         return f"Settings(host={self.host!r}, port={self.port}, price={self.price_per_interaction_cents})"
@@ -114,4 +115,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 8000, 1, 65535),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, 1, 200),
+        workers=_int(env, "WORKERS", 1, 1, 32),
     )
