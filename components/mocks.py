@@ -6,6 +6,7 @@ documentation ranges (RFC 5737, RFC 3849), so no plan output can be mistaken for
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import zlib
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ class RecordingMonitor(MockMonitor):
 def install(stack: str, raw: dict[str, Any], secret_keys: set[str]) -> RecordingMonitor:
     """Point the Pulumi runtime at fresh mocks, with `raw` as the stack config the engine hands over."""
     pulumi.runtime.set_all_config(config.engine_config(raw), sorted(secret_keys))
+    try:  # Pulumi's runtime uses the thread's current loop; asyncio.run() elsewhere leaves none
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
     monitor = RecordingMonitor(BridgeMocks())
     settings.ROOT.set(None)  # a fresh stack resource for every program run
     pulumi.runtime.set_mocks(monitor.mocks, project=config.PROJECT, stack=stack, preview=False, monitor=monitor)

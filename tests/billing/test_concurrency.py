@@ -16,7 +16,11 @@ def burst(url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
             return await asyncio.gather(*(client.post(path, json=body, headers=SERVICE) for path, body in requests))
 
-    return asyncio.run(go())
+    loop = asyncio.new_event_loop()  # not asyncio.run(): that leaves the thread without a loop
+    try:
+        return loop.run_until_complete(go())
+    finally:
+        loop.close()
 
 
 def test_100_identical_consumes_debit_once(api, billing):
