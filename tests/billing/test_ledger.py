@@ -82,6 +82,7 @@ def test_no_request_values_in_the_log(api, billing):
     ({"PORT": "eighty"}, "billing: PORT must be an integer, got 'eighty'"),
     ({"PRICE_PER_INTERACTION_CENTS": "0"}, "billing: PRICE_PER_INTERACTION_CENTS must be between 1 and 1000000, got 0"),
     ({"CREDIT_PACKS": "500"}, "billing: CREDIT_PACKS must be credits:price_cents pairs"),
+    ({"DATABASE_URL": "postgresql://billing:pw-CANARY@127.0.0.1:1/cirisbilling"}, "billing: cannot reach the database at DATABASE_URL"),
 ])
 def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, message):
     r = billing.run(env={**billing.env, **env}, timeout=30)
