@@ -17,9 +17,9 @@ import pulumi
 import pulumi_tls as tls
 
 from components import postgres_config as pgc
-from components.postgres import PORT as PG_PORT, ReplicatedPostgres, env_file
+from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
-from components.services import ContainerSpec
+from components.services import ContainerSpec, env_file
 
 PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "billing"
 PORT = 8000
@@ -35,12 +35,15 @@ def payload_files() -> dict[str, str]:
     }
 
 
-def database_url(*, host: str, password: str, same_host: bool) -> str:
+def sslmode(same_host: bool) -> str:
     # Certificates name the members' IPs: in-region ("postgres" on the container network) the CA
     # is still verified, the name cannot be.
-    mode = "verify-ca" if same_host else "verify-full"
+    return "verify-ca" if same_host else "verify-full"
+
+
+def database_url(*, host: str, password: str, same_host: bool) -> str:
     return (f"postgresql://{pgc.APP_ROLE}:{password}@{host}:{PG_PORT}/{pgc.DATABASE}"
-            f"?sslmode={mode}&sslrootcert={CA_PATH}")
+            f"?sslmode={sslmode(same_host)}&sslrootcert={CA_PATH}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class Billing(pulumi.ComponentResource):
             host = pulumi.Output.from_input("postgres") if same_host else args.primary.ipv4
 
             def render(a, same_host=same_host):
-                host, password, private_pem = a
+                host, password = a
                 return env_file({
                     "DATABASE_URL": database_url(host=host, password=password, same_host=same_host),
                     "BILLING_JWT_PRIVATE_KEY_FILE": "/run/secrets/billing-jwt.pem",
@@ -84,7 +87,7 @@ class Billing(pulumi.ComponentResource):
                     "WORKERS": 2,  # one per vCPU; bench/billing measures 2
                 })
 
-            env = pulumi.Output.all(host, args.database.app_password, key.private_key_pem_pkcs8).apply(render)
+            env = pulumi.Output.all(host, args.database.app_password).apply(render)
             region.add_service(
                 ContainerSpec(
                     name="billing",
@@ -101,7 +104,7 @@ class Billing(pulumi.ComponentResource):
                 },
                 shown={
                     "billing/env": host.apply(lambda h, s=same_host: f"[secret: DATABASE_URL -> {h}:{PG_PORT} "
-                                              f"({'verify-ca' if s else 'verify-full'}), Stripe keys, price, signup credits]\n"),
+                                              f"({sslmode(s)}), Stripe keys, price, signup credits]\n"),
                     "billing/jwt.pem": "[secret: Ed25519 token signing key]\n",
                 },
             )

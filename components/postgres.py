@@ -20,7 +20,7 @@ from components.config import BackupSettings
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
-from components.services import NETWORK_SUBNET, ContainerSpec
+from components.services import NETWORK_SUBNET, ContainerSpec, env_file
 
 PORT = 5432
 PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "postgres"
@@ -40,10 +40,6 @@ class ReplicatedPostgresArgs:
     backup: BackupSettings | None = None
     # Secrets from config: backup_encryption_key, backup_s3_access_key, backup_s3_secret_key.
     backup_secrets: dict[str, str | None] | None = None
-
-
-def env_file(values: dict) -> str:
-    return "".join(f"{k}={v}\n" for k, v in values.items())
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
@@ -100,7 +96,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             self._deploy_member(member, args.primary, replica_names, passwords, key.private_key_pem, cert.cert_pem)
 
         if args.backup:
-            self._backup_job(args.primary, args.backup, args.backup_secrets or {}, passwords["app"])
+            self._backup_job(args.primary, passwords["app"])
 
         self.summary = {
             "primary": args.primary.spec.name,
@@ -187,8 +183,9 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             },
         )
 
-    def _backup_job(self, primary: Region, backup: BackupSettings, secrets: dict, app_password) -> None:
+    def _backup_job(self, primary: Region, app_password) -> None:
         """The daily pg_dump job runs beside the primary (it moves with the primary role)."""
+        backup, secrets = self._backup, self._backup_secrets
         dsn = (
             f"host=postgres port={PORT} user={pgc.APP_ROLE} dbname={pgc.DATABASE} "
             f"sslmode=verify-ca sslrootcert={CONFIG_MOUNT}/ca.crt"  # certificates name IPs, not 'postgres'

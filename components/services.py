@@ -42,6 +42,11 @@ def placeholders() -> list[ContainerSpec]:
     return specs
 
 
+def env_file(values: dict) -> str:
+    """A compose env_file: KEY=value lines (the values are the caller's; secrets stay Outputs)."""
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
 def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
     services = {}
     named_volumes: set[str] = set()

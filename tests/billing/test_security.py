@@ -128,14 +128,14 @@ def operations(billing):
     return [(path, method) for path, ops in doc["paths"].items() for method in ops]
 
 
-def test_fuzzed_requests_never_5xx(api, operations):
+def test_fuzzed_requests_never_5xx(api, billing, operations):
     victim = new_user(api)
     path_values = st.sampled_from([victim, str(uuid.uuid4()), "x", "%00", "0" * 300, "'; --"])
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(op=st.sampled_from(operations), fill=path_values,
            body=st.one_of(JSON, st.dictionaries(FIELDS, JSON | path_values, max_size=6)),
-           auth=st.sampled_from([ADMIN, SERVICE, bearer("user", victim), {}]))
+           auth=st.sampled_from([ADMIN, SERVICE, bearer("user", victim), bearer("user", "not-a-uuid"), {}]))
     def check(op, fill, body, auth):
         path, method = op
         url = path.replace("{user_id}", fill).replace("{hold_id}", fill)
@@ -148,6 +148,6 @@ def test_fuzzed_requests_never_5xx(api, operations):
         assert r.status_code < 500, (method, url, body, r.status_code, r.text)
 
     check()
-    # Fuzzing may have moved the victim's credits only through valid, authorised requests: the
-    # ledger must still verify (tests/billing/test_ledger.py checks the chain after all of this).
-    assert balance(api, victim) >= 0
+    # Whatever the fuzzing moved went through valid, authorised requests: every chain still verifies.
+    r = billing.run("verify-ledger")
+    assert r.returncode == 0, r.stderr

@@ -63,6 +63,7 @@ def test_purchase_errors(api, stripe_api):
     user = new_user(api)
     assert api.post("/v1/credits/purchase", json={"credits": 7}, headers=bearer("user", user)).status_code == 422
     assert api.post("/v1/credits/purchase", json={"credits": 500}, headers=bearer("service", "proxy")).status_code == 403
+    assert api.post("/v1/credits/purchase", json={"credits": 500}, headers=bearer("user", "not-a-uuid")).status_code == 404
     stripe_api.fail = True
     try:
         r = api.post("/v1/credits/purchase", json={"credits": 500}, headers=bearer("user", user))

@@ -65,7 +65,6 @@ def archived():
     conf = root / "pgbackrest.conf"
     spool = root / "pgbackrest-spool"
     spool.mkdir()
-    shutil.copy(ca_file, root / "s3-ca.crt")
     env = {
         **os.environ,
         "PGBACKREST_REPO1_S3_KEY": "test",
@@ -76,7 +75,7 @@ def archived():
     rendered = pgc.pgbackrest_conf(
         endpoint=f"https://{S3_ADDR}:{port}", bucket=BUCKET, region="fsn1", retention_days=30,
         pg_path=str(cluster.data), socket_dir=str(cluster.socket_dir), pg_port=cluster.port,
-        ca_file=str(root / "s3-ca.crt"), spool_path=str(spool),
+        ca_file=str(ca_file), spool_path=str(spool),
     )
     conf.write_text(rendered)
     if os.geteuid() == 0:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from billing import auth, ledger, metrics, payments
-from billing.errors import Problem
+from billing.errors import Problem, not_found
 from billing.settings import Settings
 
 log = logging.getLogger("billing")
@@ -128,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             return uuid.UUID(user_id)
         except ValueError:
-            raise Problem(404, "not_found", "user not found") from None
+            raise not_found("user") from None
 
     # --- errors: one shape, no echo of input ---------------------------------------------------
 
@@ -179,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
         require(p, "admin", "service")
         async with pool.connection() as conn:
             if not await ledger.user_exists(conn, body.user_id):
-                raise Problem(404, "not_found", "user not found")
+                raise not_found("user")
         access, exp = auth.mint(settings.jwt_private_key, str(body.user_id), "user", body.ttl_seconds)
         return {"access_token": access, "token_type": "bearer", "expires_at": exp}
 
@@ -204,8 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/credits/holds", status_code=201)
     async def hold(body: HoldRequest, p: Caller):
         require(p, "service", "admin")
-        result, _ = await in_tx(ledger.place_hold, body.user_id, body.amount, body.idempotency_key, body.ttl_seconds)
-        return result
+        return await in_tx(ledger.place_hold, body.user_id, body.amount, body.idempotency_key, body.ttl_seconds)
 
     @app.post("/v1/credits/holds/{hold_id}/capture")
     async def capture(hold_id: uuid.UUID, p: Caller, body: Capture | None = None):
@@ -228,9 +227,10 @@ def create_app(settings: Settings) -> FastAPI:
         if body.credits not in settings.credit_packs:
             packs = ", ".join(str(c) for c in sorted(settings.credit_packs))
             raise Problem(422, "invalid_request", f"credits must be one of the packs: {packs}")
+        uid = require_self(p, p.sub)
         async with pool.connection() as conn:
-            if not await ledger.user_exists(conn, uuid.UUID(p.sub)):
-                raise Problem(404, "not_found", "user not found")
+            if not await ledger.user_exists(conn, uid):
+                raise not_found("user")
         return await payments.checkout(stripe_client, settings, p.sub, body.credits)
 
     @app.post("/v1/webhooks/stripe")
@@ -256,7 +256,6 @@ def create_app(settings: Settings) -> FastAPI:
         async with pool.connection() as conn:
             return await ledger.usage(conn, uid, limit, before)
 
-    app.state.pool = pool
     return LimitsAndMetrics(app)
 
 

@@ -26,6 +26,7 @@ class AuthError(Exception):
 class Principal:
     sub: str
     role: Role
+    exp: int = 0
 
     def may_act_for(self, user_id: str) -> bool:
         return self.role in ("service", "admin") or self.sub == user_id
@@ -54,7 +55,7 @@ def verify(public_key: Ed25519PublicKey, token: str) -> Principal:
     role, sub = claims.get("role"), claims.get("sub")
     if role not in ROLES or not isinstance(sub, str) or not sub:
         raise AuthError("token has no valid role or subject")
-    return Principal(sub=sub, role=role)
+    return Principal(sub=sub, role=role, exp=int(claims["exp"]))
 
 
 class TokenCache:
@@ -63,17 +64,16 @@ class TokenCache:
 
     def __init__(self, public_key: Ed25519PublicKey, size: int = 4096):
         self.public_key, self.size = public_key, size
-        self._seen: dict[str, tuple[Principal, float]] = {}
+        self._seen: dict[str, Principal] = {}
 
     def verify(self, token: str) -> Principal:
         hit = self._seen.get(token)
-        if hit and time.time() < hit[1] + LEEWAY_SECONDS:
-            return hit[0]
+        if hit and time.time() < hit.exp + LEEWAY_SECONDS:
+            return hit
         principal = verify(self.public_key, token)
-        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
         if len(self._seen) >= self.size:
             self._seen.clear()
-        self._seen[token] = (principal, float(exp))
+        self._seen[token] = principal
         return principal
 
 

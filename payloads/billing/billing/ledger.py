@@ -148,8 +148,7 @@ async def grant(conn, user_id: uuid.UUID, amount: int, key: str, reason: str) ->
 
 # --- holds: reserve before a call whose cost is known only afterwards ---------------------------
 
-async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_seconds: int) -> tuple[dict, bool]:
-    """Returns (body, created)."""
+async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_seconds: int) -> dict:
     req = chain.request_hash("hold", amount=amount, ttl_seconds=ttl_seconds)
     head = await lock_head(conn, user_id)
     await _expire_user_holds(conn, head)
@@ -158,7 +157,7 @@ async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_second
     if existing:
         if existing[1] != req:
             raise conflict("idempotency_key was already used with a different request")
-        return {"hold_id": str(existing[0]), "balance": head.balance, "replayed": True}, False
+        return {"hold_id": str(existing[0]), "balance": head.balance, "replayed": True}
     if head.balance < amount:
         raise insufficient(head.balance, amount)
     hold_id = uuid.uuid4()
@@ -168,7 +167,7 @@ async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_second
     )
     head.balance -= amount
     await save_head(conn, head)
-    return {"hold_id": str(hold_id), "balance": head.balance, "replayed": False}, True
+    return {"hold_id": str(hold_id), "balance": head.balance, "replayed": False}
 
 
 async def _lock_hold(conn, hold_id: uuid.UUID):
