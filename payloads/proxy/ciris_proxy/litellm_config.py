@@ -1,0 +1,112 @@
+"""LiteLLM's config.yaml for the bridge proxy: a pure renderer (models in, text out) used by the
+Pulumi program, `python -m ciris_proxy serve` and the tests alike.
+
+Every exposed model is one LiteLLM model group with one deployment per provider; `order` makes the
+router try them in the FSD's order (Together, then Groq, then OpenRouter) and fall back to the next
+on failure. Keys and base URLs are `os.environ/...` references: the text holds no secret and no
+address, so the same file serves production and the tests' local upstreams.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import yaml
+
+# (provider label, LiteLLM prefix, key variable, base variable), in fallback order.
+PROVIDERS = (
+    ("together", "together_ai", "TOGETHER_API_KEY", "TOGETHER_API_BASE"),
+    ("groq", "groq", "GROQ_API_KEY", "GROQ_API_BASE"),
+    ("openrouter", "openrouter", "OPENROUTER_API_KEY", "OPENROUTER_API_BASE"),
+)
+
+# Exposed model name -> each provider's id for it.
+MODELS: dict[str, dict[str, str]] = {
+    "llama-3.3-70b": {
+        "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+        "groq": "llama-3.3-70b-versatile",
+        "openrouter": "meta-llama/llama-3.3-70b-instruct",
+    },
+    "llama-3.1-8b": {
+        "together": "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
+        "groq": "llama-3.1-8b-instant",
+        "openrouter": "meta-llama/llama-3.1-8b-instruct",
+    },
+}
+
+# Bring-your-own-key: `openai/<model>` and `anthropic/<model>` go straight to that provider with the
+# caller's key (X-Provider-Key header), at no credit cost. No key of ours is configured for them.
+BYOK_PROVIDERS = {"openai": "OPENAI_API_BASE", "anthropic": "ANTHROPIC_API_BASE"}
+
+# OpenRouter routes to many hosts; ask it to use only those that neither retain nor train on data.
+OPENROUTER_ZDR = {"data_collection": "deny", "zdr": True}
+
+
+def model_list(models: Mapping[str, Mapping[str, str]]) -> list[dict]:
+    out = []
+    for name, ids in models.items():
+        for order, (label, prefix, key_var, base_var) in enumerate(PROVIDERS, start=1):
+            if label not in ids:
+                continue
+            params = {
+                "model": f"{prefix}/{ids[label]}",
+                "api_key": f"os.environ/{key_var}",
+                "api_base": f"os.environ/{base_var}",
+                "order": order,
+            }
+            if label == "openrouter":
+                params["extra_body"] = {"provider": OPENROUTER_ZDR}
+            out.append({"model_name": name, "litellm_params": params, "model_info": {"id": f"{name}@{label}"}})
+    for prefix, base_var in BYOK_PROVIDERS.items():
+        out.append({
+            "model_name": f"{prefix}/*",
+            "litellm_params": {"model": f"{prefix}/*", "api_base": f"os.environ/{base_var}"},
+            "model_info": {"id": f"byok@{prefix}"},
+        })
+    return out
+
+
+def render(
+    models: Mapping[str, Mapping[str, str]] = MODELS,
+    *,
+    gate: bool = True,
+    timeout_seconds: int = 60,
+    cooldown_seconds: int = 30,
+    allowed_fails: int = 3,
+) -> str:
+    """The config text. `gate=False` is a bare LiteLLM proxy (master key only, no credit gate), for
+    bench/proxy's comparison; production always renders with the gate."""
+    general = {
+        "master_key": "os.environ/LITELLM_MASTER_KEY",  # operators only; clients hold billing tokens
+        "disable_spend_logs": True,
+        "disable_error_logs": True,
+        "store_model_in_db": False,
+        "store_prompts_in_spend_logs": False,
+        "disable_reset_budget": True,
+        "health_check_details": False,
+    }
+    litellm_settings = {
+        # Zero data retention: no message text in logs, callbacks or exception strings.
+        "turn_off_message_logging": True,
+        "redact_messages_in_exceptions": True,
+        "redact_user_api_key_info": True,
+        "drop_params": True,
+        "request_timeout": timeout_seconds,
+        "json_logs": True,
+    }
+    if gate:
+        general["custom_auth"] = "ciris_proxy.gate.user_api_key_auth"
+        litellm_settings["callbacks"] = ["ciris_proxy.gate.credit_gate"]
+    doc = {
+        "model_list": model_list(models),
+        "router_settings": {
+            "routing_strategy": "simple-shuffle",
+            "num_retries": 0,  # the next provider is the retry
+            "timeout": timeout_seconds,
+            "allowed_fails": allowed_fails,
+            "cooldown_time": cooldown_seconds,
+        },
+        "litellm_settings": litellm_settings,
+        "general_settings": general,
+    }
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,100 @@
+"""Settings from the environment. A missing or malformed value stops the proxy with one line naming
+the variable (SettingsError), never a traceback. No LiteLLM import here: the Pulumi program and the
+`render` command use this module too."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# Real provider endpoints; each is overridable (`<PROVIDER>_API_BASE`) so tests reach local upstreams.
+DEFAULT_API_BASES = {
+    "TOGETHER_API_BASE": "https://api.together.xyz/v1",
+    "GROQ_API_BASE": "https://api.groq.com/openai/v1",
+    "OPENROUTER_API_BASE": "https://openrouter.ai/api/v1",
+    "OPENAI_API_BASE": "https://api.openai.com/v1",
+    "ANTHROPIC_API_BASE": "https://api.anthropic.com",
+}
+
+
+class SettingsError(ValueError):
+    def __init__(self, var: str, problem: str):
+        super().__init__(f"{var} {problem}")
+        self.var = var
+
+
+@dataclass(frozen=True)
+class Settings:
+    billing_url: str
+    billing_service_token: str = field(repr=False)
+    billing_public_key_pem: str = field(repr=False)
+    master_key: str = field(repr=False)
+    price_per_interaction_cents: int = 5
+    hold_ttl_seconds: int = 900
+    capture_journal: str = "/var/lib/ciris-proxy/captures.jsonl"
+    host: str = "0.0.0.0"
+    port: int = 4000
+
+
+def _required(env: Mapping[str, str], var: str) -> str:
+    value = env.get(var, "").strip()
+    if not value:
+        raise SettingsError(var, "is not set")
+    return value
+
+
+def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(var, f"must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(var, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _text_or_file(env: Mapping[str, str], var: str) -> str:
+    if env.get(var, "").strip():
+        return env[var].strip()
+    path = env.get(f"{var}_FILE", "").strip()
+    if not path:
+        raise SettingsError(var, f"is not set (nor {var}_FILE)")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise SettingsError(f"{var}_FILE", f"cannot be read ({e.strerror}: {path})") from None
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    url = _required(env, "BILLING_URL").rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise SettingsError("BILLING_URL", f"must be an http(s) URL, got {url!r}")
+    pem = _text_or_file(env, "BILLING_PUBLIC_KEY")
+    if "BEGIN PUBLIC KEY" not in pem:
+        raise SettingsError("BILLING_PUBLIC_KEY", "is not a PEM public key")
+    master = _required(env, "LITELLM_MASTER_KEY")
+    if len(master) < 16:
+        raise SettingsError("LITELLM_MASTER_KEY", "must be at least 16 characters")
+    return Settings(
+        billing_url=url,
+        billing_service_token=_text_or_file(env, "BILLING_SERVICE_TOKEN"),
+        billing_public_key_pem=pem,
+        master_key=master,
+        price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
+        hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 60, 86_400),
+        capture_journal=env.get("CAPTURE_JOURNAL", "").strip() or Settings.capture_journal,
+        host=env.get("HOST", "").strip() or "0.0.0.0",
+        port=_int(env, "PORT", 4000, 1, 65535),
+    )
+
+
+def api_bases(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every provider base URL: the environment's where set, else the real endpoint."""
+    env = os.environ if env is None else env
+    return {var: env.get(var, "").strip() or default for var, default in DEFAULT_API_BASES.items()}

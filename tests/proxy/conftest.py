@@ -1,0 +1,165 @@
+"""A real proxy process (`python -m ciris_proxy`, LiteLLM's proxy with the credit gate) in front of
+three local OpenAI-compatible upstreams (Together, Groq, OpenRouter) and a fourth for
+bring-your-own-key OpenAI calls, gated by a real billing process on real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the billing suite)
+    ADMIN, KEY, SERVICE, api, balance, billing, cluster, new_user, stripe_api, token,
+)
+from tests.conftest import REPO
+from tests.postgres.conftest import free_port
+
+PAYLOAD = REPO / "payloads" / "proxy"
+MASTER_KEY = "sk-operator-CANARY-master-key"
+PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
+MODEL = "llama-3.3-70b"
+PROVIDERS = ("together", "groq", "openrouter", "openai")
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"{what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+class Upstream:
+    def __init__(self, name: str, log: Path):
+        self.name, self.log = name, log
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.proxy.upstream", "--name", name, "--port",
+                                      self.url.rsplit(":", 1)[1]], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while True:
+            try:
+                self.stats()
+                return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"upstream {name} did not start:\n{log.read_text()}")
+                time.sleep(0.1)
+
+    def control(self, **settings) -> None:
+        httpx.post(f"{self.url}/_control", json=settings, timeout=5).raise_for_status()
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/_stats", timeout=5).json()
+
+    @property
+    def requests(self) -> int:
+        return self.stats()["requests"]
+
+
+class Proxy:
+    def __init__(self, env: dict, log: Path):
+        self.env, self.log = env, log
+        self.url = f"http://127.0.0.1:{env['PORT']}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "ciris_proxy", "serve", *args], cwd=PAYLOAD, env=self.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        wait_until_healthy(self.url, self.proc, self.log, "proxy")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def billing_public_pem() -> str:
+    return KEY.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -> dict:
+    return {
+        **os.environ,
+        "BILLING_URL": billing_url,
+        "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
+        "BILLING_PUBLIC_KEY": billing_public_pem(),
+        "LITELLM_MASTER_KEY": MASTER_KEY,
+        **PROVIDER_KEYS,
+        **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
+        "CAPTURE_JOURNAL": str(journal),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("upstreams")
+    running = {name: Upstream(name, logs / f"{name}.log") for name in PROVIDERS}
+    yield running
+    for u in running.values():
+        u.proc.terminate()
+
+
+@pytest.fixture(autouse=True)
+def healthy_upstreams(request):
+    """Every test starts with all upstreams answering at once."""
+    if "upstreams" in request.fixturenames:
+        for u in request.getfixturevalue("upstreams").values():
+            u.control(fail=False, first_token_delay=0.0)
+
+
+@pytest.fixture(scope="session")
+def proxy(billing, upstreams, tmp_path_factory):
+    work = tmp_path_factory.mktemp("proxy")
+    service = Proxy(proxy_env(billing.url, upstreams, work / "captures.jsonl"), work / "proxy.log")
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def client(proxy):
+    with httpx.Client(base_url=proxy.url, timeout=60) as c:
+        yield c
+
+
+def user_token(user: str, **claims) -> str:
+    return token("user", user, **claims)
+
+
+def chat(client: httpx.Client, user_tok: str | None, content: str = "hi", model: str = MODEL, **extra) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {user_tok}"} if user_tok else {}
+    headers.update(extra.pop("headers", {}))
+    body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def total_requests(upstreams: dict[str, Upstream]) -> int:
+    return sum(u.requests for u in upstreams.values())
+
+
+def settled(api: httpx.Client, user: str, expected: int, timeout: float = 10) -> int:
+    """The balance once captures (which run after the response) have landed, or the last seen."""
+    deadline = time.time() + timeout
+    while True:
+        seen = balance(api, user)
+        if seen == expected or time.time() > deadline:
+            return seen
+        time.sleep(0.05)

@@ -1,0 +1,95 @@
+"""A small OpenAI-compatible upstream standing in for Together, Groq or OpenRouter (and OpenAI for
+bring-your-own-key): POST .../chat/completions, streamed or not.
+
+    python -m tests.proxy.upstream --name together --port 9001
+
+Control (the tests', not the proxy's): POST /_control {"fail": true, "first_token_delay": 2.0} switches
+it to answer 500 or to wait before the first streamed token; GET /_stats reports how many completion
+requests it saw, the last request's body and its Authorization header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import uvicorn
+
+
+class Upstream:
+    def __init__(self, name: str):
+        self.name = name
+        self.fail = False
+        self.first_token_delay = 0.0
+        self.requests = 0
+        self.last_body: dict | None = None
+        self.last_auth: str | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path, method = scope["path"], scope["method"]
+        if path == "/_control" and method == "POST":
+            for k, v in json.loads(body or b"{}").items():
+                setattr(self, k, v)
+            return await self._json(send, 200, {"ok": True})
+        if path == "/_stats":
+            return await self._json(send, 200, {"requests": self.requests, "last_body": self.last_body, "last_auth": self.last_auth})
+        if path.endswith("/chat/completions") and method == "POST":
+            self.requests += 1
+            request = json.loads(body)
+            self.last_body = request
+            self.last_auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            if self.fail:
+                return await self._json(send, 500, {"error": {"message": f"{self.name} is down", "type": "server_error"}})
+            if request.get("stream"):
+                return await self._stream(send, request)
+            return await self._json(send, 200, self._completion(request))
+        return await self._json(send, 404, {"error": {"message": "not found"}})
+
+    def _completion(self, request: dict) -> dict:
+        return {
+            "id": f"chatcmpl-{self.name}-{self.requests}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {self.name}"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
+
+    async def _stream(self, send, request: dict):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        if self.first_token_delay:
+            await asyncio.sleep(self.first_token_delay)
+        base = {"id": f"chatcmpl-{self.name}-{self.requests}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": request.get("model")}
+        for i, word in enumerate(["hello ", "from ", self.name]):
+            delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
+        last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode()})
+
+    @staticmethod
+    async def _json(send, status: int, doc: dict):
+        data = json.dumps(doc).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(Upstream(args.name), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
