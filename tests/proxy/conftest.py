@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the billing suite)
     ADMIN, KEY, SERVICE, api, balance, billing, cluster, new_user, stripe_api, token,
 )
+from components import postgres_config as pgc
 from tests.conftest import REPO
 from tests.postgres.conftest import free_port
 
@@ -163,3 +164,16 @@ def settled(api: httpx.Client, user: str, expected: int, timeout: float = 10) ->
         if seen == expected or time.time() > deadline:
             return seen
         time.sleep(0.05)
+
+
+def holds(cluster, user: str, timeout: float = 10) -> list[tuple[str, int]]:
+    """The user's holds in billing's database once none is still active (captures and releases run
+    after the response): (status, captured or held amount), oldest first."""
+    deadline = time.time() + timeout
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        while True:
+            rows = conn.execute("SELECT status, coalesce(captured, amount) FROM holds WHERE user_id = %s ORDER BY created_at",
+                                (user,)).fetchall()
+            if all(status != "active" for status, _ in rows) or time.time() > deadline:
+                return [(status, int(amount)) for status, amount in rows]
+            time.sleep(0.05)

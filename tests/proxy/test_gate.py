@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from tests.proxy.conftest import MODEL, chat, new_user, settled, total_requests, user_token
+import time
+
+import pytest
+
+from tests.proxy.conftest import (
+    KEY, MASTER_KEY, MODEL, balance, chat, holds, new_user, token, total_requests, user_token,
+)
+from tests.billing.conftest import KEY as BILLING_KEY  # noqa: F401
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PRICE = 5
 
@@ -12,9 +20,98 @@ def test_health_needs_no_token(client):
     assert r.status_code == 200 and r.json() == {"status": "healthy"}
 
 
-def test_paid_request_is_charged_once(client, api, upstreams):
+def test_models_lists_the_exposed_models(client, api):
+    r = client.get("/v1/models", headers={"Authorization": f"Bearer {user_token(new_user(api))}"})
+    assert r.status_code == 200, r.text
+    ids = {m["id"] for m in r.json()["data"]}
+    assert {"llama-3.3-70b", "llama-3.1-8b"} <= ids
+
+
+def test_paid_request_is_charged_once(client, api, cluster, upstreams):
     user = new_user(api, 15)
     r = chat(client, user_token(user))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "hello from together"
-    assert settled(api, user, 15 - PRICE) == 15 - PRICE
+    assert holds(cluster, user) == [("captured", PRICE)]
+    assert balance(api, user) == 15 - PRICE
+
+
+def test_primary_down_falls_back_to_the_next_provider(client, api, cluster, upstreams):
+    upstreams["together"].control(fail=True)
+    user = new_user(api, 15)
+    before = upstreams["together"].requests
+    r = chat(client, user_token(user))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "hello from groq"
+    assert upstreams["together"].requests > before  # tried first, in the FSD's order
+    assert holds(cluster, user) == [("captured", PRICE)]
+    assert balance(api, user) == 15 - PRICE
+
+
+def test_every_provider_down_releases_the_hold(client, api, cluster, upstreams):
+    for name in ("together", "groq", "openrouter"):
+        upstreams[name].control(fail=True)
+    user = new_user(api, 15)
+    r = chat(client, user_token(user))
+    assert r.status_code >= 500, r.text
+    assert holds(cluster, user) == [("released", PRICE)]
+    assert balance(api, user) == 15
+
+
+def test_insufficient_credits_is_402_before_any_upstream(client, api, cluster, upstreams):
+    user = new_user(api, PRICE - 1)
+    before = total_requests(upstreams)
+    r = chat(client, user_token(user))
+    assert r.status_code == 402, r.text
+    assert "insufficient credits" in r.text and f"balance is {PRICE - 1} cents" in r.text
+    assert total_requests(upstreams) == before
+    assert holds(cluster, user) == [] and balance(api, user) == PRICE - 1
+
+
+def _tokens(user: str) -> dict[str, str | None]:
+    now = int(time.time())
+    forger = Ed25519PrivateKey.generate()
+    return {
+        "missing": None,
+        "garbage": "not-a-jwt",
+        "forged": token("user", user, key=forger),
+        "expired": token("user", user, iat=now - 7200, exp=now - 3600),
+        "wrong audience": token("user", user, aud="someone-else"),
+        "wrong issuer": token("user", user, iss="someone-else"),
+        "service role": token("service", user),
+        "not a user id": token("user", "ops"),
+        "unknown user": token("user", "00000000-0000-4000-8000-000000000000"),
+        "no expiry": token("user", user, exp=None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_tokens("x")))
+def test_bad_tokens_are_401_and_reach_no_upstream(client, api, upstreams, case):
+    user = new_user(api, 15)
+    before = total_requests(upstreams)
+    r = chat(client, _tokens(user)[case])
+    assert r.status_code == 401, (case, r.status_code, r.text)
+    assert total_requests(upstreams) == before
+    assert balance(api, user) == 15
+
+
+def test_expired_token_says_so(client, api):
+    now = int(time.time())
+    r = chat(client, token("user", new_user(api), iat=now - 7200, exp=now - 3600))
+    assert r.status_code == 401 and "token expired" in r.text
+
+
+def test_master_key_is_for_operators_and_user_tokens_cannot_reach_admin_routes(client, api):
+    user_headers = {"Authorization": f"Bearer {user_token(new_user(api))}"}
+    assert client.get("/model/info", headers=user_headers).status_code == 403
+    assert client.get("/model/info", headers={"Authorization": f"Bearer {MASTER_KEY}"}).status_code == 200
+
+
+def test_a_client_cannot_choose_the_call_id(client, api, cluster):
+    """The call id is the hold's idempotency key: a replayed one must not buy a second answer."""
+    user = new_user(api, 15)
+    fixed = {"x-litellm-call-id": "00000000-0000-4000-8000-00000000c0de"}
+    for _ in range(2):
+        assert chat(client, user_token(user), headers=fixed).status_code == 200
+    assert holds(cluster, user) == [("captured", PRICE), ("captured", PRICE)]
+    assert balance(api, user) == 15 - 2 * PRICE

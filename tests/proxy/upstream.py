@@ -58,7 +58,7 @@ class Upstream:
     def _completion(self, request: dict) -> dict:
         return {
             "id": f"chatcmpl-{self.name}-{self.requests}", "object": "chat.completion", "created": int(time.time()),
-            "model": request.get("model"),
+            "model": request.get("model"), "service_tier": "on_demand",  # as real providers send (LiteLLM's Groq path needs it)
             "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {self.name}"}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
         }

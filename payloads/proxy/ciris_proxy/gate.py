@@ -21,9 +21,9 @@ import uuid
 import httpx
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from fastapi import HTTPException, Request
+from fastapi import Request
 from litellm.integrations.custom_logger import CustomLogger
-from litellm.proxy._types import LitellmUserRoles, UserAPIKeyAuth
+from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from ciris_proxy import metrics
 from ciris_proxy.litellm_config import BYOK_PROVIDERS
@@ -194,7 +194,7 @@ class CreditGate(CustomLogger):
         if r.status_code == 402:
             metrics.HOLDS.labels("insufficient").inc()
             raise _problem(402, f"insufficient credits: a request costs {s.price_per_interaction_cents} cents "
-                                f"and your balance is {_field(r, 'balance')} cents; buy credits at billing "
+                                f"and your balance is {_balance(r)} cents; buy credits at billing "
                                 f"(POST /v1/credits/purchase)")
         if r.status_code == 404:
             metrics.HOLDS.labels("unknown_user").inc()
@@ -266,14 +266,19 @@ class CreditGate(CustomLogger):
             log.warning("release of hold %s failed; it expires at its TTL", hold_id)
 
 
-def _problem(status: int, message: str) -> HTTPException:
-    return HTTPException(status_code=status, detail={"error": message})
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_credits",
+               403: "permission_denied", 503: "billing_unavailable"}
 
 
-def _field(r: httpx.Response, name: str):
+def _problem(status: int, message: str) -> ProxyException:
+    """OpenAI's error shape, as LiteLLM sends it: {"error": {"message", "type", "param", "code"}}."""
+    return ProxyException(message=message, type=ERROR_TYPES[status], param=None, code=status)
+
+
+def _balance(r: httpx.Response):
     try:
-        return r.json().get(name, "?")
-    except ValueError:
+        return r.json()["error"]["balance"]
+    except (ValueError, KeyError, TypeError):
         return "?"
 
 
