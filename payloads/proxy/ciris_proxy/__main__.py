@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CONFIG_FILE_PATH"] = path
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of the price map at start
     os.environ.setdefault("LITELLM_LOG", "WARNING")
+    # Token counts for streams without a usage chunk: LiteLLM's bundled tiktoken, never a download
+    # of a Hugging Face tokenizer on the request path.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import uvicorn
     from litellm.proxy.proxy_server import app
