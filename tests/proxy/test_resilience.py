@@ -1,0 +1,83 @@
+"""Billing unreachable, a burst beyond a user's credit, captures owed across a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+
+from tests.proxy.conftest import (
+    MODEL, SERVICE, Proxy, balance, chat, holds, new_user, proxy_env, total_requests, user_token,
+)
+from tests.postgres.conftest import free_port
+
+PRICE = 5
+
+
+@pytest.fixture
+def second_proxy(upstreams, tmp_path):
+    """Another proxy process; the test says which billing it talks to."""
+    started: list[Proxy] = []
+
+    def start(billing_url: str, journal_text: str = "") -> Proxy:
+        journal = tmp_path / "captures.jsonl"
+        journal.write_text(journal_text)
+        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
+        started.append(p)
+        p.start()
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_billing_down_is_503_and_no_upstream_call(second_proxy, api, upstreams):
+    p = second_proxy(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    user = new_user(api, 15)
+    before = total_requests(upstreams)
+    with httpx.Client(base_url=p.url, timeout=30) as c:
+        r = chat(c, user_token(user))
+    assert r.status_code == 503, r.text
+    assert "billing is unreachable" in r.text and "nothing charged" in r.text
+    assert total_requests(upstreams) == before
+    assert balance(api, user) == 15
+
+
+def test_owed_captures_are_replayed_after_a_restart(second_proxy, api, billing, cluster):
+    """A capture written to the journal but not confirmed (the process died) is made at the next start."""
+    user = new_user(api, 15)
+    r = api.post("/v1/credits/holds", json={"user_id": user, "amount": PRICE, "idempotency_key": f"proxy:{uuid.uuid4()}"},
+                 headers=SERVICE)
+    assert r.status_code == 201, r.text
+    hold = r.json()["hold_id"]
+    settled_before = str(uuid.uuid4())
+    lines = [{"capture": settled_before}, {"capture": hold}, {"done": settled_before}]
+    # ... and a last line torn by the crash
+    second_proxy(billing.url, "".join(json.dumps(e) + "\n" for e in lines) + '{"capt')
+    assert holds(cluster, user) == [("captured", PRICE)]
+    assert balance(api, user) == 15 - PRICE
+
+
+def test_burst_beyond_credit_answers_and_charges_exactly_what_is_covered(proxy, api, cluster, upstreams):
+    user = new_user(api, 30 * PRICE)
+    tok = user_token(user)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=120, limits=httpx.Limits(max_connections=50)) as c:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {tok}"})
+                                          for _ in range(50)))
+
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would leave the thread without a loop
+    try:
+        responses = loop.run_until_complete(burst())
+    finally:
+        loop.close()
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) == 30 and codes.count(402) == 20, codes
+    assert holds(cluster, user) == [("captured", PRICE)] * 30
+    assert balance(api, user) == 0
