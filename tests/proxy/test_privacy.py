@@ -1,0 +1,59 @@
+"""Zero data retention: no prompt or response text, and no caller's provider key, in any log line,
+error body or stored row; bring-your-own-key calls go straight to the provider and cost nothing."""
+
+from __future__ import annotations
+
+from tests.proxy.conftest import MODEL, balance, chat, holds, new_user, user_token
+
+CANARY = "CANARY-prompt-7f3a9c"
+BYOK_KEY = "sk-byok-CANARY-5e1d"
+REPLY = "hello from"  # every fake upstream's answer starts so
+
+
+def stored_text(cluster) -> str:
+    """Every row of every table in billing's database, as text."""
+    with cluster.connect(dbname="cirisbilling") as conn:
+        tables = [t for (t,) in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return "\n".join(str(row) for t in tables for row in conn.execute(f'SELECT * FROM "{t}"'))
+
+
+def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, billing, upstreams):
+    user = new_user(api, 50)
+    prompt = f"please repeat {CANARY}"
+    assert chat(client, user_token(user), prompt).status_code == 200
+    with client.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {user_token(user)}"},
+                       json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": prompt}]}) as r:
+        assert r.status_code == 200 and CANARY not in r.read().decode()
+    for name in ("together", "groq", "openrouter"):
+        upstreams[name].control(fail=True)
+    failed = chat(client, user_token(user), prompt)
+    assert failed.status_code >= 500 and CANARY not in failed.text
+    assert upstreams["openrouter"].stats()["last_body"]["messages"][0]["content"] == prompt  # it did travel upstream
+    holds(cluster, user)  # every hold settled, so every log line about them is written
+    for log in (proxy.log, billing.log):
+        text = log.read_text()
+        assert CANARY not in text and REPLY not in text, log
+    assert CANARY not in stored_text(cluster) and REPLY not in stored_text(cluster)
+
+
+def test_own_key_goes_direct_and_costs_nothing(client, api, cluster, proxy, upstreams):
+    user = new_user(api, 15)
+    r = chat(client, user_token(user), model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "hello from openai"
+    assert upstreams["openai"].stats()["last_auth"] == f"Bearer {BYOK_KEY}"
+    assert holds(cluster, user) == [] and balance(api, user) == 15
+    assert BYOK_KEY not in proxy.log.read_text()
+
+
+def test_own_key_rules_are_enforced(client, api, upstreams):
+    user = new_user(api, 15)
+    before = upstreams["openai"].requests
+    no_key = chat(client, user_token(user), model="openai/gpt-4o-mini")
+    assert no_key.status_code == 400 and "X-Provider-Key" in no_key.text
+    assert upstreams["openai"].requests == before  # never with a key of ours
+    paid_with_key = chat(client, user_token(user), headers={"X-Provider-Key": BYOK_KEY})
+    assert paid_with_key.status_code == 400 and BYOK_KEY not in paid_with_key.text
+    no_token = chat(client, None, model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
+    assert no_token.status_code == 401
+    assert balance(api, user) == 15
