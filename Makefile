@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: plan test venv system-deps clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard payloads/*/requirements.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt

@@ -19,7 +19,7 @@ import pulumi_tls as tls
 from components import postgres_config as pgc
 from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
-from components.services import ContainerSpec, env_file
+from components.services import SERVICE_UID, ContainerSpec, env_file
 
 PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "billing"
 PORT = 8000
@@ -58,12 +58,14 @@ class BillingArgs:
 
 
 class Billing(pulumi.ComponentResource):
-    """Outputs: `public_key_pem` (verifies billing's tokens)."""
+    """Outputs: `public_key_pem` (verifies billing's tokens); `private_key_pem` (secret: signs the
+    proxy's service token)."""
 
     def __init__(self, name: str, args: BillingArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ciris:bridge:Billing", name, None, opts)
         key = tls.PrivateKey(f"{name}-jwt-key", algorithm="ED25519", opts=pulumi.ResourceOptions(parent=self))
         self.public_key_pem = key.public_key_pem
+        self.private_key_pem = pulumi.Output.secret(key.private_key_pem_pkcs8)
         missing = [k for k in ("stripe_secret_key", "stripe_webhook_secret") if not args.secrets.get(k)]
         if missing:
             pulumi.log.warn(f"billing: ciris-bridge:{' and ciris-bridge:'.join(missing)} not set; purchases and webhooks will fail "
@@ -100,8 +102,9 @@ class Billing(pulumi.ComponentResource):
                     **source,
                     "billing/env": pulumi.Output.secret(env),
                     "billing/ca.crt": args.database.ca_cert,
-                    "billing/jwt.pem": pulumi.Output.secret(key.private_key_pem_pkcs8),
+                    "billing/jwt.pem": self.private_key_pem,
                 },
+                owner=SERVICE_UID,
                 shown={
                     "billing/env": host.apply(lambda h, s=same_host: f"[secret: DATABASE_URL -> {h}:{PG_PORT} "
                                               f"({sslmode(s)}), Stripe keys, price, signup credits]\n"),

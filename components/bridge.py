@@ -11,6 +11,7 @@ from components.billing import Billing, BillingArgs
 from components.config import BridgeConfig
 from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
+from components.proxy import PROVIDER_SECRETS, Proxy, ProxyArgs
 from components.region import Region, RegionArgs
 
 CLIENT_CONFIG_SCHEMA = 1
@@ -55,6 +56,16 @@ def build(config: BridgeConfig) -> Bridge:
             price_per_interaction_cents=config.services.price_per_interaction_cents,
             signup_credits=config.services.signup_credits,
             secrets={k: config.secret(k) for k in ("stripe_secret_key", "stripe_webhook_secret")},
+        ),
+    )
+    Proxy(
+        "proxy",
+        ProxyArgs(
+            regions=regions,
+            billing=billing,
+            price_per_interaction_cents=config.services.price_per_interaction_cents,
+            token_expires=config.services.proxy_token_expires,
+            secrets={k: config.secret(k) for k in PROVIDER_SECRETS},
         ),
     )
     for region in regions:

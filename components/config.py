@@ -9,6 +9,7 @@ resource is declared.
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import json
 import re
@@ -107,6 +108,9 @@ class Services(_Model):
     hsts_max_age: int = Field(default=31_536_000, ge=0)
     price_per_interaction_cents: int = Field(default=5, ge=1)
     signup_credits: int = Field(default=15, ge=0)
+    proxy_token_expires: datetime.date = Field(
+        default=datetime.date(2027, 12, 31), description="expiry of the proxy's billing service token (ADR 8)"
+    )
     hostmaster: str = Field(default="admin.ciris.ai", description="SOA contact, as a domain (admin@ciris.ai)")
     dns_geoip_database: str | None = Field(
         default=None, description="MaxMind DB path on the hosts; when set, health-checked records answer the closest region"

@@ -7,12 +7,15 @@ documentation ranges (RFC 5737, RFC 3849), so no plan output can be mistaken for
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pulumi.runtime import settings
 from pulumi.runtime.mocks import MockMonitor
 
@@ -69,6 +72,12 @@ class BridgeMocks(pulumi.runtime.Mocks):
             state["mountId"] = f"ewr-{rid}"
         elif args.typ == "random:index/randomPassword:RandomPassword":
             state["result"] = f"mock-{args.name}-{'x' * 16}"
+        elif args.typ == "tls:index/privateKey:PrivateKey" and args.inputs.get("algorithm") == "ED25519":
+            # A real key (from the name, so plans repeat): the program signs tokens with it.
+            key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(args.name.encode()).digest())
+            pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+            state.update(privateKeyPem=pem, privateKeyPemPkcs8=pem,
+                         publicKeyPem=key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode())
         elif args.typ == "tls:index/privateKey:PrivateKey":
             pem = f"-----BEGIN PRIVATE KEY-----\nmock {args.name}\n-----END PRIVATE KEY-----\n"
             state.update(privateKeyPem=pem, privateKeyPemPkcs8=pem,

@@ -110,9 +110,8 @@ def render_text(plan: Plan) -> str:
     out += ["", "Service containers:"]
     for region, specs in plan.containers.items():
         for spec in specs:
-            state = f"placeholder until the {spec.placeholder}" if spec.placeholder else "deployed"
             ports = f"  publishes {', '.join(spec.ports)}" if spec.ports else ""
-            out.append(f"  {region}/{spec.name:<9} {spec.image:<34} {state}{ports}")
+            out.append(f"  {region}/{spec.name:<9} {spec.image:<34}{ports}")
     out += ["", f"Monthly cost (prices as of {cost.PRICES_AS_OF}):"]
     for item in plan.estimate.items:
         out.append(f"  {item.item:<52} ${cost.usd(item.cents):>7.2f}")

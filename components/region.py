@@ -39,14 +39,18 @@ class RegionArgs:
     config: BridgeConfig
 
 
-def bundle(files: dict[str, str]) -> str:
-    """A deterministic base64 tar.gz of the rendered files (same files, same bytes, no redeploy)."""
+def bundle(files: dict[str, str], owners: dict[str, int] | None = None) -> str:
+    """A deterministic base64 tar.gz of the rendered files (same files, same bytes, no redeploy).
+    Files are 0640 root's unless `owners` gives the uid a non-root container reads them as
+    (root extracts with ownership kept)."""
+    owners = owners or {}
     raw = io.BytesIO()
     with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(files):
             data = files[path].encode()
             info = tarfile.TarInfo(path)
             info.size, info.mode, info.mtime = len(data), 0o640, 0
+            info.uid = info.gid = owners.get(path, 0)
             tar.addfile(info, io.BytesIO(data))
     return base64.b64encode(raw.getvalue()).decode()
 
@@ -78,8 +82,8 @@ class Region(pulumi.ComponentResource):
         geoip = cfg.services.dns_geoip_database
         pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, geoip_database=geoip))
 
-        # Service containers: edge and DNS are real; the rest are filled in by their issues.
-        self.containers = [edge.container(), dns_container(), *services.placeholders()]
+        # Service containers: edge and DNS here; postgres, billing and proxy add theirs (add_service).
+        self.containers = [edge.container(), dns_container()]
         caddyfile = edge.render_caddyfile(
             edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age
         )
@@ -101,22 +105,27 @@ class Region(pulumi.ComponentResource):
             # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
             private_key=pulumi.Output.secret(private_key) if private_key else None,
         )
+        self.owners: dict[str, int] = {}  # bundle path -> uid (add_service's owner)
         self.deploy: command.remote.Command | None = None
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
 
-    def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]], shown: dict[str, pulumi.Input[str]] | None = None) -> None:
-        """Add (or replace a placeholder with) a container and the files it needs in the bundle.
-        `shown` overrides what the offline plan writes for files that hold secrets."""
+    def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]],
+                    shown: dict[str, pulumi.Input[str]] | None = None, owner: int | None = None) -> None:
+        """Add (or replace) a container and the files it needs in the bundle.
+        `shown` overrides what the offline plan writes for files that hold secrets; `owner` is the
+        uid the container runs as, when it must read its mounted files."""
         assert self.deploy is None, "add services before build()"
         self.containers = [c for c in self.containers if c.name != container.name] + [container]
         self.files.update(files)
+        if owner is not None:
+            self.owners.update(dict.fromkeys(files, owner))
         self.artifacts.update(shown or {})
 
     def build(self) -> command.remote.Command:
         """Ship the bundle and start the containers: after every component has added its part."""
         self.files["compose.yaml"] = services.render_compose(COMPOSE_PROJECT, self.containers)
         self.artifacts = {**self.files, **self.artifacts, "compose.yaml": self.files["compose.yaml"]}
-        payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(bundle))
+        payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(lambda f: bundle(f, self.owners)))
         prepare = (
             self.host.data_device.apply(lambda d: f"sudo ciris-prepare-volume {d} {cloud_init.DATA_MOUNT}")
             if self.host.data_device is not None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 NETWORK = "ciris"
 NETWORK_SUBNET = "172.30.0.0/24"  # fixed, so pg_hba can name the host's containers
+SERVICE_UID = 10001  # the non-root user of the billing and proxy images (their Dockerfiles)
 
 
 class ContainerSpec(BaseModel):
@@ -30,16 +31,6 @@ class ContainerSpec(BaseModel):
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
-    # Declared by the foundation so the plan shows the whole region; the issue that builds the
-    # service replaces it with the real spec. Placeholders are not started.
-    placeholder: str | None = None
-
-
-def placeholders() -> list[ContainerSpec]:
-    specs = [
-        ContainerSpec(name="proxy", image="ciris-proxy (payloads/proxy)", placeholder="proxy issue #6"),
-    ]
-    return specs
 
 
 def env_file(values: dict) -> str:
@@ -51,8 +42,6 @@ def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
     services = {}
     named_volumes: set[str] = set()
     for spec in specs:
-        if spec.placeholder:
-            continue
         svc: dict = {"image": spec.image}
         if spec.build:
             svc["build"] = spec.build

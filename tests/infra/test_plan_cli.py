@@ -35,7 +35,7 @@ def test_text_plan_shows_hosts_firewalls_volume_and_contract():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for needle in ("us-east-vm", "eu-west-vm", "eu-west-volume", "Firewall", "5432/tcp", "Monthly cost", "client_config",
-                   "placeholder", "us-east-dns-sync", "eu-west-dns-sync", "us-east/dns"):
+                   "us-east/proxy", "us-east-dns-sync", "eu-west-dns-sync", "us-east/dns"):
         assert needle in out, needle
 
 
@@ -46,7 +46,7 @@ def test_out_writes_the_rendered_artifacts(tmp_path):
         assert (tmp_path / region / "cloud-init.yaml").read_text().startswith("#cloud-config")
         assert "reverse_proxy billing:8000" in (tmp_path / region / "Caddyfile").read_text()
         compose = yaml.safe_load((tmp_path / region / "compose.yaml").read_text())
-        assert set(compose["services"]) == {"edge", "dns", "postgres", "billing"}
+        assert set(compose["services"]) == {"edge", "dns", "postgres", "billing", "proxy"}
         assert compose["services"]["dns"]["network_mode"] == "host"
         assert "api-key=[secret]" in (tmp_path / region / "dns" / "pdns.conf").read_text()
     for zone in ("staging.ciris-services-1.ai", "staging.ciris-services-2.ai"):

@@ -1,0 +1,117 @@
+"""Proxy: LiteLLM with the credit gate (payloads/proxy) in every region, behind that region's edge,
+calling that region's billing service (FSD §4.3).
+
+The LiteLLM config is rendered here by the payload's own renderer and shipped in the bundle; it
+holds no secret. The environment file carries the provider keys, the operators' master key and the
+proxy's billing service token. That token is signed here with billing's key: Ed25519 signatures
+are deterministic, so the same claims give the same token and `pulumi preview` shows no change
+until `services.proxy_token_expires` is moved (ADR 8).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jwt
+import pulumi
+import pulumi_random as random
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from components.billing import PORT as BILLING_PORT, Billing
+from components.region import Region
+from components.services import SERVICE_UID, ContainerSpec, env_file
+
+PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "proxy"
+sys.path.insert(0, str(PAYLOAD))
+from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
+
+PORT = 4000
+CONFIG_PATH = "/etc/ciris-proxy/config.yaml"
+PUBLIC_KEY_PATH = "/run/secrets/billing-public.pem"
+TOKEN_WARN_DAYS = 60
+PROVIDER_SECRETS = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
+
+
+def payload_files() -> dict[str, str]:
+    return {
+        f"proxy/{p.relative_to(PAYLOAD)}": p.read_text()
+        for p in sorted(PAYLOAD.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def service_token(private_key_pem: str, sub: str, expires: datetime.date) -> str:
+    """Billing's service token for one region's proxy; the same inputs always give the same token."""
+    exp = int(datetime.datetime.combine(expires, datetime.time(), datetime.timezone.utc).timestamp())
+    claims = {"sub": sub, "role": "service", "iss": "ciris-billing", "aud": "ciris-bridge",
+              "iat": exp - 2 * 366 * 86_400, "exp": exp}
+    return jwt.encode(claims, load_pem_private_key(private_key_pem.encode(), password=None), algorithm="EdDSA")
+
+
+@dataclass(frozen=True)
+class ProxyArgs:
+    regions: list[Region]
+    billing: Billing
+    price_per_interaction_cents: int
+    token_expires: datetime.date
+    # together_api_key, groq_api_key, openrouter_api_key (from config secrets; None when unset)
+    secrets: dict[str, str | None] = field(default_factory=dict)
+
+
+class Proxy(pulumi.ComponentResource):
+    def __init__(self, name: str, args: ProxyArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("ciris:bridge:Proxy", name, None, opts)
+        missing = [k for k in PROVIDER_SECRETS if not args.secrets.get(k)]
+        if missing:
+            effect = ("every paid request will fail" if len(missing) == len(PROVIDER_SECRETS)
+                      else "requests fall through to the remaining providers")
+            pulumi.log.warn(f"proxy: no {', '.join(missing)}; {effect} "
+                            f"(pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
+        days_left = (args.token_expires - datetime.date.today()).days
+        if days_left < TOKEN_WARN_DAYS:
+            pulumi.log.warn(f"proxy: its billing service token expires on {args.token_expires} ({days_left} days); "
+                            "move ciris-bridge:services.proxy_token_expires later and run pulumi up", self)
+        source = payload_files()
+        config_text = litellm_config.render()
+        for region in args.regions:
+            master_key = random.RandomPassword(f"{name}-{region.spec.name}-master-key", length=40, special=False,
+                                               opts=pulumi.ResourceOptions(parent=self)).result
+            token = args.billing.private_key_pem.apply(
+                lambda pem, r=region.spec.name: service_token(pem, f"proxy-{r}", args.token_expires))
+
+            def render(a):
+                master, tok = a
+                return env_file({
+                    "BILLING_URL": f"http://billing:{BILLING_PORT}",
+                    "BILLING_SERVICE_TOKEN": tok,
+                    "BILLING_PUBLIC_KEY_FILE": PUBLIC_KEY_PATH,
+                    "LITELLM_MASTER_KEY": master,
+                    **{var: args.secrets.get(key) or "" for key, var in PROVIDER_SECRETS.items()},
+                    "PRICE_PER_INTERACTION_CENTS": args.price_per_interaction_cents,
+                    "PROXY_CONFIG": CONFIG_PATH,
+                    "HOST": "0.0.0.0",
+                    "PORT": PORT,
+                })
+
+            region.add_service(
+                ContainerSpec(
+                    name="proxy",
+                    image="ciris-proxy:local",
+                    build="./proxy",
+                    env_file="./proxy/env",
+                    volumes=(f"./proxy/config.yaml:{CONFIG_PATH}:ro", f"./proxy/billing-public.pem:{PUBLIC_KEY_PATH}:ro",
+                             "proxy-journal:/var/lib/ciris-proxy"),
+                ),
+                {
+                    **source,
+                    "proxy/config.yaml": config_text,
+                    "proxy/billing-public.pem": args.billing.public_key_pem,
+                    "proxy/env": pulumi.Output.secret(pulumi.Output.all(master_key, token).apply(render)),
+                },
+                owner=SERVICE_UID,
+                shown={"proxy/env": "[secret: billing service token, master key, Together/Groq/OpenRouter keys, price]\n"},
+            )
+        self.register_outputs({})
