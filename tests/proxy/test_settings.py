@@ -1,0 +1,55 @@
+"""Bad settings stop the proxy with one line naming the variable, and no secret in it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.proxy.conftest import PAYLOAD, billing_public_pem
+
+GOOD = {
+    "BILLING_URL": "http://127.0.0.1:8000",
+    "BILLING_SERVICE_TOKEN": "svc-token-CANARY",
+    "BILLING_PUBLIC_KEY": billing_public_pem(),
+    "LITELLM_MASTER_KEY": "sk-master-CANARY-0123456789",
+}
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    merged = {k: v for k, v in {**GOOD, **env}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "ciris_proxy", *args], cwd=PAYLOAD, env={"PATH": "/usr/bin:/bin", **merged},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BILLING_URL": None}, "proxy: BILLING_URL is not set"),
+    ({"BILLING_URL": "billing:8000"}, "proxy: BILLING_URL must be an http(s) URL, got 'billing:8000'"),
+    ({"BILLING_PUBLIC_KEY": "CANARY-not-a-key"}, "proxy: BILLING_PUBLIC_KEY is not a PEM public key"),
+    ({"BILLING_PUBLIC_KEY": None, "BILLING_PUBLIC_KEY_FILE": "/nonexistent/key.pem"},
+     "proxy: BILLING_PUBLIC_KEY_FILE cannot be read (No such file or directory: /nonexistent/key.pem)"),
+    ({"BILLING_SERVICE_TOKEN": None}, "proxy: BILLING_SERVICE_TOKEN is not set (nor BILLING_SERVICE_TOKEN_FILE)"),
+    ({"LITELLM_MASTER_KEY": "short"}, "proxy: LITELLM_MASTER_KEY must be at least 16 characters"),
+    ({"PORT": "eighty"}, "proxy: PORT must be an integer, got 'eighty'"),
+    ({"HOLD_TTL_SECONDS": "5"}, "proxy: HOLD_TTL_SECONDS must be between 60 and 86400, got 5"),
+    ({"PROXY_CONFIG": "/nonexistent/config.yaml"}, "proxy: PROXY_CONFIG names no file: /nonexistent/config.yaml"),
+])
+def test_bad_setting_is_one_clear_line(env, message):
+    r = run("serve", **env)
+    assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
+    assert "CANARY" not in r.stderr + r.stdout
+
+
+def test_render_prints_the_config_the_program_ships():
+    r = run("render")
+    assert r.returncode == 0, r.stderr
+    config = yaml.safe_load(r.stdout)
+    orders = [(d["model_name"], d["litellm_params"]["model"].split("/")[0], d["litellm_params"]["order"])
+              for d in config["model_list"] if "order" in d["litellm_params"]]
+    assert [o for o in orders if o[0] == "llama-3.3-70b"] == [
+        ("llama-3.3-70b", "together_ai", 1), ("llama-3.3-70b", "groq", 2), ("llama-3.3-70b", "openrouter", 3)]
+    assert config["litellm_settings"]["turn_off_message_logging"] is True
+    assert config["general_settings"]["disable_spend_logs"] is True
+    assert config["general_settings"]["custom_auth"] == "ciris_proxy.gate.user_api_key_auth"
