@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 import pytest
 
@@ -22,6 +26,20 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
+    """Until `url`/health answers 200; a process that exits or never answers fails with its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"{what} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
 
 
 def stack_raw(stack: str = "staging") -> tuple[dict, set[str]]:

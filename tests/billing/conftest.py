@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from components import postgres_config as pgc
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until_healthy
 from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_primary, workspace
 
 PAYLOAD = REPO / "payloads" / "billing"
@@ -83,16 +83,7 @@ class Billing:
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "billing"], cwd=PAYLOAD, env=self.env,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"billing did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_until_healthy(self.url, self.proc, self.log, "billing", timeout=60)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -18,7 +18,7 @@ from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the bi
     ADMIN, KEY, SERVICE, api, balance, billing, cluster, new_user, stripe_api, token,
 )
 from components import postgres_config as pgc
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until_healthy
 from tests.postgres.conftest import free_port
 
 PAYLOAD = REPO / "payloads" / "proxy"
@@ -26,19 +26,6 @@ MASTER_KEY = "sk-operator-CANARY-master-key"
 PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
 MODEL = "llama-3.3-70b"
 PROVIDERS = ("together", "groq", "openrouter", "openai")
-
-
-def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"{what} did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
 
 
 class Upstream:

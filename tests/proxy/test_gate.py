@@ -6,11 +6,9 @@ import time
 
 import pytest
 
-from tests.proxy.conftest import (
-    KEY, MASTER_KEY, MODEL, balance, chat, holds, new_user, token, total_requests, user_token,
-)
-from tests.billing.conftest import KEY as BILLING_KEY  # noqa: F401
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.proxy.conftest import MASTER_KEY, balance, chat, holds, new_user, token, total_requests, user_token
 
 PRICE = 5
 
@@ -46,6 +44,15 @@ def test_primary_down_falls_back_to_the_next_provider(client, api, cluster, upst
     assert upstreams["together"].requests > before  # tried first, in the FSD's order
     assert holds(cluster, user) == [("captured", PRICE)]
     assert balance(api, user) == 15 - PRICE
+
+
+def test_metrics_count_calls_by_provider_and_settlements_by_outcome(client, api, upstreams):
+    upstreams["together"].control(fail=True)
+    assert chat(client, user_token(new_user(api, 15))).status_code == 200
+    text = client.get("/metrics").text
+    assert 'ciris_proxy_upstream_total{provider="together_ai",result="error"}' in text
+    assert 'ciris_proxy_upstream_total{provider="groq",result="ok"}' in text
+    assert 'ciris_proxy_settled_total{outcome="captured"}' in text and 'ciris_proxy_holds_total{outcome="placed"}' in text
 
 
 def test_every_provider_down_releases_the_hold(client, api, cluster, upstreams):

@@ -34,6 +34,7 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
         text = log.read_text()
         assert CANARY not in text and REPLY not in text, log
     assert CANARY not in stored_text(cluster) and REPLY not in stored_text(cluster)
+    assert CANARY not in client.get("/metrics").text
 
 
 def test_own_key_goes_direct_and_costs_nothing(client, api, cluster, proxy, upstreams):

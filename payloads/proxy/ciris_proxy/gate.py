@@ -226,6 +226,18 @@ class CreditGate(CustomLogger):
             raise
         self.settle(call_id, capture=True)
 
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        self._upstream(kwargs, "ok", start_time, end_time)
+
+    async def async_log_failure_event(self, kwargs, response_obj, start_time, end_time):
+        self._upstream(kwargs, "error", start_time, end_time)
+
+    @staticmethod
+    def _upstream(kwargs, result: str, start_time, end_time) -> None:
+        provider = str(kwargs.get("custom_llm_provider") or "unknown")
+        metrics.UPSTREAM.labels(provider, result).inc()
+        metrics.UPSTREAM_SECONDS.labels(provider).observe(max((end_time - start_time).total_seconds(), 0.0))
+
     def settle(self, call_id: str | None, capture: bool) -> None:
         """Exactly one outcome per hold: whichever hook comes first pops it."""
         hold_id = self.holds.pop(call_id, None) if call_id else None
