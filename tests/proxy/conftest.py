@@ -1,6 +1,6 @@
 """A real proxy process (`python -m ciris_proxy`, LiteLLM's proxy with the credit gate) in front of
-three local OpenAI-compatible upstreams (Together, Groq, OpenRouter) and a fourth for
-bring-your-own-key OpenAI calls, gated by a real billing process on real PostgreSQL."""
+three local OpenAI-compatible upstreams (Together, Groq, OpenRouter) and two more for
+bring-your-own-key OpenAI and Anthropic calls, gated by a real billing process on real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ PAYLOAD = REPO / "payloads" / "proxy"
 MASTER_KEY = "sk-operator-CANARY-master-key"
 PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
 MODEL = "llama-3.3-70b"
-PROVIDERS = ("together", "groq", "openrouter", "openai")
+PROVIDERS = ("together", "groq", "openrouter", "openai", "anthropic")
 
 
 class Upstream:

@@ -3,6 +3,8 @@ error body or stored row; bring-your-own-key calls go straight to the provider a
 
 from __future__ import annotations
 
+import pytest
+
 from tests.proxy.conftest import MODEL, balance, chat, holds, new_user, user_token
 
 CANARY = "CANARY-prompt-7f3a9c"
@@ -28,7 +30,9 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
         upstreams[name].control(fail=True)
     failed = chat(client, user_token(user), prompt)
     assert failed.status_code >= 500 and CANARY not in failed.text
-    assert upstreams["openrouter"].stats()["last_body"]["messages"][0]["content"] == prompt  # it did travel upstream
+    sent = upstreams["openrouter"].stats()["last_body"]
+    assert sent["messages"][0]["content"] == prompt  # it did travel upstream...
+    assert sent["provider"] == {"data_collection": "deny", "zdr": True}  # ...to OpenRouter hosts that keep nothing
     holds(cluster, user)  # every hold settled, so every log line about them is written
     for log in (proxy.log, billing.log):
         text = log.read_text()
@@ -37,12 +41,16 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
     assert CANARY not in client.get("/metrics").text
 
 
-def test_own_key_goes_direct_and_costs_nothing(client, api, cluster, proxy, upstreams):
+@pytest.mark.parametrize("provider, model, auth", [
+    ("openai", "openai/gpt-4o-mini", f"Bearer {BYOK_KEY}"),
+    ("anthropic", "anthropic/claude-sonnet-4-5", BYOK_KEY),
+])
+def test_own_key_goes_direct_and_costs_nothing(client, api, cluster, proxy, upstreams, provider, model, auth):
     user = new_user(api, 15)
-    r = chat(client, user_token(user), model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
+    r = chat(client, user_token(user), model=model, headers={"X-Provider-Key": BYOK_KEY})
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == "hello from openai"
-    assert upstreams["openai"].stats()["last_auth"] == f"Bearer {BYOK_KEY}"
+    assert r.json()["choices"][0]["message"]["content"] == f"hello from {provider}"
+    assert upstreams[provider].stats()["last_auth"] == auth
     assert holds(cluster, user) == [] and balance(api, user) == 15
     assert BYOK_KEY not in proxy.log.read_text()
 

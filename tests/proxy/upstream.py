@@ -1,11 +1,12 @@
 """A small OpenAI-compatible upstream standing in for Together, Groq or OpenRouter (and OpenAI for
-bring-your-own-key): POST .../chat/completions, streamed or not.
+bring-your-own-key): POST .../chat/completions, streamed or not; POST .../v1/messages answers as
+Anthropic's API does (not streamed), for bring-your-own-key Anthropic calls.
 
     python -m tests.proxy.upstream --name together --port 9001
 
 Control (the tests', not the proxy's): POST /_control {"fail": true, "first_token_delay": 2.0} switches
 it to answer 500 or to wait before the first streamed token; GET /_stats reports how many completion
-requests it saw, the last request's body and its Authorization header.
+requests it saw, the last request's body and its Authorization (or Anthropic's x-api-key) header.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class Upstream:
             if request.get("stream"):
                 return await self._stream(send, request)
             return await self._json(send, 200, self._completion(request))
+        if path.endswith("/v1/messages") and method == "POST":  # Anthropic's API, for bring-your-own-key
+            self.requests += 1
+            request = json.loads(body)
+            self.last_body, self.last_auth = request, dict(scope["headers"]).get(b"x-api-key", b"").decode()
+            return await self._json(send, 200, {
+                "id": f"msg_{self.requests}", "type": "message", "role": "assistant", "model": request.get("model"),
+                "content": [{"type": "text", "text": f"hello from {self.name}"}], "stop_reason": "end_turn",
+                "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 3}})
         return await self._json(send, 404, {"error": {"message": "not found"}})
 
     def _completion(self, request: dict) -> dict:
