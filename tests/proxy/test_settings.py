@@ -11,6 +11,7 @@ import yaml
 from tests.proxy.conftest import PAYLOAD, billing_public_pem
 
 GOOD = {
+    "CAPTURE_JOURNAL": "/tmp/ciris-proxy-settings-test/captures.jsonl",
     "BILLING_URL": "http://127.0.0.1:8000",
     "BILLING_SERVICE_TOKEN": "svc-token-CANARY",
     "BILLING_PUBLIC_KEY": billing_public_pem(),
@@ -34,6 +35,8 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     ({"LITELLM_MASTER_KEY": "short"}, "proxy: LITELLM_MASTER_KEY must be at least 16 characters"),
     ({"PORT": "eighty"}, "proxy: PORT must be an integer, got 'eighty'"),
     ({"HOLD_TTL_SECONDS": "5"}, "proxy: HOLD_TTL_SECONDS must be between 60 and 86400, got 5"),
+    ({"CAPTURE_JOURNAL": "/proc/ciris/captures.jsonl"},
+     "proxy: CAPTURE_JOURNAL cannot be written (No such file or directory: /proc/ciris/captures.jsonl)"),
     ({"PROXY_CONFIG": "/nonexistent/config.yaml"}, "proxy: PROXY_CONFIG names no file: /nonexistent/config.yaml"),
 ])
 def test_bad_setting_is_one_clear_line(env, message):

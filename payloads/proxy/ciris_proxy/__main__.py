@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 2
+    if settings is not None:  # owed captures must be writable before the first request is taken
+        try:
+            os.makedirs(os.path.dirname(settings.capture_journal) or ".", exist_ok=True)
+            open(settings.capture_journal, "a").close()
+        except OSError as e:
+            print(f"proxy: CAPTURE_JOURNAL cannot be written ({e.strerror}: {settings.capture_journal})", file=sys.stderr)
+            return 2
     if bare and not os.environ.get("LITELLM_MASTER_KEY"):
         print("proxy: LITELLM_MASTER_KEY is not set", file=sys.stderr)
         return 2
