@@ -7,9 +7,13 @@ import sys
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.proxy.conftest import PAYLOAD, billing_public_pem
 
+RSA_PUBLIC = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+    Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 GOOD = {
     "CAPTURE_JOURNAL": "/tmp/ciris-proxy-settings-test/captures.jsonl",
     "BILLING_URL": "http://127.0.0.1:8000",
@@ -29,6 +33,7 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     ({"BILLING_URL": None}, "proxy: BILLING_URL is not set"),
     ({"BILLING_URL": "billing:8000"}, "proxy: BILLING_URL must be an http(s) URL, got 'billing:8000'"),
     ({"BILLING_PUBLIC_KEY": "CANARY-not-a-key"}, "proxy: BILLING_PUBLIC_KEY is not a PEM public key"),
+    ({"BILLING_PUBLIC_KEY": RSA_PUBLIC}, "proxy: BILLING_PUBLIC_KEY must be billing's Ed25519 key (EdDSA tokens)"),
     ({"BILLING_PUBLIC_KEY": None, "BILLING_PUBLIC_KEY_FILE": "/nonexistent/key.pem"},
      "proxy: BILLING_PUBLIC_KEY_FILE cannot be read (No such file or directory: /nonexistent/key.pem)"),
     ({"BILLING_SERVICE_TOKEN": None}, "proxy: BILLING_SERVICE_TOKEN is not set (nor BILLING_SERVICE_TOKEN_FILE)"),

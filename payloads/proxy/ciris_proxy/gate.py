@@ -20,14 +20,13 @@ import uuid
 
 import httpx
 import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastapi import Request
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from ciris_proxy import metrics
 from ciris_proxy.litellm_config import BYOK_PROVIDERS
-from ciris_proxy.settings import Settings, from_env
+from ciris_proxy.settings import Settings
 
 log = logging.getLogger("ciris_proxy")
 
@@ -94,9 +93,9 @@ class CreditGate(CustomLogger):
 
     # --- lifecycle (server.py calls start() at startup, stop() at shutdown) ---
 
-    def start(self, settings: Settings | None = None) -> None:
-        self.settings = settings or from_env()
-        self.public_key = load_pem_public_key(self.settings.billing_public_key_pem.encode())
+    def start(self, settings: Settings) -> None:
+        self.settings = settings
+        self.public_key = settings.billing_public_key
         self.billing = httpx.AsyncClient(
             base_url=self.settings.billing_url,
             headers={"Authorization": f"Bearer {self.settings.billing_service_token}"},

@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 # Real provider endpoints; each is overridable (`<PROVIDER>_API_BASE`) so tests reach local upstreams.
 DEFAULT_API_BASES = {
     "TOGETHER_API_BASE": "https://api.together.xyz/v1",
@@ -28,7 +31,7 @@ class SettingsError(ValueError):
 class Settings:
     billing_url: str
     billing_service_token: str = field(repr=False)
-    billing_public_key_pem: str = field(repr=False)
+    billing_public_key: Ed25519PublicKey = field(repr=False)
     master_key: str = field(repr=False)
     price_per_interaction_cents: int = 5
     hold_ttl_seconds: int = 900
@@ -76,15 +79,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if not url.startswith(("http://", "https://")):
         raise SettingsError("BILLING_URL", f"must be an http(s) URL, got {url!r}")
     pem = _text_or_file(env, "BILLING_PUBLIC_KEY")
-    if "BEGIN PUBLIC KEY" not in pem:
-        raise SettingsError("BILLING_PUBLIC_KEY", "is not a PEM public key")
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        raise SettingsError("BILLING_PUBLIC_KEY", "is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SettingsError("BILLING_PUBLIC_KEY", "must be billing's Ed25519 key (EdDSA tokens)")
     master = _required(env, "LITELLM_MASTER_KEY")
     if len(master) < 16:
         raise SettingsError("LITELLM_MASTER_KEY", "must be at least 16 characters")
     return Settings(
         billing_url=url,
         billing_service_token=_text_or_file(env, "BILLING_SERVICE_TOKEN"),
-        billing_public_key_pem=pem,
+        billing_public_key=key,
         master_key=master,
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 60, 86_400),
