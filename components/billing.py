@@ -11,7 +11,6 @@ its public half is what the proxy verifies user tokens with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pulumi
 import pulumi_tls as tls
@@ -19,20 +18,10 @@ import pulumi_tls as tls
 from components import postgres_config as pgc
 from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
-from components.services import SERVICE_UID, ContainerSpec, env_file
+from components.services import SERVICE_UID, ContainerSpec, env_file, payload_files
 
-PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "billing"
 PORT = 8000
 CA_PATH = "/etc/ciris-billing/ca.crt"
-
-
-def payload_files() -> dict[str, str]:
-    """The payload's source as bundle files under billing/ (what its Dockerfile builds from)."""
-    return {
-        f"billing/{p.relative_to(PAYLOAD)}": p.read_text()
-        for p in sorted(PAYLOAD.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
 
 
 def sslmode(same_host: bool) -> str:
@@ -70,7 +59,7 @@ class Billing(pulumi.ComponentResource):
         if missing:
             pulumi.log.warn(f"billing: ciris-bridge:{' and ciris-bridge:'.join(missing)} not set; purchases and webhooks will fail "
                             f"(pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
-        source = payload_files()
+        source = payload_files("billing")
         for region in args.regions:
             same_host = region is args.primary
             host = pulumi.Output.from_input("postgres") if same_host else args.primary.ipv4

@@ -9,7 +9,6 @@ kept as Pulumi secrets, and peer-only 5432 openings. Promotion stays manual (run
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulumi
 import pulumi_random as random
@@ -20,10 +19,9 @@ from components.config import BackupSettings
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
-from components.services import NETWORK_SUBNET, ContainerSpec, env_file
+from components.services import NETWORK_SUBNET, ContainerSpec, env_file, payload_files
 
 PORT = 5432
-PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "postgres"
 CONFIG_MOUNT = "/etc/ciris-postgres"
 RUN_DIR = "/run/ciris-postgres"  # where bootstrap.sh copies the files, owned by postgres
 TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR}/ca.crt")
@@ -164,10 +162,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 env_file="./postgres/env",
             ),
             {
-                "postgres/Dockerfile": (PAYLOAD / "Dockerfile").read_text(),
-                "postgres/bootstrap.sh": (PAYLOAD / "bootstrap.sh").read_text(),
-                "postgres/backup.py": (PAYLOAD / "backup.py").read_text(),
-                "postgres/backup-loop.sh": (PAYLOAD / "backup-loop.sh").read_text(),
+                **payload_files("postgres"),
                 **archive_files,
                 "postgres/env": pulumi.Output.secret(env),
                 "postgres/etc/postgresql.conf": pulumi.Output.secret(conf),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jwt
 import pulumi
@@ -22,10 +21,9 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components.billing import PORT as BILLING_PORT, Billing
 from components.region import Region
-from components.services import SERVICE_UID, ContainerSpec, env_file
+from components.services import PAYLOADS, SERVICE_UID, ContainerSpec, env_file, payload_files
 
-PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "proxy"
-sys.path.insert(0, str(PAYLOAD))
+sys.path.insert(0, str(PAYLOADS / "proxy"))
 from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
 
 PORT = 4000
@@ -33,14 +31,6 @@ CONFIG_PATH = "/etc/ciris-proxy/config.yaml"
 PUBLIC_KEY_PATH = "/run/secrets/billing-public.pem"
 TOKEN_WARN_DAYS = 60
 PROVIDER_SECRETS = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
-
-
-def payload_files() -> dict[str, str]:
-    return {
-        f"proxy/{p.relative_to(PAYLOAD)}": p.read_text()
-        for p in sorted(PAYLOAD.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
 
 
 def service_token(private_key_pem: str, sub: str, expires: datetime.date) -> str:
@@ -74,7 +64,7 @@ class Proxy(pulumi.ComponentResource):
         if days_left < TOKEN_WARN_DAYS:
             pulumi.log.warn(f"proxy: its billing service token expires on {args.token_expires} ({days_left} days); "
                             "move ciris-bridge:services.proxy_token_expires later and run pulumi up", self)
-        source = payload_files()
+        source = payload_files("proxy")
         config_text = litellm_config.render()
         for region in args.regions:
             master_key = random.RandomPassword(f"{name}-{region.spec.name}-master-key", length=40, special=False,

@@ -8,7 +8,6 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pulumi
 import pulumi_command as command
@@ -19,7 +18,6 @@ from components.config import BridgeConfig, Region as RegionConfig
 from components.firewall import Rule, base_rules, ufw_commands
 
 COMPOSE_PROJECT = "ciris"
-DNS_PAYLOAD = Path(__file__).resolve().parent.parent / "payloads" / "dns"
 
 
 def dns_container() -> services.ContainerSpec:
@@ -92,7 +90,7 @@ class Region(pulumi.ComponentResource):
         self.files: dict[str, pulumi.Input[str]] = {
             "Caddyfile": caddyfile,
             "dns/pdns.conf": pdns_conf,
-            **{f"dns/{p.name}": p.read_text() for p in sorted(DNS_PAYLOAD.iterdir()) if p.is_file()},
+            **services.payload_files("dns"),
         }
         # The plan's copy shows where the key goes, not the key.
         shown_conf = dns.pdns_conf(api_key="[secret]", geoip_database=geoip)

@@ -7,6 +7,7 @@ the provider firewall; internal services publish nothing, or bind to 127.0.0.1.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import yaml
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 NETWORK = "ciris"
 NETWORK_SUBNET = "172.30.0.0/24"  # fixed, so pg_hba can name the host's containers
+PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 SERVICE_UID = 10001  # the non-root user of the billing and proxy images (their Dockerfiles)
 
 
@@ -31,6 +33,16 @@ class ContainerSpec(BaseModel):
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
+
+
+def payload_files(name: str) -> dict[str, str]:
+    """A payload's source as bundle files under `<name>/` (what its Dockerfile builds from)."""
+    root = PAYLOADS / name
+    return {
+        f"{name}/{p.relative_to(root)}": p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def env_file(values: dict) -> str:

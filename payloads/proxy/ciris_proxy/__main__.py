@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from ciris_proxy import litellm_config, settings as settings_mod
+from ciris_proxy.journal import Journal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 2
+    journal = None
     if settings is not None:  # owed captures must be writable before the first request is taken
         try:
-            os.makedirs(os.path.dirname(settings.capture_journal) or ".", exist_ok=True)
-            open(settings.capture_journal, "a").close()
+            journal = Journal(settings.capture_journal)
         except OSError as e:
             print(f"proxy: CAPTURE_JOURNAL cannot be written ({e.strerror}: {settings.capture_journal})", file=sys.stderr)
             return 2
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         front = Front(app, gate=None)
         host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "4000"))
     else:
-        front = Front(app, settings=settings)
+        front = Front(app, settings=settings, journal=journal)
         host, port = settings.host, settings.port
     uvicorn.run(front, host=host, port=port, log_level="warning", access_log=False)
     return 0

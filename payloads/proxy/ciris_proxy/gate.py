@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
-import json
 import logging
-import os
 import time
 import uuid
 
@@ -25,6 +23,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from ciris_proxy import metrics
+from ciris_proxy.journal import Journal
 from ciris_proxy.litellm_config import BYOK_PROVIDERS
 from ciris_proxy.settings import Settings
 
@@ -39,50 +38,6 @@ byok_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("byok_key"
 USER_ROUTES = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/models", "/models"})
 
 
-class Journal:
-    """Captures not yet confirmed by billing, as JSON lines: {"capture": id} then {"done": id}.
-    Written with O_APPEND before the capture is attempted, so it survives the process."""
-
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.pending = self._read()
-        with open(path, "w") as f:  # compact: only what is still owed
-            f.writelines(json.dumps({"capture": h}) + "\n" for h in self.pending)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-
-    def _read(self) -> list[str]:
-        owed: dict[str, None] = {}
-        try:
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue  # a line torn by a crash mid-write
-                    if "capture" in entry:
-                        owed[entry["capture"]] = None
-                    elif "done" in entry:
-                        owed.pop(entry["done"], None)
-        except FileNotFoundError:
-            pass
-        return list(owed)
-
-    def _append(self, entry: dict) -> None:
-        os.write(self.fd, (json.dumps(entry) + "\n").encode())
-
-    def owe(self, hold_id: str) -> None:
-        self.pending.append(hold_id)
-        self._append({"capture": hold_id})
-
-    def settled(self, hold_id: str) -> None:
-        self.pending.remove(hold_id)
-        if self.pending:
-            self._append({"done": hold_id})
-        else:
-            os.ftruncate(self.fd, 0)  # nothing owed: start the file afresh
-
-
 class CreditGate(CustomLogger):
     def __init__(self) -> None:
         super().__init__()
@@ -93,16 +48,14 @@ class CreditGate(CustomLogger):
 
     # --- lifecycle (server.py calls start() at startup, stop() at shutdown) ---
 
-    def start(self, settings: Settings) -> None:
-        self.settings = settings
-        self.public_key = settings.billing_public_key
+    def start(self, settings: Settings, journal: Journal) -> None:
+        self.settings, self.journal = settings, journal
         self.billing = httpx.AsyncClient(
             base_url=self.settings.billing_url,
             headers={"Authorization": f"Bearer {self.settings.billing_service_token}"},
             timeout=httpx.Timeout(5.0),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
         )
-        self.journal = Journal(self.settings.capture_journal)
         for hold_id in list(self.journal.pending):  # owed from before a restart
             self._spawn(self._capture(hold_id))
         if self.journal.pending:
@@ -125,7 +78,7 @@ class CreditGate(CustomLogger):
         if hit and time.time() < hit[1] + LEEWAY_SECONDS:
             return hit[0]
         try:
-            claims = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
+            claims = jwt.decode(token, self.settings.billing_public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
                                 leeway=LEEWAY_SECONDS, options={"require": ["exp", "iat", "sub", "iss", "aud"]})
         except jwt.ExpiredSignatureError:
             raise _problem(401, "token expired: ask billing for a new one (POST /v1/auth/token)") from None
@@ -143,8 +96,6 @@ class CreditGate(CustomLogger):
         return user_id
 
     async def authenticate(self, request: Request, api_key: str) -> UserAPIKeyAuth:
-        if self.settings is None:
-            raise _problem(503, "proxy is starting")
         if api_key and hmac.compare_digest(api_key.encode(), self.settings.master_key.encode()):
             return UserAPIKeyAuth(api_key=api_key, user_id="operator", user_role=LitellmUserRoles.PROXY_ADMIN)
         if request.url.path not in USER_ROUTES:

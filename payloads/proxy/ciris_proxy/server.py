@@ -17,8 +17,8 @@ _BYOK = BYOK_HEADER.encode()
 
 
 class Front:
-    def __init__(self, app, gate=credit_gate, settings=None):
-        self.app, self.gate, self.settings = app, gate, settings
+    def __init__(self, app, gate=credit_gate, settings=None, journal=None):
+        self.app, self.gate, self.settings, self.journal = app, gate, settings, journal
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -46,7 +46,7 @@ class Front:
         async def wrapped():
             message = await receive()
             if message["type"] == "lifespan.startup" and self.gate is not None:
-                self.gate.start(self.settings)
+                self.gate.start(self.settings, self.journal)
             elif message["type"] == "lifespan.shutdown" and self.gate is not None:
                 await self.gate.stop()
             return message
