@@ -1,9 +1,10 @@
-# Two commands: `make plan` (offline plan of staging) and `make test` (the whole suite).
+# Two commands: `make local` (the whole bridge on this machine) and `make test` (the whole suite).
+# Also: `make local-down`, `make plan` (offline plan of staging).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: plan test venv system-deps clean
+.PHONY: local local-down plan test venv system-deps engine clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard payloads/*/requirements.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +17,21 @@ venv: $(VENV)/.installed
 system-deps:
 	scripts/install-system-deps
 
+# The container engine (Podman behind Docker's API) and the locally made base image.
+engine:
+	scripts/container-engine setup >/dev/null
+
+local: venv engine
+	eval "$$(scripts/container-engine env)" && $(PY) -m components.local up
+
+local-down: venv
+	eval "$$(scripts/container-engine env)" && $(PY) -m components.local down
+
 plan: venv
 	$(PY) -m components.plan staging
 
-test: venv system-deps
+test: venv system-deps engine
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache plan-out
+	rm -rf $(VENV) .pytest_cache plan-out local

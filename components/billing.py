@@ -18,7 +18,7 @@ import pulumi_tls as tls
 from components import postgres_config as pgc
 from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
-from components.services import SERVICE_UID, ContainerSpec, env_file, payload_files
+from components.services import BILLING_ADDRESS_SUFFIX, SERVICE_UID, ContainerSpec, env_file, payload_files
 
 PORT = 8000
 CA_PATH = "/etc/ciris-billing/ca.crt"
@@ -86,6 +86,7 @@ class Billing(pulumi.ComponentResource):
                     build="./billing",
                     env_file="./billing/env",
                     volumes=(f"./billing/ca.crt:{CA_PATH}:ro", "./billing/jwt.pem:/run/secrets/billing-jwt.pem:ro"),
+                    address_suffix=BILLING_ADDRESS_SUFFIX,  # pg_hba lets this address in
                 ),
                 {
                     **source,
@@ -93,7 +94,7 @@ class Billing(pulumi.ComponentResource):
                     "billing/ca.crt": args.database.ca_cert,
                     "billing/jwt.pem": self.private_key_pem,
                 },
-                owner=SERVICE_UID,
+                private={"billing/env": 0, "billing/jwt.pem": SERVICE_UID},
                 shown={
                     "billing/env": host.apply(lambda h, s=same_host: f"[secret: DATABASE_URL -> {h}:{PG_PORT} "
                                               f"({sslmode(s)}), Stripe keys, price, signup credits]\n"),

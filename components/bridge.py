@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
+import pulumi_tls as tls
 
 from components import cost
 from components.billing import Billing, BillingArgs
@@ -36,7 +37,8 @@ class Bridge:
 
 
 def build(config: BridgeConfig) -> Bridge:
-    regions = [Region(r.name, RegionArgs(r, config)) for r in config.regions]
+    edge_ca = local_edge_ca() if config.environment == "local" else None
+    regions = [Region(r.name, RegionArgs(r, config, i, edge_ca)) for i, r in enumerate(config.regions)]
     by_name = {r.spec.name: r for r in regions}
     database = ReplicatedPostgres(
         "postgres",
@@ -89,6 +91,17 @@ def build(config: BridgeConfig) -> Bridge:
     if any(z.dnssec for z in config.zones.zones.values()):
         outputs["dnssec_ds"] = nameservers.dnssec_ds
     return Bridge(regions, database, billing, nameservers, estimate, outputs)
+
+
+def local_edge_ca() -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+    """`make local`: one CA for every region's edge (no ACME here); clients trust local/ca.crt."""
+    key = tls.PrivateKey("edge-ca-key", algorithm="ECDSA", ecdsa_curve="P256")
+    cert = tls.SelfSignedCert(
+        "edge-ca", private_key_pem=key.private_key_pem, is_ca_certificate=True,
+        subject=tls.SelfSignedCertSubjectArgs(common_name="ciris-bridge local CA"),
+        validity_period_hours=24 * 365 * 10, allowed_uses=["cert_signing", "crl_signing"],
+    )
+    return cert.cert_pem, pulumi.Output.secret(key.private_key_pem)
 
 
 def client_config(config: BridgeConfig, regions: list[Region]) -> dict:

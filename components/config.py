@@ -128,7 +128,7 @@ class BackupSettings(_Model):
 
 
 class BridgeConfig(_Model):
-    environment: Literal["production", "staging"]
+    environment: Literal["production", "staging", "local"]
     regions: list[Region] = Field(min_length=1)
     admin_ssh_cidrs: list[str] = Field(min_length=1)
     ssh_public_key: str
@@ -247,11 +247,27 @@ def _first_error(e: ValidationError) -> ConfigError:
     return ConfigError(f"{PROJECT}:{path}", message + (f" [and {more} more problem(s)]" if more else ""))
 
 
+def _check_local(config: BridgeConfig, r: Region, key: str) -> None:
+    """A `local` region (make local) is this machine: its location is the address it serves on."""
+    if r.provider != "local":
+        raise ConfigError(f"{key}.provider", "environment local runs every region on this machine: use provider: local")
+    if config.environment != "local":
+        raise ConfigError(f"{key}.provider", f"'local' runs on this machine; it is only for environment: local, not {config.environment}")
+    try:
+        ipaddress.IPv4Address(r.location)
+    except ValueError:
+        raise ConfigError(f"{key}.location", f"a local region's location is its IPv4 address on this machine, not {r.location!r}") from None
+    if r.plan != "local" or r.volume_gb:
+        raise ConfigError(f"{key}.plan", "a local region has plan: local and volume_gb: 0")
+
+
 def _check_topology(config: BridgeConfig) -> None:
     seen: dict[str, dict[str, int]] = {"name": {}, "domain": {}, "nameserver_fqdn": {}}
     for i, r in enumerate(config.regions):
         key = f"{PROJECT}:regions[{i}]"
-        if r.location not in cost.LOCATIONS[r.provider]:
+        if r.provider == "local" or config.environment == "local":
+            _check_local(config, r, key)
+        elif r.location not in cost.LOCATIONS[r.provider]:
             raise ConfigError(
                 f"{key}.location",
                 f"the price table does not know {r.provider} location {r.location!r}; "

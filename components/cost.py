@@ -28,12 +28,15 @@ PLANS: dict[str, dict[str, tuple[str, Decimal]]] = {
         "cx43": ("EUR", Decimal("9.49")),
         "cx53": ("EUR", Decimal("17.99")),
     },
+    # `make local`: every region on this machine.
+    "local": {"local": ("USD", Decimal("0"))},
 }
 
 # provider -> (currency, price per GB-month of block storage)
 VOLUME_PER_GB: dict[str, tuple[str, Decimal]] = {
     "vultr": ("USD", Decimal("0.10")),
     "hetzner": ("EUR", Decimal("0.044")),
+    "local": ("USD", Decimal("0")),
 }
 
 # Locations the plans above are sold in.

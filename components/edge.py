@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 
 from components.services import ContainerSpec
 
-CADDY_IMAGE = "caddy:2.10"
+CA_DIR = "/etc/caddy/ca"  # `make local`: the stack's own CA, which signs every region's certificates
 
 
 @dataclass(frozen=True)
@@ -20,17 +20,19 @@ class Site:
     host: str
     upstream: str  # host:port on the container network
     public_paths: tuple[str, ...]
+    max_body: str = "64KB"  # larger bodies get 413 at the edge, before any service reads them
 
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
 BILLING_PATHS = ("/health", "/openapi.json", "/v1/*")
 PROXY_PATHS = ("/health", "/v1/*")
+PROXY_MAX_BODY = "1MB"  # the proxy's own body cap (payloads/proxy) is the same
 
 
 def sites(domain: str, billing_upstream: str = "billing:8000", proxy_upstream: str = "proxy:4000") -> list[Site]:
     return [
         Site(f"billing1.{domain}", billing_upstream, BILLING_PATHS),
-        Site(f"proxy1.{domain}", proxy_upstream, PROXY_PATHS),
+        Site(f"proxy1.{domain}", proxy_upstream, PROXY_PATHS, PROXY_MAX_BODY),
     ]
 
 
@@ -42,13 +44,18 @@ def render_caddyfile(
     tls: Literal["acme", "internal"] = "acme",
     https_port: int = 443,
     http_port: int = 80,
+    ca_dir: str | None = None,
 ) -> str:
-    """`tls="internal"` (Caddy's own CA) and other ports are for running it on a test machine."""
+    """`tls="internal"` (Caddy's own CA, or the root in `ca_dir`: `make local`) and other ports are
+    for running it on this machine."""
     glob = ["\tadmin off", f"\thttps_port {https_port}", f"\thttp_port {http_port}", "\tauto_https disable_redirects"]
     if acme_email:
         glob.append(f"\temail {acme_email}")
     if tls == "internal":
         glob.append("\tskip_install_trust")
+    if ca_dir:
+        glob.append(f"\tpki {{\n\t\tca local {{\n\t\t\troot {{\n\t\t\t\tcert {ca_dir}/root.crt\n"
+                    f"\t\t\t\tkey {ca_dir}/root.key\n\t\t\t}}\n\t\t}}\n\t}}")
     glob.append("\tservers {\n\t\tprotocols h1 h2\n\t}")
     out = ["{", *glob, "}", ""]
 
@@ -63,7 +70,10 @@ def render_caddyfile(
             tls_block,
             f'\theader Strict-Transport-Security "max-age={hsts_max_age}; includeSubDomains"',
             "\theader -Server",
-            "\tlog {\n\t\toutput stdout\n\t\tformat json\n\t}",
+            # Caddy redacts Authorization and Cookie itself; a caller's own provider key never lands in a log.
+            "\tlog {\n\t\toutput stdout\n\t\tformat filter {\n\t\t\twrap json\n\t\t\tfields {\n"
+            "\t\t\t\trequest>headers>X-Provider-Key delete\n\t\t\t}\n\t\t}\n\t}",
+            f"\trequest_body {{\n\t\tmax_size {site.max_body}\n\t}}",
             f"\t@public path {' '.join(site.public_paths)}",
             "\thandle @public {",
             f"\t\treverse_proxy {site.upstream}",
@@ -77,11 +87,13 @@ def render_caddyfile(
     return "\n".join(out)
 
 
-def container() -> ContainerSpec:
+def container(local_ca: bool = False) -> ContainerSpec:
+    """Caddy from payloads/edge; with `local_ca` it also mounts the stack's CA (`make local`)."""
+    ca = (f"./edge/ca:{CA_DIR}:ro",) if local_ca else ()
     return ContainerSpec(
         name="edge",
-        image=CADDY_IMAGE,
+        image="ciris-edge:local",
+        build="./edge",
         ports=("443:443/tcp",),
-        volumes=("./Caddyfile:/etc/caddy/Caddyfile:ro", "caddy-data:/data", "caddy-config:/config"),
-        healthcheck=None,
+        volumes=("./Caddyfile:/etc/caddy/Caddyfile:ro", *ca, "caddy-data:/data", "caddy-config:/config"),
     )

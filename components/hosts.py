@@ -30,6 +30,16 @@ class Host:
     # Ready-made resources later steps depend on (the VM, and the volume's attachment).
     ready: list[pulumi.Resource]
     open: Callable[[str, Sequence[Rule]], None]
+    # Where the containers publish their ports: the host's own public addresses, never the wildcard.
+    public_addresses: list[pulumi.Output[str]] = None  # type: ignore[assignment]
+    # The container engine's log driver: journald keeps 14 days by time (cloud-init's journald.conf).
+    logging: dict = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.public_addresses is None:
+            self.public_addresses = [self.ipv4, self.ipv6]
+        if self.logging is None:
+            self.logging = {"driver": "journald", "options": {"tag": "{{.Name}}"}}
 
 
 def create(
@@ -158,4 +168,16 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
     return Host(vm.ipv4_address, vm.ipv6_address, device, ready, add_rules)
 
 
-_PROVIDERS = {"vultr": _vultr, "hetzner": _hetzner}
+
+
+def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+    """`make local`: this machine is every host. The region's address (its `location`) is an extra
+    address of this machine's loopback that scripts/local-up adds; nothing is created in a cloud,
+    there is no firewall to open, and ports are published on the IPv4 address only."""
+    ipv4 = region.location
+    ipv6 = "fd00:c1a5::" + ipv4.rsplit(".", 1)[1]  # a unique-local address, for records only
+    return Host(pulumi.Output.from_input(ipv4), pulumi.Output.from_input(ipv6), None, [], lambda purpose, extra: None,
+                public_addresses=[pulumi.Output.from_input(ipv4)], logging={"driver": "k8s-file"})
+
+
+_PROVIDERS = {"local": _local, "vultr": _vultr, "hetzner": _hetzner}

@@ -7,19 +7,16 @@ documentation ranges (RFC 5737, RFC 3849), so no plan output can be mistaken for
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import pulumi
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pulumi.runtime import settings
 from pulumi.runtime.mocks import MockMonitor
 
-from components import config
+from components import config, mock_tls
 
 IPV4_RANGES = ("192.0.2", "198.51.100", "203.0.113")
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # how the RPC layer marks a secret value
@@ -72,20 +69,14 @@ class BridgeMocks(pulumi.runtime.Mocks):
             state["mountId"] = f"ewr-{rid}"
         elif args.typ == "random:index/randomPassword:RandomPassword":
             state["result"] = f"mock-{args.name}-{'x' * 16}"
-        elif args.typ == "tls:index/privateKey:PrivateKey" and args.inputs.get("algorithm") == "ED25519":
-            # A real key (from the name, so plans repeat): the program signs tokens with it.
-            key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(args.name.encode()).digest())
-            pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
-            state.update(privateKeyPem=pem, privateKeyPemPkcs8=pem,
-                         publicKeyPem=key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode())
         elif args.typ == "tls:index/privateKey:PrivateKey":
-            pem = f"-----BEGIN PRIVATE KEY-----\nmock {args.name}\n-----END PRIVATE KEY-----\n"
-            state.update(privateKeyPem=pem, privateKeyPemPkcs8=pem,
-                         publicKeyPem=f"-----BEGIN PUBLIC KEY-----\nmock {args.name}\n-----END PUBLIC KEY-----\n")
-        elif args.typ in ("tls:index/selfSignedCert:SelfSignedCert", "tls:index/locallySignedCert:LocallySignedCert"):
-            state["certPem"] = f"-----BEGIN CERTIFICATE-----\nmock {args.name}\n-----END CERTIFICATE-----\n"
+            state.update(mock_tls.private_key(args.name, unwrap(args.inputs)))
+        elif args.typ == "tls:index/selfSignedCert:SelfSignedCert":
+            state.update(mock_tls.self_signed_cert(args.name, unwrap(args.inputs)))
         elif args.typ == "tls:index/certRequest:CertRequest":
-            state["certRequestPem"] = f"-----BEGIN CERTIFICATE REQUEST-----\nmock {args.name}\n-----END CERTIFICATE REQUEST-----\n"
+            state.update(mock_tls.cert_request(unwrap(args.inputs)))
+        elif args.typ == "tls:index/locallySignedCert:LocallySignedCert":
+            state.update(mock_tls.locally_signed_cert(args.name, unwrap(args.inputs)))
         elif args.typ == "command:remote:Command":
             state.update(stdout="", stderr="")
         return rid, state

@@ -1,7 +1,7 @@
 """Nameservers: every region's PowerDNS serves every zone, loaded from records/zones.yaml.
 
 The zones are rendered once from the regions' addresses and pushed to each region's server with
-payloads/dns/pdns_sync.py over SSH against its local API. The command's trigger is the rendered
+payloads/dns/pdns_sync.py, run over SSH inside the DNS container against its API. The command's trigger is the rendered
 zones' digest: an unchanged zones.yaml changes nothing; a changed record changes only its RRset.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 
-from components import cloud_init, dns
+from components import cloud_init, deploy, dns
 from components.region import Region
 
 API_URL = "http://127.0.0.1:8081"
@@ -59,7 +59,7 @@ class Nameservers(pulumi.ComponentResource):
                 command.remote.Command(
                     f"{region.spec.name}-dns-sync",
                     connection=region.connection,
-                    create=f"python3 {cloud_init.BUNDLE_DIR}/dns/pdns_sync.py",
+                    create=deploy.remote(deploy.DNS_SYNC, cloud_init.BUNDLE_DIR),
                     stdin=pulumi.Output.secret(request),
                     triggers=[digest],
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[region.deploy]),

@@ -19,13 +19,16 @@ from components.config import BackupSettings
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
-from components.services import NETWORK_SUBNET, ContainerSpec, env_file, payload_files
+from components.services import (
+    BACKUP_ADDRESS_SUFFIX, BILLING_ADDRESS_SUFFIX, ContainerSpec, env_file, payload_files,
+)
 
 PORT = 5432
 CONFIG_MOUNT = "/etc/ciris-postgres"
 RUN_DIR = "/run/ciris-postgres"  # where bootstrap.sh copies the files, owned by postgres
 TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR}/ca.crt")
-PGDATA = "/var/lib/postgresql/data"
+DATA_MOUNT = "/var/lib/postgresql/data"  # the volume; PGDATA inside it, so data moved aside stays on it
+PGDATA = f"{DATA_MOUNT}/pgdata"
 SOCKET_DIR = "/var/run/postgresql"
 SOCKET_VOLUME = "pgsocket"  # shared with the backup job, which talks to the server through it
 TEN_YEARS = 24 * 365 * 10
@@ -129,11 +132,12 @@ class ReplicatedPostgres(pulumi.ComponentResource):
 
             conf = pulumi.Output.all(primary.ipv4, passwords["replication"]).apply(lambda a: replica_conf(a[0], a[1]))
             shown_conf = primary.ipv4.apply(replica_conf)
-        # Replication comes from the other members (any of them may become primary).
+        # Replication comes from the other members (any of them may become primary). On this host only
+        # billing's and the backup job's fixed addresses: never the whole network, whose gateway is
+        # where Docker's proxy makes IPv6 clients appear from.
+        app = [f"{member.network.address(s)}/32" for s in (BILLING_ADDRESS_SUFFIX, BACKUP_ADDRESS_SUFFIX)]
         hba = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
-            lambda addrs: pgc.pg_hba(
-                peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=[NETWORK_SUBNET], app_peers=True
-            )
+            lambda addrs: pgc.pg_hba(peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=app, app_peers=True)
         )
         env = pulumi.Output.all(passwords["superuser"], passwords["replication"], passwords["app"], primary.ipv4).apply(
             lambda a: env_file(
@@ -157,8 +161,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 image="ciris-postgres:local",
                 build="./postgres",
                 ports=(f"{PORT}:{PORT}/tcp",),
-                # The parent of PGDATA, so a rebuilt replica can keep the old data beside the new.
-                volumes=(f"{self._data(member)}:/var/lib/postgresql", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                # The volume holds PGDATA's parent, so a rebuilt replica keeps the old data beside the new.
+                volumes=(f"{self._data(member)}:{DATA_MOUNT}", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/env",
             ),
             {
@@ -171,6 +175,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "postgres/etc/server.key": pulumi.Output.secret(key_pem),
                 "postgres/etc/ca.crt": self.ca_cert,
             },
+            private=dict.fromkeys(["postgres/env", "postgres/etc/postgresql.conf", "postgres/etc/server.key"], 0),
             shown={
                 "postgres/env": "[secret: ROLE, passwords, PRIMARY_HOST, SLOT(S), pgBackRest keys]\n",
                 "postgres/etc/postgresql.conf": shown_conf,
@@ -204,13 +209,15 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             ContainerSpec(
                 name="backup",
                 image="ciris-postgres:local",
-                entrypoint=("sh", "/usr/local/lib/ciris/backup-loop.sh"),
+                entrypoint=("tini", "--", "sh", "/usr/local/lib/ciris/backup-loop.sh"),
+                address_suffix=BACKUP_ADDRESS_SUFFIX,
                 # pgBackRest reads the data directory (same path as the server's) and asks the
                 # server for backup start/stop through the shared socket.
-                volumes=(f"{self._data(primary)}:/var/lib/postgresql:ro", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                volumes=(f"{self._data(primary)}:{DATA_MOUNT}:ro", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/backup.env",
             ),
             {"postgres/backup.env": pulumi.Output.secret(pulumi.Output.from_input(app_password).apply(env))},
+            private={"postgres/backup.env": 0},
             shown={"postgres/backup.env": "[secret: DATABASE_URL, BACKUP_* settings and keys, pgBackRest keys]\n"},
         )
 

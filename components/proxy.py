@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components.billing import PORT as BILLING_PORT, Billing
 from components.region import Region
-from components.services import PAYLOADS, SERVICE_UID, ContainerSpec, env_file, payload_files
+from components.services import PAYLOADS, ContainerSpec, env_file, payload_files
 
 sys.path.insert(0, str(PAYLOADS / "proxy"))
 from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
@@ -101,7 +101,7 @@ class Proxy(pulumi.ComponentResource):
                     "proxy/billing-public.pem": args.billing.public_key_pem,
                     "proxy/env": pulumi.Output.secret(pulumi.Output.all(master_key, token).apply(render)),
                 },
-                owner=SERVICE_UID,
+                private={"proxy/env": 0},
                 shown={"proxy/env": "[secret: billing service token, master key, Together/Groq/OpenRouter keys, price]\n"},
             )
         self.register_outputs({})

@@ -13,20 +13,19 @@ import pulumi
 import pulumi_command as command
 import pulumi_random as random
 
-from components import cloud_init, dns, edge, hosts, services
+from components import cloud_init, deploy, dns, edge, hosts, services
 from components.config import BridgeConfig, Region as RegionConfig
 from components.firewall import Rule, base_rules, ufw_commands
 
-COMPOSE_PROJECT = "ciris"
-
 
 def dns_container() -> services.ContainerSpec:
-    """PowerDNS on the host's network: it binds :53 on the public addresses and its API on 127.0.0.1."""
+    """PowerDNS on the region network, :53 published on the host's public addresses; its API
+    listens inside the container only (the zone sync runs there too)."""
     return services.ContainerSpec(
         name="dns",
         image="ciris-dns:local",
         build="./dns",
-        network_mode="host",
+        ports=("53:53/udp", "53:53/tcp"),
         volumes=("./dns/pdns.conf:/etc/powerdns/ciris/pdns.conf:ro", "pdns-data:/var/lib/powerdns"),
     )
 
@@ -35,22 +34,34 @@ def dns_container() -> services.ContainerSpec:
 class RegionArgs:
     region: RegionConfig
     config: BridgeConfig
+    index: int = 0  # position in config: gives the region network its own subnet
+    # `make local` only: the stack's own CA (cert PEM, key PEM) that signs the edges' certificates.
+    edge_ca: tuple[pulumi.Input[str], pulumi.Input[str]] | None = None
 
 
-def bundle(files: dict[str, str], owners: dict[str, int] | None = None) -> str:
+def bundle(files: dict[str, str], private: dict[str, int] | None = None) -> str:
     """A deterministic base64 tar.gz of the rendered files (same files, same bytes, no redeploy).
-    Files are 0640 root's unless `owners` gives the uid a non-root container reads them as
-    (root extracts with ownership kept)."""
-    owners = owners or {}
+    Code and public files are root's and world-readable (0644): containers that run as a non-root
+    user read their own code. `private` files (secrets) are 0600, owned by the uid that must read
+    them (root extracts with ownership and modes kept)."""
+    private = private or {}
     raw = io.BytesIO()
     with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(files):
             data = files[path].encode()
             info = tarfile.TarInfo(path)
-            info.size, info.mode, info.mtime = len(data), 0o640, 0
-            info.uid = info.gid = owners.get(path, 0)
+            info.size, info.mtime = len(data), 0
+            info.mode = 0o600 if path in private else 0o644
+            info.uid = info.gid = private.get(path, 0)
             tar.addfile(info, io.BytesIO(data))
     return base64.b64encode(raw.getvalue()).decode()
+
+
+def digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for text in texts:
+        h.update(hashlib.sha256(text.encode()).digest())
+    return h.hexdigest()
 
 
 class Region(pulumi.ComponentResource):
@@ -61,6 +72,7 @@ class Region(pulumi.ComponentResource):
         super().__init__("ciris:bridge:Region", name, None, opts)
         r, cfg = args.region, args.config
         self.spec = r
+        self.network = services.Network.for_region(r.name, args.index)
         self.domain = r.domain
         self.nameserver = r.nameserver_fqdn
         label = f"ciris-{cfg.environment}-{r.name}"
@@ -73,28 +85,36 @@ class Region(pulumi.ComponentResource):
         )
         self.ipv4, self.ipv6 = self.host.ipv4, self.host.ipv6
 
-        # PowerDNS: its API key is a random secret; the API listens on the host's loopback only.
+        # PowerDNS: its API key is a random secret; the API listens inside its container only.
         self.dns_api_key = random.RandomPassword(
             f"{name}-dns-api-key", length=40, special=False, opts=pulumi.ResourceOptions(parent=self)
         ).result
         geoip = cfg.services.dns_geoip_database
-        pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, geoip_database=geoip))
+        # Inside the container IPv4 only: Docker forwards the host's IPv6 :53 to it.
+        pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, listen=("0.0.0.0",), geoip_database=geoip))
 
         # Service containers: edge and DNS here; postgres, billing and proxy add theirs (add_service).
-        self.containers = [edge.container(), dns_container()]
-        caddyfile = edge.render_caddyfile(
-            edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age
-        )
+        self.containers: list[services.ContainerSpec] = []
         # What lands in /srv/ciris on the host (cloud-init is the VM's user data instead).
-        # Other components add theirs with add_service() before build() deploys the bundle.
-        self.files: dict[str, pulumi.Input[str]] = {
-            "Caddyfile": caddyfile,
-            "dns/pdns.conf": pdns_conf,
-            **services.payload_files("dns"),
-        }
+        # Components add theirs with add_service() before build() deploys the bundle.
+        self.files: dict[str, pulumi.Input[str]] = {}
+        self.private: dict[str, int] = {}  # bundle path -> uid that reads it (secrets)
+        self.service_files: dict[str, list[str]] = {}  # container -> the bundle paths it reads
+        self.artifacts: dict[str, pulumi.Input[str]] = {}
+        self.deploy: command.remote.Command | None = None
+        caddyfile = edge.render_caddyfile(
+            edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age,
+            **({"tls": "internal", "ca_dir": edge.CA_DIR} if args.edge_ca else {}),
+        )
+        ca_files = {"edge/ca/root.crt": args.edge_ca[0], "edge/ca/root.key": args.edge_ca[1]} if args.edge_ca else {}
+        self.add_service(edge.container(local_ca=bool(args.edge_ca)),
+                         {"Caddyfile": caddyfile, **ca_files, **services.payload_files("edge")},
+                         private={"edge/ca/root.key": 0}, shown={"edge/ca/root.key": "[secret]\n"} if args.edge_ca else None)
+        self.add_service(dns_container(), {"dns/pdns.conf": pdns_conf, **services.payload_files("dns")},
+                         private={"dns/pdns.conf": 0})
         # The plan's copy shows where the key goes, not the key.
-        shown_conf = dns.pdns_conf(api_key="[secret]", geoip_database=geoip)
-        self.artifacts: dict[str, pulumi.Input[str]] = {"cloud-init.yaml": user_data, "dns/pdns.conf": shown_conf}
+        shown_conf = dns.pdns_conf(api_key="[secret]", listen=("0.0.0.0",), geoip_database=geoip)
+        self.artifacts.update({"cloud-init.yaml": user_data, "dns/pdns.conf": shown_conf})
 
         private_key = cfg.secret("ssh_private_key")
         self.connection = command.remote.ConnectionArgs(
@@ -103,41 +123,40 @@ class Region(pulumi.ComponentResource):
             # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
             private_key=pulumi.Output.secret(private_key) if private_key else None,
         )
-        self.owners: dict[str, int] = {}  # bundle path -> uid (add_service's owner)
-        self.deploy: command.remote.Command | None = None
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
 
     def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]],
-                    shown: dict[str, pulumi.Input[str]] | None = None, owner: int | None = None) -> None:
-        """Add (or replace) a container and the files it needs in the bundle.
-        `shown` overrides what the offline plan writes for files that hold secrets; `owner` is the
-        uid the container runs as, when it must read its mounted files."""
+                    shown: dict[str, pulumi.Input[str]] | None = None, private: dict[str, int] | None = None) -> None:
+        """Add (or replace) a container and the files it reads in the bundle. `private` names the
+        files that hold secrets, with the uid that reads them (0: root, e.g. compose's env files);
+        `shown` overrides what the offline plan writes for them."""
         assert self.deploy is None, "add services before build()"
         self.containers = [c for c in self.containers if c.name != container.name] + [container]
         self.files.update(files)
-        if owner is not None:
-            self.owners.update(dict.fromkeys(files, owner))
+        self.private.update(private or {})
+        self.service_files[container.name] = self.service_files.get(container.name, []) + sorted(files)
         self.artifacts.update(shown or {})
 
     def build(self) -> command.remote.Command:
         """Ship the bundle and start the containers: after every component has added its part."""
-        self.files["compose.yaml"] = services.render_compose(COMPOSE_PROJECT, self.containers)
-        self.artifacts = {**self.files, **self.artifacts, "compose.yaml": self.files["compose.yaml"]}
-        payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(lambda f: bundle(f, self.owners)))
-        prepare = (
-            self.host.data_device.apply(lambda d: f"sudo ciris-prepare-volume {d} {cloud_init.DATA_MOUNT}")
-            if self.host.data_device is not None
-            else "true"
+        files = pulumi.Output.all(**self.files)
+        # Digests of what each container reads: not secret, though some of the files are.
+        digests = pulumi.Output.unsecret(files.apply(lambda f: {
+            name: digest([f[p] for p in paths]) for name, paths in self.service_files.items()
+        }))
+        compose = pulumi.Output.all(digests, *self.host.public_addresses).apply(
+            lambda a: services.render_compose(self.spec.name, self.network, self.containers,
+                                              publish_on=a[1:], logging=self.host.logging, file_digests=a[0])
         )
+        self.files["compose.yaml"] = compose
+        self.artifacts = {**self.files, **self.artifacts}
+        payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(lambda f: bundle(f, self.private)))
+        device = self.host.data_device if self.host.data_device is not None else ""
         self.deploy = command.remote.Command(
             f"{self._name}-deploy",
             connection=self.connection,
-            create=pulumi.Output.concat(
-                "set -eu; cloud-init status --wait >/dev/null; ",
-                prepare,
-                f"; base64 -d | sudo tar -xz -C {cloud_init.BUNDLE_DIR}",
-                f"; cd {cloud_init.BUNDLE_DIR} && sudo docker compose up -d --build --remove-orphans",
-            ),
+            create=pulumi.Output.from_input(device).apply(
+                lambda d: deploy.remote(deploy.DEPLOY, cloud_init.BUNDLE_DIR, *([d] if d else []))),
             stdin=payload,
             # The digest of the bundle, not the bundle: a changed file redeploys, no secret shows.
             triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],

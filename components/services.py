@@ -7,14 +7,15 @@ the provider firewall; internal services publish nothing, or bind to 127.0.0.1.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-NETWORK = "ciris"
-NETWORK_SUBNET = "172.30.0.0/24"  # fixed, so pg_hba can name the host's containers
+BILLING_ADDRESS_SUFFIX = 10  # billing's fixed address on the region network (pg_hba names it)
+BACKUP_ADDRESS_SUFFIX = 11  # the backup job's
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 SERVICE_UID = 10001  # the non-root user of the billing and proxy images (their Dockerfiles)
 
@@ -33,6 +34,23 @@ class ContainerSpec(BaseModel):
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
+    address_suffix: int | None = None  # a fixed address on the region network (see Network.address)
+
+
+class Network(BaseModel):
+    """A region's container network: its own name and subnet, so regions can share one machine
+    (`make local`) and pg_hba can name the few containers allowed to connect."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    subnet: str
+
+    @classmethod
+    def for_region(cls, region: str, index: int) -> "Network":
+        return cls(name=f"ciris-{region}", subnet=f"172.30.{index}.0/24")
+
+    def address(self, suffix: int) -> str:
+        return self.subnet.rsplit(".", 1)[0] + f".{suffix}"
 
 
 def payload_files(name: str) -> dict[str, str]:
@@ -50,24 +68,37 @@ def env_file(values: dict) -> str:
     return "".join(f"{k}={v}\n" for k, v in values.items())
 
 
-def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
+def publish(address: str, port: str) -> str:
+    """A compose port bound to one host address ("443:443/tcp" -> "203.0.113.5:443:443/tcp")."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec], *,
+                   publish_on: Sequence[str], logging: dict, file_digests: dict[str, str]) -> str:
+    """The compose file of one region. Ports are published on the host's own public addresses only
+    (never the wildcard); `file_digests` (service -> digest of the files it reads) is a label, so
+    `docker compose up` recreates exactly the containers whose mounted files changed."""
     services = {}
     named_volumes: set[str] = set()
     for spec in specs:
         svc: dict = {"image": spec.image}
         if spec.build:
-            svc["build"] = spec.build
+            # BASE: the base image (tests pass a locally made one); EXTRA_CA_CERTS: a build behind
+            # a TLS-intercepting proxy. Both come from the environment when set, else the defaults.
+            svc["build"] = {"context": spec.build, "args": ["BASE", "EXTRA_CA_CERTS"]}
         svc["restart"] = "unless-stopped"
         if spec.network_mode:
             svc["network_mode"] = spec.network_mode
+        elif spec.address_suffix is not None:
+            svc["networks"] = {network.name: {"ipv4_address": network.address(spec.address_suffix)}}
         else:
-            svc["networks"] = [NETWORK]
+            svc["networks"] = [network.name]
         if spec.entrypoint:
             svc["entrypoint"] = list(spec.entrypoint)
         if spec.command:
             svc["command"] = list(spec.command)
         if spec.ports:
-            svc["ports"] = list(spec.ports)
+            svc["ports"] = [publish(a, p) for p in spec.ports for a in publish_on]
         if spec.volumes:
             svc["volumes"] = list(spec.volumes)
             named_volumes |= {v.split(":", 1)[0] for v in spec.volumes if not v.startswith(("/", "."))}
@@ -77,10 +108,12 @@ def render_compose(project: str, specs: Sequence[ContainerSpec]) -> str:
             svc["env_file"] = [spec.env_file]
         if spec.healthcheck:
             svc["healthcheck"] = {"test": list(spec.healthcheck), "interval": "30s", "timeout": "5s", "retries": 3}
-        svc["logging"] = {"driver": "local", "options": {"max-size": "20m", "max-file": "5"}}
+        svc["labels"] = {"ciris.region": region, "ciris.service": spec.name,
+                         "ciris.files-sha256": file_digests.get(spec.name, "")}
+        svc["logging"] = copy.deepcopy(logging)
         services[spec.name] = svc
-    network = {"name": NETWORK, "ipam": {"config": [{"subnet": NETWORK_SUBNET}]}}
-    doc = {"name": project, "services": services, "networks": {NETWORK: network}}
+    net = {"name": network.name, "ipam": {"config": [{"subnet": network.subnet}]}}
+    doc = {"name": network.name, "services": services, "networks": {network.name: net}}
     if named_volumes:
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}
     return yaml.safe_dump(doc, sort_keys=False)

@@ -47,7 +47,11 @@ def test_out_writes_the_rendered_artifacts(tmp_path):
         assert "reverse_proxy billing:8000" in (tmp_path / region / "Caddyfile").read_text()
         compose = yaml.safe_load((tmp_path / region / "compose.yaml").read_text())
         assert set(compose["services"]) == {"edge", "dns", "postgres", "billing", "proxy"}
-        assert compose["services"]["dns"]["network_mode"] == "host"
+        # Published on the host's own addresses only, never the wildcard.
+        addresses = {r["ipv4"] for r in json.loads(plan("staging", "--json").stdout)["outputs"]["client_config"]["regions"]}
+        ports = [p for svc in compose["services"].values() for p in svc.get("ports", [])]
+        assert ports and all(p.split(":")[0] in addresses or p.startswith("[2001:db8:") for p in ports), ports
+        assert "53:53/udp" in " ".join(compose["services"]["dns"]["ports"])
         assert "api-key=[secret]" in (tmp_path / region / "dns" / "pdns.conf").read_text()
     for zone in ("staging.ciris-services-1.ai", "staging.ciris-services-2.ai"):
         text = (tmp_path / "zones" / f"{zone}.zone").read_text()
@@ -61,7 +65,7 @@ def test_invalid_config_exits_2_with_one_message(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "invalid config: ciris-bridge:regions[1].provider: unknown provider 'hertzner'; expected one of: vultr, hetzner"
+        "invalid config: ciris-bridge:regions[1].provider: unknown provider 'hertzner'; expected one of: vultr, hetzner, local"
     ]
 
 

@@ -15,6 +15,7 @@ import pulumi
 import pytest
 
 from components import bridge, cloud_init, config, firewall, mocks, plan
+from components import deploy as deploy_script
 from tests.conftest import stack_raw, third_region
 
 WORLD = {"0.0.0.0/0", "::/0"}
@@ -228,11 +229,13 @@ def test_volume_is_prepared_before_services_start():
     p = run("production")
     deploy = next(r for r in p.registrations if r.name == "eu-west-deploy")
     volume_id = next(r for r in p.registrations if r.name == "eu-west-volume")
-    assert "ciris-prepare-volume /dev/disk/by-id/scsi-0HC_Volume_" in deploy.inputs["create"]
-    assert deploy.inputs["create"].index("ciris-prepare-volume") < deploy.inputs["create"].index("docker compose up")
+    # The one deploy script (components/deploy.py), run as root with the bundle dir and the device.
+    assert deploy.inputs["create"].startswith(deploy_script.remote(deploy_script.DEPLOY, "/srv/ciris", "/dev/disk/by-id/scsi-0HC_Volume_"))
+    script = deploy_script.DEPLOY
+    assert script.index("ciris-prepare-volume") < script.index("dc up -d")
     assert volume_id.inputs["size"] == 20
     vultr_deploy = next(r for r in p.registrations if r.name == "us-east-deploy")
-    assert "ciris-prepare-volume" not in vultr_deploy.inputs["create"]  # no volume there
+    assert vultr_deploy.inputs["create"] == deploy_script.remote(deploy_script.DEPLOY, "/srv/ciris")  # no volume there
 
 
 def test_firewall_normalize_ignores_non_firewall_resources():
@@ -280,7 +283,7 @@ def test_backup_job_runs_beside_the_primary_only():
         assert "archive_command = 'pgbackrest --config=/run/ciris-postgres/pgbackrest.conf --stanza=ciris archive-push %p'" in conf
         repo = p.artifacts[f"{region}/postgres/etc/pgbackrest.conf"]
         assert "repo1-s3-endpoint=fsn1.your-objectstorage.com\n" in repo and "repo1-retention-full=30\n" in repo
-    assert "/var/lib/postgresql:ro" in compose and "pgsocket:/var/run/postgresql" in compose
+    assert "/var/lib/postgresql/data:ro" in compose and "pgsocket:/var/run/postgresql" in compose
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY-s3-secret" not in dumped and "Q0FOQVJZ" not in dumped
 

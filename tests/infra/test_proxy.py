@@ -61,9 +61,12 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     # Billing signs with the key whose public half the proxy holds.
     signing = load_pem_private_key(files["billing/jwt.pem"][1].encode(), password=None)
     assert signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode() == files["proxy/billing-public.pem"][1]
-    # The non-root container can read its mounted files.
-    for path in ("proxy/config.yaml", "proxy/billing-public.pem", "billing/jwt.pem"):
-        assert files[path][0].uid == SERVICE_UID, path
+    # The non-root containers read their code and public files; secrets are private to their reader.
+    for path in ("proxy/config.yaml", "proxy/billing-public.pem", "proxy/ciris_proxy/server.py", "billing/billing/app.py"):
+        assert (files[path][0].uid, files[path][0].mode) == (0, 0o644), path
+    assert (files["billing/jwt.pem"][0].uid, files["billing/jwt.pem"][0].mode) == (SERVICE_UID, 0o600)
+    for path in ("proxy/env", "billing/env"):
+        assert (files[path][0].uid, files[path][0].mode) == (0, 0o600), path
     compose = files["compose.yaml"][1]
     assert "./proxy/config.yaml:/etc/ciris-proxy/config.yaml:ro" in compose and "ciris-proxy:local" in compose
 

@@ -1,0 +1,43 @@
+"""What runs on a host to deploy it: one source for `pulumi up` (over SSH) and `make local`.
+
+`script()` is the whole deploy: the bundle (a base64 tar.gz) arrives on stdin, is unpacked into the
+bundle directory with its owners and modes, the images are built and every container is started;
+it succeeds only when every container is running and healthy (`--wait`). Remote commands run it
+with `sudo sh -c`; scripts/local-up runs the same text with `sh -c` against Podman.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+# docker compose v2 as a Docker CLI plugin (hosts) or as its own binary (this machine's Podman setup).
+_COMPOSE = """\
+if docker compose version >/dev/null 2>&1; then dc() { docker compose "$@"; }; else dc() { docker-compose "$@"; }; fi
+"""
+
+DEPLOY = """\
+set -eu
+dir=$1 device=${2:-}
+# cloud-init status: 0 done, 2 done with recoverable errors ("degraded"); either way the host is set up.
+if command -v cloud-init >/dev/null 2>&1; then rc=0; cloud-init status --wait >/dev/null || rc=$?; [ $rc -eq 0 ] || [ $rc -eq 2 ] || exit $rc; fi
+[ -z "$device" ] || ciris-prepare-volume "$device" "$dir/data"
+install -d -m 755 "$dir"
+base64 -d | tar -xz -C "$dir"
+cd "$dir"
+""" + _COMPOSE + """\
+dc build -q
+dc up -d --remove-orphans --wait --wait-timeout 300
+"""
+
+# The zones go to PowerDNS's API from inside its own container: the API is never published.
+DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"
+
+
+def remote(script: str, *args: str) -> str:
+    """The command line that runs `script` as root on a host, with `args` as $1, $2..."""
+    return " ".join(["sudo sh -c", shlex.quote(script), "ciris", *(shlex.quote(a) for a in args)])
+
+
+def local(script: str, *args: str) -> list[str]:
+    """The same script as an argv for this machine (already root)."""
+    return ["sh", "-c", script, "ciris", *args]

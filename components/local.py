@@ -1,0 +1,184 @@
+"""`make local`: the whole bridge on this machine, deployed the way `pulumi up` deploys the hosts.
+
+    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each region
+    python -m components.local down    # remove every container, network and volume it made
+
+The program runs under the mock runtime (the clouds are the only thing faked: a `local` region is
+this machine, serving on its own address of the loopback interface). For each region, in config
+order, the bundle the program ships is piped into the same deploy script (components/deploy.py)
+that its `*-deploy` command runs over SSH; then each region's zones are synced the same way. The
+container engine is Podman behind Docker's API (scripts/container-engine, which `make local` runs
+first). What clients need is written to local/: client_config.json (the `client_config` stack
+output), ca.crt (the CA of every edge), admin.token (a billing admin token, valid 24 h).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from components import config, deploy, plan as plan_mod
+from components.mocks import unwrap
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = ROOT / "local"
+STACK_FILE = ROOT / "Pulumi.local.yaml"
+# Real provider keys are used when given in the environment; otherwise the stack's fake upstream.
+PROVIDER_ENV = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY",
+                "openrouter_api_key": "OPENROUTER_API_KEY"}
+
+
+class LocalError(RuntimeError):
+    pass
+
+
+def local_secrets() -> dict[str, str]:
+    """Stripe test-mode keys made once per checkout (kept in local/secrets.json, so a second run
+    renders the same bundle), and provider keys from the environment when set."""
+    path = LOCAL / "secrets.json"
+    if path.exists():
+        made = json.loads(path.read_text())
+    else:
+        made = {"stripe_secret_key": f"sk_test_local{secrets.token_hex(12)}",
+                "stripe_webhook_secret": f"whsec_{secrets.token_hex(16)}"}
+        LOCAL.mkdir(exist_ok=True)
+        path.write_text(json.dumps(made, indent=2) + "\n")
+        path.chmod(0o600)
+    given = {key: os.environ[var] for key, var in PROVIDER_ENV.items() if os.environ.get(var)}
+    return {**made, **given}
+
+
+def render(stack_file: Path = STACK_FILE) -> plan_mod.Plan:
+    raw, secret_keys = config.read_stack_file(stack_file)
+    for key, value in local_secrets().items():
+        raw[f"{config.PROJECT}:{key}"] = value
+        secret_keys.add(f"{config.PROJECT}:{key}")
+    config.parse(raw, secret_keys)
+    return plan_mod.run("local", raw, secret_keys)
+
+
+def commands(plan: plan_mod.Plan, suffix: str) -> dict[str, dict]:
+    """Region name -> inputs of its `<region>-<suffix>` remote command, secrets unwrapped."""
+    found = {}
+    for r in plan.registrations:
+        if r.type == "command:remote:Command" and r.name.endswith(f"-{suffix}"):
+            found[r.name[: -len(suffix) - 1]] = unwrap(r.inputs)
+    return found
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if "DOCKER_HOST" not in env:
+        raise LocalError("no container engine: run `eval \"$(scripts/container-engine setup)\"` first (make local does)")
+    env["BASE"] = env.get("CIRIS_BASE_IMAGE", "")
+    extra = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+    if extra and "EXTRA_CA_CERTS" not in env:
+        env["EXTRA_CA_CERTS"] = "".join(p.read_text() for p in extra)
+    return env
+
+
+def run_script(script: str, args: list[str], stdin: str, env: dict[str, str], what: str) -> str:
+    proc = subprocess.run(deploy.local(script, *args), input=stdin, text=True, capture_output=True, env=env)
+    if proc.returncode != 0:
+        raise LocalError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def add_address(address: str) -> None:
+    """The region's own address on this machine (on `lo`: no dummy interfaces needed)."""
+    shown = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    if f" {address}/" not in shown:
+        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+
+
+def bundle_file(payload: str, path: str) -> str:
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(payload)), mode="r:gz") as tar:
+        return tar.extractfile(path).read().decode()
+
+
+def admin_token(jwt_pem: str, hours: int = 24) -> str:
+    now = int(time.time())
+    claims = {"sub": "local-admin", "role": "admin", "iss": "ciris-billing", "aud": "ciris-bridge",
+              "iat": now, "exp": now + hours * 3600}
+    return jwt.encode(claims, load_pem_private_key(jwt_pem.encode(), password=None), algorithm="EdDSA")
+
+
+def up(stack_file: Path = STACK_FILE) -> dict:
+    started = time.monotonic()
+    plan = render(stack_file)
+    env = engine_env()
+    deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
+    regions = plan.outputs["client_config"]["regions"]
+    for region in regions:  # one after the other, in failover order (the primary first)
+        name = region["name"]
+        add_address(region["ipv4"])
+        t = time.monotonic()
+        print(f"local: deploying {name} on {region['ipv4']} ...", file=sys.stderr, flush=True)
+        run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
+        print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
+    for region in regions:
+        name = region["name"]
+        run_script(deploy.DNS_SYNC, [str(LOCAL / name)], syncs[name]["stdin"], env, f"syncing {name}'s zones")
+    first = regions[0]["name"]
+    payload = deploys[first]["stdin"]
+    (LOCAL / "client_config.json").write_text(json.dumps(plan.outputs["client_config"], indent=2) + "\n")
+    (LOCAL / "ca.crt").write_text(plan.artifacts[f"{first}/edge/ca/root.crt"])
+    token = LOCAL / "admin.token"
+    token.write_text(admin_token(bundle_file(payload, "billing/jwt.pem")) + "\n")
+    token.chmod(0o600)
+    print(f"local: the bridge is up in {time.monotonic() - started:.0f} s; see local/client_config.json",
+          file=sys.stderr, flush=True)
+    return plan.outputs["client_config"]
+
+
+def down() -> None:
+    env = engine_env()
+    for compose in sorted(LOCAL.glob("*/compose.yaml")):
+        subprocess.run(["docker", "compose", "-f", str(compose), "down", "--volumes", "--remove-orphans", "-t", "5"],
+                       env=env, check=False, capture_output=True)
+    # Anything left with our labels (a region renamed since it was deployed, say).
+    left = subprocess.run(["podman", "ps", "-aq", "--filter", "label=ciris.region"], env=env,
+                          capture_output=True, text=True).stdout.split()
+    if left:
+        subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
+    for kind in ("volume", "network"):
+        names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
+                               env=env, capture_output=True, text=True).stdout.split()
+        for name in names:
+            if name.startswith("ciris-"):
+                subprocess.run(["podman", kind, "rm", "-f", name], env=env, check=False, capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.local", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--stack-file", type=Path, default=STACK_FILE)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up(args.stack_file)
+        else:
+            down()
+    except config.ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        return 2
+    except LocalError as e:
+        print(f"local: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
