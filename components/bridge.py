@@ -14,8 +14,10 @@ from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
 from components.proxy import PROVIDER_SECRETS, Proxy, ProxyArgs
 from components.region import Region, RegionArgs
+from components.services import ContainerSpec, payload_files
 
 CLIENT_CONFIG_SCHEMA = 1
+FAKE_LLM_PORT = 8080  # payloads/fake-llm
 
 
 @dataclass
@@ -60,6 +62,12 @@ def build(config: BridgeConfig) -> Bridge:
             secrets={k: config.secret(k) for k in ("stripe_secret_key", "stripe_webhook_secret")},
         ),
     )
+    fake_upstream = None
+    if config.services.fake_llm_upstream:
+        fake_upstream = f"http://fake-llm:{FAKE_LLM_PORT}/v1"
+        for region in regions:
+            region.add_service(ContainerSpec(name="fake-llm", image="ciris-fake-llm:local", build="./fake-llm"),
+                               payload_files("fake-llm"))
     Proxy(
         "proxy",
         ProxyArgs(
@@ -68,6 +76,7 @@ def build(config: BridgeConfig) -> Bridge:
             price_per_interaction_cents=config.services.price_per_interaction_cents,
             token_expires=config.services.proxy_token_expires,
             secrets={k: config.secret(k) for k in PROVIDER_SECRETS},
+            fake_upstream=fake_upstream,
         ),
     )
     for region in regions:

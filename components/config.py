@@ -115,6 +115,9 @@ class Services(_Model):
     dns_geoip_database: str | None = Field(
         default=None, description="MaxMind DB path on the hosts; when set, health-checked records answer the closest region"
     )
+    fake_llm_upstream: bool = Field(
+        default=False, description="environment local only: every provider is the stack's fake upstream (payloads/fake-llm)"
+    )
 
 
 class BackupSettings(_Model):
@@ -213,6 +216,8 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     except ValidationError as e:
         raise _first_error(e) from None
     _check_topology(config)
+    if config.services.fake_llm_upstream and config.environment != "local":
+        raise ConfigError(f"{PROJECT}:services.fake_llm_upstream", f"is for environment local only, not {config.environment}")
     _check_cost(config)
     try:
         zones = dns.load(ROOT / config.zones_file, config.regions, label=config.zones_file)

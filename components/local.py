@@ -20,6 +20,7 @@ import io
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -29,13 +30,14 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components import config, deploy, plan as plan_mod
+from components import config, deploy, plan as plan_mod, services
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "local"
 STACK_FILE = ROOT / "Pulumi.local.yaml"
 # Real provider keys are used when given in the environment; otherwise the stack's fake upstream.
+ISOLATION = "NETAVARK_ISOLATION_2"  # where Podman drops traffic between container networks
 PROVIDER_ENV = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY",
                 "openrouter_api_key": "OPENROUTER_API_KEY"}
 
@@ -65,6 +67,8 @@ def render(stack_file: Path = STACK_FILE) -> plan_mod.Plan:
     for key, value in local_secrets().items():
         raw[f"{config.PROJECT}:{key}"] = value
         secret_keys.add(f"{config.PROJECT}:{key}")
+    if any(key in PROVIDER_ENV for key in local_secrets()):  # real providers instead of the fake
+        raw[f"{config.PROJECT}:services"] = {**raw.get(f"{config.PROJECT}:services", {}), "fake_llm_upstream": False}
     config.parse(raw, secret_keys)
     return plan_mod.run("local", raw, secret_keys)
 
@@ -103,6 +107,27 @@ def add_address(address: str) -> None:
         subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
 
 
+def iptables(*rule: str) -> None:
+    """Insert `rule` (table first) once."""
+    table, *spec = rule
+    if subprocess.run(["iptables", "-t", table, "-C", *spec], capture_output=True).returncode != 0:
+        subprocess.run(["iptables", "-t", table, "-I", spec[0], "1", *spec[1:]], check=True)
+
+
+def route_like_hosts(regions: list[dict]) -> None:
+    """Make traffic between regions look as it does between hosts. Podman isolates container
+    networks from each other (as Docker does), so a connection to another region's published port
+    is let through like one arriving from outside; and it leaves with its own region's address as
+    source, which is what the other region's pg_hba and firewall expect of a peer."""
+    # Podman's isolation chain (made here if no network exists yet; Podman appends to it).
+    subprocess.run(["iptables", "-N", ISOLATION], capture_output=True)
+    iptables("filter", ISOLATION, "-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "ciris-local", "-j", "RETURN")
+    for i, region in enumerate(regions):
+        subnet = services.Network.for_region(region["name"], i).subnet
+        iptables("nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, "-m", "conntrack", "--ctstate", "DNAT",
+                 "-m", "comment", "--comment", "ciris-local", "-j", "SNAT", "--to-source", region["ipv4"])
+
+
 def bundle_file(payload: str, path: str) -> str:
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(payload)), mode="r:gz") as tar:
         return tar.extractfile(path).read().decode()
@@ -124,6 +149,7 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     for region in regions:  # one after the other, in failover order (the primary first)
         name = region["name"]
         add_address(region["ipv4"])
+        route_like_hosts(regions)
         t = time.monotonic()
         print(f"local: deploying {name} on {region['ipv4']} ...", file=sys.stderr, flush=True)
         run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
@@ -153,6 +179,11 @@ def down() -> None:
                           capture_output=True, text=True).stdout.split()
     if left:
         subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
+    for table, chain in (("filter", ISOLATION), ("nat", "POSTROUTING")):  # route_like_hosts()'s rules
+        rules = subprocess.run(["iptables", "-t", table, "-S", chain], capture_output=True, text=True).stdout
+        for rule in rules.splitlines():
+            if "ciris-local" in rule:
+                subprocess.run(["iptables", "-t", table, "-D", *shlex.split(rule)[1:]], check=False)
     for kind in ("volume", "network"):
         names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
                                env=env, capture_output=True, text=True).stdout.split()

@@ -49,12 +49,19 @@ class ProxyArgs:
     token_expires: datetime.date
     # together_api_key, groq_api_key, openrouter_api_key (from config secrets; None when unset)
     secrets: dict[str, str | None] = field(default_factory=dict)
+    # `make local` without provider keys: every provider is this fake upstream (base URL).
+    fake_upstream: str | None = None
 
 
 class Proxy(pulumi.ComponentResource):
     def __init__(self, name: str, args: ProxyArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ciris:bridge:Proxy", name, None, opts)
         missing = [k for k in PROVIDER_SECRETS if not args.secrets.get(k)]
+        fake = {}
+        if args.fake_upstream:
+            missing = []
+            fake = {var: "fake-upstream" for var in PROVIDER_SECRETS.values()}
+            fake.update({f"{var.removesuffix('_KEY')}_BASE": args.fake_upstream for var in PROVIDER_SECRETS.values()})
         if missing:
             effect = ("every paid request will fail" if len(missing) == len(PROVIDER_SECRETS)
                       else "requests fall through to the remaining providers")
@@ -80,6 +87,7 @@ class Proxy(pulumi.ComponentResource):
                     "BILLING_PUBLIC_KEY_FILE": PUBLIC_KEY_PATH,
                     "LITELLM_MASTER_KEY": master,
                     **{var: args.secrets.get(key) or "" for key, var in PROVIDER_SECRETS.items()},
+                    **fake,
                     "PRICE_PER_INTERACTION_CENTS": args.price_per_interaction_cents,
                     "PROXY_CONFIG": CONFIG_PATH,
                     "HOST": "0.0.0.0",

@@ -12,6 +12,7 @@ SOCKET_DIR=${SOCKET_DIR:-/var/run/postgresql}
 if [ "$(id -u)" = 0 ]; then
   # The key must be private to postgres; the bundle is root's.
   install -d -o postgres -g postgres -m 700 "$RUN_DIR" "$PGDATA"
+  install -d -o postgres -g postgres -m 2775 "$SOCKET_DIR"  # a fresh volume is root's
   chown postgres:postgres "$(dirname "$PGDATA")"
   cp /etc/ciris-postgres/* "$RUN_DIR"/
   chown postgres:postgres "$RUN_DIR"/* && chmod 600 "$RUN_DIR"/server.key
@@ -24,11 +25,15 @@ create_slots() {  # one physical slot per replica (slots are not replicated: a n
   done
 }
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  # Built beside PGDATA and moved into place only when complete: a first start that dies half-way
+  # (a crash, a full disk) leaves no half-made cluster that a restart would take for a real one.
+  new="$PGDATA.new"
+  rm -rf "$new"
   if [ "$ROLE" = primary ]; then
     pw=$(mktemp) && printf '%s' "$POSTGRES_PASSWORD" > "$pw"
-    initdb -D "$PGDATA" -U postgres --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pw" -E UTF8
+    initdb -D "$new" -U postgres --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pw" -E UTF8
     rm -f "$pw"
-    pg_ctl -D "$PGDATA" -w -o "-c listen_addresses='' -c unix_socket_directories=$SOCKET_DIR" start
+    pg_ctl -D "$new" -w -o "-c listen_addresses='' -c unix_socket_directories=$SOCKET_DIR" start
     psql -v ON_ERROR_STOP=1 -h "$SOCKET_DIR" -U postgres -v repl_pw="$REPLICATION_PASSWORD" -v app_pw="$BILLING_PASSWORD" <<'SQL'
 SET synchronous_commit = local;
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'repl_pw';
@@ -36,14 +41,16 @@ CREATE ROLE billing WITH LOGIN PASSWORD :'app_pw';
 CREATE DATABASE cirisbilling OWNER billing;
 SQL
     create_slots
-    pg_ctl -D "$PGDATA" -w stop
+    pg_ctl -D "$new" -w stop
   else
-    PGPASSWORD="$REPLICATION_PASSWORD" pg_basebackup -D "$PGDATA" -X stream -S "$SLOT" -R --checkpoint=fast \
+    PGPASSWORD="$REPLICATION_PASSWORD" pg_basebackup -D "$new" -X stream -S "$SLOT" -R --checkpoint=fast \
       -d "host=$PRIMARY_HOST port=$PRIMARY_PORT user=replicator sslmode=verify-full sslrootcert=$RUN_DIR/ca.crt"
     # -R also wrote a primary_conninfo without our application_name into postgresql.auto.conf,
     # which would override the rendered one: the primary would never see its synchronous standby.
-    : > "$PGDATA/postgresql.auto.conf"
+    : > "$new/postgresql.auto.conf"
   fi
+  rmdir "$PGDATA" 2>/dev/null || true
+  mv "$new" "$PGDATA"
 fi
 # Declared failover: the config moved the primary role (then `pulumi up` restarted us).
 if [ "$ROLE" = primary ] && [ -f "$PGDATA/standby.signal" ]; then

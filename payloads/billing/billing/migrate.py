@@ -11,7 +11,11 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def yoyo_url(database_url: str) -> str:
-    return "postgresql+psycopg://" + database_url.split("://", 1)[1]
+    """Migrations commit without waiting for the synchronous standby: the primary region starts
+    before any replica exists (its first deploy), and a migration lost in a failover is simply
+    applied again at the next start."""
+    sep = "&" if "?" in database_url else "?"
+    return "postgresql+psycopg://" + database_url.split("://", 1)[1] + f"{sep}options=-c%20synchronous_commit%3Dlocal"
 
 
 def apply(database_url: str) -> list[str]:

@@ -1,0 +1,103 @@
+"""The whole bridge running on this machine (`make local`): every image built from the payloads,
+each region's containers deployed by the hosts' own deploy script, under Podman.
+
+The stack is brought up once per session. If it was already up (a developer's `make local`), it
+is left up afterwards; otherwise the session takes it down again (`make local-down`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, require_binary
+
+LOCAL = REPO / "local"
+
+
+def engine_env() -> dict[str, str]:
+    out = subprocess.run([str(REPO / "scripts/container-engine"), "setup"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"the container engine did not start:\n{out.stderr[-2000:]}")
+    env = dict(os.environ)
+    for line in out.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    client_config: dict
+    admin_token: str
+    secrets: dict
+    tls: ssl.SSLContext
+
+    @property
+    def regions(self) -> list[dict]:
+        return self.client_config["regions"]
+
+    def edge(self, region: dict, service: str) -> httpx.Client:
+        """A client for `https://<service>1.<domain>` through that region's edge, verified against
+        local/ca.crt (the name is sent as SNI and Host; the address is the region's)."""
+        host = f"{service}1.{region['domain']}"
+        return httpx.Client(base_url=f"https://{region['ipv4']}", verify=self.tls, timeout=30,
+                            headers={"Host": host}, transport=_SniTransport(host, self.tls))
+
+    def podman(self, *args: str, check: bool = True) -> str:
+        out = subprocess.run(["podman", *args], capture_output=True, text=True, env=self.env)
+        if check and out.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: {out.stderr}")
+        return out.stdout
+
+    def compose(self, region: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "compose", "-f", str(LOCAL / region / "compose.yaml"), *args],
+                              capture_output=True, text=True, env=self.env, timeout=600)
+
+    def local(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "components.local", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=1800)
+
+    def psql(self, region: str, sql: str) -> str:
+        return self.podman("exec", f"ciris-{region}-postgres-1", "gosu", "postgres", "psql", "-h", "/var/run/postgresql",
+                           "-d", "cirisbilling", "-Atc", sql).strip()
+
+
+class _SniTransport(httpx.HTTPTransport):
+    """Every request carries the service's name as SNI, whatever address it is sent to."""
+
+    def __init__(self, host: str, tls: ssl.SSLContext):
+        super().__init__(verify=tls)
+        self.host = host
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.extensions["sni_hostname"] = self.host
+        return super().handle_request(request)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    require_binary("ip")
+    env = engine_env()
+    was_up = bool(subprocess.run(["podman", "ps", "-q", "--filter", "label=ciris.region"], capture_output=True,
+                                 text=True, env=env).stdout.strip())
+    up = subprocess.run([sys.executable, "-m", "components.local", "up"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1800)
+    if up.returncode != 0:
+        pytest.fail(f"make local failed:\n{up.stderr[-4000:]}")
+    tls = ssl.create_default_context(cafile=str(LOCAL / "ca.crt"))
+    yield Stack(env, json.loads((LOCAL / "client_config.json").read_text()), (LOCAL / "admin.token").read_text().strip(),
+                json.loads((LOCAL / "secrets.json").read_text()), tls)
+    if not was_up:
+        subprocess.run([sys.executable, "-m", "components.local", "down"], cwd=REPO, env=env, capture_output=True)
+
+

@@ -1,0 +1,114 @@
+"""End to end on the running local stack (tests/e2e/conftest.py): DNS, edges, the money path,
+replication, and what survives a recreated container."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import dns.message
+import dns.query
+import dns.rdatatype
+import stripe
+
+SERVICES = {"edge", "dns", "postgres", "billing", "proxy", "fake-llm"}
+
+
+def test_every_container_is_labelled_and_healthy(stack):
+    for region in stack.regions:
+        rows = stack.podman("ps", "--filter", f"label=ciris.region={region['name']}",
+                            "--format", '{{.Labels}}|{{.Status}}').splitlines()
+        services = {}
+        for row in rows:
+            labels, status = row.rsplit("|", 1)
+            service = labels.split("ciris.service:", 1)[1].split()[0].rstrip("]")
+            services[service] = status
+        assert set(services) == SERVICES, services
+        assert all("(healthy)" in status for status in services.values()), services
+
+
+def test_each_nameserver_answers_both_zones(stack):
+    zones = stack.client_config["dns"]["zones"]
+    for server in stack.regions:
+        for zone in zones:
+            for query in (dns.query.udp, dns.query.tcp):
+                answer = query(dns.message.make_query(zone, dns.rdatatype.SOA), server["ipv4"], timeout=5)
+                assert answer.answer and answer.answer[0].rdtype == dns.rdatatype.SOA, (server["name"], zone)
+        # Each service name answers with its own region's address, from every nameserver.
+        for region in stack.regions:
+            answer = dns.query.udp(dns.message.make_query(f"billing1.{region['domain']}", dns.rdatatype.A),
+                                   server["ipv4"], timeout=5)
+            assert [r.address for r in answer.answer[0]] == [region["ipv4"]]
+
+
+def test_health_through_every_edge_with_the_local_ca(stack):
+    for region in stack.regions:
+        for service in ("billing", "proxy"):
+            with stack.edge(region, service) as client:
+                r = client.get("/health")
+                assert r.status_code == 200, (region["name"], service, r.text)
+                assert r.headers["strict-transport-security"].startswith("max-age=")
+                assert client.get("/metrics").status_code == 404  # internal only
+
+
+def signed_webhook(secret: str, event: dict) -> tuple[bytes, dict]:
+    payload = json.dumps(event).encode()
+    t = int(time.time())
+    sig = stripe.WebhookSignature._compute_signature(f"{t}.{payload.decode()}", secret)
+    return payload, {"stripe-signature": f"t={t},v1={sig}", "content-type": "application/json"}
+
+
+def test_the_money_path_end_to_end(stack):
+    """Admin creates a user in us-east, Stripe's webhook grants a purchase, the user pays for a
+    completion through eu-west's proxy (whose billing writes to the us-east primary)."""
+    us, eu = stack.regions
+    admin = {"Authorization": f"Bearer {stack.admin_token}"}
+    with stack.edge(us, "billing") as billing:
+        r = billing.post("/v1/users", json={"email": f"e2e-{uuid.uuid4().hex[:8]}@example.com"}, headers=admin)
+        assert r.status_code == 201, r.text
+        user, signup = r.json()["id"], r.json()["balance"]
+        token = billing.post("/v1/auth/token", json={"user_id": user}, headers=admin).json()["access_token"]
+        session = f"cs_test_{uuid.uuid4().hex}"
+        event = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "checkout.session.completed",
+                 "data": {"object": {"id": session, "object": "checkout.session", "client_reference_id": user,
+                                     "metadata": {"user_id": user, "credits": "500"}, "payment_status": "paid",
+                                     "amount_total": 500, "payment_intent": f"pi_{session}"}}}
+        payload, headers = signed_webhook(stack.secrets["stripe_webhook_secret"], event)
+        r = billing.post("/v1/webhooks/stripe", content=payload, headers=headers)
+        assert r.status_code == 200, r.text
+    user_auth = {"Authorization": f"Bearer {token}"}
+    with stack.edge(eu, "proxy") as proxy:
+        r = proxy.post("/v1/chat/completions", headers=user_auth,
+                       json={"model": "llama-3.3-70b", "messages": [{"role": "user", "content": "Hello"}]})
+        assert r.status_code == 200, r.text
+        assert "local fake upstream" in r.json()["choices"][0]["message"]["content"]
+    with stack.edge(eu, "billing") as billing:
+        deadline = time.time() + 30  # the hold is captured after the response
+        while True:
+            items = billing.get(f"/v1/usage/{user}", headers=user_auth).json()["items"]
+            if len(items) == 3 or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert [(i["type"], i["amount"]) for i in items][1:] == [("purchase", 500), ("signup", signup)], items
+        assert items[0]["amount"] == -5 and items[0]["balance_after"] == signup + 500 - 5, items
+        assert billing.get(f"/v1/credits/{user}", headers=user_auth).json()["balance"] == signup + 500 - 5
+
+
+def test_eu_west_is_a_synchronous_streaming_replica(stack):
+    rows = stack.psql("us-east", "SELECT application_name, state, sync_state FROM pg_stat_replication")
+    assert rows == "eu_west_replica|streaming|sync", rows
+    assert stack.psql("eu-west", "SELECT pg_is_in_recovery()") == "t"
+
+
+def test_a_recreated_postgres_container_keeps_its_data(stack):
+    marker = f"keep-{uuid.uuid4().hex[:8]}@example.com"
+    us = stack.regions[0]
+    admin = {"Authorization": f"Bearer {stack.admin_token}"}
+    with stack.edge(us, "billing") as billing:
+        assert billing.post("/v1/users", json={"email": marker}, headers=admin).status_code == 201
+    for region in ("us-east", "eu-west"):
+        out = stack.compose(region, "up", "-d", "--force-recreate", "--wait", "postgres")
+        assert out.returncode == 0, out.stderr
+        assert stack.psql(region, f"SELECT count(*) FROM users WHERE email = '{marker}'") == "1", region
+    assert stack.psql("us-east", "SELECT sync_state FROM pg_stat_replication") == "sync"
