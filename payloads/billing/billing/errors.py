@@ -22,3 +22,12 @@ def conflict(message: str) -> Problem:
 
 def insufficient(balance: int, needed: int) -> Problem:
     return Problem(402, "insufficient_credits", f"balance {balance} is below the {needed} needed", balance=balance)
+
+
+def invalid(errors: list) -> Problem:
+    """422 from FastAPI/pydantic validation errors: the first one, naming the field, not its value."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return Problem(422, "invalid_request", "body is not valid JSON")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return Problem(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
