@@ -122,8 +122,11 @@ def create_app(settings: Settings) -> FastAPI:
             return await fn(conn, *args)
 
     async def once(fn, *args):  # a one-call movement (ledger.call): no transaction block around it
-        async with pool.connection() as conn:
+        conn = await pool.getconn()  # not pool.connection(): its `async with conn` adds a commit() per call
+        try:
             return await fn(conn, *args)
+        finally:
+            await pool.putconn(conn)
 
     bearer = HTTPBearer(auto_error=False)
     verified = auth.TokenCache(public_key)
@@ -220,9 +223,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             result = await once(ledger.consume, body.user_id, amount, body.idempotency_key, body.description)
         except Problem as e:
-            metrics.CONSUMES.labels(e.code).inc()
+            metrics.consumed(e.code)
             raise
-        metrics.CONSUMES.labels("replayed" if result["replayed"] else "debited").inc()
+        metrics.consumed("replayed" if result["replayed"] else "debited")
         return result
 
     @app.post("/v1/credits/holds", status_code=201)
@@ -284,7 +287,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with pool.connection() as conn:
             return await ledger.usage(conn, uid, limit, before)
 
-    lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate)
+    lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)
 
 
@@ -310,6 +313,12 @@ class LimitsAndMetrics:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return await JSONResponse(Problem(413, "payload_too_large", f"body over {MAX_BODY_BYTES} bytes").body(), status_code=413)(scope, receive, send)
+        started = time.perf_counter()
+        found = self.lean.match(scope)
+        if found is not None:  # no wrappers: the lean path limits its body and knows its status
+            status = await self.lean.serve(found, scope, receive, send)
+            metrics.observe(scope["route"].path, scope["method"], status, time.perf_counter() - started)
+            return
         received = 0
 
         async def limited_receive():
@@ -321,7 +330,6 @@ class LimitsAndMetrics:
             return message
 
         status = 500
-        started = time.perf_counter()
 
         async def recording_send(message):
             nonlocal status
@@ -330,8 +338,7 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
-            if not await self.lean(scope, limited_receive, recording_send):
-                await self.app(scope, limited_receive, recording_send)
+            await self.app(scope, limited_receive, recording_send)
         finally:
             route = scope.get("route")
             metrics.observe(getattr(route, "path", "unmatched"), scope["method"], status, time.perf_counter() - started)

@@ -28,8 +28,8 @@ class LeanRoutes:
     """`paths`: POST routes of `app` whose only dependency is `principal` (the bearer check);
     `authenticate(authorization header)` is the same check for this path."""
 
-    def __init__(self, app: FastAPI, paths: tuple[str, ...], principal: Callable, authenticate: Callable):
-        self.authenticate = authenticate
+    def __init__(self, app: FastAPI, paths: tuple[str, ...], principal: Callable, authenticate: Callable, max_body: int):
+        self.authenticate, self.max_body = authenticate, max_body
         self.exact: dict[str, tuple[APIRoute, str]] = {}
         self.patterns: list[tuple[object, tuple[APIRoute, str]]] = []
         for route in app.routes:
@@ -57,13 +57,10 @@ class LeanRoutes:
                 return entry, m.groupdict()
         return None
 
-    async def __call__(self, scope, receive, send) -> bool:
-        """Serve the request if it is one of the lean routes; False leaves it to FastAPI."""
-        found = self.match(scope)
-        if found is None:
-            return False
+    async def serve(self, found, scope, receive, send) -> int:
+        """Answer a request `match` found; returns the status sent."""
         (route, principal_name), path_params = found
-        scope["route"] = route  # the metrics' route label, as Starlette sets it
+        scope["route"] = route  # the route template, as Starlette sets it
         headers = None
         try:
             content = await self._run(scope, receive, route, principal_name, path_params)
@@ -76,10 +73,10 @@ class LeanRoutes:
             log.error("unhandled %s on %s", type(e).__name__, scope["path"])
             status, content = 500, Problem(500, "internal", "internal error").body()
         await respond(send, status, content, headers)
-        return True
+        return status
 
     async def _run(self, scope, receive, route: APIRoute, principal_name: str, path_params: dict):
-        body = await read_body(receive)
+        body = await read_body(receive, self.max_body)
         received = PydanticUndefined  # FastAPI's "no body"
         if route.body_field is not None and body:
             if is_json(header(scope, b"content-type")):
@@ -102,13 +99,16 @@ class LeanRoutes:
         return await route.endpoint(**values, **{principal_name: caller})
 
 
-async def read_body(receive) -> bytes:
-    chunks = []
+async def read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:  # chunked bodies carry no content-length
+            raise Problem(413, "payload_too_large", f"body over {limit} bytes")
         if not message.get("more_body", False):
             break
     return b"".join(chunks)

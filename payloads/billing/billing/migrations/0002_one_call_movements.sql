@@ -11,17 +11,19 @@ CREATE INDEX holds_user_active_expiry ON holds (user_id, expires_at) WHERE statu
 -- A JSON string as Python's json.dumps(ensure_ascii=True) writes it: DEL and non-ASCII as \uXXXX,
 -- astral characters as surrogate pairs. PostgreSQL's to_json already escapes quotes, backslashes
 -- and control characters the way Python does.
-CREATE FUNCTION billing_json(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE
-        WHEN t IS NULL THEN 'null'
-        WHEN t ~ '^[\x20-\x7e]*$' THEN to_json(t)::text
-        ELSE (SELECT string_agg(CASE
-                  WHEN ascii(c) < 127 THEN c
-                  WHEN ascii(c) < 65536 THEN '\u' || lpad(to_hex(ascii(c)), 4, '0')
-                  ELSE '\u' || to_hex(55296 + ((ascii(c) - 65536) >> 10)) || '\u' || to_hex(56320 + ((ascii(c) - 65536) & 1023))
-              END, '' ORDER BY n)
-              FROM regexp_split_to_table(to_json(t)::text, '') WITH ORDINALITY AS x(c, n))
-    END
+CREATE FUNCTION billing_json_escaped(t text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
+    SELECT string_agg(CASE
+               WHEN ascii(c) < 127 THEN c
+               WHEN ascii(c) < 65536 THEN '\u' || lpad(to_hex(ascii(c)), 4, '0')
+               ELSE '\u' || to_hex(55296 + ((ascii(c) - 65536) >> 10)) || '\u' || to_hex(56320 + ((ascii(c) - 65536) & 1023))
+           END, '' ORDER BY n)
+    FROM regexp_split_to_table(to_json(t)::text, '') WITH ORDINALITY AS x(c, n)
+$$;
+
+-- One expression, so the planner inlines it (STABLE like to_json, or it would not): printable ASCII
+-- (every key, hash and type) costs no function call.
+CREATE FUNCTION billing_json(t text) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN t IS NULL THEN 'null' WHEN t ~ '^[\x20-\x7e]*$' THEN to_json(t)::text ELSE billing_json_escaped(t) END
 $$;
 
 -- chain.canonical: the row's fields as sorted-key JSON without spaces.
