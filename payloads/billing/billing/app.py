@@ -161,8 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 
 class Problem(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra):
+    """`headers`: extra response headers (e.g. Retry-After); 401s always carry WWW-Authenticate."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, **self.extra}}

@@ -66,9 +66,7 @@ class LeanRoutes:
             content = await self._run(scope, receive, route, principal_name, path_params)
             status = route.status_code or 200
         except Problem as e:
-            status, content = e.status, e.body()
-            if e.status == 401:
-                headers = [(b"www-authenticate", b"Bearer")]
+            status, content, headers = e.status, e.body(), e.headers
         except Exception as e:  # as the app's catch-all handler: one line, no values
             log.error("unhandled %s on %s", type(e).__name__, scope["path"])
             status, content = 500, Problem(500, "internal", "internal error").body()
@@ -128,9 +126,10 @@ def is_json(content_type: str | None) -> bool:
     return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-async def respond(send, status: int, content, headers=None) -> None:
+async def respond(send, status: int, content, headers: dict[str, str] | None = None) -> None:
     """Starlette's JSONResponse, byte for byte."""
     data = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-length", str(len(data)).encode()), (b"content-type", b"application/json"), *(headers or ())]})
+                "headers": [*raw, (b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": data})
