@@ -147,10 +147,10 @@ def main() -> None:
         (work / "consume.lua").write_text(f"USERS = {args.users}\n" + WRK_SCRIPT)
         os.chmod(work / "consume.sql", 0o644)
         auth = token("service", "bench")
-        raw = {c: pgbench(dsn, work / "consume.sql", args.users, c, args.seconds, work) for c in args.levels}
         postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
-        svc, cpu = {}, {}
-        for c in args.levels:
+        raw, svc, cpu = {}, {}, {}
+        for c in args.levels:  # raw and service back to back: the machine's other load drifts less between them
+            raw[c] = pgbench(dsn, work / "consume.sql", args.users, c, args.seconds, work)
             before = fresh_debits(dsn), cpu_seconds([service.proc.pid]), cpu_seconds([postmaster])
             svc[c] = wrk(service.url, work / "consume.lua", c, args.seconds, auth)
             debits = fresh_debits(dsn) - before[0]
