@@ -115,18 +115,20 @@ REUSED = "idempotency_key was already used with a different request"
 
 async def consume(conn, user_id: uuid.UUID, amount: int, key: str, description: str | None) -> dict:
     req = chain.request_hash("consume", amount=amount, description=description)
-    return _moved(await call(conn, MOVE, (user_id, "consume", -amount, key, req, description)), amount)
+    outcome, tx, balance = await call(conn, MOVE, (user_id, "consume", -amount, key, req, description))
+    return _keyed(outcome, balance, amount, {"transaction_id": tx})
 
 
 async def grant(conn, user_id: uuid.UUID, amount: int, key: str, reason: str) -> dict:
     req = chain.request_hash("grant", amount=amount, reason=reason)
-    return _moved(await call(conn, MOVE, (user_id, "grant", amount, key, req, reason)), amount)
+    outcome, tx, balance = await call(conn, MOVE, (user_id, "grant", amount, key, req, reason))
+    return _keyed(outcome, balance, amount, {"transaction_id": tx})
 
 
-def _moved(row: tuple, amount: int) -> dict:
-    outcome, tx, balance = row
+def _keyed(outcome: str, balance: int, amount: int, answer: dict) -> dict:
+    """A movement under an idempotency key: its answer (done or replayed), or the error its outcome means."""
     if outcome in ("done", "replayed"):
-        return {"transaction_id": tx, "balance": balance, "replayed": outcome == "replayed"}
+        return {**answer, "balance": balance, "replayed": outcome == "replayed"}
     if outcome == "insufficient":
         raise insufficient(balance, amount)
     if outcome == "conflict":
@@ -139,13 +141,7 @@ def _moved(row: tuple, amount: int) -> dict:
 async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_seconds: int) -> dict:
     req = chain.request_hash("hold", amount=amount, ttl_seconds=ttl_seconds)
     outcome, hold_id, balance = await call(conn, HOLD, (user_id, amount, key, req, ttl_seconds, uuid.uuid4()))
-    if outcome in ("done", "replayed"):
-        return {"hold_id": str(hold_id), "balance": balance, "replayed": outcome == "replayed"}
-    if outcome == "insufficient":
-        raise insufficient(balance, amount)
-    if outcome == "conflict":
-        raise conflict(REUSED)
-    raise not_found("user")
+    return _keyed(outcome, balance, amount, {"hold_id": str(hold_id)})
 
 
 async def capture(conn, hold_id: uuid.UUID, amount: int | None) -> dict:
