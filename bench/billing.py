@@ -3,13 +3,14 @@ raw ceiling: pgbench sending exactly the statement one consume sends (ledger.MOV
 psycopg prepares it), on the same database over the same TLS settings (the `billing` role,
 verify-full), in the same run. Also the CPU each side spends per consume at c=32. A figure, not a test.
 
-    .venv/bin/python -m bench.billing [--seconds 10] [--users 1000] [--workers 2] [--pool 20]
+    .venv/bin/python -m bench.billing [--seconds 10] [--users 1000] [--workers 2] [--pool 20] [--levels 1 32]
 
 Load comes from wrk (Debian package `wrk`; a C client, so the client costs little of the 2 cores
 the service shares with it). Every request is a fresh debit of 1 cent from a random one of
 `--users` users: its idempotency key carries a token unique to the wrk run, the thread and the
 request (wrk's random numbers repeat from run to run; replays would flatter the service), and each
-thread seeds its own user choice. pgbench's keys carry a per-run token and its client id the same way.
+thread seeds its own user choice; the run fails unless the ledger gained a new row per request.
+pgbench's keys carry a per-run token and its client id the same way.
 """
 
 from __future__ import annotations

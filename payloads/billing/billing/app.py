@@ -33,7 +33,7 @@ MAX_AMOUNT = 1_000_000
 
 
 def storable(text: str) -> str:
-    """PostgreSQL text cannot hold NUL, which JSON can carry (\u0000): refuse it here, naming the
+    """PostgreSQL text cannot hold NUL, which JSON can carry (as \\u0000): refuse it here, naming the
     field, rather than fail in the database. A validator, so the OpenAPI schema is unchanged.
     (Unpaired surrogates never get this far: pydantic refuses them as strings.)"""
     if "\x00" in text:
