@@ -45,7 +45,7 @@ BEGIN
     r.user_id := h.user_id; r.seq := h.last_seq + 1; r.type := p_type; r.amount := p_amount;
     r.balance_after := h.settled + p_amount; r.available_after := h.balance + p_amount + p_held_change;
     r.idempotency_key := p_key; r.request_hash := p_req; r.description := p_description; r.ref := p_ref;
-    r.created_at := now(); r.prev_hash := h.last_hash;
+    r.created_at := clock_timestamp(); r.prev_hash := h.last_hash;  -- after the lock: in chain order
     r.hash := sha256(h.last_hash || convert_to(billing_canonical(r), 'UTF8'));
     INSERT INTO transactions (user_id, seq, type, amount, balance_after, available_after, idempotency_key,
                               request_hash, description, ref, created_at, prev_hash, hash)
