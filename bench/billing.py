@@ -1,9 +1,11 @@
 """Consumes/second and p50/p99 latency of the billing service at concurrency 1 and 32, next to the
 raw ceiling: pgbench sending exactly the statement one consume sends (ledger.MOVE, prepared, as
 psycopg prepares it), on the same database over the same TLS settings (the `billing` role,
-verify-full), in the same run. Also the CPU each side spends per consume at c=32. A figure, not a test.
+verify-full), in the same run, in alternating slices (the machine is shared: other load falls on
+both sides alike; the line shows the spread of the slices' ratios). Also the CPU each side spends
+per consume at the highest level. A figure, not a test.
 
-    .venv/bin/python -m bench.billing [--seconds 10] [--users 1000] [--workers 2] [--pool 20] [--levels 1 32]
+    .venv/bin/python -m bench.billing [--seconds 12] [--rounds 3] [--users 1000] [--workers 2] [--pool 20] [--levels 1 32]
 
 Load comes from wrk (Debian package `wrk`; a C client, so the client costs little of the 2 cores
 the service shares with it). Every request is a fresh debit of 1 cent from a random one of
@@ -98,6 +100,12 @@ def wrk(url: str, script: Path, clients: int, seconds: float, auth: str) -> tupl
     return float(re.search(r"Requests/sec:\s+([\d.]+)", r.stdout).group(1)), ms["50"], ms["99"], requests
 
 
+def combine(slices: list[tuple]) -> dict:
+    """Equal-length slices: the mean rate, the median slice's p50, the worst slice's p99."""
+    return {"rate": statistics.mean(s[0] for s in slices), "p50": statistics.median(s[1] for s in slices),
+            "p99": max(s[2] for s in slices)}
+
+
 def _ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -126,7 +134,8 @@ def fresh_debits(dsn: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=12, help="per side and level, in --rounds slices")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/service slices per level")
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (production runs 2)")
     parser.add_argument("--pool", type=int, default=None, help="DB_POOL_SIZE per worker (default: the service's)")
@@ -150,20 +159,32 @@ def main() -> None:
         auth = token("service", "bench")
         postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
         raw, svc, cpu = {}, {}, {}
-        for c in args.levels:  # raw and service back to back: the machine's other load drifts less between them
-            raw[c] = pgbench(dsn, work / "consume.sql", args.users, c, args.seconds, work)
-            before = fresh_debits(dsn), cpu_seconds([service.proc.pid]), cpu_seconds([postmaster])
-            svc[c] = wrk(service.url, work / "consume.lua", c, args.seconds, auth)
-            debits = fresh_debits(dsn) - before[0]
-            assert debits >= svc[c][3], f"c={c}: {svc[c][3]} requests but only {debits} fresh debits (replayed keys?)"
-            cpu[c] = [(cpu_seconds(pids) - b) * 1000 / debits for pids, b in (([service.proc.pid], before[1]), ([postmaster], before[2]))]
+        slice_seconds = max(1, round(args.seconds / args.rounds))
+        for c in args.levels:
+            # Raw and service in alternating slices: the machine's other load falls on both alike.
+            raw_slices, svc_slices, spent, debits = [], [], [0.0, 0.0], 0
+            wrk(service.url, work / "consume.lua", c, 1, auth)  # warm-up: the pool grows to the level (pgbench connects outside its timing)
+            for _ in range(args.rounds):
+                raw_slices.append(pgbench(dsn, work / "consume.sql", args.users, c, slice_seconds, work))
+                before = fresh_debits(dsn), cpu_seconds([service.proc.pid]), cpu_seconds([postmaster])
+                svc_slices.append(wrk(service.url, work / "consume.lua", c, slice_seconds, auth))
+                fresh = fresh_debits(dsn) - before[0]
+                assert fresh >= svc_slices[-1][3], f"c={c}: {svc_slices[-1][3]} requests but {fresh} fresh debits (replayed keys?)"
+                debits += fresh
+                spent[0] += cpu_seconds([service.proc.pid]) - before[1]
+                spent[1] += cpu_seconds([postmaster]) - before[2]
+            raw[c], svc[c] = combine(raw_slices), combine(svc_slices)
+            raw[c]["slice ratios"] = [s[0] / r[0] for s, r in zip(svc_slices, raw_slices)]
+            cpu[c] = [seconds * 1000 / debits for seconds in spent]
     finally:
         service.stop()
         cluster.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    parts = [f"c={c} service {svc[c][0]:.0f}/s p50 {svc[c][1]:.2f} ms p99 {svc[c][2]:.2f} ms, raw {raw[c][0]:.0f}/s "
-             f"p50 {raw[c][1]:.2f} ms p99 {raw[c][2]:.2f} ms, service/raw {svc[c][0] / raw[c][0]:.2f}" for c in args.levels]
+    parts = [f"c={c} service {svc[c]['rate']:.0f}/s p50 {svc[c]['p50']:.2f} ms p99 {svc[c]['p99']:.2f} ms, "
+             f"raw {raw[c]['rate']:.0f}/s p50 {raw[c]['p50']:.2f} ms p99 {raw[c]['p99']:.2f} ms, "
+             f"service/raw {svc[c]['rate'] / raw[c]['rate']:.2f} (slices {min(raw[c]['slice ratios']):.2f}–{max(raw[c]['slice ratios']):.2f})"
+             for c in args.levels]
     c = max(args.levels)
     parts.append(f"CPU per consume at c={c}: service {cpu[c][0]:.2f} ms, postgres {cpu[c][1]:.2f} ms")
     pool = f", pool {args.pool}" if args.pool else ""
