@@ -118,8 +118,8 @@ def test_a_unique_violation_race_is_retried_with_a_fresh_snapshot(cluster):
     insert_if_absent = "INSERT INTO race_probe SELECT %s WHERE NOT EXISTS (SELECT 1 FROM race_probe WHERE k = %s) RETURNING k"
 
     async def race():
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as winner, \
-                   await psycopg.AsyncConnection.connect(dsn, autocommit=True) as loser:
+        async with await ledger.Connection.connect(dsn, autocommit=True) as winner, \
+                   await ledger.Connection.connect(dsn, autocommit=True) as loser:
             async with winner.transaction():
                 await winner.execute("INSERT INTO race_probe VALUES ('x')")
                 pending = asyncio.ensure_future(ledger.call(loser, insert_if_absent, ("x", "x")))

@@ -92,8 +92,8 @@ class Purchase(Body):
 def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     # autocommit: a movement function is its own transaction, one round trip (no BEGIN/COMMIT)
-    pool = AsyncConnectionPool(settings.database_url, min_size=min(2, settings.db_pool_size),
-                               max_size=settings.db_pool_size, open=False, kwargs={"connect_timeout": 5, "autocommit": True})
+    pool = AsyncConnectionPool(settings.database_url, min_size=min(2, settings.db_pool_size), max_size=settings.db_pool_size,
+                               connection_class=ledger.Connection, open=False, kwargs={"connect_timeout": 5, "autocommit": True})
     stripe_client = payments.client(settings)
 
     @contextlib.asynccontextmanager
