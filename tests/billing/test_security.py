@@ -151,3 +151,32 @@ def test_fuzzed_requests_never_5xx(api, billing, operations):
     # Whatever the fuzzing moved went through valid, authorised requests: every chain still verifies.
     r = billing.run("verify-ledger")
     assert r.returncode == 0, r.stderr
+
+
+# --- text PostgreSQL cannot store, digits that are not ASCII: 422 naming the field, never a 500 ----
+
+STORABLE = {
+    "consume_description_nul": ("/v1/credits/consume", lambda u: {"user_id": u, "idempotency_key": "k", "description": "a\u0000b"}, "description"),
+    "grant_reason_nul": ("/v1/credits/grant", lambda u: {"user_id": u, "amount": 5, "idempotency_key": "g", "reason": "\u0000"}, "reason"),
+    "user_email_nul": ("/v1/users", lambda u: {"email": "a\u0000b@example.org"}, "email"),
+    "description_lone_surrogate": ("/v1/credits/consume", lambda u: {"user_id": u, "idempotency_key": "k", "description": "\ud800"}, "description"),
+}
+
+
+@pytest.mark.parametrize("case", list(STORABLE))
+def test_unstorable_text_is_422_naming_the_field(api, case):
+    path, body, field = STORABLE[case]
+    user = new_user(api)
+    raw = json.dumps(body(user)).encode()  # \u0000 and \ud800 escaped, as a client would send them
+    r = api.post(path, content=raw, headers={**ADMIN, "content-type": "application/json"} if path != "/v1/credits/consume"
+                 else {**SERVICE, "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request" and r.json()["error"]["message"].startswith(f"{field}: ")
+    assert balance(api, user) == 15
+
+
+@pytest.mark.parametrize("cursor", ["\u0663", "\u00b2", "\uff11", "1\u0663"])
+def test_non_ascii_digits_in_the_usage_cursor_are_422(api, cursor):
+    user = new_user(api)
+    r = api.get(f"/v1/usage/{user}", params={"cursor": cursor}, headers=SERVICE)
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("cursor: "), r.text

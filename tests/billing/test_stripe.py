@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import stripe
 
-from tests.billing.conftest import WEBHOOK_SECRET, balance, bearer, new_user
+from tests.billing.conftest import WEBHOOK_SECRET, Billing, balance, bearer, new_user
+from tests.postgres.conftest import free_port
 
 
 def signed(event: dict, secret: str = WEBHOOK_SECRET, at: int | None = None) -> tuple[bytes, dict]:
@@ -146,3 +147,26 @@ def _shortfall_metric(api) -> float:
         if line.startswith("billing_refund_shortfall_cents_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_billing_starts_without_stripe_keys_and_only_payments_answer_503(billing, tmp_path):
+    """STRIPE_SECRET_KEY unset and STRIPE_WEBHOOK_SECRET empty: billing serves everything else;
+    purchases and webhooks answer 503 payments_unavailable naming the missing variable."""
+    env = {k: v for k, v in billing.env.items() if k != "STRIPE_SECRET_KEY"}
+    env.update(STRIPE_WEBHOOK_SECRET="", PORT=str(free_port()))
+    keyless = Billing(env, tmp_path / "billing.log")
+    keyless.start()
+    try:
+        with httpx.Client(base_url=keyless.url, timeout=30) as api:
+            user = new_user(api)
+            r = api.post("/v1/credits/consume", json={"user_id": user, "idempotency_key": "k"}, headers=bearer("service", "proxy"))
+            assert r.status_code == 200 and r.json()["balance"] == 10
+            r = api.post("/v1/credits/purchase", json={"credits": 500}, headers=bearer("user", user))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "payments_unavailable"
+            assert "STRIPE_SECRET_KEY is not set" in r.json()["error"]["message"]
+            r = deliver(api, completed(user, 500))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "payments_unavailable"
+            assert "STRIPE_WEBHOOK_SECRET is not set" in r.json()["error"]["message"]
+            assert balance(api, user) == 10
+    finally:
+        keyless.stop()

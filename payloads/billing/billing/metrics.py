@@ -12,5 +12,20 @@ WEBHOOKS = Counter("billing_webhook_events_total", "Stripe webhook deliveries by
 REFUND_SHORTFALL = Counter("billing_refund_shortfall_cents_total", "Refunded credits that could not be taken back (already spent)", registry=REGISTRY)
 
 
+_children: dict[tuple, object] = {}  # labels() takes a lock and builds a key each call: once per label set
+
+
+def _child(metric, *labels: str):
+    key = (metric, labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def observe(route: str, method: str, status: int, seconds: float) -> None:
-    REQUESTS.labels(route, method, str(status)).observe(seconds)
+    _child(REQUESTS, route, method, str(status)).observe(seconds)
+
+
+def consumed(outcome: str) -> None:
+    _child(CONSUMES, outcome).inc()

@@ -21,9 +21,16 @@ PAID = ("checkout.session.completed", "checkout.session.async_payment_succeeded"
 HANDLED = (*PAID, "charge.refunded")
 
 
-def client(settings: Settings) -> stripe.StripeClient:
+def client(settings: Settings) -> stripe.StripeClient | None:
+    """Stripe's client, or None without STRIPE_SECRET_KEY (billing runs; purchases answer 503)."""
+    if not settings.stripe_secret_key:
+        return None
     base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
     return stripe.StripeClient(settings.stripe_secret_key, base_addresses=base, http_client=stripe.HTTPXClient(), max_network_retries=2)
+
+
+def unavailable(var: str) -> Problem:
+    return Problem(503, "payments_unavailable", f"payments are not configured on this server ({var} is not set)")
 
 
 async def checkout(sc: stripe.StripeClient, settings: Settings, user_id: str, credits: int) -> dict:

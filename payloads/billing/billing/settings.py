@@ -23,8 +23,8 @@ class SettingsError(ValueError):
 class Settings:
     database_url: str
     jwt_private_key: Ed25519PrivateKey = field(repr=False)
-    stripe_secret_key: str = field(repr=False)
-    stripe_webhook_secret: str = field(repr=False)
+    stripe_secret_key: str | None = field(default=None, repr=False)  # None: purchases answer 503
+    stripe_webhook_secret: str | None = field(default=None, repr=False)  # None: webhooks answer 503
     stripe_api_base: str | None = None
     price_per_interaction_cents: int = 5
     signup_credits: int = 15
@@ -104,8 +104,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=url,
         jwt_private_key=_private_key(env),
-        stripe_secret_key=_required(env, "STRIPE_SECRET_KEY"),
-        stripe_webhook_secret=_required(env, "STRIPE_WEBHOOK_SECRET"),
+        stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip() or None,
+        stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip() or None,
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         signup_credits=_int(env, "SIGNUP_CREDITS", 15, 0, 1_000_000),
