@@ -57,7 +57,8 @@ class Billing(pulumi.ComponentResource):
         self.private_key_pem = pulumi.Output.secret(key.private_key_pem_pkcs8)
         missing = [k for k in ("stripe_secret_key", "stripe_webhook_secret") if not args.secrets.get(k)]
         if missing:
-            pulumi.log.warn(f"billing: ciris-bridge:{' and ciris-bridge:'.join(missing)} not set; purchases and webhooks will fail "
+            pulumi.log.warn(f"billing: ciris-bridge:{' and ciris-bridge:'.join(missing)} not set; billing starts, but purchases "
+                            "and Stripe webhooks answer 503 payments_unavailable "
                             f"(pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
         source = payload_files("billing")
         for region in args.regions:

@@ -17,8 +17,25 @@ DEPLOY_USER = "ciris"
 DATA_MOUNT = "/srv/ciris/data"
 BUNDLE_DIR = "/srv/ciris"
 
-# Docker's Debian repository signing key (https://download.docker.com/linux/debian/gpg).
-DOCKER_KEY_ID = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
+# Docker's Debian repository signing key: fetched over HTTPS from Docker (not a keyserver, which
+# fails often at first boot) and used only if its fingerprint is this one.
+DOCKER_KEY_URL = "https://download.docker.com/linux/debian/gpg"
+DOCKER_KEY_FINGERPRINT = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
+DOCKER_KEYRING = "/etc/apt/keyrings/docker.asc"
+
+INSTALL_DOCKER = f"""\
+#!/bin/sh
+# ciris-install-docker: Docker CE and its compose plugin from Docker's repository, key pinned by fingerprint.
+set -eu
+install -d -m 755 /etc/apt/keyrings
+curl -fsSL --retry 5 {DOCKER_KEY_URL} -o {DOCKER_KEYRING}.new
+gpg --show-keys --with-colons {DOCKER_KEYRING}.new | grep -q '^fpr:*{DOCKER_KEY_FINGERPRINT}:' \\
+  || {{ echo "ciris-install-docker: Docker's key does not have the pinned fingerprint" >&2; exit 1; }}
+mv {DOCKER_KEYRING}.new {DOCKER_KEYRING} && chmod 644 {DOCKER_KEYRING}
+echo "deb [signed-by={DOCKER_KEYRING}] https://download.docker.com/linux/debian bookworm stable" > /etc/apt/sources.list.d/docker.list
+apt-get update -q
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-ce docker-ce-cli containerd.io docker-compose-plugin
+"""
 
 SSHD = """\
 # Managed by ciris-bridge: keys only, no root.
@@ -27,6 +44,27 @@ KbdInteractiveAuthentication no
 PermitRootLogin no
 PermitEmptyPasswords no
 X11Forwarding no
+"""
+
+# Container logs go to journald (the compose files' log driver): kept 14 days by time (FSD §9.4),
+# and never more than 2 GB.
+JOURNALD = """\
+[Journal]
+Storage=persistent
+MaxRetentionSec=14day
+SystemMaxUse=2G
+"""
+
+# Docker starts only once the data volume is mounted: otherwise Postgres would start on an empty
+# directory of the root disk after a reboot.
+DOCKER_AFTER_DATA = f"""\
+[Unit]
+RequiresMountsFor={DATA_MOUNT}
+"""
+
+# Unattended upgrades also take Docker's own packages (docker-ce is not in Debian's origins).
+DOCKER_UPGRADES = """\
+Unattended-Upgrade::Origins-Pattern:: "origin=Docker,label=Docker CE";
 """
 
 AUTO_UPGRADES = """\
@@ -44,7 +82,13 @@ dev=$1; mnt=$2
 i=0
 while [ ! -b "$dev" ] && [ $i -lt 60 ]; do sleep 5; i=$((i + 1)); done
 [ -b "$dev" ] || { echo "ciris-prepare-volume: $dev did not appear after 5 minutes" >&2; exit 1; }
-if ! blkid -p "$dev" >/dev/null 2>&1; then mkfs.ext4 -q -L ciris-data "$dev"; fi
+# blkid -p: 0 a signature found, 2 none (blank: format it), anything else an error (never format).
+rc=0; blkid -p "$dev" >/dev/null 2>&1 || rc=$?
+case $rc in
+  0) ;;
+  2) mkfs.ext4 -q -L ciris-data "$dev" ;;
+  *) echo "ciris-prepare-volume: blkid -p $dev failed ($rc); not formatting" >&2; exit 1 ;;
+esac
 uuid=$(blkid -s UUID -o value "$dev")
 mkdir -p "$mnt"
 grep -q "UUID=$uuid" /etc/fstab || echo "UUID=$uuid $mnt ext4 defaults,nofail,discard 0 2" >> /etc/fstab
@@ -72,33 +116,25 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule]) -> str:
                 "ssh_authorized_keys": [ssh_public_key],
             }
         ],
-        "apt": {
-            "sources": {
-                "docker.list": {
-                    "source": "deb [signed-by=$KEY_FILE] https://download.docker.com/linux/debian bookworm stable",
-                    "keyid": DOCKER_KEY_ID,
-                }
-            }
-        },
         "package_update": True,
         "package_upgrade": True,
-        "packages": [
-            "ufw",
-            "unattended-upgrades",
-            "docker-ce",
-            "docker-ce-cli",
-            "containerd.io",
-            "docker-compose-plugin",
-        ],
+        "packages": ["ufw", "unattended-upgrades", "curl", "gnupg", "ca-certificates"],
         "write_files": [
             {"path": "/etc/ssh/sshd_config.d/10-ciris.conf", "content": SSHD, "permissions": "0644"},
             {"path": "/etc/apt/apt.conf.d/20auto-upgrades", "content": AUTO_UPGRADES, "permissions": "0644"},
             {"path": "/usr/local/sbin/ciris-prepare-volume", "content": PREPARE_VOLUME, "permissions": "0755"},
+            {"path": "/usr/local/sbin/ciris-install-docker", "content": INSTALL_DOCKER, "permissions": "0755"},
+            {"path": "/etc/systemd/journald.conf.d/10-ciris.conf", "content": JOURNALD, "permissions": "0644"},
+            {"path": "/etc/systemd/system/docker.service.d/10-ciris-data.conf", "content": DOCKER_AFTER_DATA, "permissions": "0644"},
+            {"path": "/etc/apt/apt.conf.d/51ciris-docker-upgrades", "content": DOCKER_UPGRADES, "permissions": "0644"},
         ],
         "runcmd": [
             *ufw,
+            "/usr/local/sbin/ciris-install-docker",
             f"usermod -aG docker {DEPLOY_USER}",
             f"install -d -o {DEPLOY_USER} -g {DEPLOY_USER} {BUNDLE_DIR}",
+            "systemctl daemon-reload",
+            "systemctl restart systemd-journald",
             "systemctl enable --now docker unattended-upgrades",
             "systemctl restart ssh",
         ],

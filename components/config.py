@@ -319,12 +319,41 @@ def _check_cost(config: BridgeConfig) -> None:
 
 
 def from_engine() -> BridgeConfig:
-    """The config `pulumi up` (or the mock runtime) hands this program."""
-    from pulumi.runtime import config as rc
+    """The config `pulumi up` (or the mock runtime) hands this program. Under the real engine the
+    committed placeholders (documentation-range admin addresses, the placeholder SSH key) and the
+    local stack are refused; the offline plan only warns about them."""
+    import pulumi
+    from pulumi.runtime import config as rc, settings
+    from pulumi.runtime.mocks import MockMonitor
 
     raw = {**rc.get_config_env(), **rc.CONFIG.get()}
     secret_keys = set(rc.get_config_secret_keys_env()) | set(rc._SECRET_KEYS.get())
-    return parse(raw, secret_keys)
+    config = parse(raw, secret_keys)
+    problems = placeholders(config)
+    if isinstance(settings.get_monitor(), MockMonitor):
+        for key, message in problems if config.environment != "local" else []:
+            pulumi.log.warn(f"{key}: {message} (fine for the offline plan; `pulumi up` refuses it)")
+    elif problems:
+        raise ConfigError(*problems[0])
+    return config
+
+
+DOCUMENTATION_NETS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")]
+PLACEHOLDER_KEY_COMMENT = "replace-me@ciris-bridge"
+
+
+def placeholders(config: BridgeConfig) -> list[tuple[str, str]]:
+    """What a real deploy must not go out with: (key, message) pairs."""
+    problems = []
+    if config.environment == "local":
+        problems.append((f"{PROJECT}:environment", "local runs on this machine (make local), never in a cloud"))
+    for cidr in config.admin_ssh_cidrs:
+        net = ipaddress.ip_network(cidr)
+        if any(net.version == doc.version and net.subnet_of(doc) for doc in DOCUMENTATION_NETS):
+            problems.append((f"{PROJECT}:admin_ssh_cidrs", f"{cidr} is a documentation placeholder; list your admin addresses"))
+    if config.ssh_public_key.endswith(PLACEHOLDER_KEY_COMMENT):
+        problems.append((f"{PROJECT}:ssh_public_key", "is the committed placeholder; set your deploy key's public half"))
+    return problems
 
 
 def read_stack_file(path: str | Path) -> tuple[dict[str, Any], set[str]]:

@@ -58,6 +58,18 @@ def create(
     return _PROVIDERS[region.provider](name, label, region, ssh_public_key, user_data, rules, labels, opts)
 
 
+def _keep(opts: pulumi.ResourceOptions, labels: dict[str, str], *ignore: str) -> pulumi.ResourceOptions:
+    """VMs and volumes: never replaced for a changed first-boot setting (user data, SSH key: those
+    are managed on the running host), and in production protected from deletion."""
+    return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(
+        ignore_changes=list(ignore), protect=labels.get("environment") == "production"))
+
+
+# Hetzner refuses a second key with the same fingerprint in a project: one per key, shared by the
+# stack's Hetzner hosts (and a different deploy key per stack when stacks share a project).
+_hetzner_keys: dict[tuple[int, str], hcloud.SshKey] = {}
+
+
 def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
     key = vultr.SSHKey(f"{name}-ssh-key", name=f"{label}-deploy", ssh_key=ssh_public_key, opts=opts)
     group = vultr.FirewallGroup(f"{name}-firewall", description=label, opts=opts)
@@ -92,7 +104,7 @@ def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) 
         firewall_group_id=group.id,
         user_data=user_data,
         tags=[f"{k}={v}" for k, v in sorted(labels.items())],
-        opts=opts,
+        opts=_keep(opts, labels, "userData", "sshKeyIds"),
     )
     ready: list[pulumi.Resource] = [vm]
     device = None
@@ -105,7 +117,7 @@ def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) 
             block_type="high_perf",
             attached_to_instance=vm.id,
             live=True,
-            opts=opts,
+            opts=_keep(opts, labels),
         )
         device = volume.mount_id.apply(lambda m: f"/dev/disk/by-id/virtio-{m}")
         ready.append(volume)
@@ -125,7 +137,11 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
             for rule in extra
         ]
 
-    key = hcloud.SshKey(f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, labels=labels, opts=opts)
+    run = (id(pulumi.runtime.settings.get_monitor()), ssh_public_key)  # one program run (tests run many)
+    key = _hetzner_keys.get(run)
+    if key is None:
+        key = _hetzner_keys[run] = hcloud.SshKey(
+            f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, labels=labels, opts=opts)
     firewall = hcloud.Firewall(f"{name}-firewall", name=label, rules=firewall_rules(rules), labels=labels, opts=opts)
     vm = hcloud.Server(
         f"{name}-vm",
@@ -140,7 +156,7 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
         public_nets=[hcloud.ServerPublicNetArgs(ipv4_enabled=True, ipv6_enabled=True)],
         user_data=user_data,
         labels=labels,
-        opts=opts,
+        opts=_keep(opts, labels, "userData", "sshKeys"),
     )
 
     def add_rules(purpose: str, extra: Sequence[Rule]) -> None:
@@ -161,7 +177,7 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
             server_id=vm.id.apply(int),
             automount=False,  # ciris-prepare-volume formats (only if blank) and mounts it
             labels=labels,
-            opts=opts,
+            opts=_keep(opts, labels),
         )
         device = volume.linux_device
         ready.append(volume)

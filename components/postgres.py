@@ -97,6 +97,10 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             self._deploy_member(member, args.primary, replica_names, passwords, key.private_key_pem, cert.cert_pem)
 
         if args.backup:
+            missing = [k for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key") if not self._backup_secrets.get(k)]
+            if missing:
+                pulumi.log.warn(f"postgres: backup is configured but {', '.join(f'ciris-bridge:{k}' for k in missing)} "
+                                f"not set; the daily dump and WAL archiving will fail (pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
             self._backup_job(args.primary, passwords["app"])
 
         self.summary = {

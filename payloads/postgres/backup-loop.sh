@@ -8,9 +8,12 @@ set -u
 hour=${BACKUP_HOUR_UTC:-3}
 pgbr() { gosu postgres pgbackrest --config=/etc/ciris-postgres/pgbackrest.conf --stanza=ciris "$@"; }
 # archive_command fails (and WAL waits in pg_wal) until the stanza exists: create it as soon as the
-# server answers; then take the first full backup unless the repository already has one.
-until pgbr stanza-create; do echo "backup-loop: stanza-create failed; retrying in 30 s" >&2; sleep 30; done
-pgbr info | grep -q "full backup" || pgbr backup --type=full || echo "backup-loop: first full backup failed" >&2
+# server answers, then take the first full backup unless the repository already has one. In the
+# background: the daily pg_dump below never waits for pgBackRest's repository.
+(
+  until pgbr stanza-create; do echo "backup-loop: stanza-create failed; retrying in 30 s" >&2; sleep 30; done
+  pgbr info | grep -q "full backup" || pgbr backup --type=full || echo "backup-loop: first full backup failed" >&2
+) &
 while :; do
   now=$(date -u +%s)
   next=$(date -u -d "today ${hour}:00" +%s)

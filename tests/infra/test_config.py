@@ -145,3 +145,16 @@ def test_engine_json_values_parse_like_file_values():
     """Under `pulumi up` structured values arrive as JSON text; the result must be identical."""
     raw, secret_keys = stack_raw("production")
     assert config.parse(config.engine_config(raw), secret_keys) == config.parse(raw, secret_keys)
+
+
+def test_a_real_deploy_refuses_the_committed_placeholders():
+    """`pulumi up` (the real engine) raises on these; the offline plan only warns (from_engine)."""
+    raw, secret_keys = stack_raw("production")
+    problems = dict(config.placeholders(config.parse(raw, secret_keys)))
+    assert "documentation placeholder" in problems["ciris-bridge:admin_ssh_cidrs"]
+    assert "placeholder" in problems["ciris-bridge:ssh_public_key"]
+    raw["ciris-bridge:admin_ssh_cidrs"] = ["8.8.8.8/32"]
+    raw["ciris-bridge:ssh_public_key"] = raw["ciris-bridge:ssh_public_key"].replace("replace-me@ciris-bridge", "ops@ciris.ai")
+    assert config.placeholders(config.parse(raw, secret_keys)) == []
+    local_raw, local_secrets = config.read_stack_file(REPO / "Pulumi.local.yaml")
+    assert [k for k, _ in config.placeholders(config.parse(local_raw, local_secrets))] == ["ciris-bridge:environment"]

@@ -220,7 +220,7 @@ def test_cloud_init_hardens_the_host():
     p = run("production")
     doc = p.artifacts["eu-west/cloud-init.yaml"]
     assert doc.startswith("#cloud-config\n")
-    for needle in ("unattended-upgrades", "docker-compose-plugin", "ssh_pwauth: false", "disable_root: true", "ufw --force enable", "ufw default deny incoming"):
+    for needle in ("unattended-upgrades", "docker-compose-plugin", "9DC858229FC7DD38854AE2D88D81803C0EBFCD88", "MaxRetentionSec=14day", "RequiresMountsFor=/srv/ciris/data", "ssh_pwauth: false", "disable_root: true", "ufw --force enable", "ufw default deny incoming"):
         assert needle in doc
     assert cloud_init.DEPLOY_USER in doc
 
