@@ -18,6 +18,7 @@ from components import cloud_init, deploy, dns
 from components.region import Region
 
 API_URL = "http://127.0.0.1:8081"
+SYNC_SERIAL = 1  # a new zone starts here; PowerDNS moves it to YYYYMMDDnn on its first change
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,18 @@ class Nameservers(pulumi.ComponentResource):
         super().__init__("ciris:bridge:Nameservers", name, None, opts)
         addresses = pulumi.Output.all(*[pulumi.Output.all(r.ipv4, r.ipv6) for r in args.regions])
 
-        def render(addrs: list) -> list[dns.RenderedZone]:
+        def render(addrs: list, serial: int | None = None) -> list[dns.RenderedZone]:
             regions = [
                 dns.RegionAddress(r.spec.name, r.domain, r.nameserver, ipv4, ipv6)
                 for r, (ipv4, ipv6) in zip(args.regions, addrs)
             ]
-            return dns.render(args.zones, regions, hostmaster=args.hostmaster, geo=args.geo)
+            return dns.render(args.zones, regions, hostmaster=args.hostmaster, geo=args.geo, serial=serial)
 
-        rendered = addresses.apply(render)
-        zones = rendered.apply(lambda zs: [z.as_dict() for z in zs])
-        self.zone_files = rendered.apply(lambda zs: {z.name.rstrip("."): dns.to_rfc1035(z) for z in zs})
-        # The serial inside the rendered SOA is the day's; the server keeps its own, so leave it
-        # out of the trigger or every new day would look like a change.
-        digest = zones.apply(lambda zs: hashlib.sha256(json.dumps(_without_serial(zs), sort_keys=True).encode()).hexdigest())
+        self.zone_files = addresses.apply(render).apply(lambda zs: {z.name.rstrip("."): dns.to_rfc1035(z) for z in zs})
+        # The server keeps its own serial (pdns_sync): what it is sent carries a fixed one, so the
+        # command's input, like its trigger, changes only when a record does -- not every day.
+        zones = addresses.apply(lambda a: [z.as_dict() for z in render(a, serial=SYNC_SERIAL)])
+        digest = zones.apply(lambda zs: hashlib.sha256(json.dumps(zs, sort_keys=True).encode()).hexdigest())
 
         syncs = []
         for region in args.regions:
@@ -72,16 +72,3 @@ class Nameservers(pulumi.ComponentResource):
             else {}
         )
         self.register_outputs({"zone_files": self.zone_files, "dnssec_ds": self.dnssec_ds})
-
-
-def _without_serial(zones: list[dict]) -> list[dict]:
-    out = []
-    for z in zones:
-        rrsets = []
-        for r in z["rrsets"]:
-            if r["type"] == "SOA":
-                parts = r["records"][0].split()
-                r = {**r, "records": [" ".join(parts[:2] + parts[3:])]}
-            rrsets.append(r)
-        out.append({**z, "rrsets": rrsets})
-    return out
