@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: local local-down plan test venv system-deps engine clean
+.PHONY: local local-down plan test venv system-deps engine lock clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard payloads/*/requirements.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ plan: venv
 
 test: venv system-deps engine
 	$(PY) -m pytest
+
+# Re-lock a payload's Python dependencies (hashes; Debian bookworm's Python 3.11 in the images).
+lock: venv
+	$(PY) -m pip install -q pip-tools
+	for p in billing proxy; do (cd payloads/$$p && ../../$(VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe \
+	  --strip-extras --no-emit-find-links --no-emit-index-url -o requirements.lock requirements.txt \
+	  && sed -i '/^--extra-index-url/d' requirements.lock); done
 
 clean:
 	rm -rf $(VENV) .pytest_cache plan-out local

@@ -25,7 +25,9 @@ install -d -m 755 "$dir"
 base64 -d | tar -xz -C "$dir"
 cd "$dir"
 """ + _COMPOSE + """\
-dc build -q
+# On the hosts the base image is refreshed at every deploy (security updates); a local base (BASE
+# set, `make local`) is never pulled.
+if [ -n "${BASE:-}" ]; then dc build -q; else dc build -q --pull; fi
 dc up -d --remove-orphans --wait --wait-timeout 300
 """
 
