@@ -96,8 +96,10 @@ mountpoint -q "$mnt" || mount "$mnt"
 """
 
 
-def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule]) -> str:
-    """`rules` must have resolved (plain string) sources: the base rules do."""
+def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule], host_key: tuple[str, str] | None = None) -> str:
+    """`rules` must have resolved (plain string) sources: the base rules do. `host_key` (OpenSSH
+    private, public) is the host's own Ed25519 key, made by the program, so the deploy can pin it
+    instead of trusting whatever answers on first use."""
     ufw = ["ufw default deny incoming", "ufw default allow outgoing"]
     for rule in rules:
         ufw += ufw_commands(rule.protocol, rule.port, [str(cidr) for _, cidr in rule.sources])
@@ -106,6 +108,8 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule]) -> str:
     doc = {
         "hostname": hostname,
         "disable_root": True,
+        **({"ssh_deletekeys": True, "ssh_genkeytypes": [],
+            "ssh_keys": {"ed25519_private": host_key[0], "ed25519_public": host_key[1]}} if host_key else {}),
         "ssh_pwauth": False,
         "users": [
             {

@@ -37,7 +37,9 @@ def private_key(name: str, inputs: dict[str, Any]) -> dict[str, str]:
         raise NotImplementedError(f"mock tls: no {algorithm} keys (the program uses ED25519 and ECDSA)")
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
     public = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
-    return {"privateKeyPem": pem, "privateKeyPemPkcs8": pem, "publicKeyPem": public}
+    return {"privateKeyPem": pem, "privateKeyPemPkcs8": pem, "publicKeyPem": public,
+            "privateKeyOpenssh": key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()).decode(),
+            "publicKeyOpenssh": key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode() + "\n"}
 
 
 def _name(subject: dict | None) -> x509.Name:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_command as command
 import pulumi_random as random
+import pulumi_tls as tls
 
 from components import cloud_init, deploy, dns, edge, hosts, services
 from components.config import BridgeConfig, Region as RegionConfig
@@ -78,7 +79,13 @@ class Region(pulumi.ComponentResource):
         label = f"ciris-{cfg.environment}-{r.name}"
 
         rules = base_rules(cfg.admin_ssh_cidrs)
-        user_data = cloud_init.render(label, cfg.ssh_public_key, rules)
+        # The host's SSH key: made here, installed by cloud-init, pinned by every remote command.
+        host_key = tls.PrivateKey(f"{name}-host-key", algorithm="ED25519", opts=pulumi.ResourceOptions(parent=self))
+        self.host_public_key = host_key.public_key_openssh.apply(str.strip)
+        user_data = pulumi.Output.secret(pulumi.Output.all(host_key.private_key_openssh, self.host_public_key).apply(
+            lambda k: cloud_init.render(label, cfg.ssh_public_key, rules, host_key=(k[0], k[1]))))
+        shown_user_data = self.host_public_key.apply(
+            lambda pub: cloud_init.render(label, cfg.ssh_public_key, rules, host_key=("[secret]", pub)))
         self.host = hosts.create(
             name, label, r, cfg.ssh_public_key, user_data, rules,
             {"project": "ciris-bridge", "environment": cfg.environment, "region": r.name}, parent=self,
@@ -114,7 +121,7 @@ class Region(pulumi.ComponentResource):
                          private={"dns/pdns.conf": 0})
         # The plan's copy shows where the key goes, not the key.
         shown_conf = dns.pdns_conf(api_key="[secret]", listen=("0.0.0.0",), geoip_database=geoip)
-        self.artifacts.update({"cloud-init.yaml": user_data, "dns/pdns.conf": shown_conf})
+        self.artifacts.update({"cloud-init.yaml": shown_user_data, "dns/pdns.conf": shown_conf})
 
         private_key = cfg.secret("ssh_private_key")
         self.connection = command.remote.ConnectionArgs(
@@ -122,6 +129,7 @@ class Region(pulumi.ComponentResource):
             user=cloud_init.DEPLOY_USER,
             # Without a key in config, the operator's ssh-agent (SSH_AUTH_SOCK) is used.
             private_key=pulumi.Output.secret(private_key) if private_key else None,
+            host_key=self.host_public_key,
         )
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})
 

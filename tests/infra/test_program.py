@@ -13,6 +13,8 @@ import json
 
 import pulumi
 import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
 
 from components import bridge, cloud_init, config, firewall, mocks, plan
 from components import deploy as deploy_script
@@ -223,6 +225,22 @@ def test_cloud_init_hardens_the_host():
     for needle in ("unattended-upgrades", "docker-compose-plugin", "9DC858229FC7DD38854AE2D88D81803C0EBFCD88", "MaxRetentionSec=14day", "RequiresMountsFor=/srv/ciris/data", "ssh_pwauth: false", "disable_root: true", "ufw --force enable", "ufw default deny incoming"):
         assert needle in doc
     assert cloud_init.DEPLOY_USER in doc
+
+
+def test_every_remote_command_pins_the_host_key_cloud_init_installs():
+    p = run("production")
+    vms = {r.name.removesuffix("-vm"): mocks.unwrap(r.inputs) for r in p.registrations if r.name.endswith("-vm")}
+    commands = [r for r in p.registrations if r.type == "command:remote:Command"]
+    assert {r.name.split("-")[0] + "-" + r.name.split("-")[1] for r in commands} == {"us-east", "eu-west"}
+    for region, vm in vms.items():
+        doc = yaml.safe_load(vm.get("userData") or vm.get("user_data"))
+        private, public = doc["ssh_keys"]["ed25519_private"], doc["ssh_keys"]["ed25519_public"]
+        assert doc["ssh_deletekeys"] is True and doc["ssh_genkeytypes"] == []
+        key = serialization.load_ssh_private_key(private.encode(), password=None)
+        assert key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() == public
+        mine = [r for r in commands if r.name.startswith(f"{region}-")]
+        assert mine and all(mocks.unwrap(r.inputs)["connection"]["hostKey"] == public for r in mine)
+        assert "[secret]" in p.artifacts[f"{region}/cloud-init.yaml"] and private not in p.artifacts[f"{region}/cloud-init.yaml"]
 
 
 def test_volume_is_prepared_before_services_start():
