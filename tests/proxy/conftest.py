@@ -1,4 +1,4 @@
-"""A real proxy process (`python -m ciris_proxy`, LiteLLM's proxy with the credit gate) in front of
+"""A real proxy process (`python -m ciris_proxy`: our front, the credit gate, LiteLLM's Router) in front of
 three local OpenAI-compatible upstreams (Together, Groq, OpenRouter) and two more for
 bring-your-own-key OpenAI and Anthropic calls, gated by a real billing process on real PostgreSQL."""
 
@@ -22,7 +22,6 @@ from tests.conftest import REPO, wait_until_healthy
 from tests.postgres.conftest import free_port
 
 PAYLOAD = REPO / "payloads" / "proxy"
-MASTER_KEY = "sk-operator-CANARY-master-key"
 PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
 MODEL = "llama-3.3-70b"
 PROVIDERS = ("together", "groq", "openrouter", "openai", "anthropic")
@@ -85,7 +84,6 @@ def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -
         "BILLING_URL": billing_url,
         "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
         "BILLING_PUBLIC_KEY": billing_public_pem(),
-        "LITELLM_MASTER_KEY": MASTER_KEY,
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
         "CAPTURE_JOURNAL": str(journal),
@@ -110,7 +108,7 @@ def healthy_upstreams(request):
     """Every test starts with all upstreams answering at once."""
     if "upstreams" in request.fixturenames:
         for u in request.getfixturevalue("upstreams").values():
-            u.control(fail=False, first_token_delay=0.0)
+            u.control(reset=True)
 
 
 @pytest.fixture(scope="session")
