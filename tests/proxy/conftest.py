@@ -121,6 +121,25 @@ def proxy(billing, upstreams, tmp_path_factory):
 
 
 @pytest.fixture
+def second_proxy(upstreams, tmp_path):
+    """Another proxy process (its own cooldowns and journal); the test says which billing it talks to."""
+    started: list[Proxy] = []
+
+    def start(billing_url: str, journal_text: str = "") -> Proxy:
+        journal = tmp_path / "captures.jsonl"
+        journal.write_text(journal_text)
+        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
+        started.append(p)
+        p.start()
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+
+@pytest.fixture
 def client(proxy):
     with httpx.Client(base_url=proxy.url, timeout=60) as c:
         yield c

@@ -9,30 +9,10 @@ import uuid
 import httpx
 import pytest
 
-from tests.proxy.conftest import (
-    MODEL, SERVICE, Proxy, balance, chat, holds, new_user, proxy_env, total_requests, user_token,
-)
+from tests.proxy.conftest import MODEL, SERVICE, balance, chat, holds, new_user, total_requests, user_token
 from tests.postgres.conftest import free_port
 
 PRICE = 5
-
-
-@pytest.fixture
-def second_proxy(upstreams, tmp_path):
-    """Another proxy process; the test says which billing it talks to."""
-    started: list[Proxy] = []
-
-    def start(billing_url: str, journal_text: str = "") -> Proxy:
-        journal = tmp_path / "captures.jsonl"
-        journal.write_text(journal_text)
-        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
-        started.append(p)
-        p.start()
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def test_billing_down_is_503_and_no_upstream_call(second_proxy, api, upstreams):

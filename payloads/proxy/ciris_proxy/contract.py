@@ -11,8 +11,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
-# Bring-your-own-key model ids: `openai/<id>` or `anthropic/<id>`, one path segment, no tricks.
-MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 Text = Annotated[str, Field(max_length=10_000_000)]
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 

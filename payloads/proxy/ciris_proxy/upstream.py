@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -30,6 +31,7 @@ from ciris_proxy.errors import ApiError
 from ciris_proxy.litellm_config import BYOK_PROVIDERS
 
 log = logging.getLogger("ciris_proxy")
+BYOK_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")  # one path segment: no other route, no other host
 PROVIDER_SIDE = frozenset({401, 402, 403, 404, 408, 429})  # and every 5xx
 COOLING = (RouterRateLimitError, RouterRateLimitErrorBasic)
 
@@ -90,7 +92,7 @@ class Upstreams:
         if model in self.models:
             return self.models[model]
         provider, _, model_id = model.partition("/")
-        if provider in self.byok_bases and model_id:
+        if provider in self.byok_bases and BYOK_MODEL_ID.fullmatch(model_id):
             return Target(model, byok=provider, vision=True)
         raise ApiError(404, "unknown model: GET /v1/models lists the models served here "
                             "(or openai/<model> and anthropic/<model> with X-Provider-Key)",
