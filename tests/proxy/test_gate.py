@@ -41,6 +41,7 @@ def test_primary_down_falls_back_to_the_next_provider(client, api, cluster, upst
     r = chat(client, user_token(user))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "hello from groq"
+    assert r.json()["model"] == "llama-3.3-70b"  # the exposed name, not Groq's id
     assert upstreams["together"].requests > before  # tried first, in the FSD's order
     assert holds(cluster, user) == [("captured", PRICE)]
     assert balance(api, user) == 15 - PRICE
