@@ -1,6 +1,7 @@
 """Requests/second and p50/p99 latency of a non-streamed chat completion, in one run, on the same fake
-upstream: direct to the upstream, through a bare LiteLLM proxy (same models, no gate), and through
-the bridge proxy (billing token check + hold + capture, billing on real PostgreSQL). A figure, not a
+upstream: direct to the upstream, through a bare LiteLLM proxy server (the same rendered model list
+and router settings, master key only, no gate), and through the bridge proxy (our front on
+litellm.Router: token check, contract, hold, capture; billing on real PostgreSQL). A figure, not a
 test.
 
     .venv/bin/python -m bench.proxy [--seconds 10] [--users 100]
@@ -15,16 +16,25 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import yaml
+
 from bench.billing import seed, wrk
 from tests.billing.conftest import KEY_PEM, Billing, database_url
 from tests.billing.conftest import token as mint
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
-from tests.proxy.conftest import MASTER_KEY, MODEL, Proxy, Upstream, proxy_env
+from tests.proxy.conftest import PAYLOAD, MODEL, Proxy, Upstream, proxy_env
+
+sys.path.insert(0, str(PAYLOAD))
+from ciris_proxy import litellm_config  # noqa: E402
+
+MASTER_KEY = "sk-bench-master-key-0123456789"
 
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 WRK_SCRIPT = """
@@ -41,6 +51,52 @@ end
 def lua(path: Path, tokens: list[str]) -> Path:
     path.write_text(f"TOKENS = {{{', '.join(json.dumps(t) for t in tokens)}}}\nBODY = {json.dumps(BODY)}\n" + WRK_SCRIPT)
     return path
+
+
+class BareLiteLLM:
+    """LiteLLM's own proxy server with the proxy's rendered models and router settings (the baseline)."""
+
+    def __init__(self, env: dict, work: Path):
+        config = {**yaml.safe_load(litellm_config.render()),
+                  "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY", "disable_spend_logs": True},
+                  "litellm_settings": {"drop_params": True, "turn_off_message_logging": True}}
+        (work / "bare.yaml").write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "litellm.proxy.proxy_server:app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", "--no-access-log"],
+            cwd=work, env={**env, "CONFIG_FILE_PATH": str(work / "bare.yaml"), "LITELLM_MASTER_KEY": MASTER_KEY,
+                           "LITELLM_LOG": "WARNING"},
+            stdout=open(work / "bare.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None and time.time() < deadline, (work / "bare.log").read_text()[-3000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of one process so far (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, script: Path, clients: int, seconds: float, pid: int | None) -> tuple[float, float, float, float]:
+    """wrk's (req/s, p50, p99) and the target process's CPU milliseconds per request."""
+    before = cpu_seconds(pid)
+    rps, p50, p99 = wrk(url, script, clients, seconds, "")
+    return rps, p50, p99, (cpu_seconds(pid) - before) * 1000 / max(rps * int(seconds), 1)
 
 
 def main() -> None:
@@ -62,19 +118,21 @@ def main() -> None:
         seed(database_url(cluster), args.users)
         users = [f"00000000-0000-0000-0000-{n:012d}" for n in range(1, args.users + 1)]
         ups = {"together": upstream}
-        bridge = Proxy(proxy_env(billing.url, ups, work / "captures.jsonl"), work / "bridge.log")
-        bare = Proxy(proxy_env(billing.url, ups, work / "bare.jsonl"), work / "bare.log")
-        for proxy, extra in ((bridge, ()), (bare, ("--bare",))):
-            started.append(proxy)
-            proxy.start(*extra)
+        env = proxy_env(billing.url, ups, work / "captures.jsonl")
+        bridge = Proxy(env, work / "bridge.log")
+        started.append(bridge)
+        bridge.start()
+        started.append(BareLiteLLM(env, work))
+        bare = started[-1]
         targets = {
-            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"])),
-            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY])),
-            "bridge": (bridge.url, lua(work / "bridge.lua", [mint("user", u, exp=int(time.time()) + 86_400) for u in users])),
+            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"]), None),
+            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY]), bare.proc.pid),
+            "bridge": (bridge.url, lua(work / "bridge.lua", [mint("user", u, exp=int(time.time()) + 86_400) for u in users]),
+                       bridge.proc.pid),
         }
-        for url, script in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
+        for url, script, _ in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
             wrk(url, script, 2, 3, "")
-        results = {c: {name: wrk(url, script, c, args.seconds, "") for name, (url, script) in targets.items()}
+        results = {c: {name: measure(url, script, c, args.seconds, pid) for name, (url, script, pid) in targets.items()}
                    for c in args.clients}
     finally:
         for proxy in started:
@@ -86,11 +144,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     parts = []
     for c, r in results.items():
-        (d_rps, d50, d99), (b_rps, b50, b99), (g_rps, g50, g99) = r["direct"], r["bare"], r["bridge"]
+        (d_rps, d50, d99, _), (b_rps, b50, b99, b_cpu), (g_rps, g50, g99, g_cpu) = r["direct"], r["bare"], r["bridge"]
         parts.append(
-            f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms, "
-            f"bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms (p50/p99 added), "
-            f"bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
+            f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms "
+            f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
+            f"(p50/p99 added), bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
     print("proxy chat completion: " + " | ".join(parts))
 
 

@@ -138,7 +138,6 @@ def second_proxy(upstreams, tmp_path):
         p.stop()
 
 
-
 @pytest.fixture
 def client(proxy):
     with httpx.Client(base_url=proxy.url, timeout=60) as c:

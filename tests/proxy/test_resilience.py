@@ -7,7 +7,6 @@ import json
 import uuid
 
 import httpx
-import pytest
 
 from tests.proxy.conftest import MODEL, SERVICE, balance, chat, holds, new_user, total_requests, user_token
 from tests.postgres.conftest import free_port
@@ -24,6 +23,8 @@ def test_billing_down_is_503_and_no_upstream_call(second_proxy, api, upstreams):
     assert r.status_code == 503, r.text
     assert "billing is unreachable" in r.text and "nothing charged" in r.text
     assert total_requests(upstreams) == before
+    with httpx.Client(base_url=p.url, timeout=30) as c:
+        assert c.get("/ready").status_code == 503 and c.get("/health").status_code == 200  # alive, not ready
     assert balance(api, user) == 15
 
 
