@@ -13,6 +13,7 @@ serialises one user's holds). Everything shares this machine's 2 cores.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -22,12 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from bench.billing import seed, wrk
 from tests.billing.conftest import KEY_PEM, Billing, database_url
 from tests.billing.conftest import token as mint
+from tests.conftest import wait_until_healthy
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
 from tests.proxy.conftest import PAYLOAD, MODEL, Proxy, Upstream, proxy_env
 
@@ -69,15 +70,7 @@ class BareLiteLLM:
             cwd=work, env={**env, "CONFIG_FILE_PATH": str(work / "bare.yaml"), "LITELLM_MASTER_KEY": MASTER_KEY,
                            "LITELLM_LOG": "WARNING"},
             stdout=open(work / "bare.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, (work / "bare.log").read_text()[-3000:]
-            time.sleep(0.3)
+        wait_until_healthy(self.url, self.proc, work / "bare.log", "bare LiteLLM", timeout=120, path="/health/liveliness")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -99,7 +92,10 @@ def measure(url: str, script: Path, clients: int, seconds: float, pid: int | Non
     return rps, p50, p99, (cpu_seconds(pid) - before) * 1000 / max(rps * int(seconds), 1)
 
 
-def main() -> None:
+def main() -> int:
+    if importlib.util.find_spec("fastapi") is None:  # the proxy itself no longer needs LiteLLM's server
+        print("bench/proxy: the baseline needs LiteLLM's proxy server: pip install 'litellm[proxy]==1.106.2'", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--users", type=int, default=100)
@@ -150,6 +146,7 @@ def main() -> None:
             f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
             f"(p50/p99 added), bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
     print("proxy chat completion: " + " | ".join(parts))
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_credits",
          403: "permission_denied", 404: "not_found_error", 405: "invalid_request_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error",
+         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "upstream_error",
          503: "service_unavailable", 504: "upstream_timeout"}
 
 

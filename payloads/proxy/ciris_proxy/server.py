@@ -101,6 +101,13 @@ class App:
             await send_json(send, e.status, json.dumps(e.body()).encode(), e.headers)
         except ClientLeft:
             pass
+        except Exception as e:  # noqa: BLE001  (never uvicorn's traceback: an exception's text can quote a prompt)
+            log.error("%s %s failed: %s", scope["method"], scope["path"], type(e).__name__)
+            error = ApiError(500, "the proxy failed; nothing was charged", code="internal_error")
+            try:
+                await send_json(send, 500, json.dumps(error.body()).encode())
+            except Exception:  # noqa: BLE001  (the response had started: the connection just ends)
+                pass
 
     async def lifespan(self, receive, send):
         while True:
