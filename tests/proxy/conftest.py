@@ -24,6 +24,9 @@ from tests.postgres.conftest import free_port
 PAYLOAD = REPO / "payloads" / "proxy"
 PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
 MODEL = "llama-3.3-70b"
+# The interpreter that runs the proxy: this one, or (CIRIS_PROXY_PYTHON) one with only the image's
+# requirements installed (payloads/proxy/requirements.txt), to prove the proxy needs nothing more.
+PROXY_PYTHON = os.environ.get("CIRIS_PROXY_PYTHON") or sys.executable
 PROVIDERS = ("together", "groq", "openrouter", "openai", "anthropic")
 
 
@@ -61,7 +64,7 @@ class Proxy:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ciris_proxy", "serve", *args], cwd=PAYLOAD, env=self.env,
+        self.proc = subprocess.Popen([PROXY_PYTHON, "-m", "ciris_proxy", "serve", *args], cwd=PAYLOAD, env=self.env,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         wait_until_healthy(self.url, self.proc, self.log, "proxy")
 

@@ -34,18 +34,23 @@ log = logging.getLogger("ciris_proxy")
 BYOK_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")  # one path segment: no other route, no other host
 PROVIDER_SIDE = frozenset({401, 402, 403, 404, 408, 429})  # and every 5xx
 COOLING = (RouterRateLimitError, RouterRateLimitErrorBasic)
+# The contract takes function tools only; LiteLLM's MCP tool handling would import its proxy server.
+NO_MCP = {"_skip_mcp_handler": True}
 
 
 def quiet_litellm() -> None:
     """LiteLLM's own loggers print exception strings, which can quote a provider's error body and so
-    the prompt (FSD §7.4): they are switched off; our log lines carry statuses and types only."""
+    the prompt (FSD §7.4): they are silenced by level (uvicorn's logging setup re-enables disabled
+    loggers, and Python's last-resort handler would print their warnings); our log lines carry
+    statuses and types only."""
     litellm.suppress_debug_info = True
     litellm.turn_off_message_logging = True
     litellm.drop_params = True
-    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "httpcore"):
         logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate, logger.disabled = False, True
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = False
+        logger.setLevel(logging.CRITICAL + 1)
 
 
 @dataclass
@@ -106,7 +111,7 @@ class Upstreams:
         for group, provider in target.groups:
             started = time.monotonic()
             try:
-                response = await self.router.acompletion(model=group, stream=stream, **params)
+                response = await self.router.acompletion(model=group, stream=stream, **params, **NO_MCP)
             except Exception as e:  # noqa: BLE001  (every failure is classified below)
                 cooling = isinstance(e, COOLING)
                 _count(provider, "cooldown" if cooling else "error", started)
@@ -126,7 +131,7 @@ class Upstreams:
         try:
             response = await litellm.acompletion(
                 model=target.name, api_key=key, api_base=self.byok_bases[provider], stream=stream,
-                num_retries=0, timeout=self.timeout, drop_params=True, **params)
+                num_retries=0, timeout=self.timeout, drop_params=True, **params, **NO_MCP)
         except Exception as e:  # noqa: BLE001
             _count(provider, "error", started)
             status = _status(e)
