@@ -13,7 +13,6 @@ serialises one user's holds). Everything shares this machine's 2 cores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -93,7 +92,9 @@ def measure(url: str, script: Path, clients: int, seconds: float, pid: int | Non
 
 
 def main() -> int:
-    if importlib.util.find_spec("fastapi") is None:  # the proxy itself no longer needs LiteLLM's server
+    # The proxy itself no longer needs LiteLLM's proxy server; its baseline here does.
+    if subprocess.run([sys.executable, "-c", "import litellm.proxy.proxy_server"], capture_output=True,
+                      env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}).returncode:
         print("bench/proxy: the baseline needs LiteLLM's proxy server: pip install 'litellm[proxy]==1.106.2'", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
