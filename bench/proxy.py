@@ -4,7 +4,10 @@ and router settings, master key only, no gate), and through the bridge proxy (ou
 litellm.Router: token check, contract, hold, capture; billing on real PostgreSQL). A figure, not a
 test.
 
-    .venv/bin/python -m bench.proxy [--seconds 10] [--users 100]
+    .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--users 100]
+
+Targets take turns (direct, bare, bridge) for `--rounds` rounds and each figure is the median of
+its rounds, so load that other work puts on the machine meanwhile falls on all three alike.
 
 Load comes from wrk (Debian package `wrk`); bridge requests rotate over `--users` users (billing
 serialises one user's holds). Everything shares this machine's 2 cores.
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +88,11 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
 def measure(url: str, script: Path, clients: int, seconds: float, pid: int | None) -> tuple[float, float, float, float]:
     """wrk's (req/s, p50, p99) and the target process's CPU milliseconds per request."""
     before = cpu_seconds(pid)
@@ -98,7 +107,8 @@ def main() -> int:
         print("bench/proxy: the baseline needs LiteLLM's proxy server: pip install 'litellm[proxy]==1.106.2'", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=5, help="per target and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
@@ -129,8 +139,12 @@ def main() -> int:
         }
         for url, script, _ in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
             wrk(url, script, 2, 3, "")
-        results = {c: {name: measure(url, script, c, args.seconds, pid) for name, (url, script, pid) in targets.items()}
-                   for c in args.clients}
+        results = {}
+        for c in args.clients:
+            rounds = [{name: measure(url, script, c, args.seconds, pid) for name, (url, script, pid) in targets.items()}
+                      for _ in range(args.rounds)]
+            results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(4)) for name in targets}
+        rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
     finally:
         for proxy in started:
             proxy.stop()
@@ -139,14 +153,14 @@ def main() -> int:
         cluster.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    parts = []
+    parts = [f"medians of {args.rounds} rounds"]
     for c, r in results.items():
         (d_rps, d50, d99, _), (b_rps, b50, b99, b_cpu), (g_rps, g50, g99, g_cpu) = r["direct"], r["bare"], r["bridge"]
         parts.append(
             f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms "
             f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
             f"(p50/p99 added), bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
-    print("proxy chat completion: " + " | ".join(parts))
+    print("proxy chat completion: " + " | ".join(parts) + f" | {rss}")
     return 0
 
 
