@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_litellm()
     app = App(settings, journal, Upstreams(doc, env))
+    # Behind the edge: no forwarded-address rewriting (nothing here uses the client's address).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                lifespan="on", loop="uvloop", http="httptools")
+                lifespan="on", loop="uvloop", http="httptools", proxy_headers=False, server_header=False)
     return 0
 
 

@@ -47,7 +47,8 @@ class ClientLeft(Exception):
 
 
 async def send_json(send, status: int, body: bytes, headers=()) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [JSON, *headers]})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [JSON, (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
