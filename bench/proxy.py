@@ -80,12 +80,26 @@ class BareLiteLLM:
         self.proc.wait(20)
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of one process so far (Linux /proc)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time so far of these processes and their children (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+    tree, ticks = set(pids), 0
+    for _ in range(3):  # children and grandchildren (billing's uvicorn workers)
+        tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+    ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_pid(cluster) -> int:
+    """The postmaster's pid (its backends are its children)."""
+    return int((Path(cluster.data) / "postmaster.pid").read_text().split()[0])
 
 
 def rss_mb(pid: int) -> float:
@@ -93,11 +107,12 @@ def rss_mb(pid: int) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
-def measure(url: str, script: Path, clients: int, seconds: float, pid: int | None) -> tuple[float, float, float, float]:
-    """wrk's (req/s, p50, p99) and the target process's CPU milliseconds per request."""
-    before = cpu_seconds(pid)
+def measure(url: str, script: Path, clients: int, seconds: float, pids: tuple[int, ...]) -> tuple[float, ...]:
+    """wrk's (req/s, p50, p99) and CPU milliseconds per request of each of `pids` (with children)."""
+    before = [cpu_seconds(pid) for pid in pids]
     rps, p50, p99 = wrk(url, script, clients, seconds, "")
-    return rps, p50, p99, (cpu_seconds(pid) - before) * 1000 / max(rps * int(seconds), 1)
+    n = max(rps * int(seconds), 1)
+    return (rps, p50, p99, *((cpu_seconds(pid) - b) * 1000 / n for pid, b in zip(pids, before)))
 
 
 def main() -> int:
@@ -132,10 +147,10 @@ def main() -> int:
         started.append(BareLiteLLM(env, work))
         bare = started[-1]
         targets = {
-            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"]), None),
-            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY]), bare.proc.pid),
+            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"]), ()),
+            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY]), (bare.proc.pid,)),
             "bridge": (bridge.url, lua(work / "bridge.lua", [mint("user", u, exp=int(time.time()) + 86_400) for u in users]),
-                       bridge.proc.pid),
+                       (bridge.proc.pid, billing.proc.pid, cluster_pid(cluster))),
         }
         for url, script, _ in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
             wrk(url, script, 2, 3, "")
@@ -143,7 +158,8 @@ def main() -> int:
         for c in args.clients:
             rounds = [{name: measure(url, script, c, args.seconds, pid) for name, (url, script, pid) in targets.items()}
                       for _ in range(args.rounds)]
-            results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(4)) for name in targets}
+            results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(len(rounds[0][name])))
+                          for name in targets}
         rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
     finally:
         for proxy in started:
@@ -155,11 +171,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     parts = [f"medians of {args.rounds} rounds"]
     for c, r in results.items():
-        (d_rps, d50, d99, _), (b_rps, b50, b99, b_cpu), (g_rps, g50, g99, g_cpu) = r["direct"], r["bare"], r["bridge"]
+        (d_rps, d50, d99), (b_rps, b50, b99, b_cpu) = r["direct"], r["bare"]
+        g_rps, g50, g99, g_cpu, billing_cpu, pg_cpu = r["bridge"]
         parts.append(
             f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms "
             f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
-            f"(p50/p99 added), bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
+            f"(+ billing {billing_cpu:.1f}, PostgreSQL {pg_cpu:.1f}) (p50/p99 added), bridge/bare {g_rps / b_rps:.2f} "
+            f"in throughput, {g_cpu / b_cpu:.2f} in proxy CPU/req, bare/direct {b_rps / d_rps:.2f}")
     print("proxy chat completion: " + " | ".join(parts) + f" | {rss}")
     return 0
 
