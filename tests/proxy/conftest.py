@@ -27,6 +27,13 @@ MODEL = "llama-3.3-70b"
 # The interpreter that runs the proxy: this one, or (CIRIS_PROXY_PYTHON) one with only the image's
 # requirements installed (payloads/proxy/requirements.txt), to prove the proxy needs nothing more.
 PROXY_PYTHON = os.environ.get("CIRIS_PROXY_PYTHON") or sys.executable
+# LiteLLM's proxy-server extras are installed here (bench/proxy's baseline) but not in the image: the
+# proxy runs with them unimportable, so a test fails as soon as it starts needing one.
+NOT_IN_IMAGE = ("fastapi", "starlette", "mcp", "apscheduler", "gunicorn", "granian", "orjson", "backoff", "rq",
+                "litellm_enterprise", "litellm_proxy_extras", "websockets", "nacl", "multipart", "python_multipart",
+                "rich", "polars", "prisma")
+LAUNCH = ("import runpy, sys; sys.modules.update(dict.fromkeys({!r})); "
+          "runpy.run_module('ciris_proxy', run_name='__main__', alter_sys=True)").format(NOT_IN_IMAGE)
 PROVIDERS = ("together", "groq", "openrouter", "openai", "anthropic")
 
 
@@ -64,7 +71,7 @@ class Proxy:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *args: str) -> None:
-        self.proc = subprocess.Popen([PROXY_PYTHON, "-m", "ciris_proxy", "serve", *args], cwd=PAYLOAD, env=self.env,
+        self.proc = subprocess.Popen([PROXY_PYTHON, "-c", LAUNCH, "serve", *args], cwd=PAYLOAD, env=self.env,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         wait_until_healthy(self.url, self.proc, self.log, "proxy")
 

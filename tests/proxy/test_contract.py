@@ -121,6 +121,7 @@ def test_models_lists_the_caps_and_the_price(client, api):
     assert models[MODEL]["limits"] == CAPS and models[MODEL]["price_cents"] == PRICE
     assert models[MODEL]["providers"] == ["together_ai", "groq", "openrouter"]
     assert models["openai/*"]["requires"] == "X-Provider-Key"
+    assert client.get("/v1/models").status_code == 401
 
 
 @pytest.mark.parametrize("extra, param, code", [
