@@ -1,9 +1,13 @@
 """Requests/second and p50/p99 latency of a non-streamed chat completion, in one run, on the same fake
-upstream: direct to the upstream, through a bare LiteLLM proxy (same models, no gate), and through
-the bridge proxy (billing token check + hold + capture, billing on real PostgreSQL). A figure, not a
+upstream: direct to the upstream, through a bare LiteLLM proxy server (the same rendered model list
+and router settings, master key only, no gate), and through the bridge proxy (our front on
+litellm.Router: token check, contract, hold, capture; billing on real PostgreSQL). A figure, not a
 test.
 
-    .venv/bin/python -m bench.proxy [--seconds 10] [--users 100]
+    .venv/bin/python -m bench.proxy [--seconds 5] [--rounds 3] [--users 100]
+
+Targets take turns (direct, bare, bridge) for `--rounds` rounds and each figure is the median of
+its rounds, so load that other work puts on the machine meanwhile falls on all three alike.
 
 Load comes from wrk (Debian package `wrk`); bridge requests rotate over `--users` users (billing
 serialises one user's holds). Everything shares this machine's 2 cores.
@@ -15,16 +19,26 @@ import argparse
 import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from bench.billing import seed, wrk
 from tests.billing.conftest import KEY_PEM, Billing, database_url
 from tests.billing.conftest import token as mint
+from tests.conftest import wait_until_healthy
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
-from tests.proxy.conftest import MASTER_KEY, MODEL, Proxy, Upstream, proxy_env
+from tests.proxy.conftest import PAYLOAD, MODEL, Proxy, Upstream, proxy_env
+
+sys.path.insert(0, str(PAYLOAD))
+from ciris_proxy import litellm_config  # noqa: E402
+
+MASTER_KEY = "sk-bench-master-key-0123456789"
 
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
 WRK_SCRIPT = """
@@ -43,9 +57,73 @@ def lua(path: Path, tokens: list[str]) -> Path:
     return path
 
 
-def main() -> None:
+class BareLiteLLM:
+    """LiteLLM's own proxy server with the proxy's rendered models and router settings (the baseline)."""
+
+    def __init__(self, env: dict, work: Path):
+        config = {**yaml.safe_load(litellm_config.render()),
+                  "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY", "disable_spend_logs": True},
+                  "litellm_settings": {"drop_params": True, "turn_off_message_logging": True}}
+        (work / "bare.yaml").write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "litellm.proxy.proxy_server:app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", "--no-access-log"],
+            cwd=work, env={**env, "CONFIG_FILE_PATH": str(work / "bare.yaml"), "LITELLM_MASTER_KEY": MASTER_KEY,
+                           "LITELLM_LOG": "WARNING"},
+            stdout=open(work / "bare.log", "ab"), stderr=subprocess.STDOUT)
+        wait_until_healthy(self.url, self.proc, work / "bare.log", "bare LiteLLM", timeout=120, path="/health/liveliness")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time so far of these processes and their children (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+    tree, ticks = set(pids), 0
+    for _ in range(3):  # children and grandchildren (billing's uvicorn workers)
+        tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+    ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_pid(cluster) -> int:
+    """The postmaster's pid (its backends are its children)."""
+    return int((Path(cluster.data) / "postmaster.pid").read_text().split()[0])
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def measure(url: str, script: Path, clients: int, seconds: float, pids: tuple[int, ...]) -> tuple[float, ...]:
+    """wrk's (req/s, p50, p99) and CPU milliseconds per request of each of `pids` (with children)."""
+    before = [cpu_seconds(pid) for pid in pids]
+    rps, p50, p99 = wrk(url, script, clients, seconds, "")
+    n = max(rps * int(seconds), 1)
+    return (rps, p50, p99, *((cpu_seconds(pid) - b) * 1000 / n for pid, b in zip(pids, before)))
+
+
+def main() -> int:
+    # The proxy itself no longer needs LiteLLM's proxy server; its baseline here does.
+    if subprocess.run([sys.executable, "-c", "import litellm.proxy.proxy_server"], capture_output=True,
+                      env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}).returncode:
+        print("bench/proxy: the baseline needs LiteLLM's proxy server: pip install 'litellm[proxy]==1.106.2'", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=5, help="per target and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
@@ -62,20 +140,27 @@ def main() -> None:
         seed(database_url(cluster), args.users)
         users = [f"00000000-0000-0000-0000-{n:012d}" for n in range(1, args.users + 1)]
         ups = {"together": upstream}
-        bridge = Proxy(proxy_env(billing.url, ups, work / "captures.jsonl"), work / "bridge.log")
-        bare = Proxy(proxy_env(billing.url, ups, work / "bare.jsonl"), work / "bare.log")
-        for proxy, extra in ((bridge, ()), (bare, ("--bare",))):
-            started.append(proxy)
-            proxy.start(*extra)
+        env = proxy_env(billing.url, ups, work / "captures.jsonl")
+        bridge = Proxy(env, work / "bridge.log")
+        started.append(bridge)
+        bridge.start()
+        started.append(BareLiteLLM(env, work))
+        bare = started[-1]
         targets = {
-            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"])),
-            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY])),
-            "bridge": (bridge.url, lua(work / "bridge.lua", [mint("user", u, exp=int(time.time()) + 86_400) for u in users])),
+            "direct": (upstream.url, lua(work / "direct.lua", ["upstream"]), ()),
+            "bare": (bare.url, lua(work / "bare.lua", [MASTER_KEY]), (bare.proc.pid,)),
+            "bridge": (bridge.url, lua(work / "bridge.lua", [mint("user", u, exp=int(time.time()) + 86_400) for u in users]),
+                       (bridge.proc.pid, billing.proc.pid, cluster_pid(cluster))),
         }
-        for url, script in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
+        for url, script, _ in targets.values():  # warm up: LiteLLM loads its tokenizer and clients on first use
             wrk(url, script, 2, 3, "")
-        results = {c: {name: wrk(url, script, c, args.seconds, "") for name, (url, script) in targets.items()}
-                   for c in args.clients}
+        results = {}
+        for c in args.clients:
+            rounds = [{name: measure(url, script, c, args.seconds, pid) for name, (url, script, pid) in targets.items()}
+                      for _ in range(args.rounds)]
+            results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(len(rounds[0][name])))
+                          for name in targets}
+        rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
     finally:
         for proxy in started:
             proxy.stop()
@@ -84,14 +169,17 @@ def main() -> None:
         cluster.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    parts = []
+    parts = [f"medians of {args.rounds} rounds"]
     for c, r in results.items():
-        (d_rps, d50, d99), (b_rps, b50, b99), (g_rps, g50, g99) = r["direct"], r["bare"], r["bridge"]
+        (d_rps, d50, d99), (b_rps, b50, b99, b_cpu) = r["direct"], r["bare"]
+        g_rps, g50, g99, g_cpu, billing_cpu, pg_cpu = r["bridge"]
         parts.append(
-            f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms, "
-            f"bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms (p50/p99 added), "
-            f"bridge/bare {g_rps / b_rps:.2f}, bare/direct {b_rps / d_rps:.2f}")
-    print("proxy chat completion: " + " | ".join(parts))
+            f"c={c} direct {d_rps:.0f}/s p50 {d50:.1f} ms p99 {d99:.1f} ms, bare {b_rps:.0f}/s +{b50 - d50:.1f}/+{b99 - d99:.1f} ms "
+            f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
+            f"(+ billing {billing_cpu:.1f}, PostgreSQL {pg_cpu:.1f}) (p50/p99 added), bridge/bare {g_rps / b_rps:.2f} "
+            f"in throughput, {g_cpu / b_cpu:.2f} in proxy CPU/req, bare/direct {b_rps / d_rps:.2f}")
+    print("proxy chat completion: " + " | ".join(parts) + f" | {rss}")
+    return 0
 
 
 if __name__ == "__main__":

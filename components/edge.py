@@ -20,13 +20,13 @@ class Site:
     host: str
     upstream: str  # host:port on the container network
     public_paths: tuple[str, ...]
-    max_body: str = "64KB"  # larger bodies get 413 at the edge, before any service reads them
+    max_body: int = 64 * 1024  # bytes: larger bodies get 413 at the edge, before any service reads them
 
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
 BILLING_PATHS = ("/health", "/openapi.json", "/v1/*")
 PROXY_PATHS = ("/health", "/v1/*")
-PROXY_MAX_BODY = "1MB"  # the proxy's own body cap (payloads/proxy) is the same
+PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 
 
 def sites(domain: str, billing_upstream: str = "billing:8000", proxy_upstream: str = "proxy:4000") -> list[Site]:
@@ -73,6 +73,11 @@ def render_caddyfile(
             # Caddy redacts Authorization and Cookie itself; a caller's own provider key never lands in a log.
             "\tlog {\n\t\toutput stdout\n\t\tformat filter {\n\t\t\twrap json\n\t\t\tfields {\n"
             "\t\t\t\trequest>headers>X-Provider-Key delete\n\t\t\t}\n\t\t}\n\t}",
+            # A declared length over the cap is refused before anything is read; a chunked body is
+            # cut off at the cap (Caddy 2.6 then answers 502): no service ever reads more.
+            "\t@too_large expression {http.request.header.Content-Length} != '' && "
+            f"int({{http.request.header.Content-Length}}) > {site.max_body}",
+            '\thandle @too_large {\n\t\trespond "request body too large" 413\n\t}',
             f"\trequest_body {{\n\t\tmax_size {site.max_body}\n\t}}",
             f"\t@public path {' '.join(site.public_paths)}",
             "\thandle @public {",

@@ -1,9 +1,9 @@
-"""Proxy: LiteLLM with the credit gate (payloads/proxy) in every region, behind that region's edge,
-calling that region's billing service (FSD §4.3).
+"""Proxy: our ASGI front with the credit gate on LiteLLM's Router (payloads/proxy) in every region,
+behind that region's edge, calling that region's billing service (FSD §4.3, ADR 8).
 
-The LiteLLM config is rendered here by the payload's own renderer and shipped in the bundle; it
-holds no secret. The environment file carries the provider keys, the operators' master key and the
-proxy's billing service token. That token is signed here with billing's key: Ed25519 signatures
+The upstream config is rendered here by the payload's own renderer and shipped in the bundle; it
+holds no secret. The environment file carries the provider keys and the proxy's billing service
+token. That token is signed here with billing's key: Ed25519 signatures
 are deterministic, so the same claims give the same token and `pulumi preview` shows no change
 until `services.proxy_token_expires` is moved (ADR 8).
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import jwt
 import pulumi
-import pulumi_random as random
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components.billing import PORT as BILLING_PORT, Billing
@@ -25,7 +24,10 @@ from components.services import PAYLOADS, ContainerSpec, env_file, payload_files
 
 sys.path.insert(0, str(PAYLOADS / "proxy"))
 from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
+from ciris_proxy.settings import Caps  # noqa: E402
 
+# The largest request body the proxy takes; the edge should refuse anything larger before it arrives.
+MAX_BODY_BYTES = Caps.max_body_bytes
 PORT = 4000
 CONFIG_PATH = "/etc/ciris-proxy/config.yaml"
 PUBLIC_KEY_PATH = "/run/secrets/billing-public.pem"
@@ -74,21 +76,18 @@ class Proxy(pulumi.ComponentResource):
         source = payload_files("proxy")
         config_text = litellm_config.render()
         for region in args.regions:
-            master_key = random.RandomPassword(f"{name}-{region.spec.name}-master-key", length=40, special=False,
-                                               opts=pulumi.ResourceOptions(parent=self)).result
             token = args.billing.private_key_pem.apply(
                 lambda pem, r=region.spec.name: service_token(pem, f"proxy-{r}", args.token_expires))
 
-            def render(a):
-                master, tok = a
+            def render(tok):
                 return env_file({
                     "BILLING_URL": f"http://billing:{BILLING_PORT}",
                     "BILLING_SERVICE_TOKEN": tok,
                     "BILLING_PUBLIC_KEY_FILE": PUBLIC_KEY_PATH,
-                    "LITELLM_MASTER_KEY": master,
                     **{var: args.secrets.get(key) or "" for key, var in PROVIDER_SECRETS.items()},
                     **fake,
                     "PRICE_PER_INTERACTION_CENTS": args.price_per_interaction_cents,
+                    "MAX_BODY_BYTES": MAX_BODY_BYTES,  # the edge refuses larger bodies first
                     "PROXY_CONFIG": CONFIG_PATH,
                     "HOST": "0.0.0.0",
                     "PORT": PORT,
@@ -107,9 +106,9 @@ class Proxy(pulumi.ComponentResource):
                     **source,
                     "proxy/config.yaml": config_text,
                     "proxy/billing-public.pem": args.billing.public_key_pem,
-                    "proxy/env": pulumi.Output.secret(pulumi.Output.all(master_key, token).apply(render)),
+                    "proxy/env": pulumi.Output.secret(token.apply(render)),
                 },
                 private={"proxy/env": 0},
-                shown={"proxy/env": "[secret: billing service token, master key, Together/Groq/OpenRouter keys, price]\n"},
+                shown={"proxy/env": "[secret: billing service token, Together/Groq/OpenRouter keys, price, body limit]\n"},
             )
         self.register_outputs({})

@@ -28,12 +28,13 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90) -> None:
-    """Until `url`/health answers 200; a process that exits or never answers fails with its log."""
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 90,
+                       path: str = "/health") -> None:
+    """Until `url``path` answers 200; a process that exits or never answers fails with its log."""
     deadline = time.time() + timeout
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

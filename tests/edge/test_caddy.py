@@ -21,6 +21,7 @@ from tests.conftest import require_binary
 
 DOMAIN = "ciris-services-1.ai"
 CANARY_BODY = "CANARY-prompt-text-6b1f"
+CANARY_PROVIDER_KEY = "sk-CANARY-provider-key-77"
 CANARY_TOKEN = "CANARY-bearer-token-0c9e"
 
 
@@ -153,15 +154,33 @@ def test_access_log_has_no_bodies_and_no_credentials(running_edge):
         "/v1/chat/completions",
         method="POST",
         body=body,
-        headers={"Authorization": f"Bearer {CANARY_TOKEN}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {CANARY_TOKEN}", "X-Provider-Key": CANARY_PROVIDER_KEY,
+                 "Content-Type": "application/json"},
     )
     assert resp.status == 200
+    assert proxy.seen[-1][1] == "/v1/chat/completions"
     assert proxy.seen[-1][2] == body  # the body did go through
     time.sleep(0.5)  # let caddy flush the log line
     log = e.log.read_text()
     entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(x.get("request", {}).get("uri") == "/v1/chat/completions" for x in entries)
-    assert CANARY_BODY not in log and CANARY_TOKEN not in log
+    assert CANARY_BODY not in log and CANARY_TOKEN not in log and CANARY_PROVIDER_KEY not in log
+
+
+def test_bodies_over_the_limit_never_reach_the_service(running_edge):
+    e, billing, proxy = running_edge
+    before = len(proxy.seen)
+    big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (600 * 1024) + b'"}]}'
+    try:
+        resp, _ = e.request(f"proxy1.{DOMAIN}", "/v1/chat/completions", method="POST", body=big,
+                            headers={"Content-Type": "application/json"})
+        assert resp.status == 413
+    except (ConnectionError, ssl.SSLError):
+        pass  # Caddy may close the connection while the body is still being sent
+    assert all(len(body or b"") < 600 * 1024 for _, _, body in proxy.seen[before:])
+    resp, _ = e.request(f"billing1.{DOMAIN}", "/v1/credits/consume", method="POST", body=b"{" + b" " * 70_000 + b"}",
+                        headers={"Content-Type": "application/json"})
+    assert resp.status == 413
 
 
 def test_port_80_stays_closed(running_edge):

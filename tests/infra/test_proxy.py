@@ -14,7 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key, load_pem_public_key
 
-from components import mocks, plan
+from components import mocks, plan, proxy
 from components.services import SERVICE_UID
 from tests.conftest import stack_raw
 
@@ -52,7 +52,8 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     env = env_of(files["proxy/env"][1])
     assert env["BILLING_URL"] == "http://billing:8000"  # this region's billing, on the container network
     assert (env["TOGETHER_API_KEY"], env["GROQ_API_KEY"], env["OPENROUTER_API_KEY"]) == ("tg-CANARY-1a", "gq-CANARY-2b", "or-CANARY-3c")
-    assert len(env["LITELLM_MASTER_KEY"]) >= 32
+    assert "LITELLM_MASTER_KEY" not in env  # no admin API: the proxy's routes are the public surface (ADR 8)
+    assert env["MAX_BODY_BYTES"] == str(proxy.MAX_BODY_BYTES) and env["PROXY_CONFIG"] == "/etc/ciris-proxy/config.yaml"
     # The service token verifies with the public key the proxy is given, as billing will verify it.
     public = load_pem_public_key(files["proxy/billing-public.pem"][1].encode())
     claims = jwt.decode(env["BILLING_SERVICE_TOKEN"], public, algorithms=["EdDSA"], audience="ciris-bridge", issuer="ciris-billing")
@@ -99,3 +100,11 @@ def test_token_expiry_is_config_and_warned_when_near(monkeypatch):
     assert datetime.datetime.fromtimestamp(exp, datetime.timezone.utc).date().isoformat() == soon
     assert any("service token expires" in w and soon in w for w in warnings)
 
+
+
+def test_the_edge_refuses_bodies_the_proxy_would_refuse():
+    from components import edge, proxy
+
+    assert edge.PROXY_MAX_BODY == proxy.MAX_BODY_BYTES
+    caddyfile = edge.render_caddyfile(edge.sites("example.ai"))
+    assert f"max_size {edge.PROXY_MAX_BODY}" in caddyfile and "request>headers>X-Provider-Key delete" in caddyfile

@@ -1,4 +1,4 @@
-"""A real proxy process (`python -m ciris_proxy`, LiteLLM's proxy with the credit gate) in front of
+"""A real proxy process (`python -m ciris_proxy`: our front, the credit gate, LiteLLM's Router) in front of
 three local OpenAI-compatible upstreams (Together, Groq, OpenRouter) and two more for
 bring-your-own-key OpenAI and Anthropic calls, gated by a real billing process on real PostgreSQL."""
 
@@ -22,9 +22,18 @@ from tests.conftest import REPO, wait_until_healthy
 from tests.postgres.conftest import free_port
 
 PAYLOAD = REPO / "payloads" / "proxy"
-MASTER_KEY = "sk-operator-CANARY-master-key"
 PROVIDER_KEYS = {"TOGETHER_API_KEY": "tg-key", "GROQ_API_KEY": "gq-key", "OPENROUTER_API_KEY": "or-key"}
 MODEL = "llama-3.3-70b"
+# The interpreter that runs the proxy: this one, or (CIRIS_PROXY_PYTHON) one with only the image's
+# requirements installed (payloads/proxy/requirements.txt), to prove the proxy needs nothing more.
+PROXY_PYTHON = os.environ.get("CIRIS_PROXY_PYTHON") or sys.executable
+# LiteLLM's proxy-server extras are installed here (bench/proxy's baseline) but not in the image: the
+# proxy runs with them unimportable, so a test fails as soon as it starts needing one.
+NOT_IN_IMAGE = ("fastapi", "starlette", "mcp", "apscheduler", "gunicorn", "granian", "orjson", "backoff", "rq",
+                "litellm_enterprise", "litellm_proxy_extras", "websockets", "nacl", "multipart", "python_multipart",
+                "rich", "polars", "prisma")
+LAUNCH = ("import runpy, sys; sys.modules.update(dict.fromkeys({!r})); "
+          "runpy.run_module('ciris_proxy', run_name='__main__', alter_sys=True)").format(NOT_IN_IMAGE)
 PROVIDERS = ("together", "groq", "openrouter", "openai", "anthropic")
 
 
@@ -62,7 +71,7 @@ class Proxy:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ciris_proxy", "serve", *args], cwd=PAYLOAD, env=self.env,
+        self.proc = subprocess.Popen([PROXY_PYTHON, "-c", LAUNCH, "serve", *args], cwd=PAYLOAD, env=self.env,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         wait_until_healthy(self.url, self.proc, self.log, "proxy")
 
@@ -85,7 +94,6 @@ def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -
         "BILLING_URL": billing_url,
         "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
         "BILLING_PUBLIC_KEY": billing_public_pem(),
-        "LITELLM_MASTER_KEY": MASTER_KEY,
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
         "CAPTURE_JOURNAL": str(journal),
@@ -110,7 +118,7 @@ def healthy_upstreams(request):
     """Every test starts with all upstreams answering at once."""
     if "upstreams" in request.fixturenames:
         for u in request.getfixturevalue("upstreams").values():
-            u.control(fail=False, first_token_delay=0.0)
+            u.control(reset=True)
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +128,24 @@ def proxy(billing, upstreams, tmp_path_factory):
     service.start()
     yield service
     service.stop()
+
+
+@pytest.fixture
+def second_proxy(upstreams, tmp_path):
+    """Another proxy process (its own cooldowns and journal); the test says which billing it talks to."""
+    started: list[Proxy] = []
+
+    def start(billing_url: str, journal_text: str = "") -> Proxy:
+        journal = tmp_path / "captures.jsonl"
+        journal.write_text(journal_text)
+        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
+        started.append(p)
+        p.start()
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
 
 
 @pytest.fixture

@@ -26,10 +26,15 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
     with client.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {user_token(user)}"},
                        json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": prompt}]}) as r:
         assert r.status_code == 200 and CANARY not in r.read().decode()
+    # Providers' error bodies that quote the prompt back (every fake upstream's do): a client error...
+    upstreams["together"].control(fail=True, fail_status=400)
+    refused = chat(client, user_token(user), prompt)
+    assert refused.status_code == 400 and CANARY not in refused.text
+    # ... and every provider failing.
     for name in ("together", "groq", "openrouter"):
-        upstreams[name].control(fail=True)
+        upstreams[name].control(fail=True, fail_status=500)
     failed = chat(client, user_token(user), prompt)
-    assert failed.status_code >= 500 and CANARY not in failed.text
+    assert failed.status_code == 502 and CANARY not in failed.text
     sent = upstreams["openrouter"].stats()["last_body"]
     assert sent["messages"][0]["content"] == prompt  # it did travel upstream...
     assert sent["provider"] == {"data_collection": "deny", "zdr": True}  # ...to OpenRouter hosts that keep nothing
@@ -66,3 +71,22 @@ def test_own_key_rules_are_enforced(client, api, upstreams):
     no_token = chat(client, None, model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
     assert no_token.status_code == 401
     assert balance(api, user) == 15
+
+
+def test_own_key_never_falls_back_to_another_provider(client, api, cluster, proxy, upstreams):
+    """The caller's key goes to its provider only: when that provider fails, the caller is told so,
+    and neither its key nor its request reaches a paid provider."""
+    upstreams["openai"].control(fail=True)
+    user, paid = new_user(api, 15), {n: upstreams[n].requests for n in ("together", "groq", "openrouter")}
+    r = chat(client, user_token(user), model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
+    assert r.status_code == 502 and BYOK_KEY not in r.text, r.text
+    assert {n: upstreams[n].requests for n in paid} == paid
+    assert upstreams["openai"].stats()["last_auth"] == f"Bearer {BYOK_KEY}"
+    assert holds(cluster, user) == [] and balance(api, user) == 15
+    assert BYOK_KEY not in proxy.log.read_text()
+
+
+def test_a_key_the_provider_refuses_is_401_naming_the_header(client, api, upstreams):
+    upstreams["openai"].control(fail=True, fail_status=401)
+    r = chat(client, user_token(new_user(api, 15)), model="openai/gpt-4o-mini", headers={"X-Provider-Key": BYOK_KEY})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "provider_key_refused" and "X-Provider-Key" in r.text

@@ -7,32 +7,11 @@ import json
 import uuid
 
 import httpx
-import pytest
 
-from tests.proxy.conftest import (
-    MODEL, SERVICE, Proxy, balance, chat, holds, new_user, proxy_env, total_requests, user_token,
-)
+from tests.proxy.conftest import MODEL, SERVICE, balance, chat, holds, new_user, total_requests, user_token
 from tests.postgres.conftest import free_port
 
 PRICE = 5
-
-
-@pytest.fixture
-def second_proxy(upstreams, tmp_path):
-    """Another proxy process; the test says which billing it talks to."""
-    started: list[Proxy] = []
-
-    def start(billing_url: str, journal_text: str = "") -> Proxy:
-        journal = tmp_path / "captures.jsonl"
-        journal.write_text(journal_text)
-        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
-        started.append(p)
-        p.start()
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def test_billing_down_is_503_and_no_upstream_call(second_proxy, api, upstreams):
@@ -44,6 +23,8 @@ def test_billing_down_is_503_and_no_upstream_call(second_proxy, api, upstreams):
     assert r.status_code == 503, r.text
     assert "billing is unreachable" in r.text and "nothing charged" in r.text
     assert total_requests(upstreams) == before
+    with httpx.Client(base_url=p.url, timeout=30) as c:
+        assert c.get("/ready").status_code == 503 and c.get("/health").status_code == 200  # alive, not ready
     assert balance(api, user) == 15
 
 

@@ -19,7 +19,6 @@ GOOD = {
     "BILLING_URL": "http://127.0.0.1:8000",
     "BILLING_SERVICE_TOKEN": "svc-token-CANARY",
     "BILLING_PUBLIC_KEY": billing_public_pem(),
-    "LITELLM_MASTER_KEY": "sk-master-CANARY-0123456789",
 }
 
 
@@ -37,7 +36,9 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     ({"BILLING_PUBLIC_KEY": None, "BILLING_PUBLIC_KEY_FILE": "/nonexistent/key.pem"},
      "proxy: BILLING_PUBLIC_KEY_FILE cannot be read (No such file or directory: /nonexistent/key.pem)"),
     ({"BILLING_SERVICE_TOKEN": None}, "proxy: BILLING_SERVICE_TOKEN is not set (nor BILLING_SERVICE_TOKEN_FILE)"),
-    ({"LITELLM_MASTER_KEY": "short"}, "proxy: LITELLM_MASTER_KEY must be at least 16 characters"),
+    ({"MAX_OUTPUT_TOKENS": "lots"}, "proxy: MAX_OUTPUT_TOKENS must be an integer, got 'lots'"),
+    ({"MAX_N": "0"}, "proxy: MAX_N must be between 1 and 128, got 0"),
+    ({"MAX_BODY_BYTES": "10"}, "proxy: MAX_BODY_BYTES must be between 1024 and 67108864, got 10"),
     ({"PORT": "eighty"}, "proxy: PORT must be an integer, got 'eighty'"),
     ({"HOLD_TTL_SECONDS": "5"}, "proxy: HOLD_TTL_SECONDS must be between 60 and 86400, got 5"),
     ({"CAPTURE_JOURNAL": "/proc/ciris/captures.jsonl"},
@@ -58,6 +59,6 @@ def test_render_prints_the_config_the_program_ships():
               for d in config["model_list"] if "order" in d["litellm_params"]]
     assert [o for o in orders if o[0] == "llama-3.3-70b"] == [
         ("llama-3.3-70b", "together_ai", 1), ("llama-3.3-70b", "groq", 2), ("llama-3.3-70b", "openrouter", 3)]
-    assert config["litellm_settings"]["turn_off_message_logging"] is True
-    assert config["general_settings"]["disable_spend_logs"] is True
-    assert config["general_settings"]["custom_auth"] == "ciris_proxy.gate.user_api_key_auth"
+    assert config["router_settings"]["num_retries"] == 0  # the next provider is the retry
+    openrouter = next(d for d in config["model_list"] if d["model_info"]["id"] == "llama-3.3-70b@openrouter")
+    assert openrouter["litellm_params"]["extra_body"] == {"provider": {"data_collection": "deny", "zdr": True}}

@@ -1,10 +1,11 @@
-"""LiteLLM's config.yaml for the bridge proxy: a pure renderer (models in, text out) used by the
-Pulumi program, `python -m ciris_proxy serve` and the tests alike.
+"""The proxy's upstream config (config.yaml): a pure renderer (models in, text out) used by the
+Pulumi program, `python -m ciris_proxy serve`, the tests and bench/proxy alike.
 
-Every exposed model is one LiteLLM model group with one deployment per provider; `order` makes the
-router try them in the FSD's order (Together, then Groq, then OpenRouter) and fall back to the next
-on failure. Keys and base URLs are `os.environ/...` references: the text holds no secret and no
-address, so the same file serves production and the tests' local upstreams.
+Every exposed model has one deployment per provider with an `order`: the proxy tries them in the
+FSD's order (Together, then Groq, then OpenRouter) and falls back to the next on a provider-side
+failure. Keys and base URLs are `os.environ/...` references: the text holds no secret and no
+address, so the same file serves production and the tests' local upstreams. The text is also a
+valid LiteLLM proxy config (model_list, router_settings), which bench/proxy runs as its baseline.
 """
 
 from __future__ import annotations
@@ -69,44 +70,18 @@ def model_list(models: Mapping[str, Mapping[str, str]]) -> list[dict]:
 def render(
     models: Mapping[str, Mapping[str, str]] = MODELS,
     *,
-    gate: bool = True,
     timeout_seconds: int = 60,
     cooldown_seconds: int = 30,
     allowed_fails: int = 3,
 ) -> str:
-    """The config text. `gate=False` is a bare LiteLLM proxy (master key only, no credit gate), for
-    bench/proxy's comparison; production always renders with the gate."""
-    general = {
-        "master_key": "os.environ/LITELLM_MASTER_KEY",  # operators only; clients hold billing tokens
-        "disable_spend_logs": True,
-        "disable_error_logs": True,
-        "store_model_in_db": False,
-        "store_prompts_in_spend_logs": False,
-        "disable_reset_budget": True,
-        "health_check_details": False,
-    }
-    litellm_settings = {
-        # Zero data retention: no message text in logs, callbacks or exception strings.
-        "turn_off_message_logging": True,
-        "redact_messages_in_exceptions": True,
-        "redact_user_api_key_info": True,
-        "drop_params": True,
-        "request_timeout": timeout_seconds,
-        "json_logs": True,
-    }
-    if gate:
-        general["custom_auth"] = "ciris_proxy.gate.user_api_key_auth"
-        litellm_settings["callbacks"] = ["ciris_proxy.gate.credit_gate"]
     doc = {
         "model_list": model_list(models),
         "router_settings": {
             "routing_strategy": "simple-shuffle",
             "num_retries": 0,  # the next provider is the retry
             "timeout": timeout_seconds,
-            "allowed_fails": allowed_fails,
+            "allowed_fails": allowed_fails,  # provider-side failures a minute before a cooldown
             "cooldown_time": cooldown_seconds,
         },
-        "litellm_settings": litellm_settings,
-        "general_settings": general,
     }
     return yaml.safe_dump(doc, sort_keys=False)

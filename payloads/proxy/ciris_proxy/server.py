@@ -1,53 +1,268 @@
-"""The front door: a plain ASGI layer in front of LiteLLM's proxy app.
+"""The front door: a lean ASGI app, the proxy's whole public surface.
 
-It answers GET /health (FSD §9.1) and /metrics itself, removes the caller's X-Provider-Key header
-(kept only in a context variable for the credit gate, so LiteLLM never logs or stores it) and every
-x-litellm-* control header (the call id must be ours: it is the capture's idempotency key), and
-starts and stops the credit gate with the server.
+    GET  /health               liveness (FSD §9.1), no token
+    GET  /ready                readiness: billing answers (internal)
+    GET  /metrics              Prometheus (internal: the edge routes only /health and /v1/*)
+    GET  /v1/models            the exposed models, the price and the caps
+    POST /v1/chat/completions  the contract (contract.py), the credit gate (gate.py), the providers (upstream.py)
+
+Everything else is 404. A chat request is checked in order — token (401), body size (413), contract
+and caps (400), model (404), credit hold (402/503) — before anything is sent to a provider.
+
+When is a request charged? Once a provider has taken on the work: a non-streamed answer that came
+back, or a stream the provider opened — then the client pays even if it leaves before the first
+token (the provider's work was done); a stream that ends or breaks before any content was
+delivered to the client is released, as is everything no provider accepted. A client that leaves
+cancels the upstream call at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import logging
+import uuid
+
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ciris_proxy.gate import BYOK_HEADER, byok_key, credit_gate
+from ciris_proxy import metrics
+from ciris_proxy.auth import Tokens
+from ciris_proxy.contract import ChatRequest, ContractError, parse
+from ciris_proxy.errors import ApiError
+from ciris_proxy.gate import CreditGate
+from ciris_proxy.journal import Journal
+from ciris_proxy.settings import Settings
+from ciris_proxy.upstream import Target, Upstreams
 
-HEALTH = b'{"status":"healthy"}'
-_BYOK = BYOK_HEADER.encode()
+log = logging.getLogger("ciris_proxy")
+JSON = (b"content-type", b"application/json")
+SSE = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
+NOT_FOUND = ApiError(404, "no such route: the proxy serves GET /v1/models, POST /v1/chat/completions and GET /health",
+                     code="not_found")
 
 
-class Front:
-    def __init__(self, app, gate=credit_gate, settings=None, journal=None):
-        self.app, self.gate, self.settings, self.journal = app, gate, settings, journal
+class ClientLeft(Exception):
+    pass
+
+
+async def send_json(send, status: int, body: bytes, headers=()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [JSON, (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive, headers: dict, limit: int) -> bytes:
+    too_big = ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+    length = headers.get(b"content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise too_big
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientLeft
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class App:
+    def __init__(self, settings: Settings, journal: Journal, upstreams: Upstreams):
+        self.settings, self.upstreams = settings, upstreams
+        self.tokens = Tokens(settings.billing_public_key)
+        self.gate = CreditGate(settings, journal)
+        self.routes = {
+            "/health": ("GET", self.health), "/ready": ("GET", self.ready), "/metrics": ("GET", self.metrics),
+            "/v1/models": ("GET", self.models), "/v1/chat/completions": ("POST", self.chat),
+        }
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            return await self.app(scope, self._lifespan(receive), send)
+            return await self.lifespan(receive, send)
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path in ("/health", "/metrics") and scope["method"] in ("GET", "HEAD"):
-            body, ctype = (HEALTH, b"application/json") if path == "/health" else (generate_latest(), CONTENT_TYPE_LATEST.encode())
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
-            return await send({"type": "http.response.body", "body": body})
-        headers, key = [], None
-        for name, value in scope["headers"]:
-            if name == _BYOK:
-                key = value.decode("latin-1").strip()
-            elif not name.startswith(b"x-litellm-"):
-                headers.append((name, value))
-        token = byok_key.set(key or None)
+            return
+        method, handler = self.routes.get(scope["path"], (None, None))
         try:
-            await self.app({**scope, "headers": headers}, receive, send)
-        finally:
-            byok_key.reset(token)
+            if handler is None:
+                raise NOT_FOUND
+            if scope["method"] != method and not (method == "GET" and scope["method"] == "HEAD"):
+                raise ApiError(405, f"{scope['path']} takes {method} only", code="method_not_allowed")
+            await handler(scope, receive, send)
+        except ApiError as e:
+            await send_json(send, e.status, json.dumps(e.body()).encode(), e.headers)
+        except ClientLeft:
+            pass
+        except Exception as e:  # noqa: BLE001  (never uvicorn's traceback: an exception's text can quote a prompt)
+            log.error("%s %s failed: %s", scope["method"], scope["path"], type(e).__name__)
+            error = ApiError(500, "the proxy failed; nothing was charged", code="internal_error")
+            try:
+                await send_json(send, 500, json.dumps(error.body()).encode())
+            except Exception:  # noqa: BLE001  (the response had started: the connection just ends)
+                pass
 
-    def _lifespan(self, receive):
-        async def wrapped():
+    async def lifespan(self, receive, send):
+        while True:
             message = await receive()
-            if message["type"] == "lifespan.startup" and self.gate is not None:
-                self.gate.start(self.settings, self.journal)
-            elif message["type"] == "lifespan.shutdown" and self.gate is not None:
+            if message["type"] == "lifespan.startup":
+                self.gate.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
                 await self.gate.stop()
-            return message
-        return wrapped
+                return await send({"type": "lifespan.shutdown.complete"})
+
+    # --- small routes ---
+
+    async def health(self, scope, receive, send):
+        await send_json(send, 200, b'{"status":"healthy"}')
+
+    async def ready(self, scope, receive, send):
+        if await self.gate.billing_ready():
+            return await send_json(send, 200, b'{"status":"ready"}')
+        await send_json(send, 503, b'{"status":"billing unreachable"}')
+
+    async def metrics(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+        await send({"type": "http.response.body", "body": generate_latest()})
+
+    async def models(self, scope, receive, send):
+        self.tokens.user(dict(scope["headers"]).get(b"authorization"))
+        caps = dataclasses.asdict(self.settings.caps)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "ciris-bridge",
+                 "providers": [p for _, p in t.groups], "price_cents": self.settings.price_per_interaction_cents,
+                 "limits": caps} for name, t in self.upstreams.models.items()]
+        data += [{"id": f"{p}/*", "object": "model", "created": 0, "owned_by": p, "providers": [p], "price_cents": 0,
+                  "limits": caps, "requires": "X-Provider-Key"} for p in self.upstreams.byok_bases]
+        await send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
+
+    # --- chat completions ---
+
+    async def chat(self, scope, receive, send):
+        headers = dict(scope["headers"])
+        user = self.tokens.user(headers.get(b"authorization"))
+        body = await read_body(receive, headers, self.settings.caps.max_body_bytes)
+        try:
+            req = parse(body)
+        except ContractError as e:
+            raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
+        target = self.upstreams.target(req.model)
+        params = self.within_caps(req, target)
+        key = headers.get(b"x-provider-key", b"").decode("latin-1").strip() or None
+        hold_id = None
+        if target.byok:
+            if not key:
+                raise ApiError(400, f"model {req.model!r} uses your own {target.byok} key: send it in X-Provider-Key",
+                               param="model", code="provider_key_missing")
+            metrics.REQUESTS.labels("byok").inc()
+        else:
+            if key:
+                raise ApiError(400, "X-Provider-Key is only for openai/<model> and anthropic/<model>",
+                               code="provider_key_not_allowed")
+            hold_id = await self.gate.hold(user, str(uuid.uuid4()))
+            metrics.REQUESTS.labels("paid").inc()
+        serve = self.stream if req.stream else self.answer
+        await self.until_client_leaves(serve(send, target, params, key, hold_id), receive)
+
+    def within_caps(self, req: ChatRequest, target: Target) -> dict:
+        caps = self.settings.caps
+        if len(req.messages) > caps.max_messages:
+            raise ApiError(400, f"messages: at most {caps.max_messages} per request", param="messages",
+                           code="too_many_messages")
+        if req.n is not None and req.n > caps.max_n:
+            raise ApiError(400, f"n: at most {caps.max_n}", param="n", code="above_limit")
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise ApiError(400, "send max_tokens or max_completion_tokens, not both", param="max_completion_tokens",
+                           code="invalid_value")
+        for name in ("max_tokens", "max_completion_tokens"):
+            if (getattr(req, name) or 0) > caps.max_output_tokens:
+                raise ApiError(400, f"{name}: at most {caps.max_output_tokens}", param=name, code="above_limit")
+        if req.has_images() and not target.vision:
+            raise ApiError(400, f"{req.model} takes text only: send no image_url parts", param="messages",
+                           code="images_not_supported")
+        params = req.upstream_params()
+        if req.max_tokens is None and req.max_completion_tokens is None:
+            params["max_tokens"] = caps.max_output_tokens  # a flat price buys a bounded answer
+        return params
+
+    async def until_client_leaves(self, work, receive) -> None:
+        """Run `work`; if the client hangs up first, cancel it (and with it the upstream call)."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(until_disconnect(receive))
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, watch):
+                if not t.done():
+                    t.cancel()
+        if not task.done() or task.cancelled():
+            try:
+                await task  # let it settle the hold
+            except asyncio.CancelledError:
+                pass
+            return
+        task.result()  # an ApiError raised before the response started becomes the error response
+
+    def settle(self, hold_id: str | None, capture: bool) -> None:
+        if hold_id is not None:
+            self.gate.settle(hold_id, capture)
+
+    async def answer(self, send, target: Target, params: dict, key: str | None, hold_id: str | None):
+        try:
+            response = await self.upstreams.complete(target, params, stream=False, key=key)
+        except BaseException:  # no answer (or the client left before it): nothing was delivered
+            self.settle(hold_id, capture=False)
+            raise
+        self.settle(hold_id, capture=True)  # the answer exists: the provider's work is done
+        response.model = target.name  # the exposed name, whichever provider answered
+        await send_json(send, 200, response.model_dump_json().encode())
+
+    async def stream(self, send, target: Target, params: dict, key: str | None, hold_id: str | None):
+        try:
+            chunks = await self.upstreams.complete(target, params, stream=True, key=key)
+        except BaseException:
+            self.settle(hold_id, capture=False)
+            raise
+        delivered = False  # any content (text or a tool call) went out to the client
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": list(SSE)})
+            async for chunk in chunks:
+                chunk.model = target.name
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"})
+                delivered = delivered or _has_content(chunk)
+        except asyncio.CancelledError:
+            self.settle(hold_id, capture=True)  # the client left after the provider took the work on
+            raise
+        except Exception as e:  # noqa: BLE001  (the provider broke the stream: say so in the stream)
+            log.warning("stream from %s broke: %s", target.name, type(e).__name__)
+            self.settle(hold_id, capture=delivered)
+            error = ApiError(502, "the provider's stream broke off" + ("" if delivered else "; nothing was charged"),
+                             code="upstream_error")
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": b"data: " + json.dumps(error.body()).encode() + b"\n\n"})
+        else:
+            self.settle(hold_id, capture=delivered)
+        finally:
+            await _close(chunks)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def _has_content(chunk) -> bool:
+    return any(c.delta is not None and (c.delta.content or c.delta.tool_calls) for c in chunk.choices or ())
+
+
+async def _close(chunks) -> None:
+    try:
+        await chunks.aclose()
+    except Exception:  # noqa: BLE001  (the connection is gone either way)
+        pass

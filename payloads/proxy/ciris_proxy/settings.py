@@ -28,16 +28,25 @@ class SettingsError(ValueError):
 
 
 @dataclass(frozen=True)
+class Caps:
+    """What one flat-priced request may ask for (shown in GET /v1/models); beyond them a 400."""
+    max_output_tokens: int = 4096  # max_tokens / max_completion_tokens; absent means this
+    max_n: int = 4                 # choices per request
+    max_messages: int = 256
+    max_body_bytes: int = 512 * 1024  # the edge enforces the same limit
+
+
+@dataclass(frozen=True)
 class Settings:
     billing_url: str
     billing_service_token: str = field(repr=False)
     billing_public_key: Ed25519PublicKey = field(repr=False)
-    master_key: str = field(repr=False)
     price_per_interaction_cents: int = 5
     hold_ttl_seconds: int = 900
     capture_journal: str = "/var/lib/ciris-proxy/captures.jsonl"
     host: str = "0.0.0.0"
     port: int = 4000
+    caps: Caps = field(default_factory=Caps)
 
 
 def _required(env: Mapping[str, str], var: str) -> str:
@@ -85,19 +94,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("BILLING_PUBLIC_KEY", "is not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise SettingsError("BILLING_PUBLIC_KEY", "must be billing's Ed25519 key (EdDSA tokens)")
-    master = _required(env, "LITELLM_MASTER_KEY")
-    if len(master) < 16:
-        raise SettingsError("LITELLM_MASTER_KEY", "must be at least 16 characters")
     return Settings(
         billing_url=url,
         billing_service_token=_text_or_file(env, "BILLING_SERVICE_TOKEN"),
         billing_public_key=key,
-        master_key=master,
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 60, 86_400),
         capture_journal=env.get("CAPTURE_JOURNAL", "").strip() or Settings.capture_journal,
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 4000, 1, 65535),
+        caps=Caps(
+            max_output_tokens=_int(env, "MAX_OUTPUT_TOKENS", Caps.max_output_tokens, 1, 1_000_000),
+            max_n=_int(env, "MAX_N", Caps.max_n, 1, 128),
+            max_messages=_int(env, "MAX_MESSAGES", Caps.max_messages, 1, 100_000),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", Caps.max_body_bytes, 1024, 64 * 1024 * 1024),
+        ),
     )
 
 
