@@ -128,6 +128,9 @@ class BackupSettings(_Model):
     region: str = "us-east-1"
     retention_days: int = Field(default=30, ge=1, le=3650)
     hour_utc: int = Field(default=3, ge=0, le=23)
+    ca_cert: str | None = Field(
+        default=None, pattern=r"^-----BEGIN CERTIFICATE-----", description="PEM of a private CA the S3 endpoint's certificate is from"
+    )
 
 
 class BridgeConfig(_Model):

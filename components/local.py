@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,7 +31,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components import config, deploy, plan as plan_mod, services
+from components import config, deploy, local_s3, plan as plan_mod, services
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +48,17 @@ class LocalError(RuntimeError):
 
 
 def local_secrets() -> dict[str, str]:
-    """Stripe test-mode keys made once per checkout (kept in local/secrets.json, so a second run
-    renders the same bundle), and provider keys from the environment when set."""
+    """Stripe test-mode keys and the backup keys, made once per checkout (kept in local/secrets.json,
+    so a second run renders the same bundle), and provider keys from the environment when set."""
     path = LOCAL / "secrets.json"
-    if path.exists():
-        made = json.loads(path.read_text())
-    else:
-        made = {"stripe_secret_key": f"sk_test_local{secrets.token_hex(12)}",
-                "stripe_webhook_secret": f"whsec_{secrets.token_hex(16)}"}
+    made = json.loads(path.read_text()) if path.exists() else {}
+    new = {"stripe_secret_key": lambda: f"sk_test_local{secrets.token_hex(12)}",
+           "stripe_webhook_secret": lambda: f"whsec_{secrets.token_hex(16)}",
+           "backup_s3_access_key": lambda: f"local{secrets.token_hex(8)}",
+           "backup_s3_secret_key": lambda: secrets.token_hex(20),
+           "backup_encryption_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode()}
+    if set(new) - set(made):
+        made = {key: made.get(key) or make() for key, make in new.items()}
         LOCAL.mkdir(exist_ok=True)
         path.write_text(json.dumps(made, indent=2) + "\n")
         path.chmod(0o600)
@@ -62,8 +66,11 @@ def local_secrets() -> dict[str, str]:
     return {**made, **given}
 
 
-def render(stack_file: Path = STACK_FILE) -> plan_mod.Plan:
+def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.Plan:
     raw, secret_keys = config.read_stack_file(stack_file)
+    if s3_ca:  # backups to this machine's S3 (components/local_s3.py)
+        raw[f"{config.PROJECT}:backup"] = {"s3_endpoint": local_s3.ENDPOINT, "bucket": local_s3.BUCKET,
+                                           "region": local_s3.REGION, "ca_cert": s3_ca}
     for key, value in local_secrets().items():
         raw[f"{config.PROJECT}:{key}"] = value
         secret_keys.add(f"{config.PROJECT}:{key}")
@@ -142,7 +149,11 @@ def admin_token(jwt_pem: str, hours: int = 24) -> str:
 
 def up(stack_file: Path = STACK_FILE) -> dict:
     started = time.monotonic()
-    plan = render(stack_file)
+    add_address(local_s3.ADDRESS)
+    keys = local_secrets()
+    s3_ca = local_s3.up(LOCAL / "s3", str(Path(sys.executable).parent / "moto_server"), shutil.which("caddy") or "caddy",
+                        keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
+    plan = render(stack_file, s3_ca)
     env = engine_env()
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
@@ -179,6 +190,7 @@ def down() -> None:
                           capture_output=True, text=True).stdout.split()
     if left:
         subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
+    local_s3.down(LOCAL / "s3")
     for table, chain in (("filter", ISOLATION), ("nat", "POSTROUTING")):  # route_like_hosts()'s rules
         rules = subprocess.run(["iptables", "-t", table, "-S", chain], capture_output=True, text=True).stdout
         for rule in rules.splitlines():

@@ -30,6 +30,7 @@ TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR
 DATA_MOUNT = "/var/lib/postgresql/data"  # the volume; PGDATA inside it, so data moved aside stays on it
 PGDATA = f"{DATA_MOUNT}/pgdata"
 SOCKET_DIR = "/var/run/postgresql"
+S3_CA_FILE = f"{CONFIG_MOUNT}/s3-ca.crt"  # backup.ca_cert, where both containers read it
 SOCKET_VOLUME = "pgsocket"  # shared with the backup job, which talks to the server through it
 TEN_YEARS = 24 * 365 * 10
 
@@ -159,6 +160,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             )
         )
         archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf()} if self._backup else {}
+        if self._backup and self._backup.ca_cert:
+            archive_files["postgres/etc/s3-ca.crt"] = self._backup.ca_cert
         member.add_service(
             ContainerSpec(
                 name="postgres",
@@ -203,6 +206,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "BACKUP_S3_REGION": backup.region,
                 "BACKUP_RETENTION_DAYS": backup.retention_days,
                 "BACKUP_HOUR_UTC": backup.hour_utc,
+                **({"AWS_CA_BUNDLE": S3_CA_FILE} if backup.ca_cert else {}),  # boto3's trust for the S3 endpoint
                 "BACKUP_ENCRYPTION_KEY": secrets.get("backup_encryption_key") or "",
                 "BACKUP_S3_ACCESS_KEY": secrets.get("backup_s3_access_key") or "",
                 "BACKUP_S3_SECRET_KEY": secrets.get("backup_s3_secret_key") or "",
@@ -229,7 +233,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         b = self._backup
         return pgc.pgbackrest_conf(
             endpoint=b.s3_endpoint, bucket=b.bucket, region=b.region, retention_days=b.retention_days,
-            pg_path=PGDATA, socket_dir=SOCKET_DIR, pg_port=PORT,
+            pg_path=PGDATA, socket_dir=SOCKET_DIR, pg_port=PORT, ca_file=S3_CA_FILE if b.ca_cert else None,
         )
 
     def _pgbackrest_env(self) -> dict[str, str]:
