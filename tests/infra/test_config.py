@@ -82,6 +82,18 @@ def _bad_domain(raw):
     regions(raw)[0]["domain"] = "Not A Domain"
 
 
+def _local_region_in_staging(raw):
+    regions(raw)[1].update(provider="local", location="10.77.2.1", plan="local", volume_gb=0)
+
+
+def _cloud_region_in_local(raw):
+    raw[f"{P}:environment"] = "local"
+
+
+def _fake_upstream_in_staging(raw):
+    raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), "fake_llm_upstream": True}
+
+
 CASES = [
     (_unknown_provider, f"{P}:regions[1].provider", "unknown provider 'aws'"),
     (_duplicate_region, f"{P}:regions[1].name", "duplicate name 'us-east'"),
@@ -100,6 +112,9 @@ CASES = [
     (_missing_budget, f"{P}:budget", "is required but not set"),
     (_bad_cidr, f"{P}:admin_ssh_cidrs", "is not a CIDR"),
     (_bad_domain, f"{P}:regions[0].domain", "not a valid lower-case domain name"),
+    (_local_region_in_staging, f"{P}:regions[1].provider", "only for environment: local, not staging"),
+    (_cloud_region_in_local, f"{P}:regions[0].provider", "environment local runs every region on this machine"),
+    (_fake_upstream_in_staging, f"{P}:services.fake_llm_upstream", "is for environment local only, not staging"),
 ]
 
 

@@ -1,0 +1,56 @@
+"""The deploy script itself (components/deploy.py), on a small bundle of its own under Podman:
+what it unpacks, and that it fails when a container does not become healthy."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import tarfile
+
+import yaml
+
+from components import deploy
+from components.region import bundle
+from tests.e2e.conftest import engine_env
+
+PROJECT = "ciris-deploy-test"
+
+
+def compose(healthy: bool) -> str:
+    return yaml.safe_dump({"name": PROJECT, "services": {"app": {
+        "image": "localhost/ciris-base:bookworm", "command": ["sleep", "600"], "restart": "unless-stopped",
+        "labels": {"ciris.region": "deploy-test", "ciris.service": "app"},
+        "healthcheck": {"test": ["CMD", "true" if healthy else "false"], "interval": "2s", "timeout": "2s", "retries": 1},
+    }}})
+
+
+def run_deploy(tmp_path, files: dict[str, str], private: dict[str, int]) -> subprocess.CompletedProcess:
+    env = engine_env()
+    return subprocess.run(deploy.local(deploy.DEPLOY, str(tmp_path / "srv")), input=bundle(files, private),
+                          capture_output=True, text=True, env=env, timeout=400)
+
+
+def test_the_deploy_unpacks_with_modes_and_waits_for_health(tmp_path):
+    env = engine_env()
+    try:
+        out = run_deploy(tmp_path, {"compose.yaml": compose(True), "app/code.py": "print()\n", "app/env": "SECRET=1\n",
+                                    "app/key.pem": "k\n"}, {"app/env": 0, "app/key.pem": 10001})
+        assert out.returncode == 0, out.stderr[-2000:]
+        srv = tmp_path / "srv"
+        modes = {p: ((srv / p).stat().st_mode & 0o777, (srv / p).stat().st_uid) for p in ("app/code.py", "app/env", "app/key.pem")}
+        assert modes == {"app/code.py": (0o644, 0), "app/env": (0o600, 0), "app/key.pem": (0o600, 10001)}
+
+        # A container that never becomes healthy fails the deploy (and so `pulumi up`).
+        out = run_deploy(tmp_path, {"compose.yaml": compose(False)}, {})
+        assert out.returncode != 0
+        assert "unhealthy" in (out.stdout + out.stderr).lower(), out.stderr[-2000:]
+    finally:
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+
+
+def test_the_bundle_is_the_same_bytes_for_the_same_files():
+    files = {"b.txt": "2", "a.txt": "1"}
+    assert bundle(files, {"a.txt": 0}) == bundle(dict(reversed(list(files.items()))), {"a.txt": 0})
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(bundle(files))), mode="r:gz") as tar:
+        assert tar.getnames() == ["a.txt", "b.txt"]
