@@ -40,7 +40,8 @@ class Bridge:
 
 def build(config: BridgeConfig) -> Bridge:
     edge_ca = local_edge_ca() if config.environment == "local" else None
-    regions = [Region(r.name, RegionArgs(r, config, i, edge_ca)) for i, r in enumerate(config.regions)]
+    shared: dict = {}
+    regions = [Region(r.name, RegionArgs(r, config, i, edge_ca, shared)) for i, r in enumerate(config.regions)]
     by_name = {r.spec.name: r for r in regions}
     database = ReplicatedPostgres(
         "postgres",
@@ -79,8 +80,13 @@ def build(config: BridgeConfig) -> Bridge:
             fake_upstream=fake_upstream,
         ),
     )
+    # Every component has added its containers and files. The primary's region first: a replica
+    # clones from it, and a region's billing writes to it.
+    primary = by_name[config.primary.name]
+    primary.build()
     for region in regions:
-        region.build()  # every component has added its containers and files
+        if region is not primary:
+            region.build(after=[primary.deploy])
     nameservers = Nameservers(
         "dns",
         NameserversArgs(

@@ -60,6 +60,16 @@ SystemMaxUse=2G
 DOCKER_AFTER_DATA = f"""\
 [Unit]
 RequiresMountsFor={DATA_MOUNT}
+[Service]
+# Containers never reach the cloud's metadata service: the user data there holds the host's SSH key.
+ExecStartPost=/usr/sbin/iptables -I DOCKER-USER -d 169.254.169.254 -j DROP
+"""
+
+# Ports are published on the host's own addresses; at boot an IPv6 address may still be in
+# duplicate-address detection when Docker starts, so allow binding it before it is up.
+SYSCTL = """\
+net.ipv4.ip_nonlocal_bind = 1
+net.ipv6.ip_nonlocal_bind = 1
 """
 
 # Unattended upgrades also take Docker's own packages (docker-ce is not in Debian's origins).
@@ -129,6 +139,7 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule], host_key: 
             {"path": "/usr/local/sbin/ciris-prepare-volume", "content": PREPARE_VOLUME, "permissions": "0755"},
             {"path": "/usr/local/sbin/ciris-install-docker", "content": INSTALL_DOCKER, "permissions": "0755"},
             {"path": "/etc/systemd/journald.conf.d/10-ciris.conf", "content": JOURNALD, "permissions": "0644"},
+            {"path": "/etc/sysctl.d/60-ciris.conf", "content": SYSCTL, "permissions": "0644"},
             {"path": "/etc/systemd/system/docker.service.d/10-ciris-data.conf", "content": DOCKER_AFTER_DATA, "permissions": "0644"},
             {"path": "/etc/apt/apt.conf.d/51ciris-docker-upgrades", "content": DOCKER_UPGRADES, "permissions": "0644"},
         ],
@@ -137,6 +148,7 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule], host_key: 
             "/usr/local/sbin/ciris-install-docker",
             f"usermod -aG docker {DEPLOY_USER}",
             f"install -d -o {DEPLOY_USER} -g {DEPLOY_USER} {BUNDLE_DIR}",
+            "sysctl --system",
             "systemctl daemon-reload",
             "systemctl restart systemd-journald",
             "systemctl enable --now docker unattended-upgrades",

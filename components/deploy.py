@@ -15,11 +15,16 @@ _COMPOSE = """\
 if docker compose version >/dev/null 2>&1; then dc() { docker compose "$@"; }; else dc() { docker-compose "$@"; }; fi
 """
 
+# cloud-init status: 0 done, 2 done with recoverable errors ("degraded"); either way the host is set up.
+CLOUD_INIT_DONE = (
+    "if command -v cloud-init >/dev/null 2>&1; then rc=0; cloud-init status --wait >/dev/null || rc=$?; "
+    "[ $rc -eq 0 ] || [ $rc -eq 2 ] || exit $rc; fi\n"
+)
+
 DEPLOY = """\
 set -eu
 dir=$1 device=${2:-}
-# cloud-init status: 0 done, 2 done with recoverable errors ("degraded"); either way the host is set up.
-if command -v cloud-init >/dev/null 2>&1; then rc=0; cloud-init status --wait >/dev/null || rc=$?; [ $rc -eq 0 ] || [ $rc -eq 2 ] || exit $rc; fi
+""" + CLOUD_INIT_DONE + """\
 [ -z "$device" ] || ciris-prepare-volume "$device" "$dir/data"
 install -d -m 755 "$dir"
 base64 -d | tar -xz -C "$dir"

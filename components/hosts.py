@@ -51,11 +51,13 @@ def create(
     rules: Sequence[Rule],
     labels: dict[str, str],
     parent: pulumi.Resource,
+    shared: dict | None = None,
 ) -> Host:
     """`name` prefixes the Pulumi resource names; `label` is the name the cloud shows (unique per
     account, so it carries the environment)."""
     opts = pulumi.ResourceOptions(parent=parent)
-    return _PROVIDERS[region.provider](name, label, region, ssh_public_key, user_data, rules, labels, opts)
+    return _PROVIDERS[region.provider](name, label, region, ssh_public_key, user_data, rules, labels, opts,
+                                       {} if shared is None else shared)
 
 
 def _keep(opts: pulumi.ResourceOptions, labels: dict[str, str], *ignore: str) -> pulumi.ResourceOptions:
@@ -65,12 +67,8 @@ def _keep(opts: pulumi.ResourceOptions, labels: dict[str, str], *ignore: str) ->
         ignore_changes=list(ignore), protect=labels.get("environment") == "production"))
 
 
-# Hetzner refuses a second key with the same fingerprint in a project: one per key, shared by the
-# stack's Hetzner hosts (and a different deploy key per stack when stacks share a project).
-_hetzner_keys: dict[tuple[int, str], hcloud.SshKey] = {}
 
-
-def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts, shared) -> Host:
     key = vultr.SSHKey(f"{name}-ssh-key", name=f"{label}-deploy", ssh_key=ssh_public_key, opts=opts)
     group = vultr.FirewallGroup(f"{name}-firewall", description=label, opts=opts)
 
@@ -124,7 +122,7 @@ def _vultr(name, label, region, ssh_public_key, user_data, rules, labels, opts) 
     return Host(vm.main_ip, vm.v6_main_ip, device, ready, add_rules)
 
 
-def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts, shared) -> Host:
     def firewall_rules(extra: Sequence[Rule]) -> list[hcloud.FirewallRuleArgs]:
         return [
             hcloud.FirewallRuleArgs(
@@ -137,10 +135,11 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
             for rule in extra
         ]
 
-    run = (id(pulumi.runtime.settings.get_monitor()), ssh_public_key)  # one program run (tests run many)
-    key = _hetzner_keys.get(run)
+    # Hetzner refuses a second key with the same fingerprint in a project: one per stack, shared by
+    # its Hetzner hosts (`shared` is the stack's; stacks sharing a project need different keys).
+    key = shared.get(("hcloud-ssh-key", ssh_public_key))
     if key is None:
-        key = _hetzner_keys[run] = hcloud.SshKey(
+        key = shared[("hcloud-ssh-key", ssh_public_key)] = hcloud.SshKey(
             f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, labels=labels, opts=opts)
     firewall = hcloud.Firewall(f"{name}-firewall", name=label, rules=firewall_rules(rules), labels=labels, opts=opts)
     vm = hcloud.Server(
@@ -186,7 +185,7 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
 
 
 
-def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts) -> Host:
+def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts, shared) -> Host:
     """`make local`: this machine is every host. The region's address (its `location`) is an extra
     address of this machine's loopback that scripts/local-up adds; nothing is created in a cloud,
     there is no firewall to open, and ports are published on the IPv4 address only."""

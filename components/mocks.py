@@ -93,6 +93,7 @@ class Registration:
     parent: str | None  # parent's URN; None for the stack itself
     custom: bool
     inputs: dict
+    dependencies: tuple[str, ...] = ()  # URNs it waits for (depends_on)
 
 
 class RecordingMonitor(MockMonitor):
@@ -107,7 +108,8 @@ class RecordingMonitor(MockMonitor):
         if request.type != "pulumi:pulumi:Stack":
             inputs = pulumi.runtime.rpc.deserialize_properties(request.object)
             self.registrations.append(
-                Registration(request.type, request.name, response.urn, request.parent or None, bool(request.custom), inputs)
+                Registration(request.type, request.name, response.urn, request.parent or None, bool(request.custom), inputs,
+                             tuple(request.dependencies))
             )
         return response
 

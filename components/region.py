@@ -38,6 +38,7 @@ class RegionArgs:
     index: int = 0  # position in config: gives the region network its own subnet
     # `make local` only: the stack's own CA (cert PEM, key PEM) that signs the edges' certificates.
     edge_ca: tuple[pulumi.Input[str], pulumi.Input[str]] | None = None
+    shared: dict | None = None  # per-stack resources the regions' hosts share (hosts.create)
 
 
 def bundle(files: dict[str, str], private: dict[str, int] | None = None) -> str:
@@ -89,6 +90,7 @@ class Region(pulumi.ComponentResource):
         self.host = hosts.create(
             name, label, r, cfg.ssh_public_key, user_data, rules,
             {"project": "ciris-bridge", "environment": cfg.environment, "region": r.name}, parent=self,
+            shared=args.shared,
         )
         self.ipv4, self.ipv6 = self.host.ipv4, self.host.ipv6
 
@@ -109,6 +111,7 @@ class Region(pulumi.ComponentResource):
         self.service_files: dict[str, list[str]] = {}  # container -> the bundle paths it reads
         self.artifacts: dict[str, pulumi.Input[str]] = {}
         self.deploy: command.remote.Command | None = None
+        self.openings: list[command.remote.Command] = []  # open()'s UFW commands, before the deploy
         caddyfile = edge.render_caddyfile(
             edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age,
             **({"tls": "internal", "ca_dir": edge.CA_DIR} if args.edge_ca else {}),
@@ -145,8 +148,9 @@ class Region(pulumi.ComponentResource):
         self.service_files[container.name] = self.service_files.get(container.name, []) + sorted(files)
         self.artifacts.update(shown or {})
 
-    def build(self) -> command.remote.Command:
-        """Ship the bundle and start the containers: after every component has added its part."""
+    def build(self, after: list[pulumi.Resource] | None = None) -> command.remote.Command:
+        """Ship the bundle and start the containers: after every component has added its part,
+        after this host's own firewall openings, and after `after` (another region's deploy)."""
         files = pulumi.Output.all(**self.files)
         # Digests of what each container reads: not secret, though some of the files are.
         digests = pulumi.Output.unsecret(files.apply(lambda f: {
@@ -168,7 +172,7 @@ class Region(pulumi.ComponentResource):
             stdin=payload,
             # The digest of the bundle, not the bundle: a changed file redeploys, no secret shows.
             triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.host.ready, *self.openings, *(after or [])]),
         )
         return self.deploy
 
@@ -183,11 +187,11 @@ class Region(pulumi.ComponentResource):
                 n = len(rule.sources)
                 lines += ufw_commands(rule.protocol, rule.port, resolved[i : i + n])
                 i += n
-            return "set -eu; cloud-init status --wait >/dev/null; " + "; ".join(f"sudo {line}" for line in lines)
+            return "set -eu\n" + deploy.CLOUD_INIT_DONE + "; ".join(f"sudo {line}" for line in lines)
 
-        command.remote.Command(
+        self.openings.append(command.remote.Command(
             f"{self._name}-{purpose}-ufw",
             connection=self.connection,
             create=cidrs.apply(ufw),
             opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
-        )
+        ))

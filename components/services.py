@@ -50,7 +50,13 @@ class Network(BaseModel):
         return cls(name=f"ciris-{region}", subnet=f"172.30.{index}.0/24")
 
     def address(self, suffix: int) -> str:
+        """A fixed address: from the lower half, which the engine never hands out by itself."""
+        assert 2 <= suffix < 128, suffix
         return self.subnet.rsplit(".", 1)[0] + f".{suffix}"
+
+    @property
+    def dynamic_range(self) -> str:
+        return self.subnet.rsplit(".", 1)[0] + ".128/25"
 
 
 def payload_files(name: str) -> dict[str, str]:
@@ -112,7 +118,7 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
                          "ciris.files-sha256": file_digests.get(spec.name, "")}
         svc["logging"] = copy.deepcopy(logging)
         services[spec.name] = svc
-    net = {"name": network.name, "ipam": {"config": [{"subnet": network.subnet}]}}
+    net = {"name": network.name, "ipam": {"config": [{"subnet": network.subnet, "ip_range": network.dynamic_range}]}}
     doc = {"name": network.name, "services": services, "networks": {network.name: net}}
     if named_volumes:
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 
 from components import bridge, cloud_init, config, firewall, mocks, plan
 from components import deploy as deploy_script
-from tests.conftest import stack_raw, third_region
+
+from tests.conftest import REPO, stack_raw, third_region
 
 WORLD = {"0.0.0.0/0", "::/0"}
 CANARIES = {
@@ -278,7 +279,10 @@ def test_replicated_postgres_deploys_both_members_with_rendered_settings():
         assert all(line.startswith(("#", "local all postgres peer", "hostssl ")) for line in hba)
         compose = p.artifacts[f"{region}/compose.yaml"]
         assert "ciris-postgres:local" in compose and "env_file" in compose
-    assert "/srv/ciris/data/postgres:/var/lib/postgresql" in p.artifacts["eu-west/compose.yaml"]  # on the volume
+    # On the volume, mounted as the data directory's parent inside the image (PGDATA is below it).
+    pg = yaml.safe_load(p.artifacts["eu-west/compose.yaml"])["services"]["postgres"]
+    assert "/srv/ciris/data/postgres:/var/lib/postgresql/data" in pg["volumes"]
+    assert "ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data/pgdata" in (REPO / "payloads/postgres/Dockerfile").read_text()
     assert "postgres" in {c.name for c in p.containers["us-east"]}
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "mock-postgres-" not in dumped  # no generated password anywhere in the plan
@@ -338,3 +342,21 @@ def test_billing_database_url_verifies_the_primary():
         "postgresql://billing:pw@203.0.113.5:5432/cirisbilling?sslmode=verify-full&sslrootcert=/etc/ciris-billing/ca.crt"
     )
     assert "@postgres:5432/cirisbilling?sslmode=verify-ca&" in database_url(host="postgres", password="pw", same_host=True)
+
+
+def test_replica_regions_deploy_after_the_primary_and_its_openings():
+    regs = {r.name: r for r in run("production").registrations}
+    # A replica clones from the primary: its deploy waits for the primary's, which waits for the
+    # primary's own firewall openings.
+    assert regs["us-east-deploy"].urn in regs["eu-west-deploy"].dependencies
+    assert regs["us-east-postgres-ufw"].urn in regs["us-east-deploy"].dependencies
+    assert regs["eu-west-deploy"].urn not in regs["us-east-deploy"].dependencies
+
+
+def test_hetzner_regions_share_one_ssh_key():
+    raw, secret_keys = stack_raw("production")
+    regs = run("production", third_region(raw), secret_keys).registrations
+    keys = [r for r in regs if r.type == "hcloud:index/sshKey:SshKey"]
+    assert len(keys) == 1
+    servers = [mocks.unwrap(r.inputs) for r in regs if r.type == "hcloud:index/server:Server"]
+    assert len(servers) == 2 and len({tuple(s["sshKeys"]) for s in servers}) == 1
