@@ -62,7 +62,7 @@ DOCKER_AFTER_DATA = f"""\
 RequiresMountsFor={DATA_MOUNT}
 [Service]
 # Containers never reach the cloud's metadata service: the user data there holds the host's SSH key.
-ExecStartPost=/usr/sbin/iptables -I DOCKER-USER -d 169.254.169.254 -j DROP
+ExecStartPost=/bin/sh -c 'iptables -C DOCKER-USER -d 169.254.169.254 -j DROP 2>/dev/null || iptables -I DOCKER-USER -d 169.254.169.254 -j DROP'
 """
 
 # Ports are published on the host's own addresses; at boot an IPv6 address may still be in

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -126,13 +127,47 @@ def route_like_hosts(regions: list[dict]) -> None:
     networks from each other (as Docker does), so a connection to another region's published port
     is let through like one arriving from outside; and it leaves with its own region's address as
     source, which is what the other region's pg_hba and firewall expect of a peer."""
-    # Podman's isolation chain (made here if no network exists yet; Podman appends to it).
-    subprocess.run(["iptables", "-N", ISOLATION], capture_output=True)
-    iptables("filter", ISOLATION, "-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "ciris-local", "-j", "RETURN")
+    keep_first()
     for i, region in enumerate(regions):
         subnet = services.Network.for_region(region["name"], i).subnet
         iptables("nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, "-m", "conntrack", "--ctstate", "DNAT",
                  "-m", "comment", "--comment", "ciris-local", "-j", "SNAT", "--to-source", region["ipv4"])
+
+
+ISOLATION_RULE = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "ciris-local", "-j", "RETURN"]
+
+
+def keep_first() -> None:
+    """Our RETURN first in Podman's isolation chain. Podman inserts its own rules at the top each
+    time it makes a network, so this runs again while regions deploy (KeepFirst)."""
+    subprocess.run(["iptables", "-N", ISOLATION], capture_output=True)  # before the first network
+    rules = subprocess.run(["iptables", "-S", ISOLATION], capture_output=True, text=True).stdout.splitlines()[1:]
+    if rules and "ciris-local" in rules[0]:
+        return
+    while subprocess.run(["iptables", "-D", ISOLATION, *ISOLATION_RULE], capture_output=True).returncode == 0:
+        pass
+    subprocess.run(["iptables", "-I", ISOLATION, "1", *ISOLATION_RULE], check=True)
+
+
+class KeepFirst(threading.Thread):
+    """keep_first() every half second until stopped (a `with` block around the deploys)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            keep_first()
+
+    def __enter__(self) -> "KeepFirst":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.join()
+        keep_first()
 
 
 def bundle_file(payload: str, path: str) -> str:
@@ -157,14 +192,16 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     env = engine_env()
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
-    for region in regions:  # one after the other, in failover order (the primary first)
-        name = region["name"]
+    for region in regions:
         add_address(region["ipv4"])
-        route_like_hosts(regions)
-        t = time.monotonic()
-        print(f"local: deploying {name} on {region['ipv4']} ...", file=sys.stderr, flush=True)
-        run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
-        print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
+    route_like_hosts(regions)
+    with KeepFirst():
+        for region in regions:  # one after the other, in failover order (the primary first)
+            name = region["name"]
+            t = time.monotonic()
+            print(f"local: deploying {name} on {region['ipv4']} ...", file=sys.stderr, flush=True)
+            run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
+            print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
     for region in regions:
         name = region["name"]
         run_script(deploy.DNS_SYNC, [str(LOCAL / name)], syncs[name]["stdin"], env, f"syncing {name}'s zones")
