@@ -8,6 +8,7 @@ regions') with a certificate from a CA made here; the stack config names that CA
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -20,9 +21,14 @@ from components import mock_tls
 
 ADDRESS = "10.77.0.1"
 PORT = 9000
-BUCKET = "ciris-local-backups"
 REGION = "us-east-1"
 ENDPOINT = f"https://{ADDRESS}:{PORT}"
+
+
+def bucket(access_key: str, secret_key: str) -> str:
+    """A bucket per set of keys: what one set encrypted never meets a stack with another set (a new
+    checkout, or local/secrets.json made again), which could not read it."""
+    return "ciris-local-" + hashlib.sha256(f"{access_key}:{secret_key}".encode()).hexdigest()[:12]
 
 
 def certificates(root: Path) -> tuple[str, Path, Path]:
@@ -64,7 +70,7 @@ def _start(root: Path, name: str, argv: list[str], env: dict | None = None) -> N
 
 
 def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: str) -> str:
-    """Start (or keep) the endpoint and its bucket; returns the CA PEM the stack must trust."""
+    """Start (or keep) the endpoint and the keys' bucket; returns the CA PEM the stack must trust."""
     ca, cert, key = certificates(root)
     backend = PORT + 1
     _start(root, "moto", [moto_server, "-H", "127.0.0.1", "-p", str(backend)])
@@ -81,8 +87,9 @@ def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: st
     deadline = time.time() + 30
     while True:
         try:
-            if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
-                s3.create_bucket(Bucket=BUCKET)
+            name = bucket(access_key, secret_key)
+            if name not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+                s3.create_bucket(Bucket=name)
             return ca
         except Exception:
             if time.time() > deadline:
