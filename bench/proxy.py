@@ -110,7 +110,7 @@ def rss_mb(pid: int) -> float:
 def measure(url: str, script: Path, clients: int, seconds: float, pids: tuple[int, ...]) -> tuple[float, ...]:
     """wrk's (req/s, p50, p99) and CPU milliseconds per request of each of `pids` (with children)."""
     before = [cpu_seconds(pid) for pid in pids]
-    rps, p50, p99 = wrk(url, script, clients, seconds, "")
+    rps, p50, p99, _ = wrk(url, script, clients, seconds, "")
     n = max(rps * int(seconds), 1)
     return (rps, p50, p99, *((cpu_seconds(pid) - b) * 1000 / n for pid, b in zip(pids, before)))
 
