@@ -69,15 +69,15 @@ def local_secrets() -> dict[str, str]:
 
 def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.Plan:
     raw, secret_keys = config.read_stack_file(stack_file)
+    keys = local_secrets()
     if s3_ca:  # backups to this machine's S3 (components/local_s3.py)
-        keys = local_secrets()
         raw[f"{config.PROJECT}:backup"] = {
             "s3_endpoint": local_s3.ENDPOINT, "region": local_s3.REGION, "ca_cert": s3_ca,
             "bucket": local_s3.bucket(keys["backup_s3_access_key"], keys["backup_s3_secret_key"])}
-    for key, value in local_secrets().items():
+    for key, value in keys.items():
         raw[f"{config.PROJECT}:{key}"] = value
         secret_keys.add(f"{config.PROJECT}:{key}")
-    if any(key in PROVIDER_ENV for key in local_secrets()):  # real providers instead of the fake
+    if any(key in PROVIDER_ENV for key in keys):  # real providers instead of the fake
         raw[f"{config.PROJECT}:services"] = {**raw.get(f"{config.PROJECT}:services", {}), "fake_llm_upstream": False}
     config.parse(raw, secret_keys)
     return plan_mod.run("local", raw, secret_keys)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import ADMIN, KEY_PEM, SERVICE, Billing, balance, database_url, new_user
+from tests.billing.conftest import ADMIN, KEY_PEM, SERVICE, Billing, database_url, new_user
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
 
 

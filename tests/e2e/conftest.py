@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
