@@ -118,6 +118,34 @@ def test_eu_west_is_a_synchronous_streaming_replica(stack):
     assert stack.psql("eu-west", "SELECT pg_is_in_recovery()") == "t"
 
 
+def test_backups_and_wal_reach_the_local_s3_encrypted(stack):
+    """The backup job beside the primary and the primary's archive_command write to the local S3
+    (components/local_s3.py) from inside the stack; the bucket never holds a readable row."""
+    marker = f"backup-{uuid.uuid4().hex[:8]}@example.com"
+    with stack.edge(stack.regions[0], "billing") as billing:
+        assert billing.post("/v1/users", json={"email": marker},
+                            headers={"Authorization": f"Bearer {stack.admin_token}"}).status_code == 201
+    archived = lambda: int(stack.psql("us-east", "SELECT archived_count FROM pg_stat_archiver"))  # noqa: E731
+    before = archived()
+    stack.psql("us-east", "SELECT pg_switch_wal()")
+    deadline = time.time() + 120  # the backup job creates the repository within 30 s of starting
+    while archived() <= before:
+        assert time.time() < deadline, (stack.psql("us-east", "SELECT * FROM pg_stat_archiver"),
+                                        stack.podman("logs", "--tail", "20", "ciris-us-east-backup-1", check=False),
+                                        stack.podman("logs", "--tail", "20", "ciris-us-east-postgres-1", check=False))
+        time.sleep(1)
+    stack.podman("exec", "ciris-us-east-backup-1", "python3", "/usr/local/lib/ciris/backup.py", "run")
+    s3 = boto3.client("s3", endpoint_url=local_s3.ENDPOINT, verify=str(REPO / "local/s3/ca.crt"), region_name=local_s3.REGION,
+                      aws_access_key_id=stack.secrets["backup_s3_access_key"],
+                      aws_secret_access_key=stack.secrets["backup_s3_secret_key"])
+    bucket = local_s3.bucket(stack.secrets["backup_s3_access_key"], stack.secrets["backup_s3_secret_key"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    dumps = sorted(k for k in keys if k.startswith("pg_dump/"))
+    assert dumps and any(k.startswith("pgbackrest/archive/ciris/") for k in keys), keys
+    body = s3.get_object(Bucket=bucket, Key=dumps[-1])["Body"].read()
+    assert body.startswith(b"CIRISBK1") and marker.encode() not in body
+
+
 def test_a_recreated_postgres_container_keeps_its_data(stack):
     marker = f"keep-{uuid.uuid4().hex[:8]}@example.com"
     us = stack.regions[0]
@@ -152,29 +180,3 @@ def test_a_changed_file_reaches_only_the_containers_that_read_it(stack, tmp_path
     finally:
         out = stack.local("up")
         assert out.returncode == 0, out.stderr[-3000:]
-
-
-def test_backups_and_wal_reach_the_local_s3_encrypted(stack):
-    """The backup job beside the primary and the primary's archive_command write to the local S3
-    (components/local_s3.py) from inside the stack; the bucket never holds a readable row."""
-    marker = f"backup-{uuid.uuid4().hex[:8]}@example.com"
-    with stack.edge(stack.regions[0], "billing") as billing:
-        assert billing.post("/v1/users", json={"email": marker},
-                            headers={"Authorization": f"Bearer {stack.admin_token}"}).status_code == 201
-    archived = lambda: int(stack.psql("us-east", "SELECT archived_count FROM pg_stat_archiver"))  # noqa: E731
-    before = archived()
-    stack.psql("us-east", "SELECT pg_switch_wal()")
-    deadline = time.time() + 120  # the backup job creates the repository within 30 s of starting
-    while archived() <= before:
-        assert time.time() < deadline, stack.psql("us-east", "SELECT * FROM pg_stat_archiver")
-        time.sleep(1)
-    stack.podman("exec", "ciris-us-east-backup-1", "python3", "/usr/local/lib/ciris/backup.py", "run")
-    s3 = boto3.client("s3", endpoint_url=local_s3.ENDPOINT, verify=str(REPO / "local/s3/ca.crt"), region_name=local_s3.REGION,
-                      aws_access_key_id=stack.secrets["backup_s3_access_key"],
-                      aws_secret_access_key=stack.secrets["backup_s3_secret_key"])
-    bucket = local_s3.bucket(stack.secrets["backup_s3_access_key"], stack.secrets["backup_s3_secret_key"])
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
-    dumps = sorted(k for k in keys if k.startswith("pg_dump/"))
-    assert dumps and any(k.startswith("pgbackrest/archive/ciris/") for k in keys), keys
-    body = s3.get_object(Bucket=bucket, Key=dumps[-1])["Body"].read()
-    assert body.startswith(b"CIRISBK1") and marker.encode() not in body
