@@ -22,6 +22,8 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -211,12 +213,43 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     payload = deploys[first]["stdin"]
     (LOCAL / "client_config.json").write_text(json.dumps(plan.outputs["client_config"], indent=2) + "\n")
     (LOCAL / "ca.crt").write_text(plan.artifacts[f"{first}/edge/ca/root.crt"])
+    wait_for_edges(regions, LOCAL / "ca.crt")
     token = LOCAL / "admin.token"
     token.write_text(admin_token(bundle_file(payload, "billing/jwt.pem")) + "\n")
     token.chmod(0o600)
     print(f"local: the bridge is up in {time.monotonic() - started:.0f} s; see local/client_config.json",
           file=sys.stderr, flush=True)
     return plan.outputs["client_config"]
+
+
+def edge_health(address: str, host: str, ca: Path, timeout: float = 5) -> str:
+    """The status line of `GET https://<host>/health` sent to `address`, verified against `ca`."""
+    tls = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((address, 443), timeout=timeout) as raw, \
+            tls.wrap_socket(raw, server_hostname=host) as conn:
+        conn.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+
+
+def wait_for_edges(regions: list[dict], ca: Path, budget: float = 120) -> None:
+    """Until every edge serves every site's certificate and its /health answers 200. A healthy edge
+    container only says Caddy answers TLS: on a fresh data volume it makes its intermediate and the
+    sites' certificates after it starts (seen taking seconds on a busy machine)."""
+    deadline = time.monotonic() + budget
+    for region in regions:
+        for service in ("billing", "proxy"):
+            host = f"{service}1.{region['domain']}"
+            while True:
+                try:
+                    status = edge_health(region["ipv4"], host, ca)
+                    if " 200 " in f"{status} ":
+                        break
+                except (OSError, ssl.SSLError) as e:
+                    status = str(e)
+                if time.monotonic() > deadline:
+                    raise LocalError(f"https://{host}/health on {region['ipv4']} did not answer 200 within "
+                                     f"{budget:.0f} s (last: {status})")
+                time.sleep(1)
 
 
 def down() -> None:

@@ -12,7 +12,7 @@ import os
 import ssl
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -35,10 +35,11 @@ def engine_env() -> dict[str, str]:
 
 @dataclass
 class Stack:
-    env: dict[str, str]
+    # Never in a failure's report: the environment and the stack's keys stay out of CI logs.
+    env: dict[str, str] = field(repr=False)
     client_config: dict
-    admin_token: str
-    secrets: dict
+    admin_token: str = field(repr=False)
+    secrets: dict = field(repr=False)
     tls: ssl.SSLContext
 
     @property
