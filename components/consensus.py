@@ -74,7 +74,10 @@ def etcd_conf(me: Member, members: Sequence[Member], *, tls_dir: str = RUN_DIR, 
         "auto-compaction-retention": "1h",
         "client-transport-security": tls,
         "peer-transport-security": tls,
-        "enable-v2": False,
+        # Patroni speaks etcd's v2 API: bookworm's etcd 3.4 has no gRPC gateway for its v3 client (ADR 0014).
+        "enable-v2": True,
+        # A member that lost its peers asks before it disrupts a working leader with a new election.
+        "pre-vote": True,
         "log-level": "warn",
     }
     return yaml.safe_dump(conf, sort_keys=False)

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 from urllib.parse import urlsplit
 
+import yaml
+
 DATABASE = "cirisbilling"
 APP_ROLE = "billing"
 REPLICATION_ROLE = "replicator"
+REWIND_ROLE = "rewinder"  # pg_rewind's source connection: turns an old primary into a replica
+SCOPE = "ciris-billing"  # Patroni's cluster name (its keys in etcd live under /ciris/<scope>/)
 
 
 def application_name(region_name: str) -> str:
@@ -38,6 +42,47 @@ def _q(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def server_parameters(
+    *,
+    tls: Tls,
+    socket_dir: str = "/var/run/postgresql",
+    archive_config: str | None = None,
+    sender_timeout_s: int = 10,
+) -> dict[str, str]:
+    """The settings every member runs with, whichever role it has (a promoted replica is ready as
+    it is). `sender_timeout_s`: how soon a primary notices a standby that vanished without closing
+    its connection (a frozen or cut-off host); until then a commit waits for it (Patroni then drops
+    it from synchronous_standby_names)."""
+    settings = {
+        "unix_socket_directories": _q(socket_dir),
+        "ssl": "on",
+        "ssl_cert_file": _q(tls.cert_file),
+        "ssl_key_file": _q(tls.key_file),
+        "ssl_ca_file": _q(tls.ca_file),
+        "ssl_min_protocol_version": _q("TLSv1.2"),
+        "password_encryption": _q("scram-sha-256"),
+        "wal_level": "replica",
+        "max_wal_senders": "10",
+        "max_replication_slots": "10",
+        "wal_log_hints": "on",  # lets pg_rewind turn an old primary into a replica
+        "hot_standby": "on",
+        "synchronous_commit": "on",
+        "wal_sender_timeout": f"{sender_timeout_s}s",
+        "wal_receiver_timeout": f"{sender_timeout_s}s",
+        "tcp_keepalives_idle": "5",
+        "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+        "log_connections": "on",
+        "log_min_duration_statement": "-1",  # never log statements (they could carry user data)
+        "log_statement": _q("none"),
+    }
+    if archive_config:
+        settings["archive_mode"] = "on"
+        settings["archive_command"] = _q(f"pgbackrest --config={archive_config} --stanza={STANZA} archive-push %p")
+        settings["archive_timeout"] = str(ARCHIVE_TIMEOUT_SECONDS)
+    return settings
+
+
 def postgresql_conf(
     *,
     role: Literal["primary", "replica"],
@@ -57,34 +102,132 @@ def postgresql_conf(
     settings = {
         "listen_addresses": _q(listen),
         "port": str(port),
-        "unix_socket_directories": _q(socket_dir),
-        "ssl": "on",
-        "ssl_cert_file": _q(tls.cert_file),
-        "ssl_key_file": _q(tls.key_file),
-        "ssl_ca_file": _q(tls.ca_file),
-        "ssl_min_protocol_version": _q("TLSv1.2"),
-        "password_encryption": _q("scram-sha-256"),
-        "wal_level": "replica",
-        "max_wal_senders": "10",
-        "max_replication_slots": "10",
-        "wal_log_hints": "on",  # lets pg_rewind turn an old primary into a replica
-        "hot_standby": "on",
-        "synchronous_commit": "on",
+        **server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config),
         "synchronous_standby_names": _q(standby_names(replicas) if role == "primary" else ""),
-        "log_connections": "on",
-        "log_min_duration_statement": "-1",  # never log statements (they could carry user data)
-        "log_statement": _q("none"),
     }
-    if archive_config:
-        settings["archive_mode"] = "on"
-        settings["archive_command"] = _q(f"pgbackrest --config={archive_config} --stanza={STANZA} archive-push %p")
-        settings["archive_timeout"] = str(ARCHIVE_TIMEOUT_SECONDS)
     if role == "replica":
         if not primary_conninfo or not slot:
             raise ValueError("a replica needs primary_conninfo and slot")
         settings["primary_conninfo"] = _q(primary_conninfo)
         settings["primary_slot_name"] = _q(slot)
     return "".join(f"{k} = {v}\n" for k, v in settings.items())
+
+
+@dataclass(frozen=True)
+class HaTiming:
+    """Patroni's timers (its rule: loop_wait + 2 * retry_timeout <= ttl). A dead primary's lock
+    expires after `ttl`, then the synchronous standby takes it: writes resume within about
+    ttl + loop_wait. `sender_timeout_s`: see server_parameters()."""
+    ttl: int = 20
+    loop_wait: int = 4
+    retry_timeout: int = 8
+    sender_timeout_s: int = 10
+
+    def __post_init__(self) -> None:
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl:
+            raise ValueError(f"Patroni needs loop_wait + 2 * retry_timeout <= ttl, got {self}")
+
+
+def member_name(region: str) -> str:
+    """A member's name in Patroni, which is also its application_name in synchronous_standby_names."""
+    return region.replace("-", "_")
+
+
+def patroni_yml(
+    *,
+    name: str,
+    address: str,
+    etcd_hosts: Sequence[str],
+    tls: Tls,
+    passwords: dict[str, str],
+    data_dir: str,
+    bin_dir: str = "/usr/lib/postgresql/15/bin",
+    socket_dir: str = "/var/run/postgresql",
+    pg_port: int = 5432,
+    api_port: int = 8008,
+    listen: str = "0.0.0.0",
+    hba: str,
+    archive_config: str | None = None,
+    post_bootstrap: str | None = None,
+    timing: HaTiming = HaTiming(),
+    pgpass: str = "/tmp/pgpass-patroni",
+) -> str:
+    """Patroni's configuration for one member (the same for every member but its name/address).
+
+    `synchronous_mode` without `synchronous_mode_strict`: a commit waits for the synchronous
+    standby while there is one; a standby that is gone is dropped from synchronous_standby_names
+    (writes go on, unprotected: the alert says so), and only a member that was synchronous may be
+    promoted, so no acknowledged commit is lost. `passwords`: superuser, replication, rewind, api.
+    Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
+    peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
+    doc = {
+        "scope": SCOPE,
+        "namespace": "/ciris/",
+        "name": name,
+        "log": {"level": "INFO"},
+        "restapi": {
+            "listen": f"{listen}:{api_port}",
+            "connect_address": f"{address}:{api_port}",
+            "certfile": tls.cert_file,
+            "keyfile": tls.key_file,
+            "cafile": tls.ca_file,
+            # Reads (/health, /patroni) are open to the peers the firewall lets in; changes need the password.
+            "authentication": {"username": "patroni", "password": passwords["api"]},
+        },
+        "ctl": {"insecure": False, "cacert": tls.ca_file, "certfile": tls.cert_file, "keyfile": tls.key_file},
+        # etcd's v2 API: Debian bookworm's etcd 3.4 is built without the gRPC gateway Patroni's
+        # `etcd3` client speaks through (ADR 0014).
+        "etcd": {
+            "hosts": list(etcd_hosts),
+            "protocol": "https",
+            "cacert": tls.ca_file,
+            "cert": tls.cert_file,
+            "key": tls.key_file,
+        },
+        "bootstrap": {
+            "dcs": {
+                "ttl": timing.ttl,
+                "loop_wait": timing.loop_wait,
+                "retry_timeout": timing.retry_timeout,
+                "maximum_lag_on_failover": 0,
+                "synchronous_mode": True,
+                "synchronous_mode_strict": False,
+                "postgresql": {
+                    "use_pg_rewind": True,
+                    "use_slots": True,
+                    "parameters": server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
+                                                    sender_timeout_s=timing.sender_timeout_s),
+                },
+            },
+            "initdb": [{"encoding": "UTF8"}, "data-checksums", {"auth-local": "peer"}, {"auth-host": "scram-sha-256"}],
+            **({"post_bootstrap": post_bootstrap} if post_bootstrap else {}),
+        },
+        "postgresql": {
+            "listen": f"{listen}:{pg_port}",
+            "connect_address": f"{address}:{pg_port}",
+            "data_dir": data_dir,
+            "bin_dir": bin_dir,
+            "pgpass": pgpass,
+            "use_unix_socket": True,
+            "authentication": {
+                "superuser": {"username": "postgres", "password": passwords["superuser"]},
+                "replication": {"username": REPLICATION_ROLE, "password": passwords["replication"], **peer_ssl},
+                "rewind": {"username": REWIND_ROLE, "password": passwords["rewind"], **peer_ssl},
+            },
+            # Settings Patroni must not take from the DCS: where this member's files are.
+            "parameters": {"unix_socket_directories": socket_dir, "ssl_cert_file": tls.cert_file,
+                           "ssl_key_file": tls.key_file, "ssl_ca_file": tls.ca_file},
+            "pg_hba": [line for line in hba.splitlines() if line and not line.startswith("#")],
+            # An old primary that pg_rewind cannot bring back (e.g. it crashed first) is cloned
+            # again from the leader by itself; what it had beyond the leader was never acknowledged.
+            "remove_data_directory_on_rewind_failure": True,
+            "remove_data_directory_on_diverged_timelines": True,
+            "create_replica_methods": ["basebackup"],
+            "basebackup": [{"checkpoint": "fast"}],
+        },
+        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def primary_conninfo(*, host: str, port: int, password: str, application: str, ca_file: str) -> str:
@@ -100,6 +243,8 @@ def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str], app_peers: bool = 
     (ADR 0007)."""
     lines = ["# TYPE  DATABASE  USER  ADDRESS  METHOD", "local all postgres peer"]
     lines += [f"hostssl replication {REPLICATION_ROLE} {cidr} scram-sha-256" for cidr in peers]
+    # pg_rewind reads the new primary's files through the postgres database as its own role.
+    lines += [f"hostssl postgres {REWIND_ROLE} {cidr} scram-sha-256" for cidr in peers]
     lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in [*app_cidrs, *(peers if app_peers else ())]]
     # Anything else -- including any non-TLS connection -- matches no line and is refused.
     return "\n".join(lines) + "\n"

@@ -1,0 +1,246 @@
+"""Hosts in network namespaces running the database as production does (etcd + Patroni +
+PostgreSQL from Debian's packages, configured by the project's renderers), for fault drills.
+
+Each host is a network namespace with its own address on a bridge; the test process sits on the
+bridge too (the clients). A host can be killed (SIGKILL every process in its namespace), frozen
+(SIGSTOP) and thawed, cut off (its link down), or cut off from one other host only (iptables in
+both namespaces), then brought back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components import consensus, postgres_config as pgc
+from tests.postgres.conftest import make_ca, pg_bin
+
+BRIDGE = "cirisha0"
+SUBNET = "10.88.0"
+CLIENT_ADDR = f"{SUBNET}.254"  # the test process (billing and the drill's clients) on the bridge
+PASSWORDS = {"superuser": "su-CANARY", "replication": "repl-CANARY", "rewind": "rewind-CANARY", "api": "api-CANARY",
+             "app": "app-CANARY"}
+REPO = Path(__file__).resolve().parents[2]
+POST_BOOTSTRAP = REPO / "payloads" / "postgres" / "post-bootstrap.sh"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(cmd), capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip()}")
+    return out
+
+
+@dataclass
+class Host:
+    name: str  # "us-east", "eu-west", "witness"
+    index: int
+    root: Path
+    database: bool = True  # the witness runs etcd only
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        return f"{SUBNET}.{self.index}"
+
+    @property
+    def ns(self) -> str:
+        return f"ciris-ha-{self.name}"
+
+    @property
+    def veth(self) -> str:
+        return f"ciris-ha{self.index}"
+
+    @property
+    def member(self) -> str:
+        return pgc.member_name(self.name)
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in sh("ip", "netns", "pids", self.ns).stdout.split()]
+
+    def signal(self, sig: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs.clear()
+
+    def freeze(self) -> None:
+        self.signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def cut(self) -> None:
+        sh("ip", "link", "set", self.veth, "down")
+
+    def reconnect(self) -> None:
+        sh("ip", "link", "set", self.veth, "up")
+
+    def exec(self, *cmd: str) -> list[str]:
+        """A command inside this host's namespace, as the postgres user."""
+        return ["ip", "netns", "exec", self.ns, "runuser", "-u", "postgres", "--", *cmd]
+
+    def api(self, path: str = "/patroni", timeout: float = 2) -> dict | None:
+        """Patroni's REST API (TLS, verified against the cluster's CA), or None when it does not answer."""
+        ctx = ssl.create_default_context(cafile=str(self.root / "ca.crt"))
+        try:
+            with urllib.request.urlopen(f"https://{self.addr}:8008{path}", context=ctx, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # /primary answers 503 with the member's state on a replica
+            return json.loads(e.read() or b"{}")
+        except (OSError, ValueError):
+            return None
+
+
+class Cluster:
+    """us-east, eu-west (database members) and a witness (etcd only), on one bridge."""
+
+    def __init__(self, root: Path, timing: pgc.HaTiming, etcd_timing: consensus.Timing,
+                 names: tuple[str, ...] = ("us-east", "eu-west", "witness")):
+        self.root, self.timing, self.etcd_timing = root, timing, etcd_timing
+        self.hosts = [Host(n, i + 1, root, database=(n != "witness")) for i, n in enumerate(names)]
+        self.by_name = {h.name: h for h in self.hosts}
+
+    # --- setup -----------------------------------------------------------------------------------
+    def create(self) -> None:
+        self.teardown_network()
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", f"{CLIENT_ADDR}/24", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
+        for h in self.hosts:
+            sh("ip", "netns", "add", h.ns)
+            sh("ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+            sh("ip", "link", "set", h.veth, "master", BRIDGE)
+            sh("ip", "link", "set", h.veth, "up")
+            for cmd in (["ip", "addr", "add", f"{h.addr}/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
+                        ["ip", "link", "set", "lo", "up"]):
+                sh("ip", "netns", "exec", h.ns, *cmd)
+        ca_file, certs = make_ca(self.root, addrs=tuple(h.addr for h in self.hosts))
+        for h in self.hosts:
+            h.dir.mkdir()
+            crt, key = certs[h.addr]
+            for src, dst in ((crt, "server.crt"), (key, "server.key"), (ca_file, "ca.crt")):
+                shutil.copy(src, h.dir / dst)
+            (h.dir / "sock").mkdir()
+            self._write_configs(h)
+        if os.geteuid() == 0:
+            for p in [self.root, *self.root.rglob("*")]:
+                shutil.chown(p, "postgres", "postgres")
+        (self.root / "ca.crt").chmod(0o644)
+
+    def _write_configs(self, h: Host) -> None:
+        members = [consensus.Member(x.name, x.addr) for x in self.hosts]
+        me = consensus.Member(h.name, h.addr)
+        (h.dir / "etcd.yml").write_text(consensus.etcd_conf(
+            me, members, tls_dir=str(h.dir), data_dir=str(h.dir / "etcd"), listen=h.addr, timing=self.etcd_timing))
+        if not h.database:
+            return
+        tls = pgc.Tls(str(h.dir / "server.crt"), str(h.dir / "server.key"), str(h.dir / "ca.crt"))
+        peers = [f"{x.addr}/32" for x in self.hosts if x is not h and x.database]
+        hba = pgc.pg_hba(peers=peers, app_cidrs=[f"{CLIENT_ADDR}/32"], app_peers=True)
+        hba += f"hostssl all postgres {CLIENT_ADDR}/32 scram-sha-256\n"  # the drill inspects every member
+        (h.dir / "patroni.yml").write_text(pgc.patroni_yml(
+            name=h.member, address=h.addr, etcd_hosts=[f"{x.addr}:{consensus.CLIENT_PORT}" for x in self.hosts],
+            tls=tls, passwords=PASSWORDS, data_dir=str(h.dir / "data"), bin_dir=str(Path(pg_bin("postgres")).parent),
+            socket_dir=str(h.dir / "sock"), listen=h.addr, hba=hba, post_bootstrap=f"sh {POST_BOOTSTRAP}",
+            timing=self.timing, pgpass=str(h.dir / "pgpass")))
+
+    def start(self, h: Host) -> None:
+        log = open(h.dir / "processes.log", "ab")
+        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir),
+               "LANG": "C.UTF-8", "ETCD_UNSUPPORTED_ARCH": ""}
+        h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env))
+        if h.database:
+            h.procs.append(subprocess.Popen(h.exec("patroni", str(h.dir / "patroni.yml")), stdout=log,
+                                            stderr=subprocess.STDOUT, env=env))
+
+    def start_all(self) -> None:
+        for h in self.hosts:
+            self.start(h)
+
+    # --- state -----------------------------------------------------------------------------------
+    def leader(self) -> Host | None:
+        """The member whose Patroni says it is the running primary holding the lock."""
+        for h in self.hosts:
+            if h.database and (s := h.api("/patroni")) and s.get("role") in ("master", "primary") \
+                    and s.get("state") == "running":
+                return h
+        return None
+
+    def replica_of(self, leader: Host) -> Host:
+        return next(h for h in self.hosts if h.database and h is not leader)
+
+    def wait_healthy(self, timeout: float = 120) -> Host:
+        """Until one leader streams to the other member synchronously (Patroni's view and
+        pg_stat_replication agree). Returns the leader."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            leader = self.leader()
+            if leader:
+                replica = self.replica_of(leader)
+                rows = self.query(leader, "SELECT application_name, sync_state FROM pg_stat_replication")
+                last = rows
+                if rows == [(replica.member, "sync")]:
+                    return leader
+            time.sleep(0.5)
+        raise AssertionError(f"no synchronous pair within {timeout} s (last: {last})\n{self.logs()}")
+
+    def query(self, h: Host, sql: str, dbname: str = "postgres", timeout: float = 3):
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn([h], user="postgres", dbname=dbname, target=None), autocommit=True,
+                                 connect_timeout=timeout) as conn:
+                return conn.execute(sql).fetchall()
+        except psycopg.Error:
+            return None
+
+    def dsn(self, hosts: list[Host], *, user: str = "billing", dbname: str = pgc.DATABASE,
+            target: str | None = "read-write", connect_timeout: int = 2) -> str:
+        password = PASSWORDS["superuser"] if user == "postgres" else PASSWORDS["app"]
+        parts = {"host": ",".join(h.addr for h in hosts), "port": ",".join("5432" for _ in hosts), "user": user,
+                 "password": password, "dbname": dbname, "sslmode": "verify-full",
+                 "sslrootcert": str(self.root / "ca.crt"), "connect_timeout": connect_timeout}
+        if target:
+            parts["target_session_attrs"] = target
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def logs(self, tail: int = 4000) -> str:
+        return "\n".join(f"--- {h.name}\n{(h.dir / 'processes.log').read_text(errors='replace')[-tail:]}"
+                         for h in self.hosts if (h.dir / "processes.log").exists())
+
+    # --- teardown --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        for h in self.hosts:
+            h.thaw()
+            try:
+                h.kill()
+            except Exception:
+                pass
+
+    def teardown_network(self) -> None:
+        for h in self.hosts:
+            sh("ip", "netns", "del", h.ns, check=False)
+            sh("ip", "link", "del", h.veth, check=False)
+        sh("ip", "link", "del", BRIDGE, check=False)
