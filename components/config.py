@@ -14,10 +14,10 @@ import ipaddress
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from components import cost, dns
 
@@ -61,22 +61,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_provider(v: str) -> str:
+    if v not in cost.PLANS:
+        raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
+    return v
+
+
+Provider = Annotated[str, AfterValidator(_known_provider)]
+
+
 class Region(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")
-    provider: str
+    provider: Provider
     location: str
     plan: str
     domain: str
     nameserver: str = Field(pattern=rf"^{_LABEL}$", description="label of this region's nameserver, e.g. ns1")
     volume_gb: int = Field(default=0, description="block storage for Postgres data; 0 = none")
     postgres: Literal["primary", "replica", "none"] = "none"
-
-    @field_validator("provider")
-    @classmethod
-    def _provider(cls, v: str) -> str:
-        if v not in cost.PLANS:
-            raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
-        return v
 
     @field_validator("domain")
     @classmethod
@@ -101,16 +103,9 @@ class Witness(_Model):
     """The third host, at a third provider: only the consensus member (and later a monitor) runs
     there, so losing any one provider leaves a majority (ADR 13). It serves nothing public."""
 
-    provider: str
+    provider: Provider
     location: str
     plan: str
-
-    @field_validator("provider")
-    @classmethod
-    def _provider(cls, v: str) -> str:
-        if v not in cost.PLANS:
-            raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
-        return v
 
     # The host interface (hosts.create) reads these as it reads a region's.
     @property

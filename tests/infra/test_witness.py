@@ -218,14 +218,6 @@ def test_a_stack_without_a_witness_says_what_it_cannot_do():
     assert regs["us-east-deploy"].urn in regs["eu-west-deploy"].dependencies
 
 
-def test_the_ceiling_counts_the_witness():
-    raw, secret_keys = stack_raw("staging")
-    raw[f"{P}:witness"]["plan"] = "s-1vcpu-2gb"  # $12: staging's $14.32 + 12 > $20
-    with pytest.raises(config.ConfigError) as info:
-        config.parse(raw, secret_keys)
-    assert info.value.key == f"{P}:budget.ceiling_usd" and "witness: digitalocean s-1vcpu-2gb in lon1 $12.00" in info.value.message
-
-
 # --- make local ---------------------------------------------------------------------------------
 
 
@@ -250,36 +242,6 @@ def test_the_local_stack_has_a_local_witness_deployed_first():
 # --- config -------------------------------------------------------------------------------------
 
 
-def _witness(raw):
-    return raw[f"{P}:witness"]
-
-
-CASES = [
-    (lambda raw: _witness(raw).update(provider="aws"), f"{P}:witness.provider", "unknown provider 'aws'"),
-    (lambda raw: _witness(raw).update(location="mars1"), f"{P}:witness.location", "does not know digitalocean location 'mars1'"),
-    (lambda raw: _witness(raw).update(plan="s-8vcpu-16gb"), f"{P}:witness.plan", "does not know digitalocean plan 's-8vcpu-16gb'"),
-    (lambda raw: _witness(raw).update(provider="hetzner", location="hel1", plan="cx23"), f"{P}:witness.provider",
-     "hetzner already hosts a region; the witness must be at a third provider"),
-    (lambda raw: _witness(raw).update(volume_gb=10), f"{P}:witness.volume_gb", "unknown setting"),
-    (lambda raw: raw.__setitem__(f"{P}:witness", {"provider": "digitalocean"}), f"{P}:witness.location", "is required but not set"),
-    (lambda raw: _witness(raw).update(provider="local", location="10.77.3.1", plan="local"), f"{P}:witness.provider",
-     "only for environment: local, not staging"),
-    (lambda raw: raw[f"{P}:regions"][1].update(name="witness"), f"{P}:regions[1].name", "'witness' is the name of the third host"),
-]
-
-
-@pytest.mark.parametrize("mutate,key,text", CASES, ids=["provider", "location", "plan", "same-provider", "volume",
-                                                          "missing-location", "local-in-staging", "region-named-witness"])
-def test_bad_witness_config_gives_one_clear_message(mutate, key, text):
-    raw, secret_keys = stack_raw("staging")
-    mutate(raw)
-    with pytest.raises(config.ConfigError) as info:
-        config.parse(raw, secret_keys)
-    assert info.value.key == key
-    assert text in info.value.message
-    assert "\n" not in str(info.value)
-
-
 LOCAL_CASES = [
     ({"provider": "digitalocean", "location": "lon1", "plan": "s-1vcpu-1gb"}, f"{P}:witness.provider",
      "environment local runs every region on this machine, and the witness"),
@@ -291,6 +253,7 @@ LOCAL_CASES = [
 
 @pytest.mark.parametrize("witness,key,text", LOCAL_CASES, ids=["cloud", "not-an-address", "plan", "clash"])
 def test_bad_local_witness_gives_one_clear_message(witness, key, text):
+    """(The witness's other config errors are in test_config's CASES.)"""
     raw, secret_keys = config.read_stack_file(REPO / "Pulumi.local.yaml")
     raw[f"{P}:witness"] = witness
     with pytest.raises(config.ConfigError) as info:
