@@ -1,16 +1,16 @@
 """`make local`: the whole bridge on this machine, deployed the way `pulumi up` deploys the hosts.
 
-    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each region
+    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each host
     python -m components.local down    # remove every container, network and volume it made
 
 The program runs under the mock runtime (the clouds are the only thing faked: a `local` host is
 this machine, serving on its own address of the loopback interface). For each host -- the witness
 first, then the regions in config order -- the bundle the program ships is piped into the same
 deploy script (components/deploy.py) that its `*-deploy` command runs over SSH; then each region's
-zones are synced the same way. The
-container engine is Podman behind Docker's API (scripts/container-engine, which `make local` runs
-first). What clients need is written to local/: client_config.json (the `client_config` stack
-output), ca.crt (the CA of every edge), admin.token (a billing admin token, valid 24 h).
+zones are synced the same way. The container engine is Podman behind Docker's API
+(scripts/container-engine, which `make local` runs first). What clients need is written to
+local/: client_config.json (the `client_config` stack output), ca.crt (the CA of every edge),
+admin.token (a billing admin token, valid 24 h).
 """
 
 from __future__ import annotations
