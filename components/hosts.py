@@ -204,7 +204,11 @@ def _digitalocean(name, label, region, ssh_public_key, user_data, rules, labels,
     outbound = [digitalocean.FirewallOutboundRuleArgs(protocol=p, port_range="1-65535", destination_addresses=everywhere)
                 for p in ("tcp", "udp")]
     outbound.append(digitalocean.FirewallOutboundRuleArgs(protocol="icmp", destination_addresses=everywhere))
-    key = digitalocean.SshKey(f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, opts=opts)
+    # Like Hetzner, one key per fingerprint in an account: shared by the stack's droplets.
+    key = shared.get(("digitalocean-ssh-key", ssh_public_key))
+    if key is None:
+        key = shared[("digitalocean-ssh-key", ssh_public_key)] = digitalocean.SshKey(
+            f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, opts=opts)
     vm = digitalocean.Droplet(
         f"{name}-vm",
         name=label,
@@ -220,13 +224,14 @@ def _digitalocean(name, label, region, ssh_public_key, user_data, rules, labels,
         tags=tags,
         opts=_keep(opts, labels, "userData", "sshKeys"),
     )
+    # By droplet ID only, never `tags`: a firewall's tags select the droplets it applies to.
     droplet_ids = [vm.id.apply(int)]
     digitalocean.Firewall(f"{name}-firewall", name=label, droplet_ids=droplet_ids, inbound_rules=inbound(rules),
-                          outbound_rules=outbound, tags=tags, opts=opts)
+                          outbound_rules=outbound, opts=opts)
 
     def add_rules(purpose: str, extra: Sequence[Rule]) -> None:
         digitalocean.Firewall(f"{name}-{purpose}-firewall", name=f"{label}-{purpose}", droplet_ids=droplet_ids,
-                              inbound_rules=inbound(extra), tags=tags, opts=opts)
+                              inbound_rules=inbound(extra), opts=opts)
 
     ready: list[pulumi.Resource] = [vm]
     device = None

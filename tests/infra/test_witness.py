@@ -92,6 +92,7 @@ def test_the_witness_firewall_opens_ssh_from_the_admins_only():
     assert {(r["protocol"], r.get("portRange")) for r in fw["outboundRules"]} == {("tcp", "1-65535"), ("udp", "1-65535"), ("icmp", None)}
     assert all(r["destinationAddresses"] == ["0.0.0.0/0", "::/0"] for r in fw["outboundRules"])
     assert fw["dropletIds"] and all(isinstance(i, (int, float)) for i in fw["dropletIds"])
+    assert "tags" not in fw  # a firewall's tags would apply it to every droplet carrying them
 
 
 def test_base_rules_say_whether_a_host_serves_the_world():
@@ -133,6 +134,7 @@ def test_open_on_the_witness_adds_a_provider_firewall_and_ufw_before_its_deploy(
     assert fw["inboundRules"] == [{"protocol": "tcp", "portRange": "2380", "sourceAddresses": ["192.0.2.77/32", "2001:db8::77/128"]}]
     assert fw["dropletIds"] == mocks.unwrap(regs["witness-firewall"].inputs)["dropletIds"]
     assert "outboundRules" not in fw  # the base firewall's outbound rules apply (DigitalOcean adds them up)
+    assert "tags" not in fw
     ufw = mocks.unwrap(regs["witness-etcd-ufw"].inputs)["create"]
     assert "sudo ufw allow proto tcp from 192.0.2.77/32 to any port 2380" in ufw
     assert regs["witness-etcd-ufw"].urn in regs["witness-deploy"].dependencies
