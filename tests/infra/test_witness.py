@@ -272,3 +272,20 @@ def test_the_witness_is_optional_and_its_token_a_secret():
     with pytest.raises(config.ConfigError) as info:
         config.parse(raw, secret_keys)
     assert info.value.key == "digitalocean:token" and "plaintext-token" not in str(info.value)
+
+
+def test_a_region_can_live_at_the_witness_provider_behind_the_same_interface():
+    """Nothing above hosts.py branches on the provider: a DigitalOcean region (with a volume) plans
+    like the others -- in a stack whose witness is elsewhere or absent."""
+    raw, secret_keys = without_witness()
+    raw[f"{P}:regions"].append({"name": "ca-east", "provider": "digitalocean", "location": "tor1", "plan": "s-1vcpu-1gb",
+                                "domain": "ciris-services-3.ai", "nameserver": "ns3", "volume_gb": 10, "postgres": "replica"})
+    raw[f"{P}:budget"]["ceiling_usd"] = 45  # a third region and its domain
+    p = run("production", raw, secret_keys)
+    regs = by_name(p)
+    assert regs["ca-east"].type == "ciris:bridge:Region" and regs["ca-east-vm"].type == DROPLET
+    deploy = mocks.unwrap(regs["ca-east-deploy"].inputs)
+    assert deploy["create"] == deploy_script.remote(deploy_script.DEPLOY, "/srv/ciris",
+                                                    "/dev/disk/by-id/scsi-0DO_Volume_ciris-production-ca-east-data")
+    assert regs["ca-east-volume-attachment"].urn in regs["ca-east-deploy"].dependencies
+    assert {port for _, port, _ in p.firewall_matrix()["ca-east"]} == {22, 53, 443, 5432}
