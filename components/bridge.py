@@ -1,4 +1,4 @@
-"""The whole bridge: every region, the replicated database, and the stack outputs clients consume."""
+"""The whole bridge: every region, the witness, the replicated database, and the stack outputs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
 from components.proxy import PROVIDER_SECRETS, Proxy, ProxyArgs
 from components.region import Region, RegionArgs
 from components.services import ContainerSpec, payload_files
+from components.witness import NO_WITNESS, Witness, WitnessArgs
 
 CLIENT_CONFIG_SCHEMA = 1
 FAKE_LLM_PORT = 8080  # payloads/fake-llm
@@ -28,11 +29,18 @@ class Bridge:
     nameservers: Nameservers
     estimate: cost.Estimate
     outputs: dict[str, pulumi.Input]
+    witness: Witness | None = None
+    failover: str = NO_WITNESS  # what the database does when a region is lost (the plan prints it)
+
+    @property
+    def nodes(self) -> list[Witness | Region]:
+        """Every host: the witness (it deploys first), then the regions in config order."""
+        return [*([self.witness] if self.witness else []), *self.regions]
 
     @property
     def artifacts(self) -> pulumi.Output[dict[str, str]]:
-        """Rendered files by path (`<region>/<file>`, `zones/<zone>.zone`), for the plan's --out."""
-        files = {f"{r.spec.name}/{name}": text for r in self.regions for name, text in r.artifacts.items()}
+        """Rendered files by path (`<host>/<file>`, `zones/<zone>.zone`), for the plan's --out."""
+        files = {f"{n.spec.name}/{name}": text for n in self.nodes for name, text in n.artifacts.items()}
         return pulumi.Output.all(pulumi.Output.all(**files), self.nameservers.zone_files).apply(
             lambda a: {**a[0], **{f"zones/{zone}.zone": text for zone, text in a[1].items()}}
         )
@@ -41,6 +49,7 @@ class Bridge:
 def build(config: BridgeConfig) -> Bridge:
     edge_ca = local_edge_ca() if config.environment == "local" else None
     shared: dict = {}
+    witness = Witness(config.witness.name, WitnessArgs(config.witness, config, shared)) if config.witness else None
     regions = [Region(r.name, RegionArgs(r, config, i, edge_ca, shared)) for i, r in enumerate(config.regions)]
     by_name = {r.spec.name: r for r in regions}
     database = ReplicatedPostgres(
@@ -50,6 +59,7 @@ def build(config: BridgeConfig) -> Bridge:
             replicas=[by_name[r.name] for r in config.replicas],
             backup=config.backup,
             backup_secrets={k: config.secret(k) for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key")},
+            witness=witness,
         ),
     )
     billing = Billing(
@@ -80,10 +90,12 @@ def build(config: BridgeConfig) -> Bridge:
             fake_upstream=fake_upstream,
         ),
     )
-    # Every component has added its containers and files. The primary's region first: a replica
-    # clones from it, and a region's billing writes to it.
+    # Every component has added its containers and files. The witness first: the consensus needs
+    # two of its three members before the primary's database can start. Then the primary's
+    # region: a replica clones from it, and a region's billing writes to it.
+    first = [witness.build()] if witness else []
     primary = by_name[config.primary.name]
-    primary.build()
+    primary.build(after=first)
     for region in regions:
         if region is not primary:
             region.build(after=[primary.deploy])
@@ -96,16 +108,23 @@ def build(config: BridgeConfig) -> Bridge:
             geo=config.services.dns_geoip_database is not None,
         ),
     )
-    estimate = cost.estimate(config.regions, config.budget)
+    estimate = cost.estimate(config.regions, config.budget, config.witness)
     outputs = {
         "client_config": client_config(config, regions),
         "glue_records": glue_records(regions),
         "database": database.summary,
         "monthly_cost_usd": estimate.as_output(),
+        # For operators (SSH, the consensus's health); never in client_config: clients don't talk to it.
+        "witness": witness.summary() if witness else None,
     }
     if any(z.dnssec for z in config.zones.zones.values()):
         outputs["dnssec_ds"] = nameservers.dnssec_ds
-    return Bridge(regions, database, billing, nameservers, estimate, outputs)
+    failover = NO_WITNESS
+    if witness:
+        members = ", ".join([config.primary.name, *(r.name for r in config.replicas), witness.spec.name])
+        failover = (f"automatic: consensus members in {members} (the witness at {witness.spec.provider} "
+                    f"{witness.spec.location}); losing any one provider leaves a majority")
+    return Bridge(regions, database, billing, nameservers, estimate, outputs, witness, failover)
 
 
 def local_edge_ca() -> tuple[pulumi.Output[str], pulumi.Output[str]]:

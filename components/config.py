@@ -14,10 +14,10 @@ import ipaddress
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from components import cost, dns
 
@@ -37,7 +37,7 @@ SECRET_KEYS = (
     "ssh_private_key",
 )
 # Provider credentials live in the providers' own namespaces but are just as secret.
-PROVIDER_SECRET_KEYS = ("vultr:apiKey", "hcloud:token")
+PROVIDER_SECRET_KEYS = ("vultr:apiKey", "hcloud:token", "digitalocean:token")
 
 OFFLINE_SECRET = "offline-plan-placeholder"
 
@@ -61,22 +61,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_provider(v: str) -> str:
+    if v not in cost.PLANS:
+        raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
+    return v
+
+
+Provider = Annotated[str, AfterValidator(_known_provider)]
+
+
 class Region(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")
-    provider: str
+    provider: Provider
     location: str
     plan: str
     domain: str
     nameserver: str = Field(pattern=rf"^{_LABEL}$", description="label of this region's nameserver, e.g. ns1")
     volume_gb: int = Field(default=0, description="block storage for Postgres data; 0 = none")
     postgres: Literal["primary", "replica", "none"] = "none"
-
-    @field_validator("provider")
-    @classmethod
-    def _provider(cls, v: str) -> str:
-        if v not in cost.PLANS:
-            raise ValueError(f"unknown provider {v!r}; expected one of: {', '.join(cost.PLANS)}")
-        return v
 
     @field_validator("domain")
     @classmethod
@@ -95,6 +97,24 @@ class Region(_Model):
     @property
     def nameserver_fqdn(self) -> str:
         return f"{self.nameserver}.{self.domain}"
+
+
+class Witness(_Model):
+    """The third host, at a third provider: only the consensus member (and later a monitor) runs
+    there, so losing any one provider leaves a majority (ADR 13). It serves nothing public."""
+
+    provider: Provider
+    location: str
+    plan: str
+
+    # The host interface (hosts.create) reads these as it reads a region's.
+    @property
+    def name(self) -> str:
+        return "witness"
+
+    @property
+    def volume_gb(self) -> int:
+        return 0
 
 
 class Budget(_Model):
@@ -141,6 +161,7 @@ class BridgeConfig(_Model):
     budget: Budget
     services: Services = Services()
     backup: BackupSettings | None = None
+    witness: Witness | None = None
     zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
     # Filled in by parse() from zones_file, never set directly.
@@ -255,37 +276,62 @@ def _first_error(e: ValidationError) -> ConfigError:
     return ConfigError(f"{PROJECT}:{path}", message + (f" [and {more} more problem(s)]" if more else ""))
 
 
-def _check_local(config: BridgeConfig, r: Region, key: str) -> None:
-    """A `local` region (make local) is this machine: its location is the address it serves on."""
+def _check_local(config: BridgeConfig, r: Region | Witness, key: str) -> None:
+    """A `local` host (make local) is this machine: its location is the address it serves on."""
     if r.provider != "local":
-        raise ConfigError(f"{key}.provider", "environment local runs every region on this machine: use provider: local")
+        raise ConfigError(f"{key}.provider", "environment local runs every region on this machine, and the witness: use provider: local")
     if config.environment != "local":
         raise ConfigError(f"{key}.provider", f"'local' runs on this machine; it is only for environment: local, not {config.environment}")
     try:
         ipaddress.IPv4Address(r.location)
     except ValueError:
-        raise ConfigError(f"{key}.location", f"a local region's location is its IPv4 address on this machine, not {r.location!r}") from None
+        raise ConfigError(f"{key}.location", f"a local host's location is its IPv4 address on this machine, not {r.location!r}") from None
     if r.plan != "local" or r.volume_gb:
-        raise ConfigError(f"{key}.plan", "a local region has plan: local and volume_gb: 0")
+        raise ConfigError(f"{key}.plan", "a local host has plan: local" + (" and volume_gb: 0" if isinstance(r, Region) else ""))
+
+
+def _check_host(config: BridgeConfig, r: Region | Witness, key: str) -> None:
+    """Where a host runs: a location and plan the price table knows (or this machine, locally)."""
+    if r.provider == "local" or config.environment == "local":
+        _check_local(config, r, key)
+    elif r.location not in cost.LOCATIONS[r.provider]:
+        raise ConfigError(
+            f"{key}.location",
+            f"the price table does not know {r.provider} location {r.location!r}; "
+            f"known: {', '.join(sorted(cost.LOCATIONS[r.provider]))}",
+        )
+    if r.plan not in cost.PLANS[r.provider]:
+        raise ConfigError(
+            f"{key}.plan",
+            f"the price table does not know {r.provider} plan {r.plan!r}; known: {', '.join(cost.PLANS[r.provider])}",
+        )
+
+
+def _check_witness(config: BridgeConfig) -> None:
+    """The witness only breaks ties if it fails on its own: at a provider no region uses."""
+    w = config.witness
+    if w is None:
+        return
+    key = f"{PROJECT}:witness"
+    _check_host(config, w, key)
+    if w.provider != "local" and w.provider in {r.provider for r in config.regions}:
+        raise ConfigError(
+            f"{key}.provider",
+            f"{w.provider} already hosts a region; the witness must be at a third provider "
+            f"(one that losing a region's provider does not take down with it)",
+        )
+    taken = [r.location for r in config.regions if r.provider == "local"]
+    if w.provider == "local" and w.location in taken:
+        raise ConfigError(f"{key}.location", f"{w.location} is already a region's address; give the witness its own")
 
 
 def _check_topology(config: BridgeConfig) -> None:
     seen: dict[str, dict[str, int]] = {"name": {}, "domain": {}, "nameserver_fqdn": {}}
     for i, r in enumerate(config.regions):
         key = f"{PROJECT}:regions[{i}]"
-        if r.provider == "local" or config.environment == "local":
-            _check_local(config, r, key)
-        elif r.location not in cost.LOCATIONS[r.provider]:
-            raise ConfigError(
-                f"{key}.location",
-                f"the price table does not know {r.provider} location {r.location!r}; "
-                f"known: {', '.join(sorted(cost.LOCATIONS[r.provider]))}",
-            )
-        if r.plan not in cost.PLANS[r.provider]:
-            raise ConfigError(
-                f"{key}.plan",
-                f"the price table does not know {r.provider} plan {r.plan!r}; known: {', '.join(cost.PLANS[r.provider])}",
-            )
+        _check_host(config, r, key)
+        if r.name == "witness":
+            raise ConfigError(f"{key}.name", "'witness' is the name of the third host; give the region another")
         if cost.registrable(r.domain) and r.domain.rsplit(".", 1)[1] not in cost.DOMAIN_USD_PER_YEAR:
             raise ConfigError(f"{key}.domain", f"the price table has no registration price for .{r.domain.rsplit('.', 1)[1]}")
         for field, values in seen.items():
@@ -305,10 +351,11 @@ def _check_topology(config: BridgeConfig) -> None:
         raise ConfigError(f"{PROJECT}:regions[{primaries[1]}].postgres", f"two primaries ({names}); exactly one region may be primary")
     if config.budget.ceiling_usd < config.budget.target_usd:
         raise ConfigError(f"{PROJECT}:budget.ceiling_usd", "is below budget.target_usd")
+    _check_witness(config)
 
 
 def _check_cost(config: BridgeConfig) -> None:
-    est = cost.estimate(config.regions, config.budget)
+    est = cost.estimate(config.regions, config.budget, config.witness)
     if est.total_cents > est.ceiling_cents:
         lines = "; ".join(f"{i.item} ${cost.usd(i.cents):.2f}" for i in est.items)
         raise ConfigError(

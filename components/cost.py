@@ -10,7 +10,8 @@ from decimal import ROUND_HALF_UP, Decimal
 
 # Source: the providers' public price lists as of 2025-10 (Vultr "Cloud Compute - Regular";
 # Hetzner's cost-optimised CX line that replaced CX22 in Oct 2025, net of VAT, including the
-# primary IPv4 at EUR 0.50). Re-check the pricing pages when changing a plan.
+# primary IPv4 at EUR 0.50; DigitalOcean's Basic Regular droplets, IPv4 and IPv6 included, for
+# the witness). Re-check the pricing pages when changing a plan.
 PRICES_AS_OF = "2025-10"
 
 # provider -> plan -> (currency, monthly price)
@@ -28,6 +29,13 @@ PLANS: dict[str, dict[str, tuple[str, Decimal]]] = {
         "cx43": ("EUR", Decimal("9.49")),
         "cx53": ("EUR", Decimal("17.99")),
     },
+    # The witness's provider (ADR 13): 512 MB is enough for the etcd member; 1 GB leaves room
+    # for the monitor that joins it later.
+    "digitalocean": {
+        "s-1vcpu-512mb-10gb": ("USD", Decimal("4.00")),
+        "s-1vcpu-1gb": ("USD", Decimal("6.00")),
+        "s-1vcpu-2gb": ("USD", Decimal("12.00")),
+    },
     # `make local`: every region on this machine.
     "local": {"local": ("USD", Decimal("0"))},
 }
@@ -36,6 +44,7 @@ PLANS: dict[str, dict[str, tuple[str, Decimal]]] = {
 VOLUME_PER_GB: dict[str, tuple[str, Decimal]] = {
     "vultr": ("USD", Decimal("0.10")),
     "hetzner": ("EUR", Decimal("0.044")),
+    "digitalocean": ("USD", Decimal("0.10")),
     "local": ("USD", Decimal("0")),
 }
 
@@ -43,11 +52,15 @@ VOLUME_PER_GB: dict[str, tuple[str, Decimal]] = {
 LOCATIONS: dict[str, frozenset[str]] = {
     "vultr": frozenset({"ewr", "ord", "atl", "mia", "dfw", "lax", "sea", "sjc", "ams", "fra", "lhr"}),
     "hetzner": frozenset({"fsn1", "nbg1", "hel1"}),
+    "digitalocean": frozenset({"nyc1", "nyc3", "sfo2", "sfo3", "tor1", "ams3", "lon1", "fra1", "sgp1", "blr1", "syd1"}),
 }
 
 # TLD -> registration price per year, amortised monthly. ".ai" uses the FSD §11.2 figure
 # (~$3/month for both domains); typical .ai renewals cost more -- see README "What it costs".
 DOMAIN_USD_PER_YEAR: dict[str, Decimal] = {"ai": Decimal("18.00")}
+
+
+WITNESS = "witness"  # the witness host's name in the items (config.Witness.name)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,11 @@ class Estimate:
     @property
     def total_cents(self) -> int:
         return sum(i.cents for i in self.items)
+
+    @property
+    def witness_cents(self) -> int:
+        """What the witness adds (0 without one): the README shows the total with and without it."""
+        return sum(i.cents for i in self.items if i.item.startswith(f"{WITNESS}:"))
 
     def as_output(self) -> dict:
         return {
@@ -90,15 +108,15 @@ def registrable(domain: str) -> bool:
     return domain.count(".") == 1
 
 
-def estimate(regions, budget) -> Estimate:
-    """Price every region's host and volume plus each registered domain.
+def estimate(regions, budget, witness=None) -> Estimate:
+    """Price every region's host and volume, the witness's host, and each registered domain.
 
-    `regions` and `budget` are the validated config models (see components.config); any plan,
-    location or TLD missing from the tables above was already refused there.
+    `regions`, `budget` and `witness` are the validated config models (see components.config);
+    any plan, location or TLD missing from the tables above was already refused there.
     """
     eur_usd = Decimal(str(budget.eur_usd))
     items: list[CostItem] = []
-    for r in regions:
+    for r in [*regions, *([witness] if witness else [])]:
         currency, price = PLANS[r.provider][r.plan]
         items.append(CostItem(f"{r.name}: {r.provider} {r.plan} in {r.location}", to_cents(price, currency, eur_usd)))
         if r.volume_gb:

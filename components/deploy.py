@@ -30,6 +30,8 @@ install -d -m 755 "$dir"
 base64 -d | tar -xz -C "$dir"
 cd "$dir"
 """ + _COMPOSE + """\
+# A host with nothing to run (yet): compose refuses `up` without services; stop what ran before.
+if [ -z "$(dc config --services)" ]; then dc down --remove-orphans; exit 0; fi
 # On the hosts the base image is refreshed at every deploy (security updates); a local base (BASE
 # set, `make local`) is never pulled.
 if [ -n "${BASE:-}" ]; then dc build -q; else dc build -q --pull; fi

@@ -1,7 +1,8 @@
 """The firewall matrix (FSD §5.2, §7.3) as data: one list of rules feeds the provider firewall,
 the host's UFW and the offline plan, so the three cannot drift apart.
 
-Public: 53/udp, 53/tcp, 443/tcp. SSH: 22/tcp from the admin CIDRs only. Postgres: 5432/tcp from
+Public (regions only): 53/udp, 53/tcp, 443/tcp. SSH: 22/tcp from the admin CIDRs only, on every
+host. The witness serves nothing public: SSH is all its base rules open. Postgres: 5432/tcp from
 the peer regions' addresses only (added by ReplicatedPostgres). Nothing else is ever opened: port
 80 stays closed because the edge uses TLS-ALPN-01, and internal ports (6379, 8000, 8081, 4000,
 9090...) are bound to the host or its container network.
@@ -32,14 +33,17 @@ def family(cidr: str) -> int:
     return ipaddress.ip_network(cidr, strict=False).version
 
 
-def base_rules(admin_cidrs: Sequence[str]) -> list[Rule]:
+def base_rules(admin_cidrs: Sequence[str], *, public: bool) -> list[Rule]:
+    """What a host opens from its first boot. `public`: it serves DNS and the edge to the world (a
+    region); a host that serves no one (the witness) opens SSH from the admins and nothing else.
+    Every caller says which it is: a new kind of host never inherits 53/443 by default."""
     admins = tuple((family(c), c) for c in admin_cidrs)
-    return [
+    served = [
         Rule("dns-udp", "udp", 53, WORLD, "authoritative DNS"),
         Rule("dns-tcp", "tcp", 53, WORLD, "authoritative DNS"),
         Rule("https", "tcp", 443, WORLD, "edge: billing and proxy over TLS"),
-        Rule("ssh", "tcp", 22, admins, "SSH from admin CIDRs only"),
     ]
+    return [*(served if public else []), Rule("ssh", "tcp", 22, admins, "SSH from admin CIDRs only")]
 
 
 def peer_rule(name: str, port: int, peers: Sequence[tuple[pulumi.Input[str], pulumi.Input[str]]], description: str) -> Rule:
@@ -69,5 +73,11 @@ def normalize(resource_type: str, inputs: dict[str, Any]) -> list[tuple[str, int
             for rule in inputs.get("rules", [])
             if rule["direction"] == "in"
             for src in rule.get("sourceIps", [])
+        ]
+    if resource_type == "digitalocean:index/firewall:Firewall":
+        return [
+            (rule["protocol"], int(rule["portRange"]), src)
+            for rule in inputs.get("inboundRules", [])
+            for src in rule.get("sourceAddresses", [])
         ]
     return []

@@ -1,4 +1,4 @@
-"""One small host interface over the two clouds: nothing above this module branches on provider.
+"""One small host interface over the clouds: nothing above this module branches on provider.
 
 A `Host` is a VM with an SSH key, a provider firewall, optionally a block volume, and its public
 IPv4/IPv6. `open()` adds firewall openings later (e.g. Postgres to the peers), which is how
@@ -12,13 +12,15 @@ from typing import Callable, Sequence
 
 import ediri_vultr as vultr
 import pulumi
+import pulumi_digitalocean as digitalocean
 import pulumi_hcloud as hcloud
 
-from components.config import Region
-from components.firewall import Rule
+from components.config import Region, Witness
+from components.firewall import WORLD, Rule
 
 VULTR_DEBIAN_12 = 2136  # Vultr os_id of "Debian 12 x64 (bookworm)"
 HETZNER_IMAGE = "debian-12"
+DIGITALOCEAN_IMAGE = "debian-12-x64"
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Host:
 def create(
     name: str,
     label: str,
-    region: Region,
+    region: Region | Witness,
     ssh_public_key: str,
     user_data: str,
     rules: Sequence[Rule],
@@ -54,7 +56,8 @@ def create(
     shared: dict | None = None,
 ) -> Host:
     """`name` prefixes the Pulumi resource names; `label` is the name the cloud shows (unique per
-    account, so it carries the environment)."""
+    account, so it carries the environment). `region` is any host's spec: a region's or the
+    witness's (provider, location, plan, volume_gb)."""
     opts = pulumi.ResourceOptions(parent=parent)
     return _PROVIDERS[region.provider](name, label, region, ssh_public_key, user_data, rules, labels, opts,
                                        {} if shared is None else shared)
@@ -184,6 +187,62 @@ def _hetzner(name, label, region, ssh_public_key, user_data, rules, labels, opts
 
 
 
+def _digitalocean(name, label, region, ssh_public_key, user_data, rules, labels, opts, shared) -> Host:
+    """A droplet (the witness's provider). DigitalOcean's firewalls add up: the base one allows
+    all outbound traffic (a droplet with any firewall and no outbound rule can send nothing), and
+    each open() adds one more with inbound rules only."""
+    tags = [f"{k}:{v}" for k, v in sorted(labels.items())]
+
+    def inbound(extra: Sequence[Rule]) -> list[digitalocean.FirewallInboundRuleArgs]:
+        return [
+            digitalocean.FirewallInboundRuleArgs(
+                protocol=rule.protocol, port_range=str(rule.port), source_addresses=[cidr for _, cidr in rule.sources])
+            for rule in extra
+        ]
+
+    everywhere = [cidr for _, cidr in WORLD]
+    outbound = [digitalocean.FirewallOutboundRuleArgs(protocol=p, port_range="1-65535", destination_addresses=everywhere)
+                for p in ("tcp", "udp")]
+    outbound.append(digitalocean.FirewallOutboundRuleArgs(protocol="icmp", destination_addresses=everywhere))
+    # Like Hetzner, one key per fingerprint in an account: shared by the stack's droplets.
+    key = shared.get(("digitalocean-ssh-key", ssh_public_key))
+    if key is None:
+        key = shared[("digitalocean-ssh-key", ssh_public_key)] = digitalocean.SshKey(
+            f"{name}-ssh-key", name=f"{label}-deploy", public_key=ssh_public_key, opts=opts)
+    vm = digitalocean.Droplet(
+        f"{name}-vm",
+        name=label,
+        size=region.plan,
+        image=DIGITALOCEAN_IMAGE,
+        region=region.location,
+        ipv6=True,
+        backups=False,
+        monitoring=False,
+        droplet_agent=False,  # no provider agent on the host: SSH from the admins is the only way in
+        ssh_keys=[key.fingerprint],
+        user_data=user_data,
+        tags=tags,
+        opts=_keep(opts, labels, "userData", "sshKeys"),
+    )
+    # By droplet ID only, never `tags`: a firewall's tags select the droplets it applies to.
+    droplet_ids = [vm.id.apply(int)]
+    digitalocean.Firewall(f"{name}-firewall", name=label, droplet_ids=droplet_ids, inbound_rules=inbound(rules),
+                          outbound_rules=outbound, opts=opts)
+
+    def add_rules(purpose: str, extra: Sequence[Rule]) -> None:
+        digitalocean.Firewall(f"{name}-{purpose}-firewall", name=f"{label}-{purpose}", droplet_ids=droplet_ids,
+                              inbound_rules=inbound(extra), opts=opts)
+
+    ready: list[pulumi.Resource] = [vm]
+    device = None
+    if region.volume_gb:  # a region at DigitalOcean; the witness keeps no data worth a volume
+        volume = digitalocean.Volume(f"{name}-volume", name=f"{label}-data", region=region.location,
+                                     size=region.volume_gb, tags=tags, opts=_keep(opts, labels))
+        ready.append(digitalocean.VolumeAttachment(f"{name}-volume-attachment", droplet_id=vm.id.apply(int),
+                                                   volume_id=volume.id, opts=opts))
+        device = volume.name.apply(lambda n: f"/dev/disk/by-id/scsi-0DO_Volume_{n}")
+    return Host(vm.ipv4_address, vm.ipv6_address, device, ready, add_rules)
+
 
 def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts, shared) -> Host:
     """`make local`: this machine is every host. The region's address (its `location`) is an extra
@@ -195,4 +254,4 @@ def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts, 
                 public_addresses=[pulumi.Output.from_input(ipv4)], logging={"driver": "k8s-file"})
 
 
-_PROVIDERS = {"local": _local, "vultr": _vultr, "hetzner": _hetzner}
+_PROVIDERS = {"local": _local, "vultr": _vultr, "hetzner": _hetzner, "digitalocean": _digitalocean}

@@ -1,15 +1,16 @@
 """`make local`: the whole bridge on this machine, deployed the way `pulumi up` deploys the hosts.
 
-    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each region
+    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each host
     python -m components.local down    # remove every container, network and volume it made
 
-The program runs under the mock runtime (the clouds are the only thing faked: a `local` region is
-this machine, serving on its own address of the loopback interface). For each region, in config
-order, the bundle the program ships is piped into the same deploy script (components/deploy.py)
-that its `*-deploy` command runs over SSH; then each region's zones are synced the same way. The
-container engine is Podman behind Docker's API (scripts/container-engine, which `make local` runs
-first). What clients need is written to local/: client_config.json (the `client_config` stack
-output), ca.crt (the CA of every edge), admin.token (a billing admin token, valid 24 h).
+The program runs under the mock runtime (the clouds are the only thing faked: a `local` host is
+this machine, serving on its own address of the loopback interface). For each host -- the witness
+first, then the regions in config order -- the bundle the program ships is piped into the same
+deploy script (components/deploy.py) that its `*-deploy` command runs over SSH; then each region's
+zones are synced the same way. The container engine is Podman behind Docker's API
+(scripts/container-engine, which `make local` runs first). What clients need is written to
+local/: client_config.json (the `client_config` stack output), ca.crt (the CA of every edge),
+admin.token (a billing admin token, valid 24 h).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components import config, deploy, local_s3, plan as plan_mod, services
+from components import config, deploy, local_s3, plan as plan_mod, services, witness as witness_mod
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,8 @@ def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.
 
 
 def commands(plan: plan_mod.Plan, suffix: str) -> dict[str, dict]:
-    """Region name -> inputs of its `<region>-<suffix>` remote command, secrets unwrapped."""
+    """Host name (a region, the witness) -> inputs of its `<host>-<suffix>` remote command, secrets
+    unwrapped."""
     found = {}
     for r in plan.registrations:
         if r.type == "command:remote:Command" and r.name.endswith(f"-{suffix}"):
@@ -126,16 +128,29 @@ def iptables(*rule: str) -> None:
         subprocess.run(["iptables", "-t", table, "-I", spec[0], "1", *spec[1:]], check=True)
 
 
-def route_like_hosts(regions: list[dict]) -> None:
-    """Make traffic between regions look as it does between hosts. Podman isolates container
-    networks from each other (as Docker does), so a connection to another region's published port
-    is let through like one arriving from outside; and it leaves with its own region's address as
-    source, which is what the other region's pg_hba and firewall expect of a peer."""
+def hosts(plan: plan_mod.Plan) -> list[dict]:
+    """Every host this machine plays, in deploy order: the witness first (etcd needs two of its
+    three members before the primary's database starts), then the regions in config order (the
+    primary first). Each: name, ipv4 (its address on `lo`) and subnet (its container network)."""
+    found = []
+    if plan.outputs.get("witness"):
+        found.append({"name": "witness", "ipv4": plan.outputs["witness"]["ipv4"], "subnet": witness_mod.NETWORK.subnet})
+    for i, region in enumerate(plan.outputs["client_config"]["regions"]):
+        found.append({"name": region["name"], "ipv4": region["ipv4"],
+                      "subnet": services.Network.for_region(region["name"], i).subnet})
+    return found
+
+
+def route_like_hosts(hosts: list[dict]) -> None:
+    """Make traffic between hosts here look as it does between real ones. Podman isolates
+    container networks from each other (as Docker does), so a connection to another host's
+    published port is let through like one arriving from outside; and it leaves with its own
+    host's address as source, which is what the other host's pg_hba and firewall expect of a peer."""
     keep_first()
-    for i, region in enumerate(regions):
-        subnet = services.Network.for_region(region["name"], i).subnet
+    for host in hosts:
+        subnet = host["subnet"]
         iptables("nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, "-m", "conntrack", "--ctstate", "DNAT",
-                 "-m", "comment", "--comment", "ciris-local", "-j", "SNAT", "--to-source", region["ipv4"])
+                 "-m", "comment", "--comment", "ciris-local", "-j", "SNAT", "--to-source", host["ipv4"])
 
 
 ISOLATION_RULE = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "ciris-local", "-j", "RETURN"]
@@ -196,14 +211,15 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     env = engine_env()
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
-    for region in regions:
-        add_address(region["ipv4"])
-    route_like_hosts(regions)
+    every = hosts(plan)
+    for host in every:
+        add_address(host["ipv4"])
+    route_like_hosts(every)
     with KeepFirst():
-        for region in regions:  # one after the other, in failover order (the primary first)
-            name = region["name"]
+        for host in every:  # one after the other: the witness, then the regions (the primary first)
+            name = host["name"]
             t = time.monotonic()
-            print(f"local: deploying {name} on {region['ipv4']} ...", file=sys.stderr, flush=True)
+            print(f"local: deploying {name} on {host['ipv4']} ...", file=sys.stderr, flush=True)
             run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
             print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
     for region in regions:
@@ -254,10 +270,12 @@ def wait_for_edges(regions: list[dict], ca: Path, budget: float = 120) -> None:
 
 def down() -> None:
     env = engine_env()
+    # Every host deployed here, the witness (local/witness) as much as the regions.
     for compose in sorted(LOCAL.glob("*/compose.yaml")):
         subprocess.run(["docker", "compose", "-f", str(compose), "down", "--volumes", "--remove-orphans", "-t", "5"],
                        env=env, check=False, capture_output=True)
-    # Anything left with our labels (a region renamed since it was deployed, say).
+    # Anything left with our labels (a region renamed since it was deployed, say; the witness's
+    # containers carry ciris.region=witness).
     left = subprocess.run(["podman", "ps", "-aq", "--filter", "label=ciris.region"], env=env,
                           capture_output=True, text=True).stdout.split()
     if left:

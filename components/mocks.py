@@ -53,16 +53,21 @@ class BridgeMocks(pulumi.runtime.Mocks):
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         state = dict(args.inputs)
-        rid = str(next(self._ids)) if args.typ.startswith("hcloud:") else f"{args.name}-id"
-        if args.typ in ("vultr:index/instance:Instance", "hcloud:index/server:Server"):
+        # Hetzner's and DigitalOcean's IDs are numbers (their inputs take them as such).
+        rid = str(next(self._ids)) if args.typ.startswith(("hcloud:", "digitalocean:")) else f"{args.name}-id"
+        if args.typ in ("vultr:index/instance:Instance", "hcloud:index/server:Server", "digitalocean:index/droplet:Droplet"):
             # Derived from the name, not the (concurrent) registration order, so plans are stable.
             n = zlib.crc32(args.name.encode())
             ipv4 = f"{IPV4_RANGES[n % 3]}.{10 + n // 3 % 240}"
             ipv6 = f"2001:db8:{n % 0xFFFF:x}::10"
             if args.typ.startswith("vultr:"):
                 state.update(mainIp=ipv4, v6MainIp=ipv6, status="active")
+            elif args.typ.startswith("digitalocean:"):
+                state.update(ipv4Address=ipv4, ipv6Address=ipv6, status="active")
             else:
                 state.update(ipv4Address=ipv4, ipv6Address=ipv6, status="running")
+        elif args.typ == "digitalocean:index/sshKey:SshKey":
+            state["fingerprint"] = ":".join(f"{b:02x}" for b in zlib.crc32(args.name.encode()).to_bytes(4, "big") * 4)
         elif args.typ == "hcloud:index/volume:Volume":
             state["linuxDevice"] = f"/dev/disk/by-id/scsi-0HC_Volume_{rid}"
         elif args.typ == "vultr:index/blockStorage:BlockStorage":

@@ -2,7 +2,8 @@
 
     python -m components.plan <stack> [--json] [--stack-file PATH] [--out DIR]
 
-Prints the resource tree by component, each region's firewall matrix, the cost table and the
+Prints the resource tree by component, each host's firewall matrix, the cost table, what the
+database does when a region is lost (automatic with a witness; say so when there is none), and the
 stack outputs (or, with --json, one object with all of them). Secrets show as "[secret]".
 Invalid config: exit status 2 and one message on stderr.
 """
@@ -37,6 +38,7 @@ class Plan:
     estimate: cost.Estimate
     artifacts: dict[str, str]
     containers: dict[str, list[ContainerSpec]]
+    failover: str = ""  # what the database does when a region is lost (bridge.Bridge.failover)
 
     def resources(self) -> list[dict]:
         names = {r.urn: r.name for r in self.registrations}
@@ -46,7 +48,8 @@ class Plan:
         ]
 
     def firewall_matrix(self) -> dict[str, list[tuple[str, int, str]]]:
-        """Region name -> sorted (protocol, port, source) openings, from the provider rules declared."""
+        """Host name (a region, the witness) -> sorted (protocol, port, source) openings, from the
+        provider rules declared."""
         names = {r.urn: r.name for r in self.registrations}
         matrix: dict[str, set] = defaultdict(set)
         for r in self.registrations:
@@ -78,8 +81,9 @@ def run(stack: str, raw: Mapping[str, Any], secret_keys: set[str]) -> Plan:
     b = built["bridge"]
     secret_outputs = {k for k, o in built["outputs"].items() if _sync_await(o.is_secret())}
     outputs = {k: "[secret]" if k in secret_outputs else v for k, v in resolved["outputs"].items()}
-    containers = {r.spec.name: r.containers for r in b.regions}
-    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, resolved["artifacts"], containers)
+    containers = {n.spec.name: n.containers for n in b.nodes}
+    return Plan(stack, monitor.registrations, outputs, secret_outputs, b.estimate, resolved["artifacts"], containers,
+                b.failover)
 
 
 def run_stack_file(stack: str, path: str | Path) -> Plan:
@@ -109,6 +113,8 @@ def render_text(plan: Plan) -> str:
             out.append(f"    {port:>5}/{proto:<3}  from {src}")
     out += ["", "Service containers:"]
     for region, specs in plan.containers.items():
+        if not specs:
+            out.append(f"  {region}/(none yet)")
         for spec in specs:
             ports = f"  publishes {', '.join(spec.ports)}" if spec.ports else ""
             out.append(f"  {region}/{spec.name:<9} {spec.image:<34}{ports}")
@@ -120,6 +126,9 @@ def render_text(plan: Plan) -> str:
         f"  {'total':<52} ${cost.usd(est.total_cents):>7.2f}   "
         f"(target ${cost.usd(est.target_cents):.2f}, hard ceiling ${cost.usd(est.ceiling_cents):.2f})"
     )
+    if est.witness_cents:
+        out.append(f"  {'total without the witness':<52} ${cost.usd(est.total_cents - est.witness_cents):>7.2f}")
+    out += ["", "Database failover:", f"  {plan.failover}"]
     out += ["", "Stack outputs:", json.dumps(plan.outputs, indent=2)]
     return "\n".join(out)
 

@@ -19,6 +19,7 @@ from components.config import BackupSettings
 from components.firewall import peer_rule
 from components.postgres_config import standby_names
 from components.region import Region
+from components.witness import Witness
 from components.services import (
     BACKUP_ADDRESS_SUFFIX, BILLING_ADDRESS_SUFFIX, ContainerSpec, env_file, payload_files,
 )
@@ -42,6 +43,8 @@ class ReplicatedPostgresArgs:
     backup: BackupSettings | None = None
     # Secrets from config: backup_encryption_key, backup_s3_access_key, backup_s3_secret_key.
     backup_secrets: dict[str, str | None] | None = None
+    # The third host (a Node at a third provider), or None: the stack has no witness.
+    witness: Witness | None = None
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
@@ -54,6 +57,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         replica_names = [r.spec.name for r in args.replicas]
         self._backup = args.backup
         self._backup_secrets = args.backup_secrets or {}
+        self.witness = args.witness
 
         passwords = {
             role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result

@@ -49,6 +49,23 @@ def test_the_deploy_unpacks_with_modes_and_waits_for_health(tmp_path):
         subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
 
 
+def test_a_host_with_nothing_to_run_deploys_and_stops_what_ran_before(tmp_path):
+    """A witness before anything is added to it: compose refuses `up` without services, so the
+    deploy stops the project's containers instead and succeeds."""
+    env = engine_env()
+    try:
+        out = run_deploy(tmp_path, {"compose.yaml": compose(True)}, {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        running = lambda: subprocess.run(["docker", "compose", "-p", PROJECT, "ps", "-q"], env=env,  # noqa: E731
+                                         capture_output=True, text=True).stdout.split()
+        assert running()
+        out = run_deploy(tmp_path, {"compose.yaml": yaml.safe_dump({"name": PROJECT, "services": {}})}, {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert running() == []
+    finally:
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+
+
 def test_the_bundle_is_the_same_bytes_for_the_same_files():
     files = {"b.txt": "2", "a.txt": "1"}
     assert bundle(files, {"a.txt": 0}) == bundle(dict(reversed(list(files.items()))), {"a.txt": 0})

@@ -94,6 +94,46 @@ def _fake_upstream_in_staging(raw):
     raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), "fake_llm_upstream": True}
 
 
+def witness(raw):
+    return raw[f"{P}:witness"]
+
+
+def _witness_unknown_provider(raw):
+    witness(raw)["provider"] = "aws"
+
+
+def _witness_unknown_location(raw):
+    witness(raw)["location"] = "mars1"
+
+
+def _witness_unknown_plan(raw):
+    witness(raw)["plan"] = "s-8vcpu-16gb"
+
+
+def _witness_at_a_region_provider(raw):
+    witness(raw).update(provider="hetzner", location="hel1", plan="cx23")
+
+
+def _witness_volume(raw):
+    witness(raw)["volume_gb"] = 10
+
+
+def _witness_without_location(raw):
+    raw[f"{P}:witness"] = {"provider": "digitalocean", "plan": "s-1vcpu-1gb"}
+
+
+def _local_witness_in_staging(raw):
+    witness(raw).update(provider="local", location="10.77.3.1", plan="local")
+
+
+def _region_named_witness(raw):
+    regions(raw)[1]["name"] = "witness"
+
+
+def _witness_over_ceiling(raw):
+    witness(raw)["plan"] = "s-1vcpu-2gb"  # $12: staging's $14.32 + 12 > $20
+
+
 CASES = [
     (_unknown_provider, f"{P}:regions[1].provider", "unknown provider 'aws'"),
     (_duplicate_region, f"{P}:regions[1].name", "duplicate name 'us-east'"),
@@ -115,6 +155,15 @@ CASES = [
     (_local_region_in_staging, f"{P}:regions[1].provider", "only for environment: local, not staging"),
     (_cloud_region_in_local, f"{P}:regions[0].provider", "environment local runs every region on this machine"),
     (_fake_upstream_in_staging, f"{P}:services.fake_llm_upstream", "is for environment local only, not staging"),
+    (_witness_unknown_provider, f"{P}:witness.provider", "unknown provider 'aws'"),
+    (_witness_unknown_location, f"{P}:witness.location", "does not know digitalocean location 'mars1'"),
+    (_witness_unknown_plan, f"{P}:witness.plan", "does not know digitalocean plan 's-8vcpu-16gb'"),
+    (_witness_at_a_region_provider, f"{P}:witness.provider", "hetzner already hosts a region; the witness must be at a third provider"),
+    (_witness_volume, f"{P}:witness.volume_gb", "unknown setting"),
+    (_witness_without_location, f"{P}:witness.location", "is required but not set"),
+    (_local_witness_in_staging, f"{P}:witness.provider", "only for environment: local, not staging"),
+    (_region_named_witness, f"{P}:regions[1].name", "'witness' is the name of the third host"),
+    (_witness_over_ceiling, f"{P}:budget.ceiling_usd", "witness: digitalocean s-1vcpu-2gb in lon1 $12.00"),
 ]
 
 

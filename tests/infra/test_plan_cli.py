@@ -23,7 +23,7 @@ def test_json_plan_has_the_contract():
     doc = json.loads(result.stdout)
     assert set(doc) == {"stack", "resources", "outputs", "cost"}
     assert doc["stack"] == "staging"
-    assert set(doc["outputs"]) == {"client_config", "glue_records", "database", "monthly_cost_usd"}
+    assert set(doc["outputs"]) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness"}
     assert all(set(r) == {"type", "name", "parent", "inputs"} for r in doc["resources"])
     vm = next(r for r in doc["resources"] if r["type"] == "vultr:index/instance:Instance")
     assert vm["parent"] == "us-east" and vm["inputs"]["plan"] == "vc2-1c-2gb"
@@ -65,7 +65,7 @@ def test_invalid_config_exits_2_with_one_message(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "invalid config: ciris-bridge:regions[1].provider: unknown provider 'hertzner'; expected one of: vultr, hetzner, local"
+        "invalid config: ciris-bridge:regions[1].provider: unknown provider 'hertzner'; expected one of: vultr, hetzner, digitalocean, local"
     ]
 
 

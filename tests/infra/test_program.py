@@ -92,13 +92,14 @@ def test_replicated_postgres_names_the_replica_synchronous(staging_monitor):
 @pytest.mark.parametrize("stack", ["staging", "production"])
 def test_both_stacks_plan_with_the_client_contract(stack):
     p = run(stack)
-    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd"}
+    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness"}
     client = p.outputs["client_config"]
     assert client["schema_version"] == 1 and client["environment"] == stack
     assert [r["provider"] for r in client["regions"]] == ["vultr", "hetzner"]
     types = [r.type for r in p.registrations]
     assert types.count("vultr:index/instance:Instance") == 1
     assert types.count("hcloud:index/server:Server") == 1
+    assert types.count("digitalocean:index/droplet:Droplet") == 1  # the witness
     assert types.count("hcloud:index/volume:Volume") == 1
     assert types.count("ciris:bridge:ReplicatedPostgres") == 1
 
@@ -116,6 +117,8 @@ def expected_matrix(p: plan.Plan, admin: set[str]) -> dict[str, set]:
             | {("tcp", 22, s) for s in admin}
             | {("tcp", 5432, s) for s in peers}
         )
+    if p.outputs["witness"]:  # serves no one: SSH from the admins only
+        out["witness"] = {("tcp", 22, s) for s in admin}
     return out
 
 
@@ -179,8 +182,8 @@ def test_ufw_mirrors_the_provider_firewall():
             if port == 5432:
                 assert f"sudo ufw allow proto tcp from {src} to any port 5432" in pg.inputs["create"]
     # nothing else is opened anywhere: no HTTP, no internal service port
-    for rules in matrix.values():
-        assert {port for _, port, _ in rules} == {22, 53, 443, 5432}
+    for region, rules in matrix.items():
+        assert {port for _, port, _ in rules} == ({22} if region == "witness" else {22, 53, 443, 5432})
 
 
 def test_three_regions_plan_by_config_alone():
@@ -211,10 +214,14 @@ def test_secrets_stay_secret():
 
 
 def test_production_costs_at_most_the_fsd_target():
+    """The two regions stay within the FSD's target; the witness (ADR 13) takes the stack past it,
+    never past the hard ceiling."""
     p = run("production")
     cost = p.outputs["monthly_cost_usd"]
-    assert cost["total"] <= cost["target"] == 30
-    assert cost["ceiling"] == 40
+    witness = [i["usd"] for i in cost["items"] if i["item"].startswith("witness:")]
+    assert witness == [6.00] and p.estimate.witness_cents == 600
+    assert cost["total"] - sum(witness) <= cost["target"] == 30
+    assert cost["total"] <= cost["ceiling"] == 40
     assert round(sum(i["usd"] for i in cost["items"]), 2) == cost["total"]
     assert any("cx23" in i["item"] for i in cost["items"])
 
@@ -232,7 +239,8 @@ def test_every_remote_command_pins_the_host_key_cloud_init_installs():
     p = run("production")
     vms = {r.name.removesuffix("-vm"): mocks.unwrap(r.inputs) for r in p.registrations if r.name.endswith("-vm")}
     commands = [r for r in p.registrations if r.type == "command:remote:Command"]
-    assert {r.name.split("-")[0] + "-" + r.name.split("-")[1] for r in commands} == {"us-east", "eu-west"}
+    assert set(vms) == {"us-east", "eu-west", "witness"}
+    assert {next(host for host in vms if r.name.startswith(f"{host}-")) for r in commands} == set(vms)
     for region, vm in vms.items():
         doc = yaml.safe_load(vm.get("userData") or vm.get("user_data"))
         private, public = doc["ssh_keys"]["ed25519_private"], doc["ssh_keys"]["ed25519_public"]
