@@ -99,6 +99,8 @@ def build(config: BridgeConfig) -> Bridge:
     for region in regions:
         if region is not primary:
             region.build(after=[primary.deploy])
+    if config.replicas:
+        database.declare_primary(after=[r.deploy for r in regions])
     nameservers = Nameservers(
         "dns",
         NameserversArgs(

@@ -41,6 +41,10 @@ dc up -d --remove-orphans --wait --wait-timeout 300
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"
 
+# A declared switchover (`postgres: primary` moved in config), run where a member's container is.
+SWITCHOVER = ('set -eu\ncd "$1"\n' + _COMPOSE
+              + 'dc exec -T postgres sh /usr/local/lib/ciris/switchover.sh "$2"\n')
+
 
 def remote(script: str, *args: str) -> str:
     """The command line that runs `script` as root on a host, with `args` as $1, $2..."""

@@ -1,9 +1,15 @@
-"""ReplicatedPostgres: the billing database, primary in one region and synchronous replicas in others.
+"""ReplicatedPostgres: the billing database on Patroni, one member per database region, a
+synchronous standby, and automatic failover and degrade (ADR 14).
 
-Each member region gets a Postgres container (payloads/postgres) with configs rendered by
-components/postgres_config.py, a server certificate from the stack's small private CA (IP SANs:
-the region's addresses, so replicas verify the primary with sslmode=verify-full), random passwords
-kept as Pulumi secrets, and peer-only 5432 openings. Promotion stays manual (runbook).
+Each member region gets a Postgres container (payloads/postgres) in which Patroni runs PostgreSQL
+with the configuration rendered by components/postgres_config.py, and an etcd member
+(components/consensus.py); the witness, when the stack has one, runs a third etcd member. Every
+host gets a certificate from the stack's small private CA (IP SANs: its addresses, so every peer
+connection is sslmode=verify-full; DNS SAN `postgres`: billing on the same host verifies it too),
+random passwords kept as Pulumi secrets, and peer-only openings: 5432 (replication, billing,
+pg_rewind) and 8008 (Patroni's API) between database members, 2379/2380 (etcd) between every host
+of the consensus. `postgres: primary` in config is where the cluster is created; afterwards
+Patroni decides who is primary, and a change of the declared primary is a Patroni switchover.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
+import pulumi_command as command
 import pulumi_random as random
 import pulumi_tls as tls
 
-from components import cloud_init, postgres_config as pgc
+from components import cloud_init, consensus, deploy, postgres_config as pgc
 from components.config import BackupSettings
 from components.firewall import peer_rule
-from components.postgres_config import standby_names
+from components.node import Node
 from components.region import Region
 from components.witness import Witness
 from components.services import (
@@ -25,15 +32,18 @@ from components.services import (
 )
 
 PORT = 5432
+API_PORT = 8008  # Patroni's REST API: the members ask each other for their state before a promotion
 CONFIG_MOUNT = "/etc/ciris-postgres"
-RUN_DIR = "/run/ciris-postgres"  # where bootstrap.sh copies the files, owned by postgres
+RUN_DIR = "/run/ciris-postgres"  # where start.sh copies the files, owned by postgres
 TLS_FILES = pgc.Tls(f"{RUN_DIR}/server.crt", f"{RUN_DIR}/server.key", f"{RUN_DIR}/ca.crt")
 DATA_MOUNT = "/var/lib/postgresql/data"  # the volume; PGDATA inside it, so data moved aside stays on it
 PGDATA = f"{DATA_MOUNT}/pgdata"
 SOCKET_DIR = "/var/run/postgresql"
 S3_CA_FILE = f"{CONFIG_MOUNT}/s3-ca.crt"  # backup.ca_cert, where both containers read it
 SOCKET_VOLUME = "pgsocket"  # shared with the backup job, which talks to the server through it
+POST_BOOTSTRAP = "sh /usr/local/lib/ciris/post-bootstrap.sh"
 TEN_YEARS = 24 * 365 * 10
+PASSWORD_ROLES = ("superuser", "replication", "rewind", "api", "app")
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class ReplicatedPostgresArgs:
     backup_secrets: dict[str, str | None] | None = None
     # The third host (a Node at a third provider), or None: the stack has no witness.
     witness: Witness | None = None
+    timing: pgc.HaTiming = pgc.HaTiming()
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
@@ -54,14 +65,17 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         super().__init__("ciris:bridge:ReplicatedPostgres", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         members = self._members = [args.primary, *args.replicas]
-        replica_names = [r.spec.name for r in args.replicas]
         self._backup = args.backup
         self._backup_secrets = args.backup_secrets or {}
+        self._timing = args.timing
         self.witness = args.witness
+        # etcd: one member per provider with a witness; without one a single member beside the
+        # declared primary (the replica's loss still degrades by itself; the primary's needs a person).
+        self._consensus: list[Node] = [args.witness, *members] if args.witness else [args.primary]
 
         passwords = {
             role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result
-            for role in ("superuser", "replication", "app")
+            for role in PASSWORD_ROLES
         }
         self.app_password = passwords["app"]
 
@@ -76,43 +90,46 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             opts=child,
         )
         self.ca_cert = ca.cert_pem
+        hosts = [*members, *([args.witness] if args.witness else [])]
+        certs = {node.spec.name: self._certificate(name, node, ca_key, ca, child) for node in hosts}
 
+        db_peers = lambda node: [(m.ipv4, m.ipv6) for m in members if m is not node]  # noqa: E731
+        for node in hosts:
+            opening = []
+            if node in members and len(members) > 1:
+                # Replication, billing and pg_rewind; Patroni's API: every member may become primary.
+                opening += [peer_rule("postgres", PORT, db_peers(node), "Postgres from the other database members"),
+                            peer_rule("patroni", API_PORT, db_peers(node), "Patroni API from the other database members")]
+            if node in self._consensus:
+                others = [(m.ipv4, m.ipv6) for m in self._consensus if m is not node]
+                clients = db_peers(node)  # Patroni on the other members; its own comes from this host
+                if clients:
+                    opening.append(peer_rule("etcd-client", consensus.CLIENT_PORT, clients, "etcd clients: Patroni on the database members"))
+                if others:
+                    opening.append(peer_rule("etcd-peer", consensus.PEER_PORT, others, "etcd peers: the consensus members"))
+            if opening:
+                node.open("database", opening)
+        for node in self._consensus:
+            self._deploy_etcd(node, certs[node.spec.name])
         for member in members:
-            peers = [(m.ipv4, m.ipv6) for m in members if m is not member]
-            # Every member accepts every other one, so a promoted replica can feed the old primary.
-            if peers:
-                member.open("postgres", [peer_rule("postgres", PORT, peers, "Postgres replication from peer regions")])
-            key = tls.PrivateKey(f"{name}-{member.spec.name}-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
-            csr = tls.CertRequest(
-                f"{name}-{member.spec.name}-csr",
-                private_key_pem=key.private_key_pem,
-                subject=tls.CertRequestSubjectArgs(common_name=f"postgres.{member.domain}"),
-                ip_addresses=[member.ipv4, member.ipv6],
-                opts=child,
-            )
-            cert = tls.LocallySignedCert(
-                f"{name}-{member.spec.name}-cert",
-                cert_request_pem=csr.cert_request_pem,
-                ca_private_key_pem=ca_key.private_key_pem,
-                ca_cert_pem=ca.cert_pem,
-                validity_period_hours=TEN_YEARS,
-                allowed_uses=["server_auth", "client_auth", "digital_signature", "key_encipherment"],
-                opts=child,
-            )
-            self._deploy_member(member, args.primary, replica_names, passwords, key.private_key_pem, cert.cert_pem)
+            self._deploy_member(member, passwords, certs[member.spec.name])
 
         if args.backup:
             missing = [k for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key") if not self._backup_secrets.get(k)]
             if missing:
                 pulumi.log.warn(f"postgres: backup is configured but {', '.join(f'ciris-bridge:{k}' for k in missing)} "
                                 f"not set; the daily dump and WAL archiving will fail (pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
-            self._backup_job(args.primary, passwords["app"])
+            for member in members:  # each job works only while its member is the primary
+                self._backup_job(member, passwords["app"])
 
         self.summary = {
-            "primary": args.primary.spec.name,
-            "replicas": replica_names,
+            "engine": "patroni+etcd",
+            "primary": args.primary.spec.name,  # where the cluster was created; Patroni moves it
+            "replicas": [r.spec.name for r in args.replicas],
+            "members": [pgc.member_name(m.spec.name) for m in members],
+            "consensus": [n.spec.name for n in self._consensus],
+            "failover": "automatic" if args.witness else "degrade only (no witness: promotion is manual)",
             "mode": "synchronous" if args.replicas else "standalone",
-            "synchronous_standby_names": standby_names(replica_names),
             "port": PORT,
             "backup": (
                 {"bucket": args.backup.bucket, "retention_days": args.backup.retention_days, "hour_utc": args.backup.hour_utc}
@@ -122,47 +139,85 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         }
         self.register_outputs({"summary": self.summary})
 
-    def _deploy_member(self, member: Region, primary: Region, replica_names, passwords, key_pem, cert_pem) -> None:
-        is_primary = member is primary
-        role = "primary" if is_primary else "replica"
-        slot = pgc.application_name(member.spec.name)
-        archive = f"{RUN_DIR}/pgbackrest.conf" if self._backup else None
-        if is_primary:
-            conf = pulumi.Output.from_input(
-                pgc.postgresql_conf(role="primary", replicas=replica_names, tls=TLS_FILES, archive_config=archive)
-            )
-            shown_conf = conf
-        else:
-            def replica_conf(a, password="[secret]"):
-                conninfo = pgc.primary_conninfo(host=a, port=PORT, password=password, application=slot, ca_file=TLS_FILES.ca_file)
-                return pgc.postgresql_conf(
-                    role="replica", replicas=replica_names, tls=TLS_FILES, primary_conninfo=conninfo, slot=slot, archive_config=archive
-                )
+    def declare_primary(self, after: list[pulumi.Resource]) -> command.remote.Command:
+        """After the deploys: hand the primary role to the region config declares, when that changed
+        (a Patroni switchover; a no-op when it already leads, e.g. on the first deploy)."""
+        member = pgc.member_name(self._members[0].spec.name)
+        return command.remote.Command(
+            f"{self._name}-declared-primary",
+            connection=self._members[0].connection,
+            create=deploy.remote(deploy.SWITCHOVER, cloud_init.BUNDLE_DIR, member),
+            triggers=[member],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=after),
+        )
 
-            conf = pulumi.Output.all(primary.ipv4, passwords["replication"]).apply(lambda a: replica_conf(a[0], a[1]))
-            shown_conf = primary.ipv4.apply(replica_conf)
-        # Replication comes from the other members (any of them may become primary). On this host only
-        # billing's and the backup job's fixed addresses: never the whole network, whose gateway is
-        # where Docker's proxy makes IPv6 clients appear from.
+    @staticmethod
+    def _certificate(name: str, node: Node, ca_key, ca, child) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+        """(certificate, key) for one host: server and client (etcd and Patroni verify both ways)."""
+        key = tls.PrivateKey(f"{name}-{node.spec.name}-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
+        csr = tls.CertRequest(
+            f"{name}-{node.spec.name}-csr",
+            private_key_pem=key.private_key_pem,
+            subject=tls.CertRequestSubjectArgs(common_name=f"{node.spec.name} (ciris-bridge database)"),
+            ip_addresses=[node.ipv4, node.ipv6],
+            dns_names=["postgres"],  # billing on the same host connects by the container's name
+            opts=child,
+        )
+        cert = tls.LocallySignedCert(
+            f"{name}-{node.spec.name}-cert",
+            cert_request_pem=csr.cert_request_pem,
+            ca_private_key_pem=ca_key.private_key_pem,
+            ca_cert_pem=ca.cert_pem,
+            validity_period_hours=TEN_YEARS,
+            allowed_uses=["server_auth", "client_auth", "digital_signature", "key_encipherment"],
+            opts=child,
+        )
+        return cert.cert_pem, key.private_key_pem
+
+    def _deploy_etcd(self, node: Node, cert) -> None:
+        addresses = pulumi.Output.all(*[n.ipv4 for n in self._consensus])
+
+        def conf(addrs: list[str]) -> str:
+            members = [consensus.Member(n.spec.name, a) for n, a in zip(self._consensus, addrs)]
+            me = members[self._consensus.index(node)]
+            return consensus.etcd_conf(me, members)
+
+        node.add_service(
+            consensus.container(),
+            {
+                **payload_files("etcd"),
+                "etcd/etc/etcd.conf.yml": addresses.apply(conf),
+                "etcd/etc/server.crt": cert[0],
+                "etcd/etc/server.key": pulumi.Output.secret(cert[1]),
+                "etcd/etc/ca.crt": self.ca_cert,
+            },
+            private={"etcd/etc/server.key": 0},
+            shown={"etcd/etc/server.key": "[secret]\n"},
+        )
+
+    def _deploy_member(self, member: Region, passwords, cert) -> None:
+        archive = f"{RUN_DIR}/pgbackrest.conf" if self._backup else None
+        # Billing's and the backup job's fixed addresses on this host, never the whole network (whose
+        # gateway is where Docker's proxy makes IPv6 clients appear from); the other members' hosts.
         app = [f"{member.network.address(s)}/32" for s in (BILLING_ADDRESS_SUFFIX, BACKUP_ADDRESS_SUFFIX)]
-        hba = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
-            lambda addrs: pgc.pg_hba(peers=[f"{a}/{128 if ':' in a else 32}" for a in addrs], app_cidrs=app, app_peers=True)
-        )
-        env = pulumi.Output.all(passwords["superuser"], passwords["replication"], passwords["app"], primary.ipv4).apply(
-            lambda a: env_file(
-                {
-                    "ROLE": role,
-                    "POSTGRES_PASSWORD": a[0],
-                    "REPLICATION_PASSWORD": a[1],
-                    "BILLING_PASSWORD": a[2],
-                    "PRIMARY_HOST": a[3],
-                    "PRIMARY_PORT": PORT,
-                    "SLOT": slot,
-                    "SLOTS": " ".join(pgc.application_name(r) for r in replica_names),
-                    **self._pgbackrest_env(),
-                }
-            )
-        )
+        peers = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
+            lambda addrs: [f"{a}/{128 if ':' in a else 32}" for a in addrs])
+        hba = peers.apply(lambda p: pgc.pg_hba(peers=p, app_cidrs=app, app_peers=True))
+        etcd_hosts = pulumi.Output.all(*[n.ipv4 for n in self._consensus]).apply(
+            lambda addrs: [f"{a}:{consensus.CLIENT_PORT}" for a in addrs])
+
+        def patroni(a, secret: bool = True) -> str:
+            address, hosts, hba_text, *pw = a
+            shown = dict(zip(PASSWORD_ROLES, pw)) if secret else dict.fromkeys(PASSWORD_ROLES, "[secret]")
+            return pgc.patroni_yml(
+                name=pgc.member_name(member.spec.name), address=address, etcd_hosts=hosts, tls=TLS_FILES,
+                passwords=shown, data_dir=PGDATA, socket_dir=SOCKET_DIR, hba=hba_text, archive_config=archive,
+                post_bootstrap=POST_BOOTSTRAP, timing=self._timing)
+
+        inputs = [member.ipv4, etcd_hosts, hba]
+        conf = pulumi.Output.all(*inputs, *[passwords[r] for r in PASSWORD_ROLES]).apply(patroni)
+        shown_conf = pulumi.Output.all(*inputs).apply(lambda a: patroni([*a], secret=False))
+        env = passwords["app"].apply(lambda pw: env_file({"BILLING_PASSWORD": pw, **self._pgbackrest_env()}))
         archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf()} if self._backup else {}
         if self._backup and self._backup.ca_cert:
             archive_files["postgres/etc/s3-ca.crt"] = self._backup.ca_cert
@@ -171,8 +226,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 name="postgres",
                 image="ciris-postgres:local",
                 build="./postgres",
-                ports=(f"{PORT}:{PORT}/tcp",),
-                # The volume holds PGDATA's parent, so a rebuilt replica keeps the old data beside the new.
+                ports=(f"{PORT}:{PORT}/tcp", f"{API_PORT}:{API_PORT}/tcp"),
                 volumes=(f"{self._data(member)}:{DATA_MOUNT}", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/env",
             ),
@@ -180,26 +234,26 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 **payload_files("postgres"),
                 **archive_files,
                 "postgres/env": pulumi.Output.secret(env),
-                "postgres/etc/postgresql.conf": pulumi.Output.secret(conf),
-                "postgres/etc/pg_hba.conf": hba,
-                "postgres/etc/server.crt": cert_pem,
-                "postgres/etc/server.key": pulumi.Output.secret(key_pem),
+                "postgres/etc/patroni.yml": pulumi.Output.secret(conf),
+                "postgres/etc/server.crt": cert[0],
+                "postgres/etc/server.key": pulumi.Output.secret(cert[1]),
                 "postgres/etc/ca.crt": self.ca_cert,
             },
-            private=dict.fromkeys(["postgres/env", "postgres/etc/postgresql.conf", "postgres/etc/server.key"], 0),
+            private=dict.fromkeys(["postgres/env", "postgres/etc/patroni.yml", "postgres/etc/server.key"], 0),
             shown={
-                "postgres/env": "[secret: ROLE, passwords, PRIMARY_HOST, SLOT(S), pgBackRest keys]\n",
-                "postgres/etc/postgresql.conf": shown_conf,
+                "postgres/env": "[secret: BILLING_PASSWORD, pgBackRest keys]\n",
+                "postgres/etc/patroni.yml": shown_conf,
                 "postgres/etc/server.key": "[secret]\n",
             },
         )
 
-    def _backup_job(self, primary: Region, app_password) -> None:
-        """The daily pg_dump job runs beside the primary (it moves with the primary role)."""
+    def _backup_job(self, member: Region, app_password) -> None:
+        """The backup job beside every member: it works only while its member is the primary, so the
+        backups follow the primary wherever Patroni moves it."""
         backup, secrets = self._backup, self._backup_secrets
         dsn = (
             f"host=postgres port={PORT} user={pgc.APP_ROLE} dbname={pgc.DATABASE} "
-            f"sslmode=verify-ca sslrootcert={CONFIG_MOUNT}/ca.crt"  # certificates name IPs, not 'postgres'
+            f"sslmode=verify-full sslrootcert={CONFIG_MOUNT}/ca.crt"
         )
 
         def env(password: str) -> str:
@@ -217,7 +271,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 **self._pgbackrest_env(),
             })
 
-        primary.add_service(
+        member.add_service(
             ContainerSpec(
                 name="backup",
                 image="ciris-postgres:local",
@@ -225,7 +279,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 address_suffix=BACKUP_ADDRESS_SUFFIX,
                 # pgBackRest reads the data directory (same path as the server's) and asks the
                 # server for backup start/stop through the shared socket.
-                volumes=(f"{self._data(primary)}:{DATA_MOUNT}:ro", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
+                volumes=(f"{self._data(member)}:{DATA_MOUNT}:ro", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
                 env_file="./postgres/backup.env",
             ),
             {"postgres/backup.env": pulumi.Output.secret(pulumi.Output.from_input(app_password).apply(env))},

@@ -75,6 +75,7 @@ def server_parameters(
         "log_connections": "on",
         "log_min_duration_statement": "-1",  # never log statements (they could carry user data)
         "log_statement": _q("none"),
+        "log_min_error_statement": "panic",  # nor the statement that failed (its values are user data)
     }
     if archive_config:
         settings["archive_mode"] = "on"

@@ -1,5 +1,6 @@
 #!/bin/sh
-# The backup job beside the primary (FSD §6.1), two layers in the same bucket:
+# The backup job beside every database member (FSD §6.1); it works only while its member is the
+# primary (Patroni moves that role), two layers in the same bucket:
 #   - pgBackRest: WAL archived continuously by the server's archive_command, plus a daily full
 #     backup; together they allow point-in-time recovery within the retention;
 #   - backup.py: a daily pg_dump, encrypted client-side (restorable with nothing but Python).
@@ -7,11 +8,14 @@
 set -u
 hour=${BACKUP_HOUR_UTC:-3}
 pgbr() { gosu postgres pgbackrest --config=/etc/ciris-postgres/pgbackrest.conf --stanza=ciris "$@"; }
-# archive_command fails (and WAL waits in pg_wal) until the stanza exists: create it as soon as the
-# server answers, then take the first full backup unless the repository already has one. In the
-# background: the daily pg_dump below never waits for pgBackRest's repository.
+is_primary() {
+  [ "$(gosu postgres psql -h /var/run/postgresql -U postgres -d postgres -Atc 'SELECT NOT pg_is_in_recovery()' 2>/dev/null)" = t ]
+}
+# archive_command fails (and WAL waits in pg_wal) until the stanza exists: create it as soon as this
+# member is the primary, then take the first full backup unless the repository already has one. In
+# the background: the daily pg_dump below never waits for pgBackRest's repository.
 (
-  until pgbr stanza-create; do echo "backup-loop: stanza-create failed; retrying in 30 s" >&2; sleep 30; done
+  until is_primary && pgbr stanza-create; do sleep 30; done
   pgbr info | grep -q "full backup" || pgbr backup --type=full || echo "backup-loop: first full backup failed" >&2
 ) &
 while :; do
@@ -19,6 +23,7 @@ while :; do
   next=$(date -u -d "today ${hour}:00" +%s)
   [ "$next" -le "$now" ] && next=$(date -u -d "tomorrow ${hour}:00" +%s)
   sleep $((next - now))
+  if ! is_primary; then echo "backup-loop: this member is a replica today; the primary's job backs up" >&2; continue; fi
   python3 /usr/local/lib/ciris/backup.py run || echo "backup-loop: pg_dump backup failed; next try tomorrow" >&2
   # Expires full backups (and their WAL) past repo1-retention-full days.
   pgbr backup --type=full || echo "backup-loop: pgBackRest backup failed; next try tomorrow" >&2

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Start a database member: Patroni runs PostgreSQL (it creates the cluster on the first member to
+# take the lock, clones the others, promotes, rewinds and re-clones by itself). The rendered
+# files are root's in the bundle: copied where postgres owns them, keys and passwords private.
+set -eu
+RUN_DIR=/run/ciris-postgres
+PGDATA=${PGDATA:-/var/lib/postgresql/data/pgdata}
+SOCKET_DIR=/var/run/postgresql
+install -d -o postgres -g postgres -m 700 "$RUN_DIR"
+install -d -o postgres -g postgres -m 2775 "$SOCKET_DIR"  # a fresh volume is root's
+chown postgres:postgres "$(dirname "$PGDATA")"
+cp /etc/ciris-postgres/* "$RUN_DIR"/
+chown postgres:postgres "$RUN_DIR"/* && chmod 600 "$RUN_DIR"/server.key "$RUN_DIR"/patroni.yml
+exec gosu postgres patroni "$RUN_DIR/patroni.yml"
