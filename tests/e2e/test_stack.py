@@ -17,7 +17,7 @@ import stripe
 from components import local_s3
 from tests.conftest import REPO
 
-SERVICES = {"edge", "dns", "postgres", "billing", "proxy", "fake-llm"}
+SERVICES = {"edge", "dns", "postgres", "etcd", "backup", "billing", "proxy", "fake-llm"}
 
 
 def test_every_container_is_labelled_and_healthy(stack):
@@ -29,9 +29,11 @@ def test_every_container_is_labelled_and_healthy(stack):
             labels, status = row.rsplit("|", 1)
             service = labels.split("ciris.service:", 1)[1].split()[0].rstrip("]")
             services[service] = status
-        backup = {"backup"} if region is stack.regions[0] else set()  # the backup job runs beside the primary
-        assert set(services) == SERVICES | backup, services
+        assert set(services) == SERVICES, services
         assert all("(healthy)" in status for status in services.values()), services
+    # The witness runs the third consensus member and nothing else.
+    rows = stack.podman("ps", "--filter", "label=ciris.region=witness", "--format", "{{.Names}}|{{.Status}}").split()
+    assert [r.split("|")[0] for r in rows] == ["ciris-witness-etcd-1"] and "(healthy)" in rows[0], rows
 
 
 def ask(query, name: str, rdtype, server: str):
@@ -112,10 +114,37 @@ def test_the_money_path_end_to_end(stack):
         assert billing.get(f"/v1/credits/{user}", headers=user_auth).json()["balance"] == signup + 500 - 5
 
 
+def leader(stack) -> str:
+    """The region whose member is the primary now (Patroni moves it)."""
+    primaries = [r["name"] for r in stack.regions if stack.psql(r["name"], "SELECT pg_is_in_recovery()") == "f"]
+    assert len(primaries) == 1, primaries
+    return primaries[0]
+
+
+def wait_sync(stack, timeout: float = 120) -> str:
+    """Until the leader streams to the other member synchronously; returns the leader's region."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            primary = leader(stack)
+            other = next(r["name"] for r in stack.regions if r["name"] != primary)
+            rows = stack.psql(primary, "SELECT application_name, state, sync_state FROM pg_stat_replication")
+            if rows == f"{other.replace('-', '_')}|streaming|sync":
+                return primary
+        except AssertionError:
+            rows = "no single leader"
+        assert time.time() < deadline, rows
+        time.sleep(1)
+
+
 def test_eu_west_is_a_synchronous_streaming_replica(stack):
-    rows = stack.psql("us-east", "SELECT application_name, state, sync_state FROM pg_stat_replication")
-    assert rows == "eu_west_replica|streaming|sync", rows
-    assert stack.psql("eu-west", "SELECT pg_is_in_recovery()") == "t"
+    """Patroni created the cluster where config declares the primary; the other member follows it
+    synchronously, and etcd has its three members (the regions and the witness)."""
+    assert wait_sync(stack) == "us-east"
+    members = stack.podman("exec", "ciris-witness-etcd-1", "sh", "-c",
+                           "etcdctl --endpoints=https://127.0.0.1:2379 --insecure-skip-tls-verify "
+                           "--cert=/run/ciris-etcd/server.crt --key=/run/ciris-etcd/server.key member list")
+    assert sorted(line.split(", ")[2] for line in members.splitlines()) == ["eu-west", "us-east", "witness"], members
 
 
 def test_backups_and_wal_reach_the_local_s3_encrypted(stack):
@@ -153,10 +182,14 @@ def test_a_recreated_postgres_container_keeps_its_data(stack):
     with stack.edge(us, "billing") as billing:
         assert billing.post("/v1/users", json={"email": marker}, headers=admin).status_code == 201
     for region in ("us-east", "eu-west"):
+        # Recreating the leader's container hands the lock to the other member (Patroni releases it
+        # on shutdown); the recreated member rejoins as a replica with its data.
         out = stack.compose(region, "up", "-d", "--force-recreate", "--wait", "postgres")
         assert out.returncode == 0, out.stderr
+        wait_sync(stack)
         assert stack.psql(region, f"SELECT count(*) FROM users WHERE email = '{marker}'") == "1", region
-    assert stack.psql("us-east", "SELECT sync_state FROM pg_stat_replication") == "sync"
+    with stack.edge(us, "billing") as billing:  # billing found the new primary by itself
+        assert billing.post("/v1/users", json={"email": f"after-{marker}"}, headers=admin).status_code == 201
 
 
 def test_a_changed_file_reaches_only_the_containers_that_read_it(stack, tmp_path):

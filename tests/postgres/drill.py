@@ -154,10 +154,12 @@ SCENARIOS = [
 ]
 
 
-def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, settle: float = 3) -> Result:
+def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, settle: float = 3,
+        window: float | None = None) -> Result:
     """Writers on; the fault; it lasts `fault_seconds` (longer if writes have not resumed yet, up to
-    60 s); the heal; writers off once the pair is synchronous again. Then every acknowledged write
-    must be on the leader."""
+    60 s); the heal; writers off once the pair is synchronous again (and, with `window`, not before
+    that many seconds from the fault: the share of successful writes is over the window). Then
+    every acknowledged write must be on the leader."""
     primary = cluster.wait_healthy()
     replica = cluster.replica_of(primary)
     db_hosts = [h for h in cluster.hosts if h.database]
@@ -178,20 +180,20 @@ def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, sett
     try:
         leader = cluster.wait_healthy()
     finally:
-        time.sleep(settle)
+        time.sleep(max(settle, (t_fault + window - time.monotonic()) if window else 0))
         for w in writers:
             w.stop()
     acked = [a.id for w in writers for a in w.attempts if a.acked]
     with psycopg.connect(cluster.dsn([leader]), autocommit=True) as conn:
         present = {r[0] for r in conn.execute("SELECT id FROM drill WHERE id = ANY(%s)", (acked,))}
     during = [a for a in writers[0].attempts if a.started >= t_fault - 1]
-    window = [a for a in writers[0].attempts if t_fault <= a.started < t_fault + 90]
+    window_attempts = [a for a in writers[0].attempts if t_fault <= a.started < t_fault + (window or 1e9)]
     return Result(
         scenario.name,
         _resumed(writers[0], t_fault),
         max((a.latency for a in during), default=0.0),
         sorted(set(acked) - present),
-        sum(a.acked for a in window) / max(1, len(window)),
+        sum(a.acked for a in window_attempts) / max(1, len(window_attempts)),
         [a for w in writers for a in w.attempts],
     )
 
