@@ -152,6 +152,7 @@ def patroni_yml(
     post_bootstrap: str | None = None,
     timing: HaTiming = HaTiming(),
     pgpass: str = "/tmp/pgpass-patroni",
+    nofailover: bool = False,
 ) -> str:
     """Patroni's configuration for one member (the same for every member but its name/address).
 
@@ -159,6 +160,8 @@ def patroni_yml(
     standby while there is one; a standby that is gone is dropped from synchronous_standby_names
     (writes go on, unprotected: the alert says so), and only a member that was synchronous may be
     promoted, so no acknowledged commit is lost. `passwords`: superuser, replication, rewind, api.
+    `nofailover`: never promote this member by itself (a stack without a witness: its consensus
+    lives beside the declared primary, which must stay the leader; promotion is the runbook's).
     Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
     peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
     doc = {
@@ -226,7 +229,7 @@ def patroni_yml(
             "create_replica_methods": ["basebackup"],
             "basebackup": [{"checkpoint": "fast"}],
         },
-        "tags": {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False},
+        "tags": {"nofailover": nofailover, "noloadbalance": False, "clonefrom": False, "nosync": False},
     }
     return yaml.safe_dump(doc, sort_keys=False)
 

@@ -32,7 +32,7 @@ def test_every_container_is_labelled_and_healthy(stack):
         assert set(services) == SERVICES, services
         assert all("(healthy)" in status for status in services.values()), services
     # The witness runs the third consensus member and nothing else.
-    rows = stack.podman("ps", "--filter", "label=ciris.region=witness", "--format", "{{.Names}}|{{.Status}}").split()
+    rows = stack.podman("ps", "--filter", "label=ciris.region=witness", "--format", "{{.Names}}|{{.Status}}").splitlines()
     assert [r.split("|")[0] for r in rows] == ["ciris-witness-etcd-1"] and "(healthy)" in rows[0], rows
 
 

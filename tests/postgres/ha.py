@@ -115,10 +115,13 @@ class Cluster:
     """us-east, eu-west (database members) and a witness (etcd only), on one bridge."""
 
     def __init__(self, root: Path, timing: pgc.HaTiming, etcd_timing: consensus.Timing,
-                 names: tuple[str, ...] = ("us-east", "eu-west", "witness")):
+                 names: tuple[str, ...] = ("us-east", "eu-west", "witness"), consensus_on: tuple[str, ...] | None = None):
+        """`consensus_on`: the hosts running etcd (all by default; a witness-less stack: the
+        declared primary only, as components/postgres.py deploys it)."""
         self.root, self.timing, self.etcd_timing = root, timing, etcd_timing
         self.hosts = [Host(n, i + 1, root, database=(n != "witness")) for i, n in enumerate(names)]
         self.by_name = {h.name: h for h in self.hosts}
+        self.consensus = [self.by_name[n] for n in (consensus_on or names)]
 
     # --- setup -----------------------------------------------------------------------------------
     def create(self) -> None:
@@ -148,10 +151,11 @@ class Cluster:
         (self.root / "ca.crt").chmod(0o644)
 
     def _write_configs(self, h: Host) -> None:
-        members = [consensus.Member(x.name, x.addr) for x in self.hosts]
-        me = consensus.Member(h.name, h.addr)
-        (h.dir / "etcd.yml").write_text(consensus.etcd_conf(
-            me, members, tls_dir=str(h.dir), data_dir=str(h.dir / "etcd"), listen=h.addr, timing=self.etcd_timing))
+        members = [consensus.Member(x.name, x.addr) for x in self.consensus]
+        if h in self.consensus:
+            (h.dir / "etcd.yml").write_text(consensus.etcd_conf(
+                consensus.Member(h.name, h.addr), members, tls_dir=str(h.dir), data_dir=str(h.dir / "etcd"),
+                listen=h.addr, timing=self.etcd_timing))
         if not h.database:
             return
         tls = pgc.Tls(str(h.dir / "server.crt"), str(h.dir / "server.key"), str(h.dir / "ca.crt"))
@@ -159,17 +163,19 @@ class Cluster:
         hba = pgc.pg_hba(peers=peers, app_cidrs=[f"{CLIENT_ADDR}/32"], app_peers=True)
         hba += f"hostssl all postgres {CLIENT_ADDR}/32 scram-sha-256\n"  # the drill inspects every member
         (h.dir / "patroni.yml").write_text(pgc.patroni_yml(
-            name=h.member, address=h.addr, etcd_hosts=[f"{x.addr}:{consensus.CLIENT_PORT}" for x in self.hosts],
+            name=h.member, address=h.addr, etcd_hosts=[f"{x.addr}:{consensus.CLIENT_PORT}" for x in self.consensus],
             tls=tls, passwords=PASSWORDS, data_dir=str(h.dir / "data"), bin_dir=str(Path(pg_bin("postgres")).parent),
             socket_dir=str(h.dir / "sock"), listen=h.addr, hba=hba, post_bootstrap=f"sh {POST_BOOTSTRAP}",
-            timing=self.timing, pgpass=str(h.dir / "pgpass")))
+            timing=self.timing, pgpass=str(h.dir / "pgpass"),
+            nofailover=not any(x.name == "witness" for x in self.consensus) and h is not self.consensus[0]))
 
     def start(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")
         env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir),
                "LANG": "C.UTF-8", "ETCD_UNSUPPORTED_ARCH": ""}
-        h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
-                                        stderr=subprocess.STDOUT, env=env))
+        if h in self.consensus:
+            h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
+                                            stderr=subprocess.STDOUT, env=env))
         if h.database:
             h.procs.append(subprocess.Popen(h.exec("patroni", str(h.dir / "patroni.yml")), stdout=log,
                                             stderr=subprocess.STDOUT, env=env))

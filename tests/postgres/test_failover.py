@@ -8,7 +8,9 @@ synchronous again by itself, the old primary back as a replica."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +24,8 @@ from tests.postgres.ha import Cluster
 RESUME_WITHIN_S = 45
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def running(**kw):
     for binary in ("etcd", "patroni", "ip", "iptables"):
         require_binary(binary)
     if os.geteuid() != 0:
@@ -31,7 +33,7 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="ciris-ha-"))
     root.chmod(0o755)
     ha, dcs = drill.timing()
-    c = Cluster(root, ha, dcs)
+    c = Cluster(root, ha, dcs, **kw)
     c.create()
     c.start_all()
     try:
@@ -43,6 +45,12 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    with running() as c:
+        yield c
+
+
 @pytest.mark.parametrize("scenario", drill.SCENARIOS, ids=lambda s: s.name.replace(" ", "-"))
 def test_writes_survive(cluster, scenario):
     result = drill.run(cluster, scenario, fault_seconds=float(os.environ.get("CIRIS_DRILL_FAULT_SECONDS", 20)))
@@ -51,3 +59,21 @@ def test_writes_survive(cluster, scenario):
     assert result.lost == [], f"{result.line()}: acknowledged writes missing on the leader\n{cluster.logs()}"
     assert result.resumed_after is not None and result.resumed_after <= RESUME_WITHIN_S, \
         f"{result.line()}; failed attempts: {failed[:40]}\n{cluster.logs()}"
+
+
+def test_without_a_witness_the_replica_loss_degrades_and_the_primary_loss_waits_for_a_person():
+    """etcd beside the declared primary only (a witness-less stack): the replica's region dying
+    still lets writes go on; the primary's dying promotes nobody (no majority elsewhere) until it
+    is back, and nothing acknowledged is lost either way."""
+    with running(names=("us-east", "eu-west"), consensus_on=("us-east",)) as c:
+        replica_killed = next(s for s in drill.SCENARIOS if s.name == "replica killed")
+        result = drill.run(c, replica_killed, fault_seconds=10)
+        assert result.lost == [] and result.resumed_after is not None and result.resumed_after <= RESUME_WITHIN_S, \
+            f"{result.line()}\n{c.logs()}"
+        primary = c.wait_healthy()
+        assert primary.name == "us-east"
+        primary.kill()
+        time.sleep(c.timing.ttl * 2)
+        assert c.leader() is None, "a member was promoted without a majority"
+        c.start(primary)
+        assert c.wait_healthy().name == "us-east"
