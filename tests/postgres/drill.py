@@ -17,7 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import httpx
+import jwt
 import psycopg
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from components import consensus, postgres_config as pgc
 from tests.postgres.ha import Cluster, Host
@@ -98,16 +102,63 @@ class Writer:
         self.attempts.append(Attempt(self.name, t0, wid, acked, time.monotonic() - t0, error))
 
 
+@dataclass
+class BillingWriter(Writer):
+    """One consume per `period` through a billing service (payloads/billing): acknowledged only by
+    a 200 answer before the deadline. `dsn` is billing's URL; `id` is the idempotency key's number."""
+    user: str = ""
+    token: str = ""
+
+    def _attempt(self, t0: float) -> None:
+        wid = next(_ids)
+        error = ""
+        try:
+            r = httpx.post(f"{self.dsn}/v1/credits/consume", timeout=self.deadline,
+                           headers={"Authorization": f"Bearer {self.token}"},
+                           json={"user_id": self.user, "amount": 1, "idempotency_key": f"drill-{wid}"})
+            if r.status_code != 200:
+                error = f"{r.status_code} {r.json().get('error', {}).get('code', '') if r.headers.get('content-type', '').startswith('application/json') else ''}"
+        except httpx.HTTPError as e:
+            error = type(e).__name__
+        self.attempts.append(Attempt(self.name, t0, wid, not error, time.monotonic() - t0, error))
+
+
+def token(key_pem: str, role: str, sub: str) -> str:
+    now = int(time.time())
+    claims = {"sub": sub, "role": role, "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 3600}
+    return jwt.encode(claims, serialization.load_pem_private_key(key_pem.encode(), None), algorithm="EdDSA")
+
+
+def billing_key() -> str:
+    return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()).decode()
+
+
 def prepare(cluster: Cluster) -> None:
     leader = cluster.wait_healthy()
     with psycopg.connect(cluster.dsn([leader]), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS drill (id bigint PRIMARY KEY, writer text NOT NULL, "
                       "at timestamptz NOT NULL DEFAULT now())")
+    if cluster.billing_key_pem:
+        first, *others = [h for h in cluster.hosts if h.database]
+        cluster.start_billing(first)  # it applies the migrations; then the others
+        cluster.wait_billing_on(first)
+        for h in others:
+            cluster.start_billing(h)
+        cluster.wait_billing()
+        admin = {"Authorization": f"Bearer {token(cluster.billing_key_pem, 'admin', 'drill')}"}
+        r = httpx.post(f"{cluster.billing_url(first)}/v1/users", json={"email": "drill@example.org"}, headers=admin, timeout=30)
+        assert r.status_code == 201, r.text
+        cluster.drill_user = r.json()["id"]
+        r = httpx.post(f"{cluster.billing_url(first)}/v1/credits/grant", headers=admin, timeout=30,
+                       json={"user_id": cluster.drill_user, "amount": 1_000_000, "idempotency_key": "drill", "reason": "drill"})
+        assert r.status_code == 200, r.text
 
 
 @dataclass
 class Result:
     scenario: str
+    stale: list[str]  # balances answered by a billing beside a member that was no longer primary
     resumed_after: float | None  # seconds from the fault to the first acknowledged write started after it
     longest_write: float
     lost: list[int]
@@ -163,8 +214,14 @@ def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, sett
     primary = cluster.wait_healthy()
     replica = cluster.replica_of(primary)
     db_hosts = [h for h in cluster.hosts if h.database]
-    writers = [Writer("multi", cluster.dsn(db_hosts))]
+    if cluster.billing_key_pem:  # the user's view: a consume through each region's billing
+        service = token(cluster.billing_key_pem, "service", "proxy")
+        writers = [BillingWriter(f"billing-{h.name}", cluster.billing_url(h), deadline=6, user=cluster.drill_user,
+                                 token=service) for h in db_hosts]
+    else:
+        writers = [Writer("multi", cluster.dsn(db_hosts))]
     writers += [Writer(f"direct-{h.name}", cluster.dsn([h], target=None)) for h in db_hosts]
+    users = [w for w in writers if not w.name.startswith("direct-")]
     for w in writers:
         w.start()
     time.sleep(settle)
@@ -172,25 +229,35 @@ def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, sett
     scenario.fault(cluster, primary, replica)
     resumed = None
     while time.monotonic() - t_fault < max(fault_seconds, 0) or resumed is None:
-        resumed = _resumed(writers[0], t_fault)
+        resumed = _resumed(users, t_fault)
         if time.monotonic() - t_fault > 60:
             break
         time.sleep(0.5)
     scenario.heal(cluster, primary, replica)
+    stale = _stale_reads(cluster, db_hosts) if cluster.billing_key_pem else []
     try:
         leader = cluster.wait_healthy()
+        if cluster.billing_key_pem:
+            cluster.wait_billing()
     finally:
         time.sleep(max(settle, (t_fault + window - time.monotonic()) if window else 0))
         for w in writers:
             w.stop()
-    acked = [a.id for w in writers for a in w.attempts if a.acked]
+    acked = [a.id for w in writers if w.name.startswith("direct-") or not cluster.billing_key_pem
+             for a in w.attempts if a.acked]
+    consumed = [f"drill-{a.id}" for w in users if isinstance(w, BillingWriter) for a in w.attempts if a.acked]
     with psycopg.connect(cluster.dsn([leader]), autocommit=True) as conn:
         present = {r[0] for r in conn.execute("SELECT id FROM drill WHERE id = ANY(%s)", (acked,))}
-    during = [a for a in writers[0].attempts if a.started >= t_fault - 1]
-    window_attempts = [a for a in writers[0].attempts if t_fault <= a.started < t_fault + (window or 1e9)]
+        present |= {int(r[0].removeprefix("drill-")) for r in conn.execute(
+            "SELECT idempotency_key FROM transactions WHERE idempotency_key = ANY(%s)", (consumed,))} if consumed else set()
+    acked += [int(k.removeprefix("drill-")) for k in consumed]
+    mine = [a for w in users for a in w.attempts]
+    during = [a for a in mine if a.started >= t_fault - 1]
+    window_attempts = [a for a in mine if t_fault <= a.started < t_fault + (window or 1e9)]
     return Result(
         scenario.name,
-        _resumed(writers[0], t_fault),
+        stale,
+        _resumed(users, t_fault),
         max((a.latency for a in during), default=0.0),
         sorted(set(acked) - present),
         sum(a.acked for a in window_attempts) / max(1, len(window_attempts)),
@@ -198,6 +265,27 @@ def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, sett
     )
 
 
-def _resumed(writer: Writer, t_fault: float) -> float | None:
-    ok = [a.started + a.latency for a in writer.attempts if a.acked and a.started >= t_fault]
+def _stale_reads(cluster: Cluster, hosts: list[Host], seconds: float = 5) -> list[str]:
+    """Right after the heal (a thawed or reconnected old primary is back), read the drill user's
+    balance through every billing, again and again: an answer must never be higher than the
+    balance the leader had just before it was asked (consumes only lower it)."""
+    service = {"Authorization": f"Bearer {token(cluster.billing_key_pem, 'service', 'proxy')}"}
+    stale, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        leader = cluster.leader()
+        truth = cluster.query(leader, f"SELECT balance FROM balances WHERE user_id = '{cluster.drill_user}'",
+                              dbname=pgc.DATABASE) if leader else None
+        for h in hosts:
+            try:
+                r = httpx.get(f"{cluster.billing_url(h)}/v1/credits/{cluster.drill_user}", headers=service, timeout=2)
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200 and truth and r.json()["balance"] > truth[0][0]:
+                stale.append(f"{h.name}: {r.json()['balance']} > {truth[0][0]}")
+        time.sleep(0.2)
+    return stale
+
+
+def _resumed(writers: list[Writer], t_fault: float) -> float | None:
+    ok = [a.started + a.latency for w in writers for a in w.attempts if a.acked and a.started >= t_fault]
     return min(ok) - t_fault if ok else None

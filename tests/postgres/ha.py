@@ -15,6 +15,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ PASSWORDS = {"superuser": "su-CANARY", "replication": "repl-CANARY", "rewind": "
              "app": "app-CANARY"}
 REPO = Path(__file__).resolve().parents[2]
 POST_BOOTSTRAP = REPO / "payloads" / "postgres" / "post-bootstrap.sh"
+BILLING = REPO / "payloads" / "billing"
+BILLING_PORT = 8000
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -115,13 +118,17 @@ class Cluster:
     """us-east, eu-west (database members) and a witness (etcd only), on one bridge."""
 
     def __init__(self, root: Path, timing: pgc.HaTiming, etcd_timing: consensus.Timing,
-                 names: tuple[str, ...] = ("us-east", "eu-west", "witness"), consensus_on: tuple[str, ...] | None = None):
+                 names: tuple[str, ...] = ("us-east", "eu-west", "witness"), consensus_on: tuple[str, ...] | None = None,
+                 billing_key_pem: str | None = None):
         """`consensus_on`: the hosts running etcd (all by default; a witness-less stack: the
         declared primary only, as components/postgres.py deploys it)."""
         self.root, self.timing, self.etcd_timing = root, timing, etcd_timing
         self.hosts = [Host(n, i + 1, root, database=(n != "witness")) for i, n in enumerate(names)]
         self.by_name = {h.name: h for h in self.hosts}
         self.consensus = [self.by_name[n] for n in (consensus_on or names)]
+        # With a signing key, a billing process (payloads/billing) runs beside each database member,
+        # in its namespace, on its address, with the multi-host DATABASE_URL the program renders.
+        self.billing_key_pem = billing_key_pem
 
     # --- setup -----------------------------------------------------------------------------------
     def create(self) -> None:
@@ -160,7 +167,7 @@ class Cluster:
             return
         tls = pgc.Tls(str(h.dir / "server.crt"), str(h.dir / "server.key"), str(h.dir / "ca.crt"))
         peers = [f"{x.addr}/32" for x in self.hosts if x is not h and x.database]
-        hba = pgc.pg_hba(peers=peers, app_cidrs=[f"{CLIENT_ADDR}/32"], app_peers=True)
+        hba = pgc.pg_hba(peers=peers, app_cidrs=[f"{CLIENT_ADDR}/32", f"{h.addr}/32"], app_peers=True)
         hba += f"hostssl all postgres {CLIENT_ADDR}/32 scram-sha-256\n"  # the drill inspects every member
         (h.dir / "patroni.yml").write_text(pgc.patroni_yml(
             name=h.member, address=h.addr, etcd_hosts=[f"{x.addr}:{consensus.CLIENT_PORT}" for x in self.consensus],
@@ -179,10 +186,48 @@ class Cluster:
         if h.database:
             h.procs.append(subprocess.Popen(h.exec("patroni", str(h.dir / "patroni.yml")), stdout=log,
                                             stderr=subprocess.STDOUT, env=env))
+            if self.billing_key_pem and (h.dir / "billing.log").exists():  # a restart: billing was running
+                self.start_billing(h)
 
     def start_all(self) -> None:
         for h in self.hosts:
             self.start(h)
+
+    def billing_url(self, h: Host) -> str:
+        return f"http://{h.addr}:{BILLING_PORT}"
+
+    def start_billing(self, h: Host) -> None:
+        """Billing beside member `h` (its own member first in DATABASE_URL, like components/billing.py)."""
+        members = [h, *(x for x in self.hosts if x.database and x is not h)]
+        url = (f"postgresql://{pgc.APP_ROLE}:{PASSWORDS['app']}@{','.join(f'{x.addr}:5432' for x in members)}/"
+               f"{pgc.DATABASE}?target_session_attrs=read-write&sslmode=verify-full"
+               f"&sslrootcert={self.root / 'ca.crt'}&connect_timeout=3")
+        env = {"PATH": os.environ["PATH"], "DATABASE_URL": url, "BILLING_JWT_PRIVATE_KEY": self.billing_key_pem,
+               "HOST": h.addr, "PORT": str(BILLING_PORT), "DB_WRITE_TIMEOUT_SECONDS": "4", "PYTHONUNBUFFERED": "1",
+               "STRIPE_SECRET_KEY": "", "STRIPE_WEBHOOK_SECRET": "", "LANG": "C.UTF-8"}
+        log = open(h.dir / "billing.log", "ab")
+        h.procs.append(subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "billing"], cwd=BILLING,
+                                        env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def wait_billing(self, timeout: float = 90) -> None:
+        """Until every billing answers /health 200 (it can write)."""
+        deadline = time.monotonic() + timeout
+        for h in self.hosts:
+            if h.database:
+                self.wait_billing_on(h, deadline - time.monotonic())
+
+    def wait_billing_on(self, h: Host, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if urllib.request.urlopen(f"{self.billing_url(h)}/health", timeout=3).status == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"billing beside {h.name} not healthy in {timeout:.0f} s\n"
+                                     f"{(h.dir / 'billing.log').read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
 
     # --- state -----------------------------------------------------------------------------------
     def leader(self) -> Host | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 import shutil
 import tempfile
@@ -19,7 +21,7 @@ import pytest
 
 from tests.conftest import require_binary
 from tests.postgres import drill
-from tests.postgres.ha import Cluster
+from tests.postgres.ha import BILLING, PASSWORDS, Cluster
 
 RESUME_WITHIN_S = 45
 
@@ -47,7 +49,7 @@ def running(**kw):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with running() as c:
+    with running(billing_key_pem=drill.billing_key()) as c:
         yield c
 
 
@@ -57,8 +59,20 @@ def test_writes_survive(cluster, scenario):
     print(result.line())
     failed = [f"{a.writer}:{a.error}" for a in result.attempts if not a.acked]
     assert result.lost == [], f"{result.line()}: acknowledged writes missing on the leader\n{cluster.logs()}"
+    assert result.stale == [], f"{result.line()}: stale balances served: {result.stale[:10]}"
     assert result.resumed_after is not None and result.resumed_after <= RESUME_WITHIN_S, \
         f"{result.line()}; failed attempts: {failed[:40]}\n{cluster.logs()}"
+
+
+def test_the_ledger_verifies_after_every_fault(cluster):
+    """Billing's own check of every hash chain and balance, on whichever member leads now."""
+    hosts = [h for h in cluster.hosts if h.database]
+    url = (f"postgresql://billing:{PASSWORDS['app']}@{','.join(f'{h.addr}:5432' for h in hosts)}/cirisbilling"
+           f"?target_session_attrs=read-write&sslmode=verify-full&sslrootcert={cluster.root / 'ca.crt'}")
+    out = subprocess.run([sys.executable, "-m", "billing", "verify-ledger"], cwd=BILLING, capture_output=True, text=True,
+                         env={**os.environ, "DATABASE_URL": url, "BILLING_JWT_PRIVATE_KEY": cluster.billing_key_pem},
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_without_a_witness_the_replica_loss_degrades_and_the_primary_loss_waits_for_a_person():
