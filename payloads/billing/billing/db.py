@@ -34,9 +34,10 @@ from billing.errors import Problem
 
 log = logging.getLogger("billing")
 
-# A transactional WAL record and nothing else: its commit waits for the synchronous standby like
-# any write, without a table, a row lock or bloat.
-FENCE = "SELECT pg_logical_emit_message(true, 'ciris-billing-fence', '')"
+# One row written (migrations/0003): its commit waits for the synchronous standby like any money
+# movement, and a read-only server refuses it like one.
+FENCE = ("INSERT INTO billing_fence (slot, at) VALUES (pg_backend_pid() % 1024, now()) "
+         "ON CONFLICT (slot) DO UPDATE SET at = excluded.at")
 CONNECT_TIMEOUT = 3  # seconds per member, unless DATABASE_URL says otherwise
 HEALTH_INTERVAL = 1.0  # /health probes at most once a second per process
 HEALTH_BUDGET = 2.0  # ... and a probe's fence must commit within this (or the write budget, if shorter)
