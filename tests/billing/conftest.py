@@ -100,7 +100,11 @@ class Billing:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(20)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:  # never leave a billing behind a failed test
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def database_url(cluster, user=pgc.APP_ROLE) -> str:

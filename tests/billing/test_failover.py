@@ -3,7 +3,8 @@ region's billing is configured): it follows a promotion by itself, answers 503 `
 within its write budget instead of hanging, never counts an unconfirmed commit as done, and never
 answers a read from a server that cannot write. Real PostgreSQL processes, a real billing process.
 
-BILLING_TEST_WRITE_BUDGET (seconds, default 2) is the billing's DB_WRITE_TIMEOUT_SECONDS here."""
+BILLING_TEST_WRITE_BUDGET (seconds, default 2) is the billing's DB_WRITE_TIMEOUT_SECONDS here;
+BILLING_TEST_OUTAGE (seconds, default 17) how long no member is writable before the promotion."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.postgres.conftest import (PASSWORDS, PRIMARY_ADDR, Cluster, _ppid, fr
 
 BUDGET = float(os.environ.get("BILLING_TEST_WRITE_BUDGET", "2"))
 MARGIN = 1.5  # an answer within BUDGET + MARGIN counts as "within the budget" on a busy machine
+OUTAGE = float(os.environ.get("BILLING_TEST_OUTAGE", "17"))
 HEALTH_WITHIN = 1 + min(2, BUDGET) + MARGIN  # a probe at most a second old, bounded by its own 2 s
 
 
@@ -75,12 +77,15 @@ def pair(tmp_path):
         with httpx.Client(base_url=billing.url, timeout=60) as api:
             yield Pair(primary, replica, billing, api)
     finally:
-        billing.stop()
         for c in (replica, primary):
             if (c.data / "postmaster.pid").exists():
                 thaw(c)  # a frozen postmaster cannot stop
-            c.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            billing.stop()
+        finally:
+            for c in (replica, primary):
+                c.stop("immediate")
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def new_user(api: httpx.Client, credits: int = 100) -> str:
@@ -154,8 +159,17 @@ def test_writes_follow_a_promoted_standby_without_a_restart(pair):
     user = new_user(pair.api)
     pid = pair.billing.proc.pid
     pair.primary.stop("immediate")
+    # As under an HA engine: the standby is promoted once the dead primary's lease has run out,
+    # and meanwhile a write a second gets a quick 503 (long enough for the pool's reconnection
+    # attempts to have backed off past the promotion, were they left to back off).
+    end = time.monotonic() + OUTAGE
+    while time.monotonic() < end:
+        r, took = consume(pair.api, user, f"outage-{time.monotonic_ns()}", amount=1)
+        assert_unavailable(r, write=True)
+        assert took < BUDGET + MARGIN, took
+        time.sleep(1)
     pair.replica.promote()
-    writes_resume(pair.api, user)
+    writes_resume(pair.api, user, within=BUDGET + 3)
     r = pair.api.post("/v1/credits/consume", json={"user_id": user, "amount": 5, "idempotency_key": "on-the-new-primary"}, headers=SERVICE)
     assert r.status_code == 200, r.text
     assert debits(pair.replica, user, "on-the-new-primary") == 1

@@ -85,9 +85,12 @@ class Database:
             kwargs["options"] = f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
         self.budget = budget
         self.health_budget = min(HEALTH_BUDGET, budget)
-        # autocommit: a movement function is its own transaction, one round trip (no BEGIN/COMMIT)
+        # autocommit: a movement function is its own transaction, one round trip (no BEGIN/COMMIT).
+        # timeout: a full pool answers 503 well within the budget. reconnect_timeout: the pool's
+        # retries back off exponentially (1, 2, 4 ... 64 s) and would find a new primary up to a
+        # minute late; given up after `budget`, a connection is tried afresh on the next request.
         self.pool = AsyncConnectionPool(url, min_size=min(2, pool_size), max_size=pool_size, connection_class=Connection,
-                                        open=False, kwargs=kwargs, timeout=budget / 2)
+                                        open=False, kwargs=kwargs, timeout=budget / 2, reconnect_timeout=budget)
         self._background: set[asyncio.Task] = set()
         self._drained_at = float("-inf")
         self._health: tuple[float, str | None] = (float("-inf"), None)
@@ -186,26 +189,30 @@ class Database:
             done, _ = await asyncio.wait((task,), timeout=seconds)
         except asyncio.CancelledError:
             task.cancel()
+            self._keep(task)
             raise
         if not done:
             task.cancel()  # psycopg cancels the statement (or gives up) and _call closes the connection
             self._keep(task)
-            self._fault()
+            self._keep(asyncio.ensure_future(self._drain()))
             raise Unavailable(f"the database did not confirm within {seconds:g} s")
         return task.result()
 
     async def _discard(self, conn) -> None:
         await conn.close()
         await self.pool.putconn(conn)  # a closed connection is replaced, not reused
-        self._fault()
+        await self._drain()
 
-    def _fault(self) -> None:
+    async def _drain(self) -> None:
         """A server failed us: its other connections in the pool are suspect too. Drain them (at
-        most once a second), so the next calls connect afresh to whichever member is primary."""
+        most once a second), so the next calls connect afresh to whichever member is primary. A
+        cached healthy /health is stale now: the next one probes."""
+        if self._health[1] is None:
+            self._health = (float("-inf"), None)
         now = time.monotonic()
         if now - self._drained_at >= 1.0:
             self._drained_at = now
-            self._keep(asyncio.ensure_future(self.pool.drain()))
+            await self.pool.drain()
 
     def _keep(self, task: asyncio.Future) -> None:
         """Hold a background task until it ends, and collect its outcome (no 'never retrieved')."""
