@@ -40,7 +40,8 @@ FENCE = ("INSERT INTO billing_fence (slot, at) VALUES (pg_backend_pid() % 1024, 
          "ON CONFLICT (slot) DO UPDATE SET at = excluded.at")
 CONNECT_TIMEOUT = 3  # seconds per member, unless DATABASE_URL says otherwise
 HEALTH_INTERVAL = 1.0  # /health probes at most once a second per process
-HEALTH_BUDGET = 2.0  # ... and a probe's fence must commit within this (or the write budget, if shorter)
+HEALTH_BUDGET = 1.5  # ... and its fence must commit within this (or the write budget, if shorter):
+#                     under the 2 s the proxy gives billing's /health
 RETRY_AFTER = "2"
 WRITE_UNKNOWN = ("the database did not confirm this write in time; its outcome is unknown: "
                  "retry with the same idempotency key")

@@ -36,7 +36,8 @@ class Settings:
     db_pool_size: int = 20
     # A write (or a read's proof that its server is still the primary) not confirmed within this
     # many seconds answers 503 `unavailable` (outcome unknown: retry with the same idempotency key).
-    db_write_timeout: float = 5.0
+    # 4: billing answers before the proxy stops waiting for it (5 s).
+    db_write_timeout: float = 4.0
     workers: int = 1
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
@@ -131,6 +132,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 8000, 1, 65535),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, 1, 200),
-        db_write_timeout=_seconds(env, "DB_WRITE_TIMEOUT_SECONDS", 5.0, 0.5, 60),
+        db_write_timeout=_seconds(env, "DB_WRITE_TIMEOUT_SECONDS", Settings.db_write_timeout, 0.5, 60),
         workers=_int(env, "WORKERS", 1, 1, 32),
     )
