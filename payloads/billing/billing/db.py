@@ -184,15 +184,27 @@ class Database:
         return result
 
     async def _bounded(self, call, seconds: float):
-        """`call`'s result, or Unavailable after `seconds` without waiting for its cleanup."""
-        task = asyncio.ensure_future(call)
+        """`call`'s result, or Unavailable after `seconds` without waiting for its cleanup. (A task
+        and one future: asyncio.wait or shield + timeout cost two to three times as much per call.)"""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(call)
+        ended = loop.create_future()
+
+        def end(_=None):
+            if not ended.done():
+                ended.set_result(None)
+
+        task.add_done_callback(end)
+        timer = loop.call_later(seconds, end)
         try:
-            done, _ = await asyncio.wait((task,), timeout=seconds)
+            await ended
         except asyncio.CancelledError:
             task.cancel()
             self._keep(task)
             raise
-        if not done:
+        finally:
+            timer.cancel()
+        if not task.done():
             task.cancel()  # psycopg cancels the statement (or gives up) and _call closes the connection
             self._keep(task)
             self._keep(asyncio.ensure_future(self._drain()))
