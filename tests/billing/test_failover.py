@@ -189,6 +189,10 @@ def test_a_commit_waiting_for_a_lost_standby_answers_503_in_time_and_its_retry_d
     assert BUDGET - 0.2 < took < BUDGET + MARGIN, took
     r = health_becomes(pair.api, 503, HEALTH_WITHIN)
     assert r.json()["status"] == "unhealthy" and "did not confirm" in r.json()["database"]
+    # A write in a transaction block (users, Stripe webhooks): its COMMIT waits the same way.
+    r, took = timed(pair.api.post, "/v1/users", json={"email": "while-away@example.org"}, headers=ADMIN)
+    assert_unavailable(r, write=True)
+    assert took < BUDGET + MARGIN, took
     # Reads wait for a commit too (the fence): no answer the database has not confirmed.
     r, took = timed(pair.api.get, f"/v1/credits/{user}", headers=SERVICE)
     assert_unavailable(r, write=False)
