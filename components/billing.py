@@ -1,11 +1,13 @@
 """Billing: the credit service (payloads/billing) in every region, behind that region's edge,
-writing to the ReplicatedPostgres primary (FSD §4.2).
+writing to whichever database member is primary (FSD §4.2, issue #12).
 
-The region holding the primary reaches it on the container network; the others over TLS to the
-primary's address (verify-full against the stack's CA), through the peer-only 5432 opening. The
-DATABASE_URL follows `postgres: primary` in config, so a declared failover re-points every billing
-container on the same `pulumi up`. The token signing key is an Ed25519 key the program creates;
-its public half is what the proxy verifies user tokens with.
+DATABASE_URL lists every member: its own region's first (`postgres` on the container network),
+then the other members' addresses in config order (through the peer-only 5432 opening), all over
+TLS with verify-full against the stack's CA (every member's certificate names `postgres` too), and
+`target_session_attrs=read-write`: a new connection lands on the primary, wherever it is now. So
+no `pulumi up` follows a failover; billing finds the new primary by itself (payloads/billing/db.py).
+The token signing key is an Ed25519 key the program creates; its public half is what the proxy
+verifies user tokens with.
 """
 
 from __future__ import annotations
@@ -22,28 +24,33 @@ from components.services import BILLING_ADDRESS_SUFFIX, SERVICE_UID, ContainerSp
 
 PORT = 8000
 CA_PATH = "/etc/ciris-billing/ca.crt"
+LOCAL_HOST = "postgres"  # this region's member, on the container network
+CONNECT_TIMEOUT = 3  # seconds per member: a dead or cut-off member costs a new connection this long
 
 
-def sslmode(same_host: bool) -> str:
-    # Certificates name the members' IPs: in-region ("postgres" on the container network) the CA
-    # is still verified, the name cannot be.
-    return "verify-ca" if same_host else "verify-full"
+def database_url(*, hosts: list[str], password: str) -> str:
+    """libpq's multi-host URL: members tried in order, the first that accepts writes kept."""
+    members = ",".join(f"{h}:{PG_PORT}" for h in hosts)
+    return (f"postgresql://{pgc.APP_ROLE}:{password}@{members}/{pgc.DATABASE}?sslmode=verify-full&sslrootcert={CA_PATH}"
+            f"&target_session_attrs=read-write&connect_timeout={CONNECT_TIMEOUT}")
 
 
-def database_url(*, host: str, password: str, same_host: bool) -> str:
-    return (f"postgresql://{pgc.APP_ROLE}:{password}@{host}:{PG_PORT}/{pgc.DATABASE}"
-            f"?sslmode={sslmode(same_host)}&sslrootcert={CA_PATH}")
+def members_for(region: Region, members: list[Region]) -> list[pulumi.Output]:
+    """The database members as `region`'s billing tries them: its own first, then the others' IPv4
+    addresses in config order."""
+    own = [pulumi.Output.from_input(LOCAL_HOST)] if region in members else []
+    return own + [m.ipv4 for m in members if m is not region]
 
 
 @dataclass(frozen=True)
 class BillingArgs:
     regions: list[Region]
     database: ReplicatedPostgres
-    primary: Region
     price_per_interaction_cents: int
     signup_credits: int
     # stripe_secret_key, stripe_webhook_secret (from config secrets; None when unset)
     secrets: dict[str, str | None] = field(default_factory=dict)
+    primary: Region | None = None  # unused: billing no longer depends on which member is primary
 
 
 class Billing(pulumi.ComponentResource):
@@ -61,14 +68,14 @@ class Billing(pulumi.ComponentResource):
                             "and Stripe webhooks answer 503 payments_unavailable "
                             f"(pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
         source = payload_files("billing")
+        members = [r for r in args.regions if r.spec.postgres != "none"]
         for region in args.regions:
-            same_host = region is args.primary
-            host = pulumi.Output.from_input("postgres") if same_host else args.primary.ipv4
+            hosts = pulumi.Output.all(*members_for(region, members))
 
-            def render(a, same_host=same_host):
-                host, password = a
+            def render(a):
+                hosts, password = a
                 return env_file({
-                    "DATABASE_URL": database_url(host=host, password=password, same_host=same_host),
+                    "DATABASE_URL": database_url(hosts=hosts, password=password),
                     "BILLING_JWT_PRIVATE_KEY_FILE": "/run/secrets/billing-jwt.pem",
                     "STRIPE_SECRET_KEY": args.secrets.get("stripe_secret_key") or "",
                     "STRIPE_WEBHOOK_SECRET": args.secrets.get("stripe_webhook_secret") or "",
@@ -79,7 +86,7 @@ class Billing(pulumi.ComponentResource):
                     "WORKERS": 2,  # one per vCPU; bench/billing measures 2
                 })
 
-            env = pulumi.Output.all(host, args.database.app_password).apply(render)
+            env = pulumi.Output.all(hosts, args.database.app_password).apply(render)
             region.add_service(
                 ContainerSpec(
                     name="billing",
@@ -97,8 +104,8 @@ class Billing(pulumi.ComponentResource):
                 },
                 private={"billing/env": 0, "billing/jwt.pem": SERVICE_UID},
                 shown={
-                    "billing/env": host.apply(lambda h, s=same_host: f"[secret: DATABASE_URL -> {h}:{PG_PORT} "
-                                              f"({sslmode(s)}), Stripe keys, price, signup credits]\n"),
+                    "billing/env": hosts.apply(lambda hs: f"[secret: DATABASE_URL -> {', '.join(f'{h}:{PG_PORT}' for h in hs)} "
+                                               "(verify-full, the read-write one), Stripe keys, price, signup credits]\n"),
                     "billing/jwt.pem": "[secret: Ed25519 token signing key]\n",
                 },
             )

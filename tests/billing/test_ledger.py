@@ -82,6 +82,9 @@ def test_no_request_values_in_the_log(api, billing):
     ({"PORT": "eighty"}, "billing: PORT must be an integer, got 'eighty'"),
     ({"PRICE_PER_INTERACTION_CENTS": "0"}, "billing: PRICE_PER_INTERACTION_CENTS must be between 1 and 1000000, got 0"),
     ({"CREDIT_PACKS": "500"}, "billing: CREDIT_PACKS must be credits:price_cents pairs"),
+    ({"DB_WRITE_TIMEOUT_SECONDS": "soon"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be a number of seconds, got 'soon'"),
+    ({"DB_WRITE_TIMEOUT_SECONDS": "0.1"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got 0.1"),
+    ({"DB_WRITE_TIMEOUT_SECONDS": "nan"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got nan"),
     ({"DATABASE_URL": "postgresql://billing:pw-CANARY@127.0.0.1:1/cirisbilling"}, "billing: cannot reach the database at DATABASE_URL"),
 ])
 def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, message):
@@ -99,6 +102,7 @@ def test_health_is_503_while_the_database_is_down_and_recovers(tmp_path):
     try:
         service.start()
         db.stop("immediate")
+        time.sleep(1.1)  # /health answers from a probe at most a second old
         r = httpx.get(f"{service.url}/health", timeout=10)
         assert r.status_code == 503 and r.json()["status"] == "unhealthy"
         db.start()

@@ -319,7 +319,7 @@ def test_backup_job_runs_beside_the_primary_only():
 
 
 @pytest.mark.parametrize("primary", ["us-east", "eu-west"])
-def test_billing_runs_in_every_region_pointed_at_the_current_primary(primary):
+def test_billing_runs_in_every_region_pointed_at_every_member_its_own_first(primary):
     raw, secret_keys = stack_raw("production")
     for r in raw["ciris-bridge:regions"]:  # a declared failover is this edit plus `pulumi up`
         r["postgres"] = "primary" if r["name"] == primary else "replica"
@@ -333,23 +333,37 @@ def test_billing_runs_in_every_region_pointed_at_the_current_primary(primary):
         assert "./billing/env" in compose and "ciris-billing:local" in compose
         assert p.artifacts[f"{region}/billing/Dockerfile"].startswith("# The billing service")
         assert "billing/billing/ledger.py" in "\n".join(p.artifacts) and f"{region}/billing/billing/migrations/0001_ledger.sql" in p.artifacts
-        target = "postgres:5432 (verify-ca" if region == primary else f"{ips[primary]['ipv4']}:5432 (verify-full"
-        assert target in p.artifacts[f"{region}/billing/env"]
-        # The primary accepts the other regions' billing over TLS (ADR 0007); nothing else new.
+        # Whichever member is primary: billing finds the writable one itself (no redeploy after a failover).
         peer = "eu-west" if region == "us-east" else "us-east"
+        assert f"DATABASE_URL -> postgres:5432, {ips[peer]['ipv4']}:5432 (verify-full, the read-write one)" in p.artifacts[f"{region}/billing/env"]
+        # The primary accepts the other regions' billing over TLS (ADR 0007); nothing else new.
         hba = p.artifacts[f"{region}/postgres/etc/pg_hba.conf"]
         assert f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256" in hba
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY" not in dumped and "BEGIN PRIVATE KEY" not in dumped
 
 
-def test_billing_database_url_verifies_the_primary():
+def test_billing_database_url_lists_every_member_and_keeps_the_writable_one():
     from components.billing import database_url
 
-    assert database_url(host="203.0.113.5", password="pw", same_host=False) == (
-        "postgresql://billing:pw@203.0.113.5:5432/cirisbilling?sslmode=verify-full&sslrootcert=/etc/ciris-billing/ca.crt"
+    assert database_url(hosts=["postgres", "203.0.113.5", "198.51.100.7"], password="pw") == (
+        "postgresql://billing:pw@postgres:5432,203.0.113.5:5432,198.51.100.7:5432/cirisbilling?sslmode=verify-full"
+        "&sslrootcert=/etc/ciris-billing/ca.crt&target_session_attrs=read-write&connect_timeout=3"
     )
-    assert "@postgres:5432/cirisbilling?sslmode=verify-ca&" in database_url(host="postgres", password="pw", same_host=True)
+
+
+def test_billing_in_a_region_without_a_member_lists_the_members_in_config_order():
+    raw, secret_keys = stack_raw("production")
+    raw = third_region(raw)
+    raw["ciris-bridge:regions"][-1]["postgres"] = "none"  # eu-north: billing and proxy, no database member
+    p = run("production", raw, secret_keys)
+    ips = {r["name"]: r["ipv4"] for r in p.outputs["client_config"]["regions"]}
+    members = ["us-east", "eu-west"]
+    for region in ips:
+        hosts = [f"{ips[m]}:5432" for m in members if m != region]
+        if region in members:
+            hosts.insert(0, "postgres:5432")
+        assert f"DATABASE_URL -> {', '.join(hosts)} (verify-full" in p.artifacts[f"{region}/billing/env"]
 
 
 def test_replica_regions_deploy_after_the_primary_and_its_openings():

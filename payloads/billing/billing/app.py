@@ -18,11 +18,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, hotpath, ledger, metrics, payments
+from billing import auth, db, hotpath, ledger, metrics, payments
 from billing.errors import Problem, invalid, not_found
 from billing.settings import Settings
 
@@ -91,39 +90,32 @@ class Purchase(Body):
 
 def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
-    # autocommit: a movement function is its own transaction, one round trip (no BEGIN/COMMIT)
-    pool = AsyncConnectionPool(settings.database_url, min_size=min(2, settings.db_pool_size), max_size=settings.db_pool_size,
-                               connection_class=ledger.Connection, open=False, kwargs={"connect_timeout": 5, "autocommit": True})
+    database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await pool.open(wait=False)
+        await database.open()
         sweeper = asyncio.create_task(sweep_holds())
         yield
         sweeper.cancel()
-        await pool.close()
+        await database.close()
 
     async def sweep_holds():
         while True:
             await asyncio.sleep(2)
             try:
-                await ledger.expire_holds(pool)
+                await database.write(ledger.expire_holds)
             except Exception as e:  # the database may be away; the next round retries
-                log.warning("hold sweeper: %s", type(e).__name__)
+                log.warning("hold sweeper: %s", getattr(e, "code", type(e).__name__))
 
     app = FastAPI(title="CIRIS billing", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     async def in_tx(fn, *args):
-        async with pool.connection() as conn, conn.transaction():
-            return await fn(conn, *args)
+        return await database.write(fn, *args, transaction=True)
 
     async def once(fn, *args):  # a one-call movement (ledger.call): no transaction block around it
-        conn = await pool.getconn()  # not pool.connection(): its `async with conn` adds a commit() per call
-        try:
-            return await fn(conn, *args)
-        finally:
-            await pool.putconn(conn)
+        return await database.write(fn, *args)
 
     bearer = HTTPBearer(auto_error=False)
     verified = auth.TokenCache(public_key)
@@ -180,12 +172,10 @@ def create_app(settings: Settings) -> FastAPI:
     # --- routes --------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health():
-        try:
-            async with pool.connection(timeout=2) as conn:
-                await conn.execute("SELECT 1")
-        except Exception as e:
-            return JSONResponse({"status": "unhealthy", "database": type(e).__name__}, status_code=503)
+    async def health():  # healthy only while a write commits: reads alone would serve stale balances
+        problem = await database.writable()
+        if problem:
+            return JSONResponse({"status": "unhealthy", "database": problem}, status_code=503)
         return {"status": "healthy"}
 
     @app.get("/metrics", include_in_schema=False)
@@ -200,17 +190,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/auth/token")
     async def token(body: TokenRequest, p: Caller):
         require(p, "admin", "service")
-        async with pool.connection() as conn:
-            if not await ledger.user_exists(conn, body.user_id):
-                raise not_found("user")
+        if not await database.read(ledger.user_exists, body.user_id):
+            raise not_found("user")
         access, exp = auth.mint(settings.jwt_private_key, str(body.user_id), "user", body.ttl_seconds)
         return {"access_token": access, "token_type": "bearer", "expires_at": exp}
 
     @app.get("/v1/credits/{user_id}")
     async def credits(user_id: str, p: Caller):
         uid = require_self(p, user_id)
-        async with pool.connection() as conn:
-            return await ledger.balance(conn, uid)
+        return await database.read(ledger.balance, uid)
 
     @app.post("/v1/credits/consume")
     async def consume(body: Consume, p: Caller):
@@ -253,9 +241,8 @@ def create_app(settings: Settings) -> FastAPI:
             packs = ", ".join(str(c) for c in sorted(settings.credit_packs))
             raise Problem(422, "invalid_request", f"credits must be one of the packs: {packs}")
         uid = require_self(p, p.sub)
-        async with pool.connection() as conn:
-            if not await ledger.user_exists(conn, uid):
-                raise not_found("user")
+        if not await database.read(ledger.user_exists, uid):
+            raise not_found("user")
         return await payments.checkout(stripe_client, settings, p.sub, body.credits)
 
     @app.post("/v1/webhooks/stripe")
@@ -280,8 +267,7 @@ def create_app(settings: Settings) -> FastAPI:
             if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:  # not '٣' or '²'
                 raise Problem(422, "invalid_request", "cursor: not a cursor from this API")
             before = int(cursor)
-        async with pool.connection() as conn:
-            return await ledger.usage(conn, uid, limit, before)
+        return await database.read(ledger.usage, uid, limit, before)
 
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)

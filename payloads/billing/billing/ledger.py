@@ -177,15 +177,14 @@ async def release(conn, hold_id: uuid.UUID) -> dict:
     raise not_found("hold")
 
 
-async def expire_holds(pool, batch: int = 100) -> int:
+async def expire_holds(conn, batch: int = 100) -> int:
     """Release holds past their TTL (the background sweeper); one user per transaction."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT DISTINCT user_id FROM holds WHERE status = 'active' AND expires_at <= now() LIMIT %s", (batch,)
-        )
-        users = [r[0] for r in await cur.fetchall()]
-        for user_id in users:
-            await conn.execute("SELECT billing_sweep(%s)", (user_id,))
+    cur = await conn.execute(
+        "SELECT DISTINCT user_id FROM holds WHERE status = 'active' AND expires_at <= now() LIMIT %s", (batch,)
+    )
+    users = [r[0] for r in await cur.fetchall()]
+    for user_id in users:
+        await conn.execute("SELECT billing_sweep(%s)", (user_id,))
     return len(users)
 
 

@@ -4,7 +4,9 @@ recorded in _yoyo_migration, under yoyo's lock so two starting instances never r
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
+from psycopg.conninfo import conninfo_to_dict
 from yoyo import get_backend, read_migrations
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -13,9 +15,14 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 def yoyo_url(database_url: str) -> str:
     """Migrations commit without waiting for the synchronous standby: the primary region starts
     before any replica exists (its first deploy), and a migration lost in a failover is simply
-    applied again at the next start."""
-    sep = "&" if "?" in database_url else "?"
-    return "postgresql+psycopg://" + database_url.split("://", 1)[1] + f"{sep}options=-c%20synchronous_commit%3Dlocal"
+    applied again at the next start. Every parameter goes in the query string, which yoyo hands to
+    psycopg as they are: yoyo's own URL parsing knows one host only, DATABASE_URL lists every
+    member (`host=a,b&port=5432,5432` reaches libpq unchanged)."""
+    params = conninfo_to_dict(database_url)
+    dbname = params.pop("dbname", "")
+    params["options"] = "-c synchronous_commit=local"
+    params.setdefault("target_session_attrs", "read-write")
+    return f"postgresql+psycopg:///{quote(dbname, safe='')}?{urlencode(params)}"
 
 
 def apply(database_url: str) -> list[str]:

@@ -34,6 +34,10 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     db_pool_size: int = 20
+    # A write (or a read's proof that its server is still the primary) not confirmed within this
+    # many seconds answers 503 `unavailable` (outcome unknown: retry with the same idempotency key).
+    # 4: billing answers before the proxy stops waiting for it (5 s).
+    db_write_timeout: float = 4.0
     workers: int = 1
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
@@ -57,6 +61,19 @@ def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> in
         raise SettingsError(var, f"must be an integer, got {raw!r}") from None
     if not lo <= value <= hi:
         raise SettingsError(var, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], var: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, f"must be a number of seconds, got {raw!r}") from None
+    if not lo <= value <= hi:  # also refuses nan and inf
+        raise SettingsError(var, f"must be between {lo:g} and {hi:g} seconds, got {raw}")
     return value
 
 
@@ -115,5 +132,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 8000, 1, 65535),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, 1, 200),
+        db_write_timeout=_seconds(env, "DB_WRITE_TIMEOUT_SECONDS", Settings.db_write_timeout, 0.5, 60),
         workers=_int(env, "WORKERS", 1, 1, 32),
     )
