@@ -292,6 +292,9 @@ class Cluster:
 
     def teardown_network(self) -> None:
         for h in self.hosts:
+            if sh("ip", "netns", "pids", h.ns, check=False).returncode == 0:  # a run that was cut short
+                h.thaw()
+                h.signal(signal.SIGKILL)
             sh("ip", "netns", "del", h.ns, check=False)
             sh("ip", "link", "del", h.veth, check=False)
         sh("ip", "link", "del", BRIDGE, check=False)
