@@ -71,7 +71,10 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         self.witness = args.witness
         # etcd: one member per provider with a witness; without one a single member beside the
         # declared primary (the replica's loss still degrades by itself; the primary's needs a person).
-        self._consensus: list[Node] = [args.witness, *members] if args.witness else [args.primary]
+        # Peers and consensus hosts in a fixed order (by name), never primary first: moving
+        # `postgres: primary` must re-render no member's files, or every container restarts mid-switchover.
+        self._by_name = sorted(members, key=lambda m: m.spec.name)
+        self._consensus: list[Node] = [args.witness, *self._by_name] if args.witness else [args.primary]
 
         passwords = {
             role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result
@@ -93,7 +96,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         hosts = [*members, *([args.witness] if args.witness else [])]
         certs = {node.spec.name: self._certificate(name, node, ca_key, ca, child) for node in hosts}
 
-        db_peers = lambda node: [(m.ipv4, m.ipv6) for m in members if m is not node]  # noqa: E731
+        db_peers = lambda node: [(m.ipv4, m.ipv6) for m in self._by_name if m is not node]  # noqa: E731
         for node in hosts:
             opening = []
             if node in members and len(members) > 1:
@@ -310,4 +313,4 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         return f"{cloud_init.DATA_MOUNT}/postgres" if member.spec.volume_gb else "pgdata"
 
     def _peers_of(self, member: Region) -> list[Region]:
-        return [m for m in self._members if m is not member]
+        return [m for m in self._by_name if m is not member]

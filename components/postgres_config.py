@@ -42,6 +42,12 @@ def _q(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _unquoted(settings: dict[str, str]) -> dict[str, str]:
+    """postgresql.conf values as Patroni takes them: it quotes every value itself, so a quoted one
+    would arrive with its quotes (an enum dropped as invalid, an archive_command that is no command)."""
+    return {k: v[1:-1].replace("''", "'") if v.startswith("'") else v for k, v in settings.items()}
+
+
 def server_parameters(
     *,
     tls: Tls,
@@ -199,8 +205,8 @@ def patroni_yml(
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,
-                    "parameters": server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
-                                                    sender_timeout_s=timing.sender_timeout_s),
+                    "parameters": _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
+                                                              sender_timeout_s=timing.sender_timeout_s)),
                 },
             },
             "initdb": [{"encoding": "UTF8"}, "data-checksums", {"auth-local": "peer"}, {"auth-host": "scram-sha-256"}],

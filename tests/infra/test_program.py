@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 
 import pulumi
 import pytest
@@ -20,6 +21,7 @@ from components import bridge, cloud_init, config, firewall, mocks, plan
 from components import deploy as deploy_script
 
 from tests.conftest import REPO, stack_raw, third_region
+from tests.infra import expected
 
 WORLD = {"0.0.0.0/0", "::/0"}
 CANARIES = {
@@ -70,15 +72,18 @@ def test_regions_expose_their_host_addresses_in_the_client_contract(staging_moni
 
 
 @pulumi.runtime.test
-def test_replicated_postgres_names_the_replica_synchronous(staging_monitor):
+def test_the_database_output_describes_the_patroni_cluster(staging_monitor):
     b = bridge.build(config.from_engine())
 
     def check(db):
         assert db == {
-            "primary": "us-east",
+            "engine": "patroni+etcd",
+            "primary": "us-east",  # where the cluster is created; Patroni moves the role
             "replicas": ["eu-west"],
+            "members": ["us_east", "eu_west"],  # Patroni's names: the regions with `_`
+            "consensus": ["witness", "eu-west", "us-east"],  # one etcd member per provider
+            "failover": "automatic",
             "mode": "synchronous",
-            "synchronous_standby_names": "FIRST 1 (eu_west_replica)",
             "port": 5432,
             "backup": None,  # staging keeps no backups
         }
@@ -104,30 +109,35 @@ def test_both_stacks_plan_with_the_client_contract(stack):
     assert types.count("ciris:bridge:ReplicatedPostgres") == 1
 
 
-def expected_matrix(p: plan.Plan, admin: set[str]) -> dict[str, set]:
-    regions = {r["name"]: r for r in p.outputs["client_config"]["regions"]}
-    out = {}
-    for name in regions:
-        peers = {f"{r['ipv4']}/32" for n, r in regions.items() if n != name}
-        peers |= {f"{r['ipv6']}/128" for n, r in regions.items() if n != name}
-        out[name] = (
-            {("udp", 53, s) for s in WORLD}
-            | {("tcp", 53, s) for s in WORLD}
-            | {("tcp", 443, s) for s in WORLD}
-            | {("tcp", 22, s) for s in admin}
-            | {("tcp", 5432, s) for s in peers}
-        )
-    if p.outputs["witness"]:  # serves no one: SSH from the admins only
-        out["witness"] = {("tcp", 22, s) for s in admin}
-    return out
+def without_witness(stack: str) -> tuple[dict, set[str]]:
+    raw, secret_keys = stack_raw(stack)
+    del raw["ciris-bridge:witness"]
+    return raw, secret_keys
 
 
-@pytest.mark.parametrize("stack", ["staging", "production"])
-def test_firewall_matrix_is_exactly_the_fsd_matrix(stack):
-    p = run(stack)
-    admin = set(stack_raw(stack)[0]["ciris-bridge:admin_ssh_cidrs"])
-    matrix = {region: set(rules) for region, rules in p.firewall_matrix().items()}
-    assert matrix == expected_matrix(p, admin)
+@pytest.mark.parametrize("stack,witness", [("staging", True), ("production", True), ("production", False)])
+def test_firewall_matrix_is_exactly_the_fsd_matrix(stack, witness):
+    raw, secret_keys = stack_raw(stack) if witness else without_witness(stack)
+    p = run(stack, raw, secret_keys)
+    matrix = {host: set(rules) for host, rules in p.firewall_matrix().items()}
+    assert matrix == expected.matrix(p, raw)
+    # Spelled out, so the expectation cannot drift with the code: etcd's client port takes the
+    # other database members, its peer port the other consensus hosts, nothing else reaches either.
+    ips = expected.addresses(p)
+    at = lambda host, port: {src for _, prt, src in matrix[host] if prt == port}  # noqa: E731
+    v4 = lambda *hosts: {f"{ips[h][0]}/32" for h in hosts}  # noqa: E731
+    assert {s for s in at("eu-west", 5432) if "." in s} == {s for s in at("eu-west", 8008) if "." in s} == v4("us-east")
+    if witness:
+        assert set(matrix) == {"us-east", "eu-west", "witness"}
+        assert {port for _, port, _ in matrix["witness"]} == {22, 2379, 2380}
+        assert {s for s in at("witness", 2379) if "." in s} == v4("us-east", "eu-west")
+        assert {s for s in at("witness", 2380) if "." in s} == v4("us-east", "eu-west")
+        assert {s for s in at("us-east", 2379) if "." in s} == v4("eu-west")  # not the witness: no Patroni there
+        assert {s for s in at("us-east", 2380) if "." in s} == v4("eu-west", "witness")
+    else:  # a single etcd beside the primary: nobody peers with it
+        assert set(matrix) == {"us-east", "eu-west"}
+        assert {s for s in at("us-east", 2379) if "." in s} == v4("eu-west") and not at("us-east", 2380)
+        assert not at("eu-west", 2379) and not at("eu-west", 2380)
 
 
 def test_provider_rule_inputs_have_the_provider_shapes():
@@ -167,23 +177,24 @@ def test_ssh_is_never_open_to_the_world():
 
 
 def test_ufw_mirrors_the_provider_firewall():
-    """cloud-init's UFW lines and the Postgres UFW command open what the provider firewall opens."""
+    """cloud-init's UFW lines open the base rules, each host's `database` UFW command exactly the
+    database's peer openings: together, what the provider firewall opens, on every host."""
     p = run("staging")
     matrix = p.firewall_matrix()
-    for region in ("us-east", "eu-west"):
-        ufw = p.artifacts[f"{region}/cloud-init.yaml"]
-        for proto, port, src in matrix[region]:
-            if port == 5432:
-                continue
-            line = f"ufw allow {port}/{proto}" if src in WORLD else f"ufw allow proto {proto} from {src} to any port {port}"
-            assert line in ufw
-        pg = next(r for r in p.registrations if r.name == f"{region}-postgres-ufw")
-        for proto, port, src in matrix[region]:
-            if port == 5432:
-                assert f"sudo ufw allow proto tcp from {src} to any port 5432" in pg.inputs["create"]
+    assert set(matrix) == {"us-east", "eu-west", "witness"}
+    for host, rules in matrix.items():
+        ufw = p.artifacts[f"{host}/cloud-init.yaml"]
+        base = [(proto, port, src) for proto, port, src in rules if port not in expected.PEER_PORTS]
+        ufw_lines = {line for line in yaml.safe_load(ufw)["runcmd"] if line.startswith("ufw allow")}
+        assert ufw_lines == {f"ufw allow {port}/{proto}" if src in WORLD else f"ufw allow proto {proto} from {src} to any port {port}"
+                             for proto, port, src in base}
+        opened = next(r for r in p.registrations if r.name == f"{host}-database-ufw").inputs["create"]
+        allowed = {line.strip() for line in re.split("[;\n]", opened) if "ufw allow" in line}
+        assert allowed == {f"sudo ufw allow proto tcp from {src} to any port {port}"
+                           for _, port, src in rules if port in expected.PEER_PORTS}
     # nothing else is opened anywhere: no HTTP, no internal service port
-    for region, rules in matrix.items():
-        assert {port for _, port, _ in rules} == ({22} if region == "witness" else {22, 53, 443, 5432})
+    for host, rules in matrix.items():
+        assert {port for _, port, _ in rules} == ({22, 2379, 2380} if host == "witness" else {22, 53, 443, 5432, 8008, 2379, 2380})
 
 
 def test_three_regions_plan_by_config_alone():
@@ -193,8 +204,10 @@ def test_three_regions_plan_by_config_alone():
     assert [r["name"] for r in client["regions"]] == ["us-east", "eu-west", "eu-north"]
     assert len(client["proxy_urls"]) == 3
     assert p.outputs["database"]["replicas"] == ["eu-west", "eu-north"]
+    assert p.outputs["database"]["members"] == ["us_east", "eu_west", "eu_north"]
+    assert p.outputs["database"]["consensus"] == ["witness", "eu-north", "eu-west", "us-east"]
     matrix = {region: set(rules) for region, rules in p.firewall_matrix().items()}
-    assert matrix == expected_matrix(p, {"203.0.113.10/32"})
+    assert matrix == expected.matrix(p, raw)
     assert len([g for g in p.outputs["glue_records"] if g["delegated_at"] == "registrar"]) == 3
 
 
@@ -238,18 +251,26 @@ def test_cloud_init_hardens_the_host():
 def test_every_remote_command_pins_the_host_key_cloud_init_installs():
     p = run("production")
     vms = {r.name.removesuffix("-vm"): mocks.unwrap(r.inputs) for r in p.registrations if r.name.endswith("-vm")}
-    commands = [r for r in p.registrations if r.type == "command:remote:Command"]
     assert set(vms) == {"us-east", "eu-west", "witness"}
-    assert {next(host for host in vms if r.name.startswith(f"{host}-")) for r in commands} == set(vms)
-    for region, vm in vms.items():
+    by_ipv4 = {ipv4: host for host, (ipv4, _) in expected.addresses(p).items()}
+    # Each command's host is where it connects, whatever its name says.
+    commands: dict[str, list[str]] = {host: [] for host in vms}
+    for r in p.registrations:
+        if r.type == "command:remote:Command":
+            commands[by_ipv4[mocks.unwrap(r.inputs)["connection"]["host"]]].append(r.name)
+    for host, names in commands.items():
+        assert names and all(n.startswith(f"{host}-") for n in names if n != "postgres-declared-primary"), (host, names)
+    assert "postgres-declared-primary" in commands["us-east"]  # on the declared primary's host
+    assert {"witness-deploy", "witness-database-ufw", "us-east-database-ufw", "eu-west-database-ufw"} <= {n for ns in commands.values() for n in ns}
+    for host, vm in vms.items():
         doc = yaml.safe_load(vm.get("userData") or vm.get("user_data"))
         private, public = doc["ssh_keys"]["ed25519_private"], doc["ssh_keys"]["ed25519_public"]
         assert doc["ssh_deletekeys"] is True and doc["ssh_genkeytypes"] == []
         key = serialization.load_ssh_private_key(private.encode(), password=None)
         assert key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() == public
-        mine = [r for r in commands if r.name.startswith(f"{region}-")]
-        assert mine and all(mocks.unwrap(r.inputs)["connection"]["hostKey"] == public for r in mine)
-        assert "[secret]" in p.artifacts[f"{region}/cloud-init.yaml"] and private not in p.artifacts[f"{region}/cloud-init.yaml"]
+        regs = {r.name: r for r in p.registrations}
+        assert all(mocks.unwrap(regs[n].inputs)["connection"]["hostKey"] == public for n in commands[host])
+        assert "[secret]" in p.artifacts[f"{host}/cloud-init.yaml"] and private not in p.artifacts[f"{host}/cloud-init.yaml"]
 
 
 def test_volume_is_prepared_before_services_start():
@@ -267,55 +288,6 @@ def test_volume_is_prepared_before_services_start():
 
 def test_firewall_normalize_ignores_non_firewall_resources():
     assert firewall.normalize("hcloud:index/sshKey:SshKey", {"publicKey": "x"}) == []
-
-
-def test_replicated_postgres_deploys_both_members_with_rendered_settings():
-    p = run("production")
-    ips = {r["name"]: r for r in p.outputs["client_config"]["regions"]}
-    primary_conf = p.artifacts["us-east/postgres/etc/postgresql.conf"]
-    replica_conf = p.artifacts["eu-west/postgres/etc/postgresql.conf"]
-    assert "synchronous_commit = on" in primary_conf
-    assert "synchronous_standby_names = 'FIRST 1 (eu_west_replica)'" in primary_conf
-    assert f"host={ips['us-east']['ipv4']} port=5432 user=replicator password=[secret]" in replica_conf
-    assert "sslmode=verify-full" in replica_conf and "primary_slot_name = 'eu_west_replica'" in replica_conf
-    for region, peer in (("us-east", "eu-west"), ("eu-west", "us-east")):
-        hba = p.artifacts[f"{region}/postgres/etc/pg_hba.conf"].splitlines()
-        assert [line for line in hba if " replication " in line] == [
-            f"hostssl replication replicator {ips[peer]['ipv4']}/32 scram-sha-256",
-            f"hostssl replication replicator {ips[peer]['ipv6']}/128 scram-sha-256",
-        ]
-        assert all(line.startswith(("#", "local all postgres peer", "hostssl ")) for line in hba)
-        compose = p.artifacts[f"{region}/compose.yaml"]
-        assert "ciris-postgres:local" in compose and "env_file" in compose
-    # On the volume, mounted as the data directory's parent inside the image (PGDATA is below it).
-    pg = yaml.safe_load(p.artifacts["eu-west/compose.yaml"])["services"]["postgres"]
-    assert "/srv/ciris/data/postgres:/var/lib/postgresql/data" in pg["volumes"]
-    assert "ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data/pgdata" in (REPO / "payloads/postgres/Dockerfile").read_text()
-    assert "postgres" in {c.name for c in p.containers["us-east"]}
-    dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
-    assert "mock-postgres-" not in dumped  # no generated password anywhere in the plan
-    assert "BEGIN PRIVATE KEY" not in dumped
-
-
-def test_backup_job_runs_beside_the_primary_only():
-    raw, secret_keys = stack_raw("production")
-    secrets = {"ciris-bridge:backup_encryption_key": "Q0FOQVJZLWtleS1iYWNrdXAtMzItYnl0ZXMtbG9uZyE=", "ciris-bridge:backup_s3_secret_key": "CANARY-s3-secret"}
-    raw.update(secrets)
-    p = run("production", raw, secret_keys | set(secrets))
-    assert {c.name for c in p.containers["us-east"]} >= {"postgres", "backup"}
-    assert "backup" not in {c.name for c in p.containers["eu-west"]}
-    compose = p.artifacts["us-east/compose.yaml"]
-    assert "backup-loop.sh" in compose and "./postgres/backup.env" in compose
-    assert p.outputs["database"]["backup"] == {"bucket": "ciris-bridge-backups", "retention_days": 30, "hour_utc": 3}
-    # WAL archiving (pgBackRest) on every member, so a promoted replica keeps archiving.
-    for region in ("us-east", "eu-west"):
-        conf = p.artifacts[f"{region}/postgres/etc/postgresql.conf"]
-        assert "archive_command = 'pgbackrest --config=/run/ciris-postgres/pgbackrest.conf --stanza=ciris archive-push %p'" in conf
-        repo = p.artifacts[f"{region}/postgres/etc/pgbackrest.conf"]
-        assert "repo1-s3-endpoint=fsn1.your-objectstorage.com\n" in repo and "repo1-retention-full=30\n" in repo
-    assert "/var/lib/postgresql/data:ro" in compose and "pgsocket:/var/run/postgresql" in compose
-    dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
-    assert "CANARY-s3-secret" not in dumped and "Q0FOQVJZ" not in dumped
 
 
 @pytest.mark.parametrize("primary", ["us-east", "eu-west"])
@@ -336,9 +308,15 @@ def test_billing_runs_in_every_region_pointed_at_every_member_its_own_first(prim
         # Whichever member is primary: billing finds the writable one itself (no redeploy after a failover).
         peer = "eu-west" if region == "us-east" else "us-east"
         assert f"DATABASE_URL -> postgres:5432, {ips[peer]['ipv4']}:5432 (verify-full, the read-write one)" in p.artifacts[f"{region}/billing/env"]
-        # The primary accepts the other regions' billing over TLS (ADR 0007); nothing else new.
-        hba = p.artifacts[f"{region}/postgres/etc/pg_hba.conf"]
-        assert f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256" in hba
+        # Every member (whichever Patroni makes primary) accepts the other regions' billing over TLS
+        # (ADR 0007), and its own billing by the container address.
+        hba = yaml.safe_load(p.artifacts[f"{region}/postgres/etc/patroni.yml"])["postgresql"]["pg_hba"]
+        assert [line for line in hba if " cirisbilling " in line] == [
+            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.10/32 scram-sha-256",
+            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.11/32 scram-sha-256",
+            f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256",
+            f"hostssl cirisbilling billing {ips[peer]['ipv6']}/128 scram-sha-256",
+        ]
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY" not in dumped and "BEGIN PRIVATE KEY" not in dumped
 
@@ -366,13 +344,46 @@ def test_billing_in_a_region_without_a_member_lists_the_members_in_config_order(
         assert f"DATABASE_URL -> {', '.join(hosts)} (verify-full" in p.artifacts[f"{region}/billing/env"]
 
 
-def test_replica_regions_deploy_after_the_primary_and_its_openings():
-    regs = {r.name: r for r in run("production").registrations}
-    # A replica clones from the primary: its deploy waits for the primary's, which waits for the
-    # primary's own firewall openings.
-    assert regs["us-east-deploy"].urn in regs["eu-west-deploy"].dependencies
-    assert regs["us-east-postgres-ufw"].urn in regs["us-east-deploy"].dependencies
-    assert regs["eu-west-deploy"].urn not in regs["us-east-deploy"].dependencies
+@pytest.mark.parametrize("primary,replica", [("us-east", "eu-west"), ("eu-west", "us-east")])
+def test_deploys_run_witness_then_primary_then_replicas_then_the_declared_switchover(primary, replica):
+    raw, secret_keys = stack_raw("production")
+    for r in raw["ciris-bridge:regions"]:  # a declared switchover is this edit plus `pulumi up`
+        r["postgres"] = "primary" if r["name"] == primary else "replica"
+    p = run("production", raw, secret_keys)
+    regs = {r.name: r for r in p.registrations}
+    deps = lambda name: set(regs[name].dependencies)  # noqa: E731
+    # etcd needs two of its three members before Patroni can create the cluster: the witness first;
+    # then the declared primary (the cluster is created there), then the replicas (they clone from it).
+    assert regs["witness-deploy"].urn in deps(f"{primary}-deploy")
+    assert regs[f"{primary}-deploy"].urn in deps(f"{replica}-deploy")
+    assert not {regs[f"{primary}-deploy"].urn, regs[f"{replica}-deploy"].urn} & deps("witness-deploy")
+    assert regs[f"{replica}-deploy"].urn not in deps(f"{primary}-deploy")
+    # Every host's deploy waits for its own database openings.
+    for host in ("witness", primary, replica):
+        assert regs[f"{host}-database-ufw"].urn in deps(f"{host}-deploy")
+    # The switchover to the declared primary: after every region's deploy, on the primary's host.
+    switch = regs["postgres-declared-primary"]
+    assert {regs[f"{h}-deploy"].urn for h in (primary, replica)} <= set(switch.dependencies)
+    assert switch.parent == regs["postgres"].urn
+    member = primary.replace("-", "_")
+    inputs = mocks.unwrap(switch.inputs)
+    assert inputs["create"] == deploy_script.remote(deploy_script.SWITCHOVER, "/srv/ciris", member)
+    assert inputs["triggers"] == [member]  # runs again only when the declared primary moves
+    assert inputs["connection"]["host"] == expected.addresses(p)[primary][0]
+    assert inputs["connection"]["hostKey"] == mocks.unwrap(regs[f"{primary}-deploy"].inputs)["connection"]["hostKey"]
+    assert 'patronictl' in (REPO / "payloads/postgres/switchover.sh").read_text()
+
+
+def test_a_single_member_has_no_switchover_to_declare():
+    raw, secret_keys = without_witness("production")
+    raw["ciris-bridge:regions"][1]["postgres"] = "none"  # eu-west keeps no database member
+    p = run("production", raw, secret_keys)
+    assert "postgres-declared-primary" not in {r.name for r in p.registrations}
+    db = p.outputs["database"]
+    assert (db["mode"], db["members"], db["consensus"], db["replicas"]) == ("standalone", ["us_east"], ["us-east"], [])
+    assert {c.name for c in p.containers["us-east"]} >= {"etcd", "postgres", "backup"}
+    assert not {"etcd", "postgres", "backup"} & {c.name for c in p.containers["eu-west"]}
+    assert not [path for path in p.artifacts if path.startswith(("eu-west/postgres/", "eu-west/etcd/"))]
 
 
 def test_hetzner_regions_share_one_ssh_key():

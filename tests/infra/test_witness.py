@@ -83,10 +83,10 @@ def test_the_witness_is_hardened_like_the_regions():
 
 def test_the_witness_firewall_opens_ssh_from_the_admins_only():
     p = run()
-    assert p.firewall_matrix()["witness"] == [("tcp", 22, "203.0.113.10/32")]
-    fws = [mocks.unwrap(r.inputs) for r in p.registrations if r.type == DO_FIREWALL]
-    assert len(fws) == 1
-    fw = fws[0]
+    assert [r for r in p.firewall_matrix()["witness"] if r[1] not in (2379, 2380)] == [("tcp", 22, "203.0.113.10/32")]
+    fws = {r.name: mocks.unwrap(r.inputs) for r in p.registrations if r.type == DO_FIREWALL}
+    assert set(fws) == {"witness-firewall", "witness-database-firewall"}  # the base rules; etcd's (test_program)
+    fw = fws["witness-firewall"]
     assert fw["inboundRules"] == [{"protocol": "tcp", "portRange": "22", "sourceAddresses": ["203.0.113.10/32"]}]
     # A DigitalOcean firewall without outbound rules would cut the host off (apt, Docker's repository).
     assert {(r["protocol"], r.get("portRange")) for r in fw["outboundRules"]} == {("tcp", "1-65535"), ("udp", "1-65535"), ("icmp", None)}
@@ -184,11 +184,13 @@ def test_the_witness_deploys_first_then_the_primary_then_the_replicas():
 
 def test_the_witness_runs_nothing_of_the_regions():
     p = run()
-    assert p.containers["witness"] == []  # until ReplicatedPostgres adds the consensus member
+    assert [c.name for c in p.containers["witness"]] == ["etcd"]  # the consensus member only
     compose = yaml.safe_load(p.artifacts["witness/compose.yaml"])
-    assert compose["name"] == "ciris-witness" and compose["services"] == {}
+    assert compose["name"] == "ciris-witness" and set(compose["services"]) == {"etcd"}
     assert compose["networks"]["ciris-witness"]["ipam"]["config"][0]["subnet"] == "172.31.0.0/24"
-    assert not [path for path in p.artifacts if path.startswith("witness/") and path not in ("witness/cloud-init.yaml", "witness/compose.yaml")]
+    assert {path for path in p.artifacts if path.startswith("witness/")} == {
+        "witness/cloud-init.yaml", "witness/compose.yaml", "witness/etcd/Dockerfile", "witness/etcd/start.sh",
+        "witness/etcd/etc/etcd.conf.yml", "witness/etcd/etc/server.crt", "witness/etcd/etc/server.key", "witness/etcd/etc/ca.crt"}
 
 
 def test_cost_includes_the_witness_and_stays_under_the_ceiling():
@@ -238,7 +240,7 @@ def test_the_local_stack_has_a_local_witness_deployed_first():
     assert deploys["witness"]["stdin"]  # the bundle the deploy script unpacks
     assert not [r for r in p.registrations if r.type.startswith("digitalocean:")]  # this machine, no cloud
     compose = yaml.safe_load(p.artifacts["witness/compose.yaml"])
-    assert compose["services"] == {} and compose["name"] == "ciris-witness"
+    assert set(compose["services"]) == {"etcd"} and compose["name"] == "ciris-witness"
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -288,4 +290,6 @@ def test_a_region_can_live_at_the_witness_provider_behind_the_same_interface():
     assert deploy["create"] == deploy_script.remote(deploy_script.DEPLOY, "/srv/ciris",
                                                     "/dev/disk/by-id/scsi-0DO_Volume_ciris-production-ca-east-data")
     assert regs["ca-east-volume-attachment"].urn in regs["ca-east-deploy"].dependencies
-    assert {port for _, port, _ in p.firewall_matrix()["ca-east"]} == {22, 53, 443, 5432}
+    # A database member without the witness: Postgres and Patroni's API from the other members,
+    # no etcd (the single etcd member is beside the primary).
+    assert {port for _, port, _ in p.firewall_matrix()["ca-east"]} == {22, 53, 443, 5432, 8008}
