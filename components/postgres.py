@@ -215,7 +215,9 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             return pgc.patroni_yml(
                 name=pgc.member_name(member.spec.name), address=address, etcd_hosts=hosts, tls=TLS_FILES,
                 passwords=shown, data_dir=PGDATA, socket_dir=SOCKET_DIR, hba=hba_text, archive_config=archive,
-                post_bootstrap=POST_BOOTSTRAP, timing=self._timing)
+                post_bootstrap=POST_BOOTSTRAP, timing=self._timing,
+                # Without a witness the consensus lives beside the declared primary: only it may lead.
+                nofailover=self.witness is None and member is not self._members[0])
 
         inputs = [member.ipv4, etcd_hosts, hba]
         conf = pulumi.Output.all(*inputs, *[passwords[r] for r in PASSWORD_ROLES]).apply(patroni)

@@ -284,15 +284,16 @@ class Cluster:
     # --- teardown --------------------------------------------------------------------------------
     def stop(self) -> None:
         for h in self.hosts:
-            h.thaw()
             try:
+                h.thaw()
                 h.kill()
-            except Exception:
+            except Exception:  # already gone
                 pass
 
     def teardown_network(self) -> None:
+        existing = sh("ip", "netns", "list").stdout.split()
         for h in self.hosts:
-            if sh("ip", "netns", "pids", h.ns, check=False).returncode == 0:  # a run that was cut short
+            if h.ns in existing:  # a run that was cut short may have left processes in it
                 h.thaw()
                 h.signal(signal.SIGKILL)
             sh("ip", "netns", "del", h.ns, check=False)

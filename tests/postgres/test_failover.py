@@ -75,10 +75,12 @@ def test_the_ledger_verifies_after_every_fault(cluster):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_without_a_witness_the_replica_loss_degrades_and_the_primary_loss_waits_for_a_person():
+def test_without_a_witness_the_replica_loss_degrades_and_the_primary_loss_waits_for_a_person(cluster):
     """etcd beside the declared primary only (a witness-less stack): the replica's region dying
     still lets writes go on; the primary's dying promotes nobody (no majority elsewhere) until it
     is back, and nothing acknowledged is lost either way."""
+    cluster.stop()  # the drill's cluster is done (same addresses and names)
+    cluster.teardown_network()
     with running(names=("us-east", "eu-west"), consensus_on=("us-east",)) as c:
         replica_killed = next(s for s in drill.SCENARIOS if s.name == "replica killed")
         result = drill.run(c, replica_killed, fault_seconds=10)
