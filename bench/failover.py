@@ -5,9 +5,10 @@ not a test.
 
     .venv/bin/python -m bench.failover [--window 90] [--seconds 5] [--only "primary killed"]
 
-Per scenario: the time until writes (through the multi-host DSN billing uses) resumed, the longest
-write during the fault, acknowledged writes lost (must be 0) and the share of the one-per-second
-writes that succeeded over `--window` seconds from the fault. Then commits/s at concurrency 1 and
+Per scenario: the time until consumes through billing (one per second through each region's
+billing, beside its member) resumed, the longest one during the fault, acknowledged writes lost
+(must be 0; direct writes to each member count too) and the share of the consumes that succeeded
+over `--window` seconds from the fault (the dead region's billing included: it answers nothing). Then commits/s at concurrency 1 and
 32 on the Patroni leader with its synchronous standby, beside the hand-made pair of
 bench/replication (b) measured in the same run: the engine must not cost throughput. The drill's
 timers are the fast ones of tests/postgres/drill.py (CIRIS_DRILL_* to change them); production's
@@ -51,7 +52,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ciris-ha-bench-"))
     root.chmod(0o755)
     ha, dcs = drill.timing()
-    cluster = Cluster(root, ha, dcs)
+    cluster = Cluster(root, ha, dcs, billing_key_pem=drill.billing_key())
     lines = []
     try:
         cluster.create()
