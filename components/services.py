@@ -112,9 +112,7 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
             svc["environment"] = dict(spec.environment)
         if spec.env_file:
             svc["env_file"] = [spec.env_file]
-        if spec.healthcheck == ("NONE",):  # the image's check does not apply to this container
-            svc["healthcheck"] = {"disable": True}
-        elif spec.healthcheck:
+        if spec.healthcheck:
             svc["healthcheck"] = {"test": list(spec.healthcheck), "interval": "30s", "timeout": "5s", "retries": 3}
         svc["labels"] = {"ciris.region": region, "ciris.service": spec.name,
                          "ciris.files-sha256": file_digests.get(spec.name, "")}
