@@ -283,7 +283,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 entrypoint=("tini", "--", "sh", "/usr/local/lib/ciris/backup-loop.sh"),
                 # Not the image's check (is *this member's* server up: a replica's may be cloning for
                 # minutes) but is the loop alive. Whether backups happen is for the alerts (#16).
-                healthcheck=("CMD", "sh", "-c", "grep -qs 'backup-loo[p]' /proc/[0-9]*/cmdline"),
+                healthcheck=("CMD", "sh", "/usr/local/lib/ciris/backup-loop.sh", "health"),
                 address_suffix=BACKUP_ADDRESS_SUFFIX,
                 # pgBackRest reads the data directory (same path as the server's) and asks the
                 # server for backup start/stop through the shared socket.
