@@ -7,7 +7,7 @@
 # Runs daily at BACKUP_HOUR_UTC (default 03). A failed run is logged and retried the next day.
 set -u
 # `backup-loop.sh health`: is the loop alive (the container's health check).
-if [ "${1:-}" = health ]; then exec kill -0 "$(cat /tmp/backup-loop.pid)"; fi
+if [ "${1:-}" = health ]; then kill -0 "$(cat /tmp/backup-loop.pid)"; exit; fi
 echo $$ > /tmp/backup-loop.pid
 hour=${BACKUP_HOUR_UTC:-3}
 pgbr() { gosu postgres pgbackrest --config=/etc/ciris-postgres/pgbackrest.conf --stanza=ciris "$@"; }
