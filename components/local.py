@@ -35,7 +35,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components import config, deploy, local_s3, plan as plan_mod, services, witness as witness_mod
+from components import config, deploy, local_s3, plan as plan_mod, postgres_config, services, witness as witness_mod
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +222,12 @@ def up(stack_file: Path = STACK_FILE) -> dict:
             print(f"local: deploying {name} on {host['ipv4']} ...", file=sys.stderr, flush=True)
             run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
             print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
+    # As `pulumi up` does when `postgres: primary` moves: the declared primary leads (a redeploy that
+    # restarted it handed the lock to the other member).
+    declared = plan.outputs["database"]["primary"]
+    if plan.outputs["database"]["replicas"]:
+        print(run_script(deploy.SWITCHOVER, [str(LOCAL / declared), postgres_config.member_name(declared)], "", env,
+                         f"making {declared} the primary").strip(), file=sys.stderr, flush=True)
     for region in regions:
         name = region["name"]
         run_script(deploy.DNS_SYNC, [str(LOCAL / name)], syncs[name]["stdin"], env, f"syncing {name}'s zones")
