@@ -84,7 +84,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     figures = " | ".join(f"c={c} {engine[c][0]:.0f} commits/s p50 {engine[c][1]:.2f} ms (pair {pair[c][0]:.0f}/s, "
                          f"patroni/pair {engine[c][0] / pair[c][0]:.2f})" for c in (1, 32))
-    print(f"failover: {len(lines)} scenarios, lost {sum(' lost 0,' not in x for x in lines)} with losses | "
+    print(f"failover: {len(lines)} scenarios, {sum(' lost 0,' not in x for x in lines)} with lost writes | "
           f"sync commits under Patroni: {figures}")
 
 
