@@ -22,8 +22,8 @@ SCOPE = "ciris-billing"  # Patroni's cluster name (its keys in etcd live under /
 
 
 def application_name(region_name: str) -> str:
-    """How a replica names itself to the primary (FSD: synchronous_standby_names = 'hetzner_replica')."""
-    return f"{region_name.replace('-', '_')}_replica"
+    """How a member names itself to the primary: its Patroni member name (member_name())."""
+    return region_name.replace("-", "_")
 
 
 def standby_names(replicas: Sequence[str]) -> str:
@@ -136,8 +136,9 @@ class HaTiming:
 
 
 def member_name(region: str) -> str:
-    """A member's name in Patroni, which is also its application_name in synchronous_standby_names."""
-    return region.replace("-", "_")
+    """A member's name in Patroni, which is also its application_name in synchronous_standby_names
+    (so REPLICATION_STATUS_SQL's rows and replication_health() name members the same way)."""
+    return application_name(region)
 
 
 def patroni_yml(

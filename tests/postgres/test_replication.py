@@ -19,7 +19,7 @@ def test_replica_is_synchronous_and_named(pair):
     with primary.connect() as conn:
         rows = conn.execute("SELECT application_name, sync_state, ssl FROM pg_stat_replication "
                             "JOIN pg_stat_ssl USING (pid)").fetchall()
-    assert rows == [("eu_west_replica", "sync", True)]
+    assert rows == [("eu_west", "sync", True)]
 
 
 def test_committed_row_is_on_the_replica_which_refuses_writes(pair):
@@ -126,16 +126,16 @@ def test_replication_health_query_follows_the_fsd_thresholds(pair):
         deadline = time.time() + 10
         while (rows := conn.execute(pgc.REPLICATION_STATUS_SQL).fetchall()) and time.time() < deadline:
             time.sleep(0.2)
-        assert pgc.replication_health(rows, ["eu-west"]) == ("critical", "replication broken: eu_west_replica not connected")
+        assert pgc.replication_health(rows, ["eu-west"]) == ("critical", "replication broken: eu_west not connected")
 
 
 @pytest.mark.parametrize(
     "rows,expected",
     [
-        ([("eu_west_replica", "streaming", "sync", 12.5, 4096)], "warning"),
-        ([("eu_west_replica", "streaming", "sync", 9.9, 4096)], "ok"),
-        ([("eu_west_replica", "catchup", "sync", 0.0, 0)], "critical"),
-        ([("eu_west_replica", "streaming", "async", 0.0, 0)], "critical"),
+        ([("eu_west", "streaming", "sync", 12.5, 4096)], "warning"),
+        ([("eu_west", "streaming", "sync", 9.9, 4096)], "ok"),
+        ([("eu_west", "catchup", "sync", 0.0, 0)], "critical"),
+        ([("eu_west", "streaming", "async", 0.0, 0)], "critical"),
     ],
 )
 def test_replication_health_classification(rows, expected):
