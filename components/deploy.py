@@ -35,7 +35,14 @@ if [ -z "$(dc config --services)" ]; then dc down --remove-orphans; exit 0; fi
 # On the hosts the base image is refreshed at every deploy (security updates); a local base (BASE
 # set, `make local`) is never pulled.
 if [ -n "${BASE:-}" ]; then dc build -q; else dc build -q --pull; fi
-dc up -d --remove-orphans --wait --wait-timeout 300
+# A container can be briefly unhealthy for a reason outside this deploy (billing's health is "can
+# write": 503 while the database drops a vanished standby): compose fails at once on that, so it
+# gets two more chances before the deploy fails.
+for try in 1 2 3; do
+  if dc up -d --remove-orphans --wait --wait-timeout 300; then exit 0; fi
+  [ $try -lt 3 ] && { echo "deploy: not every container is healthy yet; again in 20 s" >&2; sleep 20; }
+done
+exit 1
 """
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.

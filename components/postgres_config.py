@@ -171,6 +171,8 @@ def patroni_yml(
     lives beside the declared primary, which must stay the leader; promotion is the runbook's).
     Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
     peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
+    patroni_parameters = _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
+                                                     sender_timeout_s=timing.sender_timeout_s))
     doc = {
         "scope": SCOPE,
         "namespace": "/ciris/",
@@ -206,8 +208,7 @@ def patroni_yml(
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,
-                    "parameters": _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
-                                                              sender_timeout_s=timing.sender_timeout_s)),
+                    "parameters": patroni_parameters,
                 },
             },
             "initdb": [{"encoding": "UTF8"}, "data-checksums", {"auth-local": "peer"}, {"auth-host": "scram-sha-256"}],
@@ -225,9 +226,10 @@ def patroni_yml(
                 "replication": {"username": REPLICATION_ROLE, "password": passwords["replication"], **peer_ssl},
                 "rewind": {"username": REWIND_ROLE, "password": passwords["rewind"], **peer_ssl},
             },
-            # Settings Patroni must not take from the DCS: where this member's files are.
-            "parameters": {"unix_socket_directories": socket_dir, "ssl_cert_file": tls.cert_file,
-                           "ssl_key_file": tls.key_file, "ssl_ca_file": tls.ca_file},
+            # Also here, not only in bootstrap.dcs (which is read once, when the cluster is created):
+            # local parameters override the DCS's, so a redeployed file takes effect (Patroni keeps
+            # the few that must match on every member -- wal_level, max_wal_senders... -- from the DCS).
+            "parameters": patroni_parameters,
             "pg_hba": [line for line in hba.splitlines() if line and not line.startswith("#")],
             # An old primary that pg_rewind cannot bring back (e.g. it crashed first) is cloned
             # again from the leader by itself; what it had beyond the leader was never acknowledged.

@@ -190,6 +190,12 @@ def test_a_recreated_postgres_container_keeps_its_data(stack):
         assert stack.psql(region, f"SELECT count(*) FROM users WHERE email = '{marker}'") == "1", region
     with stack.edge(us, "billing") as billing:  # billing found the new primary by itself
         assert billing.post("/v1/users", json={"email": f"after-{marker}"}, headers=admin).status_code == 201
+    # Billing's health is "can write": each region's is healthy again without a restart.
+    deadline = time.time() + 120
+    while "unhealthy" in (states := stack.podman("ps", "--filter", "label=ciris.service=billing", "--format", "{{.Status}}")) \
+            or "starting" in states:
+        assert time.time() < deadline, states
+        time.sleep(2)
 
 
 def test_a_changed_file_reaches_only_the_containers_that_read_it(stack, tmp_path):

@@ -119,10 +119,10 @@ def test_server_parameters_reach_patroni_unquoted():
         assert params["archive_mode"] == "on"
         assert params["archive_command"] == "pgbackrest --config=/run/ciris-postgres/pgbackrest.conf --stanza=ciris archive-push %p"
         assert "synchronous_standby_names" not in params  # Patroni's to manage (synchronous_mode)
-        # This member's own files: Patroni must not take them from the DCS.
-        assert patroni(p, host)["postgresql"]["parameters"] == {
-            "unix_socket_directories": "/var/run/postgresql", "ssl_cert_file": TLS["cert"],
-            "ssl_key_file": TLS["key"], "ssl_ca_file": TLS["cacert"]}
+        # The same in the member's local parameters, which override the DCS's: bootstrap.dcs is read
+        # once, when the cluster is created, so only these make a redeployed change take effect.
+        assert patroni(p, host)["postgresql"]["parameters"] == params
+        assert params["ssl_cert_file"] == TLS["cert"] and params["unix_socket_directories"] == "/var/run/postgresql"
     staging = patroni(run("staging"), "us-east")["bootstrap"]["dcs"]["postgresql"]["parameters"]
     assert not {"archive_mode", "archive_command"} & set(staging)  # no backup configured, no archiving
 
