@@ -152,8 +152,9 @@ def billing(cluster, stripe_api, tmp_path_factory):
 
 
 def token(role: str = "admin", sub: str = "ops", key=KEY, **claims) -> str:
+    # Valid 4 h: ADMIN and SERVICE below are made once, at import, and the whole suite runs ~20 min.
     now = int(time.time())
-    body = {"sub": sub, "role": role, "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 600, **claims}
+    body = {"sub": sub, "role": role, "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 4 * 3600, **claims}
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="EdDSA")
 
 
