@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 import pytest
 
 from components import config
@@ -47,6 +46,22 @@ def stack_raw(stack: str = "staging") -> tuple[dict, set[str]]:
     """A committed stack file as the flat config map the engine would see (a deep copy to mutate)."""
     raw, secret_keys = config.read_stack_file(REPO / f"Pulumi.{stack}.yaml")
     return copy.deepcopy(raw), secret_keys
+
+
+def without_witness(stack: str = "production") -> tuple[dict, set[str]]:
+    """A committed stack file with its witness removed (a witness-less stack)."""
+    raw, secret_keys = stack_raw(stack)
+    del raw["ciris-bridge:witness"]
+    return raw, secret_keys
+
+
+def run_plan(stack: str = "production", raw=None, secret_keys=None):
+    """The offline plan of a stack file, or of `raw` (the program under the mock runtime)."""
+    from components import plan
+
+    if raw is None:
+        raw, secret_keys = stack_raw(stack)
+    return plan.run(stack, raw, secret_keys)
 
 
 def third_region(raw: dict) -> dict:

@@ -10,23 +10,12 @@ import pytest
 import yaml
 
 from components import consensus, mocks, plan
-from tests.conftest import REPO, stack_raw, third_region
+from tests.conftest import REPO, stack_raw, third_region, without_witness
+from tests.conftest import run_plan as run
 from tests.infra import expected
 
 P = "ciris-bridge"
 TLS = {"cacert": "/run/ciris-postgres/ca.crt", "cert": "/run/ciris-postgres/server.crt", "key": "/run/ciris-postgres/server.key"}
-
-
-def run(stack: str = "production", raw=None, secret_keys=None) -> plan.Plan:
-    if raw is None:
-        raw, secret_keys = stack_raw(stack)
-    return plan.run(stack, raw, secret_keys)
-
-
-def without_witness(stack: str = "production") -> tuple[dict, set[str]]:
-    raw, secret_keys = stack_raw(stack)
-    del raw[f"{P}:witness"]
-    return raw, secret_keys
 
 
 def declared(raw: dict, primary: str) -> dict:

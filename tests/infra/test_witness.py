@@ -7,27 +7,17 @@ import pulumi
 import pytest
 import yaml
 
-from components import bridge, config, cost, deploy as deploy_script, firewall, local, mocks, plan
+from components import bridge, config, cost, firewall, local, mocks, plan
+from components import deploy as deploy_script
 from components.node import Node
 from components.region import Region
 from components.witness import NETWORK, NO_WITNESS, Witness
-from tests.conftest import REPO, stack_raw
+from tests.conftest import REPO, stack_raw, without_witness
+from tests.conftest import run_plan as run
 
 P = "ciris-bridge"
 DROPLET = "digitalocean:index/droplet:Droplet"
 DO_FIREWALL = "digitalocean:index/firewall:Firewall"
-
-
-def run(stack: str = "production", raw=None, secret_keys=None) -> plan.Plan:
-    if raw is None:
-        raw, secret_keys = stack_raw(stack)
-    return plan.run(stack, raw, secret_keys)
-
-
-def without_witness(stack: str = "production") -> tuple[dict, set[str]]:
-    raw, secret_keys = stack_raw(stack)
-    del raw[f"{P}:witness"]
-    return raw, secret_keys
 
 
 def by_name(p: plan.Plan) -> dict[str, mocks.Registration]:
