@@ -75,6 +75,30 @@ class HoldRequest(Body):
 
 class Capture(Body):
     amount: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
+    # The call was answered: should the hold have expired meanwhile, charge it as a forced debit.
+    force: bool = False
+
+
+class Void(Body):
+    user_id: uuid.UUID
+    idempotency_key: Key  # the key the hold was (or would have been) placed under
+    amount: Amount  # the amount that placement asked for (kept on the void's row)
+
+
+class ForcedDebit(Body):
+    user_id: uuid.UUID
+    amount: Amount
+    idempotency_key: Key
+    description: Description | None = None
+
+
+class KeyRef(Body):
+    user_id: uuid.UUID
+    idempotency_key: Key
+
+
+class Lookup(Body):
+    keys: Annotated[list[KeyRef], Field(min_length=1, max_length=500)]
 
 
 class Grant(Body):
@@ -220,12 +244,36 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/credits/holds/{hold_id}/capture")
     async def capture(hold_id: uuid.UUID, p: Caller, body: Capture | None = None):
         require(p, "service", "admin")
-        return await once(ledger.capture, hold_id, body.amount if body else None)
+        result = await once(ledger.capture, hold_id, body.amount if body else None, bool(body and body.force))
+        if result.pop("forced", False):
+            metrics.forced("expired_hold", result.pop("shortfall"), result["replayed"])
+        return result
 
     @app.post("/v1/credits/holds/{hold_id}/release")
     async def release(hold_id: uuid.UUID, p: Caller):
         require(p, "service", "admin")
         return await once(ledger.release, hold_id)
+
+    @app.post("/v1/credits/holds/void")
+    async def void(body: Void, p: Caller):
+        require(p, "service", "admin")
+        return await once(ledger.void, body.user_id, body.idempotency_key, body.amount)
+
+    @app.post("/v1/credits/forced-debits")
+    async def forced_debit(body: ForcedDebit, p: Caller):
+        """Charge a call that was already answered (the proxy's stand-in advices): down to a zero
+        balance at most; the rest is the shortfall, recorded and counted, never dropped."""
+        require(p, "service", "admin")
+        result = await once(ledger.forced_debit, body.user_id, body.amount, body.idempotency_key, body.description)
+        metrics.forced("advice", result["shortfall"], result["replayed"])
+        return result
+
+    @app.post("/v1/credits/lookup")
+    async def lookup(body: Lookup, p: Caller):
+        """What the ledger holds under each (user, idempotency key): the hold, the transaction, the
+        forced debit. For reconciliation (python -m ciris_proxy reconcile)."""
+        require(p, "service", "admin")
+        return {"items": await database.read(ledger.lookup, [(k.user_id, k.idempotency_key) for k in body.keys])}
 
     @app.post("/v1/credits/grant")
     async def grant(body: Grant, p: Caller):

@@ -103,7 +103,12 @@ async def create_user(conn: AsyncConnection, email: str, signup_credits: int) ->
 
 
 async def balance(conn: AsyncConnection, user_id: uuid.UUID) -> dict:
-    cur = await conn.execute("SELECT balance, updated_at FROM credit_balances WHERE user_id = %s", (user_id,))
+    """The available balance now: holds past their expiry no longer count, whether or not the
+    sweeper has marked them yet."""
+    cur = await conn.execute(
+        """SELECT b.balance + coalesce((SELECT sum(h.amount) FROM holds h WHERE h.user_id = b.user_id
+                                        AND h.status = 'active' AND h.expires_at <= now()), 0)::bigint,
+                  b.updated_at FROM credit_balances b WHERE b.user_id = %s""", (user_id,))
     row = await cur.fetchone()
     if row is None:
         raise not_found("user")
@@ -121,6 +126,8 @@ MOVE = "SELECT outcome, transaction_id, balance FROM billing_move(%s, %s, %s, %s
 HOLD = "SELECT outcome, hold_id, balance FROM billing_hold(%s, %s, %s, %s, %s, %s)"
 CAPTURE = "SELECT outcome, transaction_id, balance, detail FROM billing_capture(%s, %s)"
 RELEASE = "SELECT outcome, status, balance FROM billing_release(%s)"
+FORCE = "SELECT outcome, transaction_id, balance, taken, shortfall FROM billing_force(%s, %s, %s, %s, %s, %s)"
+VOID = "SELECT outcome, status, balance FROM billing_void(%s, %s, %s)"
 REUSED = "idempotency_key was already used with a different request"
 
 
@@ -155,7 +162,9 @@ async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_second
     return _keyed(outcome, balance, amount, {"hold_id": str(hold_id)})
 
 
-async def capture(conn, hold_id: uuid.UUID, amount: int | None) -> dict:
+async def capture(conn, hold_id: uuid.UUID, amount: int | None, force: bool = False) -> dict:
+    """`force`: the call was answered, so a hold that expired meanwhile is charged anyway, as a
+    forced debit under the key the capture would have used (migrations/0004)."""
     outcome, tx, balance, detail = await call(conn, CAPTURE, (hold_id, amount))
     if outcome in ("done", "replayed"):
         return {"transaction_id": tx, "balance": balance, "replayed": outcome == "replayed"}
@@ -163,6 +172,15 @@ async def capture(conn, hold_id: uuid.UUID, amount: int | None) -> dict:
         raise Problem(422, "invalid_request", f"amount {amount} exceeds the hold's {detail}")
     if outcome == "conflict":
         raise conflict(f"hold already captured for {detail}")
+    if outcome == "expired" and force:
+        cur = await conn.execute("SELECT user_id, amount FROM holds WHERE id = %s", (hold_id,))
+        user_id, held = await cur.fetchone()
+        take = held if amount is None else amount
+        if take == 0:
+            return {"transaction_id": None, "balance": balance, "replayed": False, "forced": True, "shortfall": 0}
+        result = await forced_debit(conn, user_id, take, f"hold:{hold_id}", None, hold_id=hold_id)
+        return {"transaction_id": result["transaction_id"], "balance": result["balance"], "replayed": result["replayed"],
+                "forced": True, "shortfall": result["shortfall"]}
     if outcome in ("expired", "released"):
         raise conflict(f"hold is {outcome} and cannot be captured")
     raise not_found("hold")
@@ -175,6 +193,30 @@ async def release(conn, hold_id: uuid.UUID) -> dict:
     if outcome == "conflict":
         raise conflict("hold was captured and cannot be released")
     raise not_found("hold")
+
+
+async def void(conn, user_id: uuid.UUID, key: str, amount: int) -> dict:
+    outcome, status, balance = await call(conn, VOID, (user_id, key, amount))
+    if outcome == "done":
+        return {"idempotency_key": key, "status": status, "balance": balance}
+    if outcome == "conflict":
+        raise conflict("the hold under this key was captured and cannot be voided")
+    raise not_found("user")
+
+
+# --- forced debits: charging a call that was already answered ---------------------------------
+
+async def forced_debit(conn, user_id: uuid.UUID, amount: int, key: str, description: str | None,
+                       hold_id: uuid.UUID | None = None) -> dict:
+    """Take `amount` down to a zero balance at most; the rest is the shortfall, recorded."""
+    req = chain.request_hash("forced", amount=amount, description=description, hold=str(hold_id) if hold_id else None)
+    outcome, tx, balance, taken, shortfall = await call(conn, FORCE, (user_id, amount, key, req, description, hold_id))
+    if outcome == "conflict":
+        raise conflict(REUSED)
+    if outcome == "not_found":
+        raise not_found("user")
+    return {"transaction_id": tx, "balance": balance, "taken": taken, "shortfall": shortfall,
+            "replayed": outcome == "replayed"}
 
 
 async def expire_holds(conn, batch: int = 100) -> int:
@@ -242,6 +284,23 @@ async def refund_purchase(conn, payment_intent: str, amount_refunded: int, charg
 
 
 # --- reading ---------------------------------------------------------------------------------
+
+async def lookup(conn, keys: list[tuple[uuid.UUID, str]]) -> list[dict]:
+    users, names = [u for u, _ in keys], [k for _, k in keys]
+    cur = await conn.execute(
+        """SELECT k.user_id, k.key,
+                  h.id, h.status, h.amount, h.captured, t.id, t.type, t.amount, f.amount, f.taken, f.shortfall
+           FROM unnest(%s::uuid[], %s::text[]) WITH ORDINALITY AS k(user_id, key, n)
+           LEFT JOIN holds h ON h.user_id = k.user_id AND h.idempotency_key = k.key
+           LEFT JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.key
+           LEFT JOIN forced_debits f ON f.user_id = k.user_id AND f.idempotency_key = k.key
+           ORDER BY k.n""", (users, names))
+    return [{"user_id": str(r[0]), "idempotency_key": r[1],
+             "hold": None if r[2] is None else {"id": str(r[2]), "status": r[3], "amount": r[4], "captured": r[5]},
+             "transaction": None if r[6] is None else {"id": r[6], "type": r[7], "amount": r[8]},
+             "forced": None if r[9] is None else {"amount": r[9], "taken": r[10], "shortfall": r[11]}}
+            for r in await cur.fetchall()]
+
 
 async def usage(conn, user_id: uuid.UUID, limit: int, before: int | None) -> dict:
     if not await user_exists(conn, user_id):

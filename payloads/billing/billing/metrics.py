@@ -9,6 +9,8 @@ REGISTRY = CollectorRegistry()
 REQUESTS = Histogram("billing_request_seconds", "Request latency by route template and status", ["route", "method", "status"], registry=REGISTRY)
 CONSUMES = Counter("billing_consumes_total", "Consume requests by outcome", ["outcome"], registry=REGISTRY)
 WEBHOOKS = Counter("billing_webhook_events_total", "Stripe webhook deliveries by event type and outcome", ["type", "outcome"], registry=REGISTRY)
+FORCED = Counter("billing_forced_debits_total", "Forced debits (answered calls charged late) by kind and outcome", ["kind", "outcome"], registry=REGISTRY)
+FORCED_SHORTFALL = Counter("billing_forced_debit_shortfall_cents_total", "Cents forced debits could not take (the balance reached zero)", registry=REGISTRY)
 REFUND_SHORTFALL = Counter("billing_refund_shortfall_cents_total", "Refunded credits that could not be taken back (already spent)", registry=REGISTRY)
 
 
@@ -29,3 +31,12 @@ def observe(route: str, method: str, status: int, seconds: float) -> None:
 
 def consumed(outcome: str) -> None:
     _child(CONSUMES, outcome).inc()
+
+
+def forced(kind: str, shortfall: int, replayed: bool) -> None:
+    if replayed:
+        _child(FORCED, kind, "replayed").inc()
+        return
+    _child(FORCED, kind, "short" if shortfall else "taken").inc()
+    if shortfall:
+        FORCED_SHORTFALL.inc(shortfall)
