@@ -4,7 +4,8 @@
 Environment: BILLING_URL, BILLING_SERVICE_TOKEN[_FILE], BILLING_PUBLIC_KEY[_FILE], TOGETHER_API_KEY,
 GROQ_API_KEY, OPENROUTER_API_KEY; optional PRICE_PER_INTERACTION_CENTS, HOLD_TTL_SECONDS,
 MAX_OUTPUT_TOKENS, MAX_N, MAX_MESSAGES, MAX_BODY_BYTES, CAPTURE_JOURNAL, HOST, PORT, PROXY_CONFIG
-(a rendered config file), and <PROVIDER>_API_BASE to point a provider elsewhere."""
+(a rendered config file), HOLD_PLACEMENT_TIMEOUT_MS, STANDIN_BALANCE_MAX_AGE_SECONDS,
+STANDIN_USER_CAP_CENTS, STANDIN_INSTANCE_CAP_CENTS, CALL_LOG_DAYS, and <PROVIDER>_API_BASE to point a provider elsewhere."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import yaml
 
 from ciris_proxy import litellm_config, settings as settings_mod
+from ciris_proxy.calls import CallLog
 from ciris_proxy.journal import Journal
 
 
@@ -34,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 2
-    try:  # owed captures must be writable before the first request is taken
+    try:  # owed settlements (and the call log beside them) must be writable before the first request
         journal = Journal(settings.capture_journal)
+        calls = CallLog(os.path.join(os.path.dirname(settings.capture_journal) or ".", "calls"), settings.call_log_days)
     except OSError as e:
         print(f"proxy: CAPTURE_JOURNAL cannot be written ({e.strerror}: {settings.capture_journal})", file=sys.stderr)
         return 2
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from ciris_proxy.upstream import Upstreams, quiet_litellm
 
     quiet_litellm()
-    app = App(settings, journal, Upstreams(doc, env))
+    app = App(settings, journal, Upstreams(doc, env), calls)
     # Behind the edge: no forwarded-address rewriting (nothing here uses the client's address).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                 lifespan="on", loop="uvloop", http="httptools", proxy_headers=False, server_header=False)

@@ -1,32 +1,53 @@
 """The credit gate: a billing hold before every paid upstream call, its capture after the answer and
-its release when no provider did the work. Billing is called over aiohttp (httpx was most of the
-proxy's CPU under load, issue #13).
+its release when no provider did the work; and, while billing cannot place holds, stand-in
+authorisation within caps (README "Proxy": stand-in; ADR 8). Billing is called over aiohttp
+(httpx was most of the proxy's CPU under load).
 
-Money stays safe off the critical path: the hold is placed before the upstream call (fail closed:
-no hold, no call); the capture runs after the response is sent, but is first written to a local
-journal and retried until billing answers, so a crash or a billing outage delays it, never loses it.
-A lost release only means the hold expires at its TTL and the user's credit comes back by itself.
+Money stays exact off the critical path: everything owed to billing (captures, releases, voids of
+placements whose outcome is unknown, stand-in advices) is written to the journal first and posted
+by one settler until billing confirms it. Every posting is idempotent under an id derived from the
+call, so a retry, a crash or a billing outage delays a charge, never loses or doubles it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 
 import aiohttp
 
 from ciris_proxy import metrics
+from ciris_proxy.calls import CallLog
 from ciris_proxy.errors import ApiError
 from ciris_proxy.journal import Journal
 from ciris_proxy.settings import Settings
 
 log = logging.getLogger("ciris_proxy")
+BATCH = 64  # journal entries posted at once
+UNAVAILABLE = "billing is unavailable, so nothing was sent upstream and nothing charged; retry shortly or use the other region"
+
+
+@dataclass
+class Authorisation:
+    """How one paid call was authorised: a hold billing placed, or (hold_id None) a stand-in advice."""
+    call: str
+    user: str
+    amount: int
+    hold_id: str | None = None
 
 
 class CreditGate:
-    def __init__(self, settings: Settings, journal: Journal) -> None:
-        self.settings, self.journal = settings, journal
+    def __init__(self, settings: Settings, journal: Journal, calls: CallLog) -> None:
+        self.settings, self.journal, self.calls = settings, journal, calls
+        self.balances: dict[str, tuple[int, float]] = {}  # user -> (available cents billing last said, when)
+        self.exposure: dict[str, int] = {}  # user -> cents authorised on stand-in, not yet debited
+        for entry in journal.pending.values():
+            if entry["op"] == "advice":
+                self._expose(entry["user"], entry["amount"])
         self.tasks: set[asyncio.Task] = set()
+        self.failing = False  # the last hold placement failed: billing cannot write
 
     # --- lifecycle (the app calls start() at startup, stop() at shutdown) ---
 
@@ -37,14 +58,18 @@ class CreditGate:
             timeout=aiohttp.ClientTimeout(total=5.0),
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
         )
-        for hold_id in list(self.journal.pending):  # owed from before a restart
-            self._spawn(self._capture(hold_id))
+        self.wake = asyncio.Event()
+        self.settler = asyncio.get_running_loop().create_task(self._settle_forever())
         if self.journal.pending:
-            log.info("replaying %d captures owed from the journal", len(self.journal.pending))
+            log.info("replaying %d settlements owed from the journal", len(self.journal.pending))
+            self.wake.set()
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
-        if self.tasks:  # whatever does not finish stays in the journal for the next start
-            await asyncio.wait(self.tasks, timeout=grace_seconds)
+        """What is not posted by then stays in the journal for the next start."""
+        deadline = time.monotonic() + grace_seconds
+        while self.journal.owed() and not self.failing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.settler.cancel()
         await self.billing.close()
 
     async def billing_ready(self) -> bool:
@@ -54,82 +79,175 @@ class CreditGate:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    @property
+    def stand_in_enabled(self) -> bool:
+        return self.settings.stand_in.instance_cap_cents > 0
 
-    async def _post(self, path: str, json: dict | None = None) -> tuple[int, dict | None]:
-        async with self.billing.post(path, json=json) as r:
+    async def _post(self, path: str, json: dict | None = None, timeout: float | None = None) -> tuple[int, dict | None]:
+        kwargs = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        async with self.billing.post(path, json=json, **kwargs) as r:
             try:
                 return r.status, await r.json(content_type=None)
             except ValueError:
                 return r.status, None
 
-    # --- holds ---
+    def _billing_failing(self, failing: bool) -> None:
+        self.failing = failing
+        metrics.STANDIN_ACTIVE.set(1 if failing and self.stand_in_enabled else 0)
 
-    async def hold(self, user_id: str, call_id: str) -> str:
-        """Place the hold for one paid call (its id is the idempotency key); the hold id, or an error."""
+    # --- authorising a paid call ---
+
+    async def authorise(self, user: str, call: str) -> Authorisation:
+        """A hold for one paid call (`call` is its idempotency key), or a stand-in authorisation
+        while billing cannot place one; otherwise the error to answer (402, 401, 503)."""
         s = self.settings
+        price, key = s.price_per_interaction_cents, f"proxy:{call}"
         try:
             status, doc = await self._post("v1/credits/holds", {
-                "user_id": user_id, "amount": s.price_per_interaction_cents,
-                "idempotency_key": f"proxy:{call_id}", "ttl_seconds": s.hold_ttl_seconds,
-            })
+                "user_id": user, "amount": price, "idempotency_key": key, "ttl_seconds": s.hold_ttl_seconds,
+            }, timeout=s.stand_in.placement_timeout_ms / 1000)
+        except aiohttp.ClientConnectorError:  # nothing reached billing: nothing to undo
+            metrics.HOLDS.labels("billing_unreachable").inc()
+            return self._stand_in(user, call, "unreachable")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             metrics.HOLDS.labels("billing_unreachable").inc()
-            log.error("billing unreachable placing a hold: %s", type(e).__name__)
-            raise ApiError(503, "billing is unreachable, so nothing was sent upstream and nothing charged; "
-                                "retry shortly or use the other region", code="billing_unavailable") from None
+            self._void(user, key, price)
+            return self._stand_in(user, call, type(e).__name__)
         if status == 201:
             metrics.HOLDS.labels("placed").inc()
-            return doc["hold_id"]
+            self._billing_failing(False)
+            self._known(user, doc.get("balance"))
+            return Authorisation(call, user, price, doc["hold_id"])
         if status == 402:
             metrics.HOLDS.labels("insufficient").inc()
+            self._billing_failing(False)
             balance = (doc or {}).get("error", {}).get("balance", "?") if isinstance(doc, dict) else "?"
-            raise ApiError(402, f"insufficient credits: a request costs {s.price_per_interaction_cents} cents "
+            self._known(user, balance)
+            self.calls.record(call, user, "none", None, False)
+            raise ApiError(402, f"insufficient credits: a request costs {price} cents "
                                 f"and your balance is {balance} cents; buy credits at billing "
                                 f"(POST /v1/credits/purchase)", code="insufficient_credits")
         if status == 404:
             metrics.HOLDS.labels("unknown_user").inc()
             raise ApiError(401, "token names no billing user")
         metrics.HOLDS.labels("billing_error").inc()
+        if status >= 500:  # billing could not write (its outcome may be unknown): undo, then stand in
+            self._void(user, key, price)
+            return self._stand_in(user, call, f"HTTP {status}")
         log.error("billing refused a hold: HTTP %d", status)
         raise ApiError(503, f"billing refused the credit check (HTTP {status}); nothing was sent upstream",
                        code="billing_unavailable")
 
-    def settle(self, hold_id: str, capture: bool) -> None:
-        """The hold's one outcome, after the response: captured (journal first) or released."""
-        if capture:
-            self.journal.owe(hold_id)
-            self._spawn(self._capture(hold_id))
-        else:
-            self._spawn(self._release(hold_id))
+    def _known(self, user: str, balance) -> None:
+        if isinstance(balance, int):
+            self.balances[user] = (balance, time.monotonic())
 
-    async def _capture(self, hold_id: str) -> None:
+    def _void(self, user: str, key: str, amount: int) -> None:
+        """A placement billing may have committed after we gave up: release it once billing answers."""
+        self.journal.add({"op": "void", "id": f"void:{key}", "user": user, "key": key, "amount": amount})
+        self.wake.set()
+
+    def _expose(self, user: str, cents: int) -> None:
+        self.exposure[user] = self.exposure.get(user, 0) + cents
+        if self.exposure[user] <= 0:
+            del self.exposure[user]
+        metrics.STANDIN_EXPOSURE.set(sum(self.exposure.values()))
+
+    def _stand_in(self, user: str, call: str, why: str) -> Authorisation:
+        """Authorise the call ourselves if billing recently said the user can pay, within the caps."""
+        self._billing_failing(True)
+        s, price = self.settings.stand_in, self.settings.price_per_interaction_cents
+        if not self.stand_in_enabled:
+            return self._refuse(user, call, why, None)
+        known = self.balances.get(user)
+        if known is None or time.monotonic() - known[1] > s.balance_max_age_seconds:
+            return self._refuse(user, call, why, "no_recent_balance")
+        if self.exposure.get(user, 0) + price > min(s.user_cap_cents, known[0]):
+            return self._refuse(user, call, why, "over_user_cap")
+        if sum(self.exposure.values()) + price > s.instance_cap_cents:
+            return self._refuse(user, call, why, "over_instance_cap")
+        self.journal.add({"op": "advice", "id": f"advice:{call}", "user": user, "call": call, "amount": price}, sync=True)
+        self._expose(user, price)
+        metrics.STANDIN.labels("authorised").inc()
+        return Authorisation(call, user, price)
+
+    def _refuse(self, user: str, call: str, why: str, outcome: str | None):
+        if outcome:
+            metrics.STANDIN.labels(outcome).inc()
+        log.error("billing could not place a hold (%s); stand-in: %s", why, outcome or "disabled")
+        self.calls.record(call, user, "none", None, False)
+        raise ApiError(503, UNAVAILABLE, code="billing_unavailable")
+
+    # --- settling ---
+
+    def settle(self, auth: Authorisation, answered: bool) -> None:
+        """The call's one outcome, after the response: charged if answered, otherwise nothing."""
+        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered)
+        if auth.hold_id is None:  # stand-in: the advice is in the journal already
+            entry = f"advice:{auth.call}"
+            if answered:
+                self.journal.answer(entry)
+            else:
+                self.journal.settled(entry)
+                self._expose(auth.user, -auth.amount)
+        elif answered:
+            self.journal.add({"op": "capture", "id": auth.hold_id, "hold": auth.hold_id, "user": auth.user})
+        else:
+            self.journal.add({"op": "release", "id": f"release:{auth.hold_id}", "hold": auth.hold_id})
+        self.wake.set()
+
+    async def _settle_forever(self) -> None:
+        """Post what the journal owes, a batch at a time; back off while billing is away."""
         delay = 0.2
         while True:
-            try:
-                status, _ = await self._post(f"v1/credits/holds/{hold_id}/capture")
-                if status == 200:
-                    metrics.SETTLED.labels("captured").inc()
-                    break
-                if status in (404, 409):  # expired before billing came back, or unknown: nothing to retry
-                    metrics.SETTLED.labels("capture_refused").inc()
-                    log.error("billing refused capture of hold %s: HTTP %d", hold_id, status)
-                    break
-                log.warning("capture of hold %s: HTTP %d, retrying", hold_id, status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                log.warning("capture of hold %s: billing unreachable (%s), retrying", hold_id, type(e).__name__)
-            metrics.CAPTURE_RETRIES.inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-        self.journal.settled(hold_id)
+            await self.wake.wait()
+            self.wake.clear()
+            while owed := self.journal.owed():
+                results = await asyncio.gather(*(self._post_entry(e) for e in owed[:BATCH]), return_exceptions=True)
+                if all(r is True for r in results):
+                    delay = 0.2
+                    continue
+                for r in results:
+                    if isinstance(r, BaseException):
+                        log.error("settlement failed: %s", type(r).__name__)
+                metrics.CAPTURE_RETRIES.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    async def _release(self, hold_id: str) -> None:
+    async def _post_entry(self, e: dict) -> bool:
+        """One journal entry to billing. True: settled (confirmed, or refused for good: logged);
+        False: billing is away, try again later."""
+        op = e["op"]
         try:
-            status, _ = await self._post(f"v1/credits/holds/{hold_id}/release")
-            metrics.SETTLED.labels("released" if status == 200 else "release_refused").inc()
+            if op == "capture":
+                status, doc = await self._post(f"v1/credits/holds/{e['hold']}/capture", {"force": True})
+            elif op == "release":
+                status, doc = await self._post(f"v1/credits/holds/{e['hold']}/release")
+            elif op == "void":
+                status, doc = await self._post("v1/credits/holds/void", {
+                    "user_id": e["user"], "idempotency_key": e["key"], "amount": e["amount"]})
+            else:
+                status, doc = await self._post("v1/credits/forced-debits", {
+                    "user_id": e["user"], "amount": e["amount"], "idempotency_key": f"standin:{e['call']}",
+                    "description": "answered while billing could not write (stand-in)"})
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            metrics.SETTLED.labels("release_failed").inc()  # the hold expires at its TTL instead
-            log.warning("release of hold %s failed; it expires at its TTL", hold_id)
+            return False
+        if status >= 500 or status == 429:
+            return False
+        if status == 200:
+            self._billing_failing(False)
+            metrics.SETTLED.labels({"capture": "captured", "release": "released", "void": "voided",
+                                    "advice": "advice_debited"}[op]).inc()
+            if op == "advice":
+                self._expose(e["user"], -e["amount"])
+                self._known(e["user"], doc.get("balance"))
+                if doc.get("shortfall"):
+                    metrics.FORCED_SHORTFALL.inc(doc["shortfall"])
+                    log.warning("a stand-in advice could not be debited in full (short %d cents)", doc["shortfall"])
+        else:  # a refusal that no retry changes (unknown hold or user, a released hold): say so
+            metrics.SETTLED.labels(f"{op}_refused").inc()
+            log.error("billing refused the %s of %s: HTTP %d", op, e["id"], status)
+            if op == "advice":
+                self._expose(e["user"], -e["amount"])
+        self.journal.settled(e["id"])
+        return True

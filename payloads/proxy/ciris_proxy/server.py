@@ -1,7 +1,8 @@
 """The front door: a lean ASGI app, the proxy's whole public surface.
 
     GET  /health               liveness (FSD §9.1), no token
-    GET  /ready                readiness: billing answers (internal)
+    GET  /ready                readiness (internal): 200 "ready"; 200 "degraded: stand-in" while billing
+                               cannot write and the proxy stands in; 503 when it cannot serve paid calls
     GET  /metrics              Prometheus (internal: the edge routes only /health and /v1/*)
     GET  /v1/models            the exposed models, the price and the caps
     POST /v1/chat/completions  the contract (contract.py), the credit gate (gate.py), the providers (upstream.py)
@@ -28,9 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ciris_proxy import metrics
 from ciris_proxy.auth import Tokens
+from ciris_proxy.calls import CallLog
 from ciris_proxy.contract import ChatRequest, ContractError, parse
 from ciris_proxy.errors import ApiError
-from ciris_proxy.gate import CreditGate
+from ciris_proxy.gate import Authorisation, CreditGate
 from ciris_proxy.journal import Journal
 from ciris_proxy.settings import Settings
 from ciris_proxy.upstream import Target, Upstreams
@@ -77,10 +79,10 @@ async def until_disconnect(receive) -> None:
 
 
 class App:
-    def __init__(self, settings: Settings, journal: Journal, upstreams: Upstreams):
+    def __init__(self, settings: Settings, journal: Journal, upstreams: Upstreams, calls: CallLog):
         self.settings, self.upstreams = settings, upstreams
         self.tokens = Tokens(settings.billing_public_key)
-        self.gate = CreditGate(settings, journal)
+        self.gate = CreditGate(settings, journal, calls)
         self.routes = {
             "/health": ("GET", self.health), "/ready": ("GET", self.ready), "/metrics": ("GET", self.metrics),
             "/v1/models": ("GET", self.models), "/v1/chat/completions": ("POST", self.chat),
@@ -126,8 +128,11 @@ class App:
         await send_json(send, 200, b'{"status":"healthy"}')
 
     async def ready(self, scope, receive, send):
+        """Can a paid call be served? Stand-in still serves users billing recently vouched for."""
         if await self.gate.billing_ready():
             return await send_json(send, 200, b'{"status":"ready"}')
+        if self.gate.stand_in_enabled:
+            return await send_json(send, 200, b'{"status":"degraded: stand-in"}')
         await send_json(send, 503, b'{"status":"billing unreachable"}')
 
     async def metrics(self, scope, receive, send):
@@ -158,7 +163,7 @@ class App:
         target = self.upstreams.target(req.model)
         params = self.within_caps(req, target)
         key = headers.get(b"x-provider-key", b"").decode("latin-1").strip() or None
-        hold_id = None
+        auth = None
         if target.byok:
             if not key:
                 raise ApiError(400, f"model {req.model!r} uses your own {target.byok} key: send it in X-Provider-Key",
@@ -168,10 +173,10 @@ class App:
             if key:
                 raise ApiError(400, "X-Provider-Key is only for openai/<model> and anthropic/<model>",
                                code="provider_key_not_allowed")
-            hold_id = await self.gate.hold(user, str(uuid.uuid4()))
+            auth = await self.gate.authorise(user, str(uuid.uuid4()))
             metrics.REQUESTS.labels("paid").inc()
         serve = self.stream if req.stream else self.answer
-        await self.until_client_leaves(serve(send, target, params, key, hold_id), receive)
+        await self.until_client_leaves(serve(send, target, params, key, auth), receive)
 
     def within_caps(self, req: ChatRequest, target: Target) -> dict:
         caps = self.settings.caps
@@ -212,25 +217,25 @@ class App:
             return
         task.result()  # an ApiError raised before the response started becomes the error response
 
-    def settle(self, hold_id: str | None, capture: bool) -> None:
-        if hold_id is not None:
-            self.gate.settle(hold_id, capture)
+    def settle(self, auth: Authorisation | None, capture: bool) -> None:
+        if auth is not None:
+            self.gate.settle(auth, capture)
 
-    async def answer(self, send, target: Target, params: dict, key: str | None, hold_id: str | None):
+    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
         try:
             response = await self.upstreams.complete(target, params, stream=False, key=key)
         except BaseException:  # no answer (or the client left before it): nothing was delivered
-            self.settle(hold_id, capture=False)
+            self.settle(auth, capture=False)
             raise
-        self.settle(hold_id, capture=True)  # the answer exists: the provider's work is done
+        self.settle(auth, capture=True)  # the answer exists: the provider's work is done
         response.model = target.name  # the exposed name, whichever provider answered
         await send_json(send, 200, response.model_dump_json().encode())
 
-    async def stream(self, send, target: Target, params: dict, key: str | None, hold_id: str | None):
+    async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
         try:
             chunks = await self.upstreams.complete(target, params, stream=True, key=key)
         except BaseException:
-            self.settle(hold_id, capture=False)
+            self.settle(auth, capture=False)
             raise
         delivered = False  # any content (text or a tool call) went out to the client
         try:
@@ -241,17 +246,17 @@ class App:
                             "body": b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"})
                 delivered = delivered or _has_content(chunk)
         except asyncio.CancelledError:
-            self.settle(hold_id, capture=True)  # the client left after the provider took the work on
+            self.settle(auth, capture=True)  # the client left after the provider took the work on
             raise
         except Exception as e:  # noqa: BLE001  (the provider broke the stream: say so in the stream)
             log.warning("stream from %s broke: %s", target.name, type(e).__name__)
-            self.settle(hold_id, capture=delivered)
+            self.settle(auth, capture=delivered)
             error = ApiError(502, "the provider's stream broke off" + ("" if delivered else "; nothing was charged"),
                              code="upstream_error")
             await send({"type": "http.response.body", "more_body": True,
                         "body": b"data: " + json.dumps(error.body()).encode() + b"\n\n"})
         else:
-            self.settle(hold_id, capture=delivered)
+            self.settle(auth, capture=delivered)
         finally:
             await _close(chunks)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})

@@ -37,6 +37,16 @@ class Caps:
 
 
 @dataclass(frozen=True)
+class StandIn:
+    """While billing cannot place a hold, the proxy authorises paid calls itself within these caps
+    (README "Proxy": stand-in). instance_cap_cents 0: never (every such call is a 503)."""
+    placement_timeout_ms: int = 1500  # a hold not placed within this counts as billing being away
+    balance_max_age_seconds: int = 300  # a user's balance from billing older than this is not "recent"
+    user_cap_cents: int = 50  # per user: at most this (or their recent balance, if lower) outstanding
+    instance_cap_cents: int = 2000  # per proxy process: at most this outstanding in total
+
+
+@dataclass(frozen=True)
 class Settings:
     billing_url: str
     billing_service_token: str = field(repr=False)
@@ -47,6 +57,8 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 4000
     caps: Caps = field(default_factory=Caps)
+    stand_in: StandIn = field(default_factory=StandIn)
+    call_log_days: int = 14  # the answered-calls log reconcile reads (by day, deleted after this)
 
 
 def _required(env: Mapping[str, str], var: str) -> str:
@@ -99,7 +111,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         billing_service_token=_text_or_file(env, "BILLING_SERVICE_TOKEN"),
         billing_public_key=key,
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
-        hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 60, 86_400),
+        hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 5, 86_400),
         capture_journal=env.get("CAPTURE_JOURNAL", "").strip() or Settings.capture_journal,
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 4000, 1, 65535),
@@ -109,6 +121,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             max_messages=_int(env, "MAX_MESSAGES", Caps.max_messages, 1, 100_000),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", Caps.max_body_bytes, 1024, 64 * 1024 * 1024),
         ),
+        stand_in=StandIn(
+            placement_timeout_ms=_int(env, "HOLD_PLACEMENT_TIMEOUT_MS", StandIn.placement_timeout_ms, 100, 60_000),
+            balance_max_age_seconds=_int(env, "STANDIN_BALANCE_MAX_AGE_SECONDS", StandIn.balance_max_age_seconds, 0, 86_400),
+            user_cap_cents=_int(env, "STANDIN_USER_CAP_CENTS", StandIn.user_cap_cents, 0, 1_000_000),
+            instance_cap_cents=_int(env, "STANDIN_INSTANCE_CAP_CENTS", StandIn.instance_cap_cents, 0, 100_000_000),
+        ),
+        call_log_days=_int(env, "CALL_LOG_DAYS", 14, 1, 3650),
     )
 
 
