@@ -289,7 +289,8 @@ async def lookup(conn, keys: list[tuple[uuid.UUID, str]]) -> list[dict]:
     users, names = [u for u, _ in keys], [k for _, k in keys]
     cur = await conn.execute(
         """SELECT k.user_id, k.key,
-                  h.id, h.status, h.amount, h.captured, t.id, t.type, t.amount, f.amount, f.taken, f.shortfall
+                  h.id, CASE WHEN h.status = 'active' AND h.expires_at <= now() THEN 'expired' ELSE h.status END,
+                  h.amount, h.captured, t.id, t.type, t.amount, f.amount, f.taken, f.shortfall
            FROM unnest(%s::uuid[], %s::text[]) WITH ORDINALITY AS k(user_id, key, n)
            LEFT JOIN holds h ON h.user_id = k.user_id AND h.idempotency_key = k.key
            LEFT JOIN transactions t ON t.user_id = k.user_id AND t.idempotency_key = k.key

@@ -1,5 +1,7 @@
 """python -m ciris_proxy [serve]   serve the proxy (the lean front on litellm.Router)
    python -m ciris_proxy render    print the rendered upstream config (no secrets in it)
+   python -m ciris_proxy reconcile [--since YYYY-MM-DD]
+                                   check every logged paid call against billing's ledger (exit 1 on a problem)
 
 Environment: BILLING_URL, BILLING_SERVICE_TOKEN[_FILE], BILLING_PUBLIC_KEY[_FILE], TOGETHER_API_KEY,
 GROQ_API_KEY, OPENROUTER_API_KEY; optional PRICE_PER_INTERACTION_CENTS, HOLD_TTL_SECONDS,
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve")
     sub.add_parser("render")
+    rec = sub.add_parser("reconcile")
+    rec.add_argument("--since", default="", help="the first UTC day (YYYY-MM-DD) to check; default: every logged day")
     args = parser.parse_args(argv)
     if args.command == "render":
         print(litellm_config.render(), end="")
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.SettingsError as e:
         print(f"proxy: {e}", file=sys.stderr)
         return 2
+    if args.command == "reconcile":
+        from ciris_proxy import reconcile
+
+        return reconcile.main(settings, args.since)
     try:  # owed settlements (and the call log beside them) must be writable before the first request
         journal = Journal(settings.capture_journal)
         calls = CallLog(os.path.join(os.path.dirname(settings.capture_journal) or ".", "calls"), settings.call_log_days)

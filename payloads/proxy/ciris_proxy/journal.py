@@ -33,9 +33,7 @@ class Journal:
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.pending: dict[str, dict] = {}  # id -> entry, in the order written
-        self.answered: set[str] = set()  # advices whose call was answered
-        self._read()
+        self.pending, self.answered = read(path)
         dropped = [i for i, e in self.pending.items() if e["op"] == "advice" and i not in self.answered]
         for i in dropped:  # authorised, but the call never ended: nobody got an answer
             del self.pending[i]
@@ -52,28 +50,6 @@ class Journal:
         self.counts = dict.fromkeys(("capture", "release", "advice"), 0)
         for entry in self.pending.values():
             self._count(entry, 1)
-
-    def _read(self) -> None:
-        try:
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:
-                        continue  # a line torn by a crash mid-write
-                    if not isinstance(entry, dict):
-                        continue
-                    if "capture" in entry:  # the journal's first format
-                        entry = {"op": "capture", "id": entry["capture"], "hold": entry["capture"]}
-                    if entry.get("op") in KINDS and "id" in entry:
-                        self.pending[entry["id"]] = entry
-                    elif "answered" in entry:
-                        self.answered.add(entry["answered"])
-                    elif "done" in entry:
-                        self.pending.pop(entry["done"], None)
-                        self.answered.discard(entry["done"])
-        except FileNotFoundError:
-            pass
 
     def _append(self, entry: dict, sync: bool = False) -> None:
         os.write(self.fd, (json.dumps(entry) + "\n").encode())
@@ -110,3 +86,30 @@ class Journal:
         kind = KINDS[entry["op"]]
         self.counts[kind] += n
         metrics.OWED.labels(kind).set(self.counts[kind])
+
+
+def read(path: str) -> tuple[dict[str, dict], set[str]]:
+    """(what is owed: id -> entry in the order written, the advices whose call was answered)."""
+    pending: dict[str, dict] = {}
+    answered: set[str] = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a crash mid-write
+                if not isinstance(entry, dict):
+                    continue
+                if "capture" in entry:  # the journal's first format
+                    entry = {"op": "capture", "id": entry["capture"], "hold": entry["capture"]}
+                if entry.get("op") in KINDS and "id" in entry:
+                    pending[entry["id"]] = entry
+                elif "answered" in entry:
+                    answered.add(entry["answered"])
+                elif "done" in entry:
+                    pending.pop(entry["done"], None)
+                    answered.discard(entry["done"])
+    except FileNotFoundError:
+        pass
+    return pending, answered

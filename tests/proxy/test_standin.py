@@ -1,0 +1,203 @@
+"""Paid inference while billing cannot write (issue #14): stand-in authorisation within the caps,
+then every answered call charged exactly once and every failed one charged nothing, across a real
+billing stopped, frozen (SIGSTOP) or refusing writes (its database read-only), a hold TTL passing
+in between, and a proxy killed (SIGKILL) and restarted. Real billing and PostgreSQL, a real proxy,
+the fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from components import postgres_config as pgc
+from tests.billing.conftest import Billing
+from tests.postgres.conftest import free_port
+from tests.proxy.conftest import (
+    MODEL, PAYLOAD, PROXY_PYTHON, Proxy, balance, chat, new_user, proxy_env, total_requests, user_token,
+)
+
+PRICE = 5
+USER_CAP, INSTANCE_CAP, TTL = 20, 50, 5  # 4 calls per user, 10 per proxy, holds expire in 5 s
+
+
+@pytest.fixture
+def own_billing(billing, tmp_path):
+    """A billing process of our own (same database) that the test may stop, freeze or restart."""
+    b = Billing({**billing.env, "PORT": str(free_port()), "WORKERS": "1"}, tmp_path / "billing.log")
+    b.start()
+    yield b
+    if b.proc.poll() is None:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    b.stop()
+
+
+@pytest.fixture
+def standin_proxy(own_billing, upstreams, tmp_path):
+    env = {**proxy_env(own_billing.url, upstreams, tmp_path / "journal" / "captures.jsonl"),
+           "HOLD_TTL_SECONDS": str(TTL), "STANDIN_USER_CAP_CENTS": str(USER_CAP),
+           "STANDIN_INSTANCE_CAP_CENTS": str(INSTANCE_CAP), "HOLD_PLACEMENT_TIMEOUT_MS": "1000"}
+    p = Proxy(env, tmp_path / "proxy.log")
+    p.start()
+    yield p
+    p.stop()
+
+
+def metric(proxy: Proxy, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)}{re.escape('{' + labels + '}' if labels else '')} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def burst(proxy: Proxy, tokens: list[str]) -> list[int]:
+    async def go():
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {t}"})
+                                        for t in tokens))
+            return [r.status_code for r in rs]
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(go())
+    finally:
+        loop.close()
+
+
+def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def settled_and_reconciled(proxy: Proxy, billing, cluster, api, expected: dict[str, int]) -> None:
+    """Once the proxy owes nothing: every balance is what the answered calls cost, no hold is left
+    active, the ledger verifies and reconciliation names no call."""
+    until(lambda: all(metric(proxy, "ciris_proxy_owed", f'kind="{k}"') == 0 for k in ("capture", "advice", "release")),
+          60, "the proxy's journal to be settled")
+    assert metric(proxy, "ciris_proxy_standin_exposure_cents") == 0
+    assert {u: balance(api, u) for u in expected} == expected
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        active = conn.execute("SELECT count(*) FROM holds WHERE user_id = ANY(%s::uuid[]) AND status = 'active'",
+                              (list(expected),)).fetchone()[0]
+        negative = conn.execute("SELECT count(*) FROM credit_balances WHERE balance < 0 OR settled < 0").fetchone()[0]
+    assert (active, negative) == (0, 0)
+    verify = billing.run("verify-ledger")
+    assert verify.returncode == 0, verify.stderr
+    rec = subprocess.run([PROXY_PYTHON, "-m", "ciris_proxy", "reconcile"], cwd=PAYLOAD, env=proxy.env,
+                         capture_output=True, text=True, timeout=60)
+    assert rec.returncode == 0 and " 0 problems" in rec.stdout, rec.stdout + rec.stderr
+
+
+def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, own_billing, api, cluster, upstreams):
+    p = standin_proxy
+    users = [new_user(api, 100) for _ in range(4)]
+    poor, fresh, late = new_user(api, 8), new_user(api, 100), new_user(api, 100)
+    tokens = {u: user_token(u) for u in [*users, poor, fresh, late]}
+    spent = dict.fromkeys([*users, poor, fresh, late], 0)
+    with httpx.Client(base_url=p.url, timeout=60) as c:
+        for u in [*users, poor, late]:  # billing vouches for their balances
+            assert chat(c, tokens[u]).status_code == 200
+            spent[u] += PRICE
+    until(lambda: metric(p, "ciris_proxy_owed", 'kind="capture"') == 0, 20, "the first captures")
+
+    # Calls answered while billing goes away: their captures wait in the journal past the hold TTL.
+    for u in upstreams.values():
+        u.control(accept_delay=2.0)
+
+    async def in_flight():
+        async with httpx.AsyncClient(base_url=p.url, timeout=60) as ac:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+            tasks = [asyncio.ensure_future(ac.post("/v1/chat/completions", json=body,
+                                                   headers={"Authorization": f"Bearer {tokens[late]}"})) for _ in range(2)]
+            await asyncio.sleep(1.0)
+            own_billing.stop()  # the holds are placed; billing leaves before the captures
+            return [(await t).status_code for t in tasks]
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(in_flight()) == [200, 200]
+    finally:
+        loop.close()
+    spent[late] += 2 * PRICE
+    for u in upstreams.values():
+        u.control(reset=True)
+
+    # Billing is gone: users it vouched for are stood in, exactly within the caps.
+    before = total_requests(upstreams)
+    codes = burst(p, [tokens[u] for u in users for _ in range(8)])
+    assert codes.count(200) == INSTANCE_CAP // PRICE and codes.count(503) == len(codes) - INSTANCE_CAP // PRICE, codes
+    assert total_requests(upstreams) - before == INSTANCE_CAP // PRICE  # nothing upstream beyond the caps
+    with httpx.Client(base_url=p.url, timeout=60) as c:
+        r = chat(c, tokens[fresh])  # billing never vouched for this one
+        assert r.status_code == 503 and "nothing charged" in r.text
+        assert chat(c, tokens[poor]).status_code == 503  # 3 cents known: less than a call
+        assert c.get("/ready").json() == {"status": "degraded: stand-in"}
+    assert metric(p, "ciris_proxy_standin_active") == 1
+    assert metric(p, "ciris_proxy_standin_exposure_cents") == INSTANCE_CAP
+    assert metric(p, "ciris_proxy_owed", 'kind="advice"') == INSTANCE_CAP // PRICE
+    assert metric(p, "ciris_proxy_standin_total", 'outcome="over_instance_cap"') >= 1
+    assert metric(p, "ciris_proxy_standin_total", 'outcome="no_recent_balance"') == 1
+    assert metric(p, "ciris_proxy_standin_total", 'outcome="over_user_cap"') >= 1  # the poor user, at least
+    per_user = sorted(codes[i * 8:(i + 1) * 8].count(200) for i in range(4))
+    assert all(n <= USER_CAP // PRICE for n in per_user) and sum(per_user) == INSTANCE_CAP // PRICE
+    for i, u in enumerate(users):
+        spent[u] += PRICE * codes[i * 8:(i + 1) * 8].count(200)
+
+    # The proxy dies with everything owed; its successor replays the journal.
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(10)
+    time.sleep(TTL + 1)  # every hold placed before the outage has expired
+    p.start()
+    assert metric(p, "ciris_proxy_standin_exposure_cents") == INSTANCE_CAP
+    own_billing.start()
+    settled_and_reconciled(p, own_billing, cluster, api, {u: (8 if u == poor else 100) - s for u, s in spent.items()})
+    assert metric(p, "ciris_proxy_standin_active") == 0
+    with httpx.Client(base_url=p.url, timeout=60) as c:
+        assert c.get("/ready").json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize("fault", ["frozen", "read_only"])
+def test_billing_frozen_or_unable_to_write(fault, standin_proxy, own_billing, api, cluster, upstreams):
+    p = standin_proxy
+    users = [new_user(api, 100) for _ in range(3)]
+    tokens = [user_token(u) for u in users]
+    with httpx.Client(base_url=p.url, timeout=60) as c:
+        for t in tokens:
+            assert chat(c, t).status_code == 200
+    until(lambda: metric(p, "ciris_proxy_owed", 'kind="capture"') == 0, 20, "the first captures")
+    if fault == "frozen":
+        os.kill(own_billing.proc.pid, signal.SIGSTOP)
+    else:
+        with cluster.connect() as conn:
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            conn.execute("SELECT pg_reload_conf()")
+    try:
+        started = time.monotonic()
+        codes = burst(p, [t for t in tokens for _ in range(3)])
+        took = time.monotonic() - started
+        # One call of each user fails upstream: stood in, not answered, so never charged.
+        for u in upstreams.values():
+            u.control(fail=True)
+        with httpx.Client(base_url=p.url, timeout=60) as c:
+            failed = chat(c, tokens[0])
+        for u in upstreams.values():
+            u.control(reset=True)
+    finally:
+        if fault == "frozen":
+            os.kill(own_billing.proc.pid, signal.SIGCONT)
+        else:
+            with cluster.connect() as conn:
+                conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+                conn.execute("SELECT pg_reload_conf()")
+    assert codes == [200] * 9, codes
+    assert took < 15, f"stand-in answers took {took:.1f} s"  # each waited at most the 1 s placement budget
+    assert failed.status_code != 200 and "nothing was charged" in failed.text
+    settled_and_reconciled(p, own_billing, cluster, api, {u: 100 - 4 * PRICE for u in users})
