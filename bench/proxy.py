@@ -11,6 +11,11 @@ its rounds, so load that other work puts on the machine meanwhile falls on all t
 
 Load comes from wrk (Debian package `wrk`); bridge requests rotate over `--users` users (billing
 serialises one user's holds). Everything shares this machine's 2 cores.
+
+A second line: the bridge during a billing outage. After the rounds billing is stopped and the
+same bridge (which knows every user's balance from the rounds) serves on stand-in authorisation
+(caps raised for the bench; each call journals its advice, fsync'd twice), next to its normal
+figures from the rounds; then billing comes back and the run checks every advice was debited.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 from bench.billing import seed, wrk
@@ -115,6 +121,12 @@ def measure(url: str, script: Path, clients: int, seconds: float, pids: tuple[in
     return (rps, p50, p99, *((cpu_seconds(pid) - b) * 1000 / n for pid, b in zip(pids, before)))
 
 
+def owed(url: str) -> float:
+    """Journal entries the proxy has not settled with billing (its ciris_proxy_owed gauges)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ciris_proxy_owed{"))
+
+
 def main() -> int:
     # The proxy itself no longer needs LiteLLM's proxy server; its baseline here does.
     if subprocess.run([sys.executable, "-c", "import litellm.proxy.proxy_server"], capture_output=True,
@@ -140,7 +152,9 @@ def main() -> int:
         seed(database_url(cluster), args.users)
         users = [f"00000000-0000-0000-0000-{n:012d}" for n in range(1, args.users + 1)]
         ups = {"together": upstream}
-        env = proxy_env(billing.url, ups, work / "captures.jsonl")
+        # Stand-in caps above what the outage phase can spend (users hold 10^9 cents each).
+        env = {**proxy_env(billing.url, ups, work / "captures.jsonl"), "STANDIN_USER_CAP_CENTS": "1000000",
+               "STANDIN_INSTANCE_CAP_CENTS": "100000000"}
         bridge = Proxy(env, work / "bridge.log")
         started.append(bridge)
         bridge.start()
@@ -161,6 +175,15 @@ def main() -> int:
             results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(len(rounds[0][name])))
                           for name in targets}
         rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
+        url, script, _ = targets["bridge"]
+        billing.stop()
+        outage = {c: measure(url, script, c, args.seconds, (bridge.proc.pid,)) for c in args.clients}
+        advices = owed(bridge.url)
+        billing.start()
+        deadline = time.time() + 120
+        while owed(bridge.url) and time.time() < deadline:
+            time.sleep(0.5)
+        left = owed(bridge.url)
     finally:
         for proxy in started:
             proxy.stop()
@@ -179,6 +202,14 @@ def main() -> int:
             f"(+ billing {billing_cpu:.1f}, PostgreSQL {pg_cpu:.1f}) (p50/p99 added), bridge/bare {g_rps / b_rps:.2f} "
             f"in throughput, {g_cpu / b_cpu:.2f} in proxy CPU/req, bare/direct {b_rps / d_rps:.2f}")
     print("proxy chat completion: " + " | ".join(parts) + f" | {rss}")
+    parts = []
+    for c, (o_rps, o50, o99, o_cpu) in outage.items():
+        g_rps, g50, g99, g_cpu = results[c]["bridge"][:4]
+        parts.append(f"c={c} stand-in {o_rps:.0f}/s p50 {o50:.1f} ms p99 {o99:.1f} ms {o_cpu:.1f} ms CPU/req, normal "
+                     f"{g_rps:.0f}/s p50 {g50:.1f} ms p99 {g99:.1f} ms, stand-in/normal {o_rps / g_rps:.2f} in throughput, "
+                     f"{o50 - g50:+.1f}/{o99 - g99:+.1f} ms p50/p99")
+    print("proxy during a billing outage: " + " | ".join(parts) + f" | {advices:.0f} advices journaled, "
+          f"{advices - left:.0f} debited within 2 min of billing's return")
     return 0
 
 
