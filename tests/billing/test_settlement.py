@@ -195,3 +195,19 @@ def test_forced_debits_are_append_only(api, cluster, statement):
     with psycopg.connect(database_url(cluster)) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(statement)
+
+
+def test_verify_ledger_names_a_forced_debit_that_does_not_match_its_transaction(api, billing, cluster):
+    user = new_user(api, 20)
+    force(api, user, 5, "standin:checked")
+    ok = billing.run("verify-ledger")
+    assert ok.returncode == 0 and "forced debits" in ok.stdout, ok.stderr
+    with psycopg.connect(cluster.conninfo(dbname=pgc.DATABASE), autocommit=True) as conn:  # the superuser
+        conn.execute("SET session_replication_role = replica")  # bypass the append-only trigger
+        conn.execute("UPDATE forced_debits SET taken = 4 WHERE user_id = %s", (user,))
+        try:
+            bad = billing.run("verify-ledger")
+            assert bad.returncode == 1 and "forced debit 'standin:checked'" in bad.stderr, bad.stderr
+        finally:
+            conn.execute("UPDATE forced_debits SET taken = 5 WHERE user_id = %s", (user,))
+    assert billing.run("verify-ledger").returncode == 0

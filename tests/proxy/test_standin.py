@@ -130,11 +130,15 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
     for u in upstreams.values():
         u.control(reset=True)
 
-    # Billing is gone: users it vouched for are stood in, exactly within the caps.
+    # Billing is gone: users it vouched for are stood in, exactly within the caps. One user's
+    # burst meets the per-user cap; the others' burst then meets the per-proxy cap.
+    per_user, per_proxy = USER_CAP // PRICE, INSTANCE_CAP // PRICE
     before = total_requests(upstreams)
-    codes = burst(p, [tokens[u] for u in users for _ in range(8)])
-    assert codes.count(200) == INSTANCE_CAP // PRICE and codes.count(503) == len(codes) - INSTANCE_CAP // PRICE, codes
-    assert total_requests(upstreams) - before == INSTANCE_CAP // PRICE  # nothing upstream beyond the caps
+    first = burst(p, [tokens[users[0]]] * 8)
+    assert sorted(first) == [200] * per_user + [503] * (8 - per_user), first
+    rest = burst(p, [tokens[u] for u in users[1:] for _ in range(8)])
+    assert rest.count(200) == per_proxy - per_user and rest.count(503) == len(rest) - rest.count(200), rest
+    assert total_requests(upstreams) - before == per_proxy  # nothing upstream beyond the caps
     with httpx.Client(base_url=p.url, timeout=60) as c:
         r = chat(c, tokens[fresh])  # billing never vouched for this one
         assert r.status_code == 503 and "nothing charged" in r.text
@@ -142,14 +146,15 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
         assert c.get("/ready").json() == {"status": "degraded: stand-in"}
     assert metric(p, "ciris_proxy_standin_active") == 1
     assert metric(p, "ciris_proxy_standin_exposure_cents") == INSTANCE_CAP
-    assert metric(p, "ciris_proxy_owed", 'kind="advice"') == INSTANCE_CAP // PRICE
+    assert metric(p, "ciris_proxy_owed", 'kind="advice"') == per_proxy
+    assert metric(p, "ciris_proxy_standin_total", 'outcome="authorised"') == per_proxy
+    assert metric(p, "ciris_proxy_standin_total", 'outcome="over_user_cap"') >= 8 - per_user + 1  # + the poor user
     assert metric(p, "ciris_proxy_standin_total", 'outcome="over_instance_cap"') >= 1
     assert metric(p, "ciris_proxy_standin_total", 'outcome="no_recent_balance"') == 1
-    assert metric(p, "ciris_proxy_standin_total", 'outcome="over_user_cap"') >= 1  # the poor user, at least
-    per_user = sorted(codes[i * 8:(i + 1) * 8].count(200) for i in range(4))
-    assert all(n <= USER_CAP // PRICE for n in per_user) and sum(per_user) == INSTANCE_CAP // PRICE
-    for i, u in enumerate(users):
-        spent[u] += PRICE * codes[i * 8:(i + 1) * 8].count(200)
+    answered = [first.count(200)] + [rest[i * 8:(i + 1) * 8].count(200) for i in range(3)]
+    assert all(n <= per_user for n in answered)
+    for u, n in zip(users, answered):
+        spent[u] += PRICE * n
 
     # The proxy dies with everything owed; its successor replays the journal.
     p.proc.send_signal(signal.SIGKILL)

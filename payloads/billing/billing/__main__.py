@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             if report.problem:
                 print(f"ledger broken: {report.problem}", file=sys.stderr)
                 return 1
-            print(f"ledger ok: {report.users} users, {report.transactions} transactions checked")
+            print(f"ledger ok: {report.users} users, {report.transactions} transactions checked; "
+                  f"{report.forced} forced debits, {report.shortfall} cents short")
             return 0
         applied = migrate.apply(settings.database_url)
         if applied:

@@ -1,5 +1,6 @@
-"""`python -m billing verify-ledger`: recompute every user's hash chain and running balance, and
-check each balance row against its chain and active holds. Names the first broken row."""
+"""`python -m billing verify-ledger`: recompute every user's hash chain and running balance, check
+each balance row against its chain and active holds, and each forced debit against the transaction
+that took it. Names the first broken row."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from billing import chain
 class Report:
     users: int = 0
     transactions: int = 0
+    forced: int = 0
+    shortfall: int = 0  # cents forced debits could not take (the balance had reached zero)
     problem: str | None = None
 
 
@@ -50,6 +53,17 @@ def verify(database_url: str) -> Report:
                 return _broken(report, f"{user}: balance row does not point at the end of the chain (seq {seq})")
             if head["settled"] != total or head["balance"] != total - head["held"]:
                 return _broken(report, f"{user}: balance {head['balance']} but transactions {total} - active holds {head['held']} = {total - head['held']}")
+        for f in conn.execute(
+            """SELECT f.user_id, f.idempotency_key, f.taken, f.shortfall, t.user_id AS t_user,
+                      t.idempotency_key AS t_key, t.type AS t_type, t.amount AS t_amount
+               FROM forced_debits f LEFT JOIN transactions t ON t.id = f.transaction_id ORDER BY f.created_at"""
+        ):
+            report.forced += 1
+            report.shortfall += f["shortfall"]
+            where = f"forced debit {f['idempotency_key']!r} (user {f['user_id']})"
+            if f["taken"] and (f["t_type"] != "forced" or f["t_amount"] != -f["taken"] or f["t_user"] != f["user_id"]
+                               or f["t_key"] != f["idempotency_key"]):
+                return _broken(report, f"{where}: its transaction does not take {f['taken']} under its key")
         orphans = conn.execute("SELECT count(*) AS n FROM transactions t WHERE NOT EXISTS (SELECT 1 FROM credit_balances b WHERE b.user_id = t.user_id)").fetchone()
         if orphans["n"]:
             return _broken(report, f"{orphans['n']} transaction(s) belong to no balance row")
