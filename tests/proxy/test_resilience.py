@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import httpx
 
 from tests.proxy.conftest import MODEL, SERVICE, balance, chat, holds, new_user, total_requests, user_token
+from components import postgres_config as pgc
 from tests.postgres.conftest import free_port
 
 PRICE = 5
@@ -64,3 +66,19 @@ def test_burst_beyond_credit_answers_and_charges_exactly_what_is_covered(proxy, 
     assert codes.count(200) == 30 and codes.count(402) == 20, codes
     assert holds(cluster, user) == [("captured", PRICE)] * 30
     assert balance(api, user) == 0
+
+
+def test_a_restart_posts_answered_advices_and_drops_those_whose_call_never_ended(second_proxy, api, billing, cluster):
+    user = new_user(api, 15)
+    answered, unfinished = str(uuid.uuid4()), str(uuid.uuid4())
+    lines = [{"op": "advice", "id": f"advice:{c}", "user": user, "call": c, "amount": PRICE} for c in (answered, unfinished)]
+    lines.append({"answered": f"advice:{answered}"})
+    p = second_proxy(billing.url, "".join(json.dumps(e) + "\n" for e in lines))
+    deadline = time.time() + 20
+    while balance(api, user) != 15 - PRICE and time.time() < deadline:
+        time.sleep(0.1)
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        keys = conn.execute("SELECT idempotency_key, taken FROM forced_debits WHERE user_id = %s", (user,)).fetchall()
+    assert keys == [(f"standin:{answered}", PRICE)]
+    assert balance(api, user) == 15 - PRICE
+    assert "dropped 1 stand-in advices whose calls never ended" in p.log.read_text()

@@ -112,13 +112,17 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
     for u in upstreams.values():
         u.control(accept_delay=2.0)
 
+    # (A third caller leaves before any answer: its hold's release is owed, and it pays nothing.)
     async def in_flight():
-        async with httpx.AsyncClient(base_url=p.url, timeout=60) as ac:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
-            tasks = [asyncio.ensure_future(ac.post("/v1/chat/completions", json=body,
-                                                   headers={"Authorization": f"Bearer {tokens[late]}"})) for _ in range(2)]
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        auth = {"Authorization": f"Bearer {tokens[late]}"}
+        async with httpx.AsyncClient(base_url=p.url, timeout=60) as ac, httpx.AsyncClient(base_url=p.url, timeout=1.5) as leaves:
+            tasks = [asyncio.ensure_future(ac.post("/v1/chat/completions", json=body, headers=auth)) for _ in range(2)]
+            left = asyncio.ensure_future(leaves.post("/v1/chat/completions", json=body, headers=auth))
             await asyncio.sleep(1.0)
-            own_billing.stop()  # the holds are placed; billing leaves before the captures
+            own_billing.stop()  # the holds are placed; billing leaves before the captures and the release
+            with pytest.raises(httpx.ReadTimeout):
+                await left
             return [(await t).status_code for t in tasks]
 
     loop = asyncio.new_event_loop()
@@ -127,6 +131,7 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
     finally:
         loop.close()
     spent[late] += 2 * PRICE
+    assert metric(p, "ciris_proxy_owed", 'kind="release"') == 1
     for u in upstreams.values():
         u.control(reset=True)
 

@@ -216,7 +216,7 @@ class CreditGate:
 
     async def _post_entry(self, e: dict) -> bool:
         """One journal entry to billing. True: settled (confirmed, or refused for good: logged);
-        False: billing is away, try again later."""
+        False: not settled (billing away, or a refusal an operator can fix): try again later."""
         op = e["op"]
         try:
             if op == "capture":
@@ -232,8 +232,11 @@ class CreditGate:
                     "description": "answered while billing could not write (stand-in)"})
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
-        if status >= 500 or status == 429:
+        if status not in (200, 404, 409):  # billing away, or a refusal a fix can change (an expired
+            if status < 500:                # service token, an older billing): keep it, say so
+                log.error("billing answered the %s of %s with HTTP %d; kept, retrying", op, e["id"], status)
             return False
+        doc = doc if isinstance(doc, dict) else {}
         if status == 200:
             self._billing_failing(False)
             metrics.SETTLED.labels({"capture": "captured", "release": "released", "void": "voided",
@@ -244,7 +247,7 @@ class CreditGate:
                 if doc.get("shortfall"):
                     metrics.FORCED_SHORTFALL.inc(doc["shortfall"])
                     log.warning("a stand-in advice could not be debited in full (short %d cents)", doc["shortfall"])
-        else:  # a refusal that no retry changes (unknown hold or user, a released hold): say so
+        else:  # 404/409: a refusal no retry changes (unknown hold or user, a released hold): say so
             metrics.SETTLED.labels(f"{op}_refused").inc()
             log.error("billing refused the %s of %s: HTTP %d", op, e["id"], status)
             if op == "advice":
