@@ -7,6 +7,7 @@ the fake upstreams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -174,6 +175,28 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
         assert c.get("/ready").json() == {"status": "ready"}
 
 
+@contextlib.contextmanager
+def billing_fault(fault: str, billing, cluster):
+    """Billing frozen (SIGSTOP: requests hang), or its database refusing every write."""
+    def read_only(on: bool):
+        with cluster.connect() as conn:
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on" if on else
+                         "ALTER SYSTEM RESET default_transaction_read_only")
+            conn.execute("SELECT pg_reload_conf()")
+
+    if fault == "frozen":
+        os.kill(billing.proc.pid, signal.SIGSTOP)
+    else:
+        read_only(True)
+    try:
+        yield
+    finally:
+        if fault == "frozen":
+            os.kill(billing.proc.pid, signal.SIGCONT)
+        else:
+            read_only(False)
+
+
 @pytest.mark.parametrize("fault", ["frozen", "read_only"])
 def test_billing_frozen_or_unable_to_write(fault, standin_proxy, own_billing, api, cluster, upstreams):
     p = standin_proxy
@@ -183,30 +206,17 @@ def test_billing_frozen_or_unable_to_write(fault, standin_proxy, own_billing, ap
         for t in tokens:
             assert chat(c, t).status_code == 200
     until(lambda: metric(p, "ciris_proxy_owed", 'kind="capture"') == 0, 20, "the first captures")
-    if fault == "frozen":
-        os.kill(own_billing.proc.pid, signal.SIGSTOP)
-    else:
-        with cluster.connect() as conn:
-            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-            conn.execute("SELECT pg_reload_conf()")
-    try:
+    with billing_fault(fault, own_billing, cluster):
         started = time.monotonic()
         codes = burst(p, [t for t in tokens for _ in range(3)])
         took = time.monotonic() - started
-        # One call of each user fails upstream: stood in, not answered, so never charged.
+        # One call fails upstream: stood in, not answered, so never charged.
         for u in upstreams.values():
             u.control(fail=True)
         with httpx.Client(base_url=p.url, timeout=60) as c:
             failed = chat(c, tokens[0])
         for u in upstreams.values():
             u.control(reset=True)
-    finally:
-        if fault == "frozen":
-            os.kill(own_billing.proc.pid, signal.SIGCONT)
-        else:
-            with cluster.connect() as conn:
-                conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
-                conn.execute("SELECT pg_reload_conf()")
     assert codes == [200] * 9, codes
     assert took < 15, f"stand-in answers took {took:.1f} s"  # each waited at most the 1 s placement budget
     assert failed.status_code != 200 and "nothing was charged" in failed.text
