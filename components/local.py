@@ -9,7 +9,8 @@ first, then the regions in config order -- the bundle the program ships is piped
 deploy script (components/deploy.py) that its `*-deploy` command runs over SSH; then each region's
 zones are synced the same way. The container engine is Podman behind Docker's API
 (scripts/container-engine, which `make local` runs first). What clients need is written to
-local/: client_config.json (the `client_config` stack output), ca.crt (the CA of every edge),
+local/: client_config.json (the `client_config` stack output), outputs.json (every output, as
+`pulumi stack output --json` gives them), ca.crt (the CA of every edge),
 admin.token (a billing admin token, valid 24 h).
 """
 
@@ -234,6 +235,7 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     first = regions[0]["name"]
     payload = deploys[first]["stdin"]
     (LOCAL / "client_config.json").write_text(json.dumps(plan.outputs["client_config"], indent=2) + "\n")
+    (LOCAL / "outputs.json").write_text(json.dumps(plan.outputs, indent=2) + "\n")  # python -m ops status local
     (LOCAL / "ca.crt").write_text(plan.artifacts[f"{first}/edge/ca/root.crt"])
     wait_for_edges(regions, LOCAL / "ca.crt")
     token = LOCAL / "admin.token"

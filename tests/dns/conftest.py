@@ -25,16 +25,16 @@ def free_port(kind=socket.SOCK_STREAM) -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, health_interval: int = 1):
-        self.tmp = tmp
-        self.port = free_port()
+    def __init__(self, tmp: Path, health_interval: int = 1, address: str = "127.0.0.1", port: int | None = None):
+        self.tmp, self.address = tmp, address
+        self.port = port or free_port()
         self.api_port = free_port()
         (tmp / "data").mkdir()
         (tmp / "pdns.conf").write_text(
             dns.pdns_conf(
                 api_key=API_KEY,
                 data_dir=str(tmp / "data"),
-                listen=("127.0.0.1",),
+                listen=(address,),
                 port=self.port,
                 api_port=self.api_port,
                 health_interval=health_interval,

@@ -1,9 +1,11 @@
 """End to end on the running local stack (tests/e2e/conftest.py): DNS, edges, the money path,
-replication, and what survives a recreated container."""
+replication, what survives a recreated container, and `ops status` seeing a region go dark."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -219,3 +221,32 @@ def test_a_changed_file_reaches_only_the_containers_that_read_it(stack, tmp_path
     finally:
         out = stack.local("up")
         assert out.returncode == 0, out.stderr[-3000:]
+
+
+def ops_status(stack) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops", "status", "local", "--json"], cwd=REPO, env=stack.env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_ops_status_sees_the_bridge_healthy_then_a_region_gone_dark(stack):
+    healthy = ops_status(stack)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    rows = json.loads(healthy.stdout)["rows"]
+    assert {"dns", "health", "certificate", "database"} <= {r["check"] for r in rows}
+    assert len([r for r in rows if r["check"] == "health"]) == 2 * len(stack.regions)
+    region = stack.regions[-1]
+    dark = [f"ciris-{region['name']}-{service}-1" for service in ("edge", "dns")]
+    stack.podman("stop", "-t", "2", *dark)
+    try:
+        down = ops_status(stack)
+        assert down.returncode == 2, down.stdout + down.stderr
+        crit = [r for r in json.loads(down.stdout)["rows"] if r["verdict"] == "crit"]
+        # Its nameserver for each zone, its billing and proxy: named, and nothing of the other regions.
+        assert len(crit) == len(stack.client_config["dns"]["zones"]) + 2, crit
+        assert all(region["name"] in r["target"] or f"({region['ipv4']})" in r["target"] for r in crit), crit
+    finally:
+        stack.podman("start", *dark)
+    deadline = time.time() + 120
+    while (again := ops_status(stack)).returncode != 0:
+        assert time.time() < deadline, again.stdout
+        time.sleep(3)

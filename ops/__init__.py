@@ -1,0 +1,1 @@
+"""Operator tools: `python -m ops status <stack>` (README "Operating the bridge")."""
