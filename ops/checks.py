@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import dns.exception
@@ -31,12 +32,16 @@ class Row:
 
 
 def soa_serial(zone: str, server: str, port: int = 53, timeout: float = 3.0) -> int:
-    """The zone's SOA serial from one nameserver: UDP, then TCP (as resolvers fall back)."""
+    """The zone's SOA serial from one nameserver, asked as resolvers do: UDP, then TCP, twice over
+    (one lost datagram is not an outage)."""
     query = dns.message.make_query(zone, dns.rdatatype.SOA)
-    try:
-        answer = dns.query.udp(query, server, port=port, timeout=timeout)
-    except (dns.exception.Timeout, OSError):
-        answer = dns.query.tcp(query, server, port=port, timeout=timeout)
+    for attempt, ask in enumerate((dns.query.udp, dns.query.tcp) * 2):
+        try:
+            answer = ask(query, server, port=port, timeout=timeout)
+            break
+        except (dns.exception.Timeout, OSError):
+            if attempt == 3:
+                raise
     for rrset in answer.answer:
         if rrset.rdtype == dns.rdatatype.SOA:
             return rrset[0].serial
@@ -44,13 +49,16 @@ def soa_serial(zone: str, server: str, port: int = 53, timeout: float = 3.0) -> 
 
 
 def dns_rows(client_config: dict, port: int = 53, timeout: float = 3.0) -> list[Row]:
+    zones, servers = client_config["dns"]["zones"], client_config["dns"]["nameservers"]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a dead nameserver costs its timeouts once
+        asked = {(z, ns["name"]): pool.submit(soa_serial, z, ns["ipv4"], port, timeout) for z in zones for ns in servers}
     rows = []
-    for zone in client_config["dns"]["zones"]:
+    for zone in zones:
         serials = {}
-        for ns in client_config["dns"]["nameservers"]:
+        for ns in servers:
             target = f"{zone} @ {ns['name']} ({ns['ipv4']})"
             try:
-                serials[ns["name"]] = soa_serial(zone, ns["ipv4"], port, timeout)
+                serials[ns["name"]] = asked[zone, ns["name"]].result()
                 rows.append(Row("dns", target, OK, f"SOA serial {serials[ns['name']]}"))
             except (dns.exception.DNSException, OSError, LookupError) as e:
                 rows.append(Row("dns", target, CRIT, f"no SOA answer ({type(e).__name__})"))
@@ -60,20 +68,21 @@ def dns_rows(client_config: dict, port: int = 53, timeout: float = 3.0) -> list[
     return rows
 
 
-def https_health(address: str, host: str, ca_file: str | None, timeout: float = 5.0) -> tuple[int, str, float]:
-    """(HTTP status, the body's start, days the certificate has left) of GET https://host/health,
-    sent to `address` with `host` as SNI and Host, the certificate verified."""
+def https_health(address: str, host: str, ca_file: str | None, timeout: float = 5.0) -> tuple[int, str, float, float]:
+    """(HTTP status, the body's start, seconds the certificate has left, its whole lifetime in
+    seconds) of GET https://host/health, sent to `address` with `host` as SNI and Host, verified."""
     tls = ssl.create_default_context(cafile=ca_file)
     with socket.create_connection((address, 443), timeout=timeout) as raw, tls.wrap_socket(raw, server_hostname=host) as conn:
-        not_after = ssl.cert_time_to_seconds(conn.getpeercert()["notAfter"])
+        cert = conn.getpeercert()
+        not_before, not_after = (ssl.cert_time_to_seconds(cert[k]) for k in ("notBefore", "notAfter"))
         conn.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while len(data) < 8192 and (chunk := conn.recv(4096)):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    days = (not_after - dt.datetime.now(dt.timezone.utc).timestamp()) / 86400
-    return status, body[:200].decode(errors="replace").strip(), days
+    left = not_after - dt.datetime.now(dt.timezone.utc).timestamp()
+    return status, body[:200].decode(errors="replace").strip(), left, not_after - not_before
 
 
 def edge_rows(client_config: dict, ca_file: str | None) -> list[Row]:
@@ -83,15 +92,27 @@ def edge_rows(client_config: dict, ca_file: str | None) -> list[Row]:
             host = f"{service}1.{region['domain']}"
             target = f"{region['name']} {host}"
             try:
-                status, body, days = https_health(region["ipv4"], host, ca_file)
+                status, body, left, lifetime = https_health(region["ipv4"], host, ca_file)
             except (OSError, ssl.SSLError, ValueError, IndexError) as e:
                 rows.append(Row("health", target, CRIT, f"no answer ({type(e).__name__}: {str(e)[:80]})"))
                 continue
             # billing's /health is readiness ("a write commits"); 503 names the database's state
             rows.append(Row("health", target, OK if status == 200 else CRIT, f"HTTP {status} {body}"))
-            verdict = CRIT if days < CERT_CRIT_DAYS else WARN if days < CERT_WARN_DAYS else OK
-            rows.append(Row("certificate", target, verdict, f"{days:.0f} days left"))
+            rows.append(Row("certificate", target, cert_verdict(left, lifetime), f"{_duration(left)} left"))
     return rows
+
+
+def cert_verdict(left: float, lifetime: float) -> str:
+    """Warn under 14 days, critical under 3 — or, for short-lived certificates (the local stack's
+    internal CA issues 12-hour ones, renewed at two thirds), under a third / a tenth of the lifetime."""
+    day = 86400
+    if left < min(CERT_CRIT_DAYS * day, lifetime / 10):
+        return CRIT
+    return WARN if left < min(CERT_WARN_DAYS * day, lifetime / 3) else OK
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.0f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:.1f} hours"
 
 
 def database_rows(outputs: dict) -> list[Row]:

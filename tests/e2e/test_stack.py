@@ -14,6 +14,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import boto3
+import httpx
 import stripe
 
 from components import local_s3
@@ -191,7 +192,17 @@ def test_a_recreated_postgres_container_keeps_its_data(stack):
         wait_sync(stack)
         assert stack.psql(region, f"SELECT count(*) FROM users WHERE email = '{marker}'") == "1", region
     with stack.edge(us, "billing") as billing:  # billing found the new primary by itself
-        assert billing.post("/v1/users", json={"email": f"after-{marker}"}, headers=admin).status_code == 201
+        # (Seen once: a connection to the edge timing out right after a container of its network
+        # was recreated; Podman rebuilds the network's forwarding rules then. Retried, not hidden:
+        # the edge is not what this test is about.)
+        deadline = time.time() + 60
+        while True:
+            try:
+                r = billing.post("/v1/users", json={"email": f"after-{marker}"}, headers=admin)
+                break
+            except httpx.ConnectTimeout:
+                assert time.time() < deadline, "the edge did not take connections for 60 s"
+        assert r.status_code == 201, r.text
     # Billing's health is "can write": each region's is healthy again without a restart.
     deadline = time.time() + 120
     while "unhealthy" in (states := stack.podman("ps", "--filter", "label=ciris.service=billing", "--format", "{{.Status}}")) \

@@ -93,3 +93,11 @@ def test_missing_outputs_are_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(outputs, "LOCAL", tmp_path / "local")
     assert main(["status", "local"]) == 3
     assert "the local stack is not up" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("left_days, lifetime_days, verdict", [
+    (60, 90, "ok"), (13, 90, "warn"), (2, 90, "crit"),  # ACME's 90-day certificates
+    (0.3, 0.5, "ok"), (0.1, 0.5, "warn"), (0.01, 0.5, "crit"),  # the local CA's 12-hour ones
+])
+def test_certificate_verdicts_follow_the_lifetime(left_days, lifetime_days, verdict):
+    assert checks.cert_verdict(left_days * 86400, lifetime_days * 86400) == verdict
