@@ -204,6 +204,9 @@ INHIBIT_RULES = [
     {"source_matchers": ['alertname="RegionDown"'], "target_matchers": ['explained_by="any_region_down"']},
     {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['explained_by=~"region_down|any_region_down"']},
     {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['alertname="RegionDown"']},
+    # No provider answering explains each provider failing over.
+    {"source_matchers": ['alertname="AllUpstreamsFailing"'], "target_matchers": ['alertname="UpstreamFailingOver"'],
+     "equal": ["region"]},
 ]
 
 
