@@ -35,6 +35,8 @@ SECRET_KEYS = (
     "backup_s3_access_key",
     "backup_s3_secret_key",
     "ssh_private_key",
+    "alert_smtp_password",
+    "alert_webhook_url",
 )
 # Provider credentials live in the providers' own namespaces but are just as secret.
 PROVIDER_SECRET_KEYS = ("vultr:apiKey", "hcloud:token", "digitalocean:token")
@@ -153,6 +155,28 @@ class BackupSettings(_Model):
     )
 
 
+_EMAIL = r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$"
+
+
+class EmailAlerts(_Model):
+    """Where Alertmanager sends e-mail; the password is the secret ciris-bridge:alert_smtp_password
+    (optional: a relay that takes mail without login needs none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    smtp_host: str = Field(pattern=rf"^({_LABEL}\.)*{_LABEL}$")
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    sender: str = Field(alias="from", pattern=_EMAIL)
+    to: list[Annotated[str, Field(pattern=_EMAIL)]] = Field(min_length=1)
+    username: str | None = Field(default=None, description="SMTP login; default: the from address")
+
+
+class Alerts(_Model):
+    """Alert channels (FSD §9.2). Optional: without any, alerts fire but reach no one (the plan
+    warns). The webhook's URL is the secret ciris-bridge:alert_webhook_url (it usually holds a token)."""
+
+    email: EmailAlerts | None = None
+
+
 class BridgeConfig(_Model):
     environment: Literal["production", "staging", "local"]
     regions: list[Region] = Field(min_length=1)
@@ -162,6 +186,7 @@ class BridgeConfig(_Model):
     services: Services = Services()
     backup: BackupSettings | None = None
     witness: Witness | None = None
+    alerts: Alerts = Alerts()
     zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
     # Filled in by parse() from zones_file, never set directly.
@@ -243,6 +268,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     if config.services.fake_llm_upstream and config.environment != "local":
         raise ConfigError(f"{PROJECT}:services.fake_llm_upstream", f"is for environment local only, not {config.environment}")
     _check_cost(config)
+    _check_alerts(config)
     try:
         zones = dns.load(ROOT / config.zones_file, config.regions, label=config.zones_file)
     except dns.ZonesError as e:
@@ -352,6 +378,18 @@ def _check_topology(config: BridgeConfig) -> None:
     if config.budget.ceiling_usd < config.budget.target_usd:
         raise ConfigError(f"{PROJECT}:budget.ceiling_usd", "is below budget.target_usd")
     _check_witness(config)
+
+
+def _check_alerts(config: BridgeConfig) -> None:
+    """The alert secrets, checked without ever showing their values."""
+    url = config.secret("alert_webhook_url")
+    schemes = ("https://", "http://") if config.environment == "local" else ("https://",)
+    if url not in (None, OFFLINE_SECRET) and (not url.startswith(schemes) or any(c.isspace() for c in url)):
+        raise ConfigError(f"{PROJECT}:alert_webhook_url", f"is not an {' or '.join(s[:-3] for s in schemes)} URL "
+                                                          "(value not shown: it is a secret)")
+    if config.secret("alert_smtp_password") is not None and config.alerts.email is None:
+        raise ConfigError(f"{PROJECT}:alert_smtp_password", "is set but ciris-bridge:alerts.email is not; "
+                                                            "set alerts.email (smtp_host, from, to) or remove the password")
 
 
 def _check_cost(config: BridgeConfig) -> None:

@@ -1,0 +1,279 @@
+"""Monitoring: Prometheus, Alertmanager and the blackbox and node exporters on every region and the
+witness (FSD §9, issue #16) -- the pure renderers of their config, shared by production and tests.
+
+Every host is a vantage point: its Prometheus scrapes its own services and probes EVERY region from
+outside (DNS SOA of every zone on every nameserver, HTTPS /health of every billing and proxy through
+the edge, whose TLS handshake also gives the certificate's expiry). So a region that is down is
+still reported by the others, and "every region down" by the witness. The alert rules are the files
+in payloads/monitoring/rules, the same ones production loads and `promtool test rules` tests.
+
+One page per incident: every Prometheus drops its vantage label from the alerts it sends, so the
+same alert seen from three hosts is one alert; the Alertmanagers form one cluster (port 9094),
+which sends each notification once; inhibition lets "region down" silence what it explains.
+
+The edge (Caddy) exposes no metrics: its admin endpoint, which serves them, is off (components/edge.py);
+the HTTPS probes through it are how it is watched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import yaml
+
+from components import cost
+
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+CLUSTER_PORT = 9094  # Alertmanager's gossip between the hosts (peer-only firewall)
+BLACKBOX_PORT = 9115
+NODE_PORT = 9100
+RULES_DIR = "/etc/prometheus/rules"  # where the rules files are mounted in the Prometheus container
+HEALTH_MODULE = "https_health"
+# A service's metrics endpoint on its host's container network: job -> (address, path).
+SERVICES = {
+    "billing": ("billing:8000", "/metrics"),
+    "proxy": ("proxy:4000", "/metrics"),
+    # PowerDNS's webserver (components/dns.pdns_conf); it must allow the Prometheus container's address.
+    "powerdns": ("dns:8081", "/metrics"),
+}
+# Patroni's REST API serves /metrics over TLS with the stack's database CA (components/postgres.py).
+PATRONI = ("postgres:8008", "/metrics")
+
+
+@dataclass(frozen=True)
+class RegionTargets:
+    """What the vantage points probe of one region: its nameserver (host or address, :53 implied)
+    and the health URLs through its edge, by service."""
+
+    name: str
+    nameserver: str
+    health: dict[str, str] = field(default_factory=dict)  # service -> URL
+
+
+def region_targets(regions, nameservers: dict[str, str] | None = None) -> list[RegionTargets]:
+    """The probe targets of the configured regions (config.Region); `nameservers` (region -> IP
+    address) when known, else the nameserver's name."""
+    nameservers = nameservers or {}
+    return [
+        RegionTargets(r.name, nameservers.get(r.name, r.nameserver_fqdn),
+                      {s: f"https://{s}1.{r.domain}/health" for s in ("billing", "proxy")})
+        for r in regions
+    ]
+
+
+def dns_module(zone: str) -> str:
+    return "dns_soa_" + re.sub(r"[^a-z0-9]", "_", zone)
+
+
+def _probe_job(name: str, module: str | None, targets: list[dict], blackbox: str, interval: str) -> dict:
+    """A blackbox job: each target's address becomes the probe's `target` parameter and its
+    `instance` label; the scrape itself goes to the blackbox exporter."""
+    job = {
+        "job_name": name,
+        "scrape_interval": interval,
+        "metrics_path": "/probe",
+        "static_configs": targets,
+        "relabel_configs": [
+            {"source_labels": ["__address__"], "target_label": "__param_target"},
+            {"source_labels": ["__param_target"], "target_label": "instance"},
+            {"target_label": "__address__", "replacement": blackbox},
+        ],
+    }
+    if module:
+        job["params"] = {"module": [module]}
+    return job
+
+
+def prometheus_yml(
+    vantage: str,
+    regions: Sequence[RegionTargets],
+    zones: Sequence[str],
+    *,
+    database: bool = False,
+    alertmanagers: Sequence[str] = (f"alertmanager:{ALERTMANAGER_PORT}",),
+    rules_dir: str = RULES_DIR,
+    services: dict[str, tuple[str, str]] | None = None,
+    node: str | None = f"node-exporter:{NODE_PORT}",
+    blackbox: str = f"blackbox:{BLACKBOX_PORT}",
+    database_ca: str = "/etc/prometheus/database-ca.crt",
+    scrape_interval: str = "30s",
+    probe_interval: str = "60s",
+    evaluation_interval: str = "30s",
+) -> str:
+    """Prometheus's config on one vantage point (a region's name, or "witness"). `services`
+    defaults to a region's own (SERVICES; the witness passes {}); `database`: this host runs a
+    database member (Patroni's metrics). Every region in `regions` is probed, so a region added to
+    the config is monitored by every vantage point with no other edit. Tests pass local addresses
+    and short intervals."""
+    services = SERVICES if services is None else services
+    jobs = []
+    for job, (address, path) in services.items():
+        jobs.append({"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]})
+    if database:
+        address, path = PATRONI
+        jobs.append({"job_name": "patroni", "metrics_path": path, "scheme": "https",
+                     "tls_config": {"ca_file": database_ca, "server_name": "postgres"},
+                     "static_configs": [{"targets": [address]}]})
+    if node:
+        jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
+    # Every scraped own-service series carries this host's region (the witness: "witness").
+    for job in jobs:
+        for sc in job["static_configs"]:
+            sc["labels"] = {"region": vantage}
+
+    health = [{"targets": [url], "labels": {"region": r.name, "service": service}}
+              for r in regions for service, url in r.health.items()]
+    jobs.append(_probe_job("health", HEALTH_MODULE, health, blackbox, probe_interval))
+    # One DNS job per zone (the module names the zone), every nameserver asked for its SOA.
+    for zone in zones:
+        targets = [{"targets": [f"{r.nameserver}:53"], "labels": {"region": r.name, "zone": zone}} for r in regions]
+        jobs.append(_probe_job(f"dns_soa_{zone}", dns_module(zone), targets, blackbox, probe_interval))
+
+    doc = {
+        "global": {
+            "scrape_interval": scrape_interval,
+            "evaluation_interval": evaluation_interval,
+            "external_labels": {"vantage": vantage},
+        },
+        "rule_files": [f"{rules_dir}/*.yml"],
+        "alerting": {
+            # The same alert from every vantage point is one alert in the Alertmanager cluster.
+            "alert_relabel_configs": [{"action": "labeldrop", "regex": "vantage"}],
+            "alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}],
+        },
+        "scrape_configs": jobs,
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def blackbox_yml(zones: Sequence[str], *, ca_file: str | None = None, timeout: str = "10s") -> str:
+    """The blackbox exporter's modules: HTTPS /health (2xx, TLS verified: `ca_file` is the stack's
+    own CA for `make local` and tests) and one SOA query per zone."""
+    tls = {"insecure_skip_verify": False, **({"ca_file": ca_file} if ca_file else {})}
+    modules = {
+        HEALTH_MODULE: {
+            "prober": "http",
+            "timeout": timeout,
+            "http": {
+                "method": "GET",
+                "valid_status_codes": [],  # 2xx
+                "fail_if_not_ssl": True,
+                "preferred_ip_protocol": "ip4",
+                "tls_config": tls,
+            },
+        }
+    }
+    for zone in zones:
+        modules[dns_module(zone)] = {
+            "prober": "dns",
+            "timeout": timeout,
+            "dns": {
+                "query_name": zone,
+                "query_type": "SOA",
+                "transport_protocol": "udp",
+                "preferred_ip_protocol": "ip4",
+                "recursion_desired": False,  # an authoritative server: its own answer or nothing
+                "valid_rcodes": ["NOERROR"],
+                "validate_answer_rrs": {"fail_if_none_matches_regexp": [r".*\tSOA\t.*"]},
+            },
+        }
+    return yaml.safe_dump({"modules": modules}, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Alertmanager's grouping: wait briefly so one incident's alerts arrive as one notification,
+    then no more than one update per group_interval; repeat a still-firing page every few hours,
+    not every few minutes (one person, 3 a.m.)."""
+
+    group_wait: str = "30s"
+    group_interval: str = "5m"
+    repeat_critical: str = "4h"
+    repeat_warning: str = "24h"
+
+
+# Inhibition: the alert that explains an incident silences the ones it explains (rules carry an
+# `explained_by` label): a region down silences its own checks, certificates and scrape failures;
+# any region down silences replication alerts (the replica it lost is the cause); every region
+# down silences the per-region pages.
+INHIBIT_RULES = [
+    {"source_matchers": ['alertname="RegionDown"'], "target_matchers": ['explained_by="region_down"'], "equal": ["region"]},
+    {"source_matchers": ['alertname="RegionDown"'], "target_matchers": ['explained_by="any_region_down"']},
+    {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['explained_by=~"region_down|any_region_down"']},
+    {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['alertname="RegionDown"']},
+    # No provider answering explains each provider failing over.
+    {"source_matchers": ['alertname="AllUpstreamsFailing"'], "target_matchers": ['alertname="UpstreamFailingOver"'],
+     "equal": ["region"]},
+]
+
+
+def alertmanager_yml(email=None, *, smtp_password: str | None = None, webhook_url: str | None = None,
+                     timing: Timing = Timing()) -> str:
+    """Alertmanager's config. `email` is config.EmailAlerts (or None); the secrets are passed in,
+    so the result is a secret file (the plan shows it rendered with placeholders). No channel: a
+    receiver with no integrations -- the alerts are visible in Prometheus and Alertmanager only."""
+    receiver: dict = {"name": "operator"}
+    doc: dict = {}
+    if email:
+        doc["global"] = {
+            "smtp_smarthost": f"{email.smtp_host}:{email.smtp_port}",
+            "smtp_from": email.sender,
+            "smtp_auth_username": email.username or email.sender,
+            "smtp_require_tls": True,
+        }
+        if smtp_password:
+            doc["global"]["smtp_auth_password"] = smtp_password
+        receiver["email_configs"] = [{"to": ", ".join(email.to), "send_resolved": True}]
+    if webhook_url:
+        receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
+    doc["route"] = {
+        "receiver": "operator",
+        "group_by": ["alertname", "severity", "region"],
+        "group_wait": timing.group_wait,
+        "group_interval": timing.group_interval,
+        "repeat_interval": timing.repeat_critical,
+        "routes": [{"matchers": ['severity="warning"'], "repeat_interval": timing.repeat_warning}],
+    }
+    doc["inhibit_rules"] = INHIBIT_RULES
+    doc["receivers"] = [receiver]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def alertmanager_args(*, config_file: str, data_dir: str, listen: str, cluster_listen: str | None,
+                      advertise: str | None = None, peers: Sequence[str] = (),
+                      peer_timeout: str = "15s") -> list[str]:
+    """Alertmanager's command line (its cluster is set by flags, not by its config file): every
+    host's Alertmanager lists the others' `address:9094` as peers, so the cluster sends each
+    notification once. `cluster_listen=None`: a lone Alertmanager (tests)."""
+    args = [f"--config.file={config_file}", f"--storage.path={data_dir}", f"--web.listen-address={listen}"]
+    if cluster_listen is None:
+        return [*args, "--cluster.listen-address="]
+    args += [f"--cluster.listen-address={cluster_listen}", f"--cluster.peer-timeout={peer_timeout}"]
+    if advertise:
+        args.append(f"--cluster.advertise-address={advertise}")
+    return args + [f"--cluster.peer={p}" for p in peers]
+
+
+def cost_textfile(config) -> str:
+    """The stack's estimated monthly cost for the node exporter's textfile collector (the
+    CostOverCeiling rule reads it; components/cost.py is the one estimate)."""
+    est = cost.estimate(config.regions, config.budget, config.witness)
+    return (
+        "# HELP ciris_estimated_monthly_cost_dollars The stack's estimated monthly cost (components/cost.py).\n"
+        "# TYPE ciris_estimated_monthly_cost_dollars gauge\n"
+        f"ciris_estimated_monthly_cost_dollars {cost.usd(est.total_cents)}\n"
+        "# HELP ciris_budget_ceiling_dollars The stack's configured hard ceiling.\n"
+        "# TYPE ciris_budget_ceiling_dollars gauge\n"
+        f"ciris_budget_ceiling_dollars {cost.usd(est.ceiling_cents)}\n"
+    )
+
+
+def no_channel_warning(config) -> str | None:
+    """What the plan says of a stack (config.BridgeConfig) whose alerts reach no one."""
+    if config.alerts.email is None and config.secret("alert_webhook_url") is None:
+        return ("monitoring: no alert channel (set ciris-bridge:alerts.email, or the secret "
+                "ciris-bridge:alert_webhook_url); alerts fire but reach no one")
+    return None
