@@ -219,6 +219,7 @@ def test_an_incident_pages_once_per_group_on_time_then_resolves(watch):
     firing = {("firing", "RegionCheckFailing", EAST), ("firing", "RegionDown", WEST)}
     got = watch.wait_for(firing, since, latest)
     arrived = {key(n): t for t, n in got}
+    print("seconds from the kill to each page:", {k: round(t - t0, 1) for k, t in arrived.items()})  # shown on failure
     assert firing <= set(arrived), f"not delivered within {latest - t0:.0f}s: {[key(n) for _, n in got]}"
     for k in firing:
         assert t0 + wait <= arrived[k] <= latest, (k, arrived[k] - t0)
@@ -250,6 +251,7 @@ def test_an_incident_pages_once_per_group_on_time_then_resolves(watch):
     latest = t1 + 2 * INTERVAL + seconds(TIMING.group_interval) + SLACK
     resolved = {("resolved", "RegionCheckFailing", EAST), ("resolved", "RegionDown", WEST)}
     got = watch.wait_for(resolved, since, latest)
+    print("seconds from the restart to each resolution:", {key(n): round(t - t1, 1) for t, n in got})
     assert resolved <= {key(n) for _, n in got}, f"not resolved within {latest - t1:.0f}s: {[key(n) for _, n in got]}"
     time.sleep(PEER_TIMEOUT + seconds(TIMING.group_interval) + 2 * INTERVAL)
     # RegionDown resolves at eu-west's first passing check; its other checks still failing then are
