@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from components import edge
-from tests.conftest import require_binary
+from tests.conftest import require_binary, stop_process
 
 
 def free_port() -> int:
@@ -72,13 +72,7 @@ class Edge:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
 
     def request(self, host: str, path: str, method: str = "GET", body: bytes | None = None, headers=None):
         conn = http.client.HTTPSConnection(host, self.https_port, context=self.ctx, timeout=10)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from tests.conftest import require_binary, wait_until_healthy
+from tests.conftest import require_binary, stop_process, wait_until_healthy
 
 
 class Daemon:
@@ -38,13 +38,7 @@ class Daemon:
         return r.json()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class Prometheus(Daemon):

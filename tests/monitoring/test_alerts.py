@@ -36,8 +36,8 @@ from tests.proxy.conftest import MODEL, PROVIDER_KEYS, proxy, upstreams, user_to
 
 INTERVAL = 2  # seconds: scrape, probe, rule evaluation
 # group_wait covers how far apart one region's checks can start failing (one probe interval, then
-# one evaluation): the alert that explains an incident must reach Alertmanager before the ones it
-# explains are sent (see the report in README's "Monitoring and alerts" on production's figures).
+# one evaluation): RegionDown must reach Alertmanager before the checks it explains are sent.
+# Production's figures (probes every 60 s, evaluation 30 s, group_wait 30 s) do not cover it yet.
 TIMING = monitoring.Timing(group_wait="5s", group_interval="5s")
 PEER_TIMEOUT = 3  # seconds an Alertmanager later in the cluster waits for the first one's notification
 SLACK = 5  # seconds: the send to Alertmanager and to the receiver, on two shared cores
@@ -100,9 +100,11 @@ def key(notification: dict) -> tuple[str, str, str]:
 
 
 @pytest.fixture(scope="module")
-def bridge(billing, proxy, tmp_path_factory):  # noqa: F811
+def bridge(billing, proxy, upstreams, tmp_path_factory):  # noqa: F811
     """Each region's edge and nameserver, in front of the one billing and proxy; a paid request with
     a canary prompt has gone through the us-east edge, so any metric it could leak into exists."""
+    for u in upstreams.values():  # as the proxy tests leave them, in a whole-suite run
+        u.control(reset=True)
     regions: dict[str, Region] = {}
     zones = render()
     with ExitStack() as cleanup:
