@@ -77,7 +77,7 @@ class Watch:
         deadline = time.time() + timeout
         while True:
             states = {v: (p.query("probe_success"), p.query("up")) for v, p in self.prometheus.items()}
-            if all(len(ok) == probes and all(s["value"][1] == "1" for s in ok + up) and len(up) == probes + 3
+            if all(len(ok) == probes and all(s["value"][1] == "1" for s in ok + up) and len(up) == probes + 3  # + billing, proxy, powerdns
                    for ok, up in states.values()):
                 time.sleep(2 * INTERVAL)
                 return
