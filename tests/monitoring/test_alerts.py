@@ -74,10 +74,11 @@ class Watch:
         """Until every vantage point has scraped every service and seen every probe succeed, then two
         more evaluations on that."""
         probes = 2 * len(self.regions) + len(ZONES) * len(self.regions)  # billing and proxy /health, every SOA
+        scraped = probes + 3  # `up` of each probe, and of billing, the proxy and the vantage's nameserver
         deadline = time.time() + timeout
         while True:
             states = {v: (p.query("probe_success"), p.query("up")) for v, p in self.prometheus.items()}
-            if all(len(ok) == probes and all(s["value"][1] == "1" for s in ok + up) and len(up) == probes + 3  # + billing, proxy, powerdns
+            if all(len(ok) == probes and all(s["value"][1] == "1" for s in ok + up) and len(up) == scraped
                    for ok, up in states.values()):
                 time.sleep(2 * INTERVAL)
                 return
@@ -171,8 +172,8 @@ def watch(bridge, billing, proxy, tmp_path_factory):  # noqa: F811
             path = tmp / f"prometheus-{vantage}.yml"
             path.write_text(on_loopback(text, edges, nameservers))
             web = free_port()
-            prometheus[vantage] = Prometheus("prometheus", [f"--config.file={path}", f"--storage.tsdb.path={tmp / vantage}",
-                                                            f"--web.listen-address=127.0.0.1:{web}"], web, tmp / f"prometheus-{vantage}.log")
+            args = [f"--config.file={path}", f"--storage.tsdb.path={tmp / vantage}", f"--web.listen-address=127.0.0.1:{web}"]
+            prometheus[vantage] = Prometheus("prometheus", args, web, tmp / f"prometheus-{vantage}.log")
             cleanup.callback(prometheus[vantage].stop)
 
         # The cluster has formed: each Alertmanager knows both members.
