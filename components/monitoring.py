@@ -24,6 +24,7 @@ from typing import Sequence
 import yaml
 
 from components import cost
+from components.services import PROMETHEUS_ADDRESS_SUFFIX, ContainerSpec
 
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
@@ -277,3 +278,42 @@ def no_channel_warning(config) -> str | None:
         return ("monitoring: no alert channel (set ciris-bridge:alerts.email, or the secret "
                 "ciris-bridge:alert_webhook_url); alerts fire but reach no one")
     return None
+
+
+def hosts_file(names: dict[str, str]) -> str:
+    """/etc/hosts of the blackbox exporter: each region's health names pinned to that region's edge,
+    so every region is probed through its own edge whatever DNS answers (and with no resolver)."""
+    lines = ["127.0.0.1 localhost"] + [f"{address} {name}" for name, address in sorted(names.items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- the containers (one image, payloads/monitoring; every host) ------------------------------
+
+CONFIG_DIR = "/etc/ciris-monitoring"  # the bundle's monitoring/etc, read-only
+IMAGE = "ciris-monitoring:local"
+
+
+def _spec(name: str, role: str, port: int, health: str, **kw) -> ContainerSpec:
+    return ContainerSpec(
+        name=name, image=IMAGE, build="./monitoring", command=(role,),
+        healthcheck=("CMD", "sh", "/usr/local/lib/ciris/start.sh", "health", str(port), health), **kw)
+
+
+def containers() -> list[ContainerSpec]:
+    """Prometheus and Alertmanager published on the host's loopback only (an operator's SSH
+    tunnel); Alertmanager's cluster port on the host's addresses (peer-only firewall); the
+    exporters publish nothing. Prometheus has a fixed address: PowerDNS's webserver lets it in."""
+    etc = f"./monitoring/etc:{CONFIG_DIR}:ro"
+    return [
+        _spec("prometheus", "prometheus", PROMETHEUS_PORT, "/-/ready",
+              loopback_ports=(f"{PROMETHEUS_PORT}:{PROMETHEUS_PORT}/tcp",), address_suffix=PROMETHEUS_ADDRESS_SUFFIX,
+              volumes=(etc, "./monitoring/rules:/etc/prometheus/rules:ro", "prometheus-data:/var/lib/prometheus/data")),
+        _spec("alertmanager", "alertmanager", ALERTMANAGER_PORT, "/-/ready",
+              ports=(f"{CLUSTER_PORT}:{CLUSTER_PORT}/tcp", f"{CLUSTER_PORT}:{CLUSTER_PORT}/udp"),
+              loopback_ports=(f"{ALERTMANAGER_PORT}:{ALERTMANAGER_PORT}/tcp",),
+              volumes=(etc, "alertmanager-data:/var/lib/alertmanager")),
+        _spec("blackbox", "blackbox", BLACKBOX_PORT, "/-/healthy",
+              volumes=(etc, "./monitoring/etc/hosts:/etc/hosts:ro")),
+        # The host's filesystems, read-only, for disk usage (DiskAlmostFull).
+        _spec("node-exporter", "node-exporter", NODE_PORT, "/metrics", volumes=(etc, "/:/host:ro,rslave")),
+    ]
