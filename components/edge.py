@@ -59,8 +59,10 @@ def render_caddyfile(
     glob.append("\tservers {\n\t\tprotocols h1 h2\n\t}")
     out = ["{", *glob, "}", ""]
 
+    # Internal: signed by the root itself for 90 days, like a public CA's certificates (Caddy's
+    # default is 12 hours from a 7-day intermediate), so monitoring judges both stacks alike.
     tls_block = (
-        "\ttls internal"
+        "\ttls {\n\t\tissuer internal {\n\t\t\tlifetime 90d\n\t\t\tsign_with_root\n\t\t}\n\t}"
         if tls == "internal"
         else "\ttls {\n\t\tissuer acme {\n\t\t\tdisable_http_challenge\n\t\t}\n\t}"
     )

@@ -40,8 +40,6 @@ SERVICES = {
     # PowerDNS's webserver (components/dns.pdns_conf); it must allow the Prometheus container's address.
     "powerdns": ("dns:8081", "/metrics"),
 }
-# Patroni's REST API serves /metrics over TLS with the stack's database CA (components/postgres.py).
-PATRONI = ("postgres:8008", "/metrics")
 
 
 @dataclass(frozen=True)
@@ -113,11 +111,8 @@ def prometheus_yml(
     jobs = []
     for job, (address, path) in services.items():
         jobs.append({"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]})
-    if database:
-        address, path = PATRONI
-        jobs.append({"job_name": "patroni", "metrics_path": path, "scheme": "https",
-                     "tls_config": {"ca_file": database_ca, "server_name": "postgres"},
-                     "static_configs": [{"targets": [address]}]})
+    # Not Patroni's /metrics: Debian's Patroni 3.0 writes `patroni_postgres_timeline None` on a
+    # replica, which fails the whole scrape; the database's series come from its own exporter.
     if node:
         jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
     # Every scraped own-service series carries this host's region (the witness: "witness").

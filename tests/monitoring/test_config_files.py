@@ -76,7 +76,7 @@ def test_witness_scrapes_no_region_service_and_regions_scrape_their_own(tmp_path
     jobs = {v: {j["job_name"] for j in doc["scrape_configs"]} for v, doc in by_vantage.items()}
     probes = {"health", *(f"dns_soa_{z}" for z in cfg.zones.zones)}
     assert jobs["witness"] == probes | {"node"}
-    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "patroni", "node"}
+    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "node"}
     # Probe jobs are what the ServiceMetricsDown rule leaves out (a probe's own `up` is the exporter's).
     excluded = re.search(r'job!~"([^"]+)"', next(r for r in rules() if r["alert"] == "ServiceMetricsDown")["expr"]).group(1)
     assert all(re.fullmatch(excluded, j) for j in probes) and not any(re.fullmatch(excluded, j) for j in jobs["us-east"] - probes)
