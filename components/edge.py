@@ -25,7 +25,7 @@ class Site:
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
 BILLING_PATHS = ("/health", "/openapi.json", "/v1/*")
-PROXY_PATHS = ("/health", "/v1/*")
+PROXY_PATHS = ("/health", "/ready", "/v1/*")  # /ready: can a paid call be served (monitoring)
 PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 
 

@@ -42,6 +42,11 @@ SERVICES = {
 }
 
 
+# Readiness, not liveness: billing's /health is "a write commits"; the proxy's /ready is "a paid call
+# can be served" (200 "degraded: stand-in" while billing cannot write but stand-in can answer).
+READINESS = {"billing": "/health", "proxy": "/ready"}
+
+
 @dataclass(frozen=True)
 class RegionTargets:
     """What the vantage points probe of one region: its nameserver (host or address, :53 implied)
@@ -58,7 +63,7 @@ def region_targets(regions, nameservers: dict[str, str] | None = None) -> list[R
     nameservers = nameservers or {}
     return [
         RegionTargets(r.name, nameservers.get(r.name, r.nameserver_fqdn),
-                      {s: f"https://{s}1.{r.domain}/health" for s in ("billing", "proxy")})
+                      {s: f"https://{s}1.{r.domain}{READINESS[s]}" for s in READINESS})
         for r in regions
     ]
 

@@ -69,7 +69,7 @@ def test_every_host_watches_every_region_and_its_alertmanagers_are_one_cluster(s
         if name == "witness":
             assert not jobs & {"billing", "proxy", "powerdns"}
         health = {t["labels"]["instance"] for t in ts if t["labels"]["job"] == "health"}
-        assert health == {f"https://{s}1.{r['domain']}/health" for r in stack.regions for s in ("billing", "proxy")}
+        assert health == {f"https://{s}1.{r['domain']}{p}" for r in stack.regions for s, p in (("billing", "/health"), ("proxy", "/ready"))}
         # Its Alertmanager knows every host's as a peer.
         status = wait(f"{name}: Alertmanager cluster ready", lambda address=address: (
             s if (s := api(address, 9093, "/api/v2/status"))["cluster"]["status"] == "ready"

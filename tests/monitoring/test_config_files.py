@@ -64,7 +64,7 @@ def test_a_third_region_is_probed_by_every_vantage_point_with_no_edit(tmp_path):
         jobs = {j["job_name"]: j for j in yaml.safe_load(path.read_text())["scrape_configs"]}
         health = [sc for sc in jobs["health"]["static_configs"] if sc["labels"]["region"] == new.name]
         assert sorted(t for sc in health for t in sc["targets"]) == [
-            f"https://billing1.{new.domain}/health", f"https://proxy1.{new.domain}/health"]
+            f"https://billing1.{new.domain}/health", f"https://proxy1.{new.domain}/ready"]
         for zone in cfg.zones.zones:  # its nameserver is asked for every zone, and its zone of every nameserver
             dns = [t for sc in jobs[f"dns_soa_{zone}"]["static_configs"] for t in sc["targets"]]
             assert sorted(dns) == sorted(f"{r.nameserver_fqdn}:53" for r in cfg.regions)
