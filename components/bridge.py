@@ -10,6 +10,7 @@ import pulumi_tls as tls
 from components import cost
 from components.billing import Billing, BillingArgs
 from components.config import BridgeConfig
+from components.monitors import Monitors, MonitorsArgs
 from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
 from components.proxy import PROVIDER_SECRETS, Proxy, ProxyArgs
@@ -90,6 +91,10 @@ def build(config: BridgeConfig) -> Bridge:
             fake_upstream=fake_upstream,
         ),
     )
+    nodes = [*([witness] if witness else []), *regions]
+    Monitors("monitoring", MonitorsArgs(
+        nodes, regions, config, database.ca_cert, [config.primary.name, *(r.name for r in config.replicas)],
+        edge_ca=edge_ca[0] if edge_ca else None))
     # Every component has added its containers and files. The witness first: the consensus needs
     # two of its three members before the primary's database can start. Then the primary's
     # region: a replica clones from it, and a region's billing writes to it.

@@ -343,10 +343,15 @@ def pdns_conf(
     health_interval: int = 5,
     geoip_database: str | None = None,
     run_as: str | None = "pdns",
+    metrics_from: Sequence[str] = (),
 ) -> str:
     """PowerDNS Authoritative config: embedded LMDB, no recursion (the auth server has none, so
     foreign zones are REFUSED), no zone transfers (each server is loaded through its own API),
-    the HTTP API on the host's loopback only."""
+    the HTTP API on the host's loopback only. `metrics_from`: addresses also let in (Prometheus
+    scraping /metrics from its container; the API itself still needs the key)."""
+    allow = ["127.0.0.1", "::1"] if api_address in ("127.0.0.1", "::1") else [api_address]
+    if metrics_from:
+        api_address, allow = "0.0.0.0", ["127.0.0.1", "::1", *metrics_from]
     lines = [
         f"launch=lmdb{',geoip' if geoip_database else ''}",
         f"lmdb-filename={data_dir}/pdns.lmdb",
@@ -361,7 +366,7 @@ def pdns_conf(
         "webserver=yes",
         f"webserver-address={api_address}",
         f"webserver-port={api_port}",
-        f"webserver-allow-from={'127.0.0.1,::1' if api_address in ('127.0.0.1', '::1') else api_address}",
+        f"webserver-allow-from={','.join(allow)}",
         "enable-lua-records=yes",
         f"lua-health-checks-interval={health_interval}",
         "log-dns-queries=no",

@@ -36,6 +36,8 @@ class Host:
     public_addresses: list[pulumi.Output[str]] = None  # type: ignore[assignment]
     # The container engine's log driver: journald keeps 14 days by time (cloud-init's journald.conf).
     logging: dict = None  # type: ignore[assignment]
+    # Where internal ports an operator may tunnel to are published (services.loopback_ports).
+    loopback: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.public_addresses is None:
@@ -251,7 +253,7 @@ def _local(name, label, region, ssh_public_key, user_data, rules, labels, opts, 
     ipv4 = region.location
     ipv6 = "fd00:c1a5::" + ipv4.rsplit(".", 1)[1]  # a unique-local address, for records only
     return Host(pulumi.Output.from_input(ipv4), pulumi.Output.from_input(ipv6), None, [], lambda purpose, extra: None,
-                public_addresses=[pulumi.Output.from_input(ipv4)], logging={"driver": "k8s-file"})
+                public_addresses=[pulumi.Output.from_input(ipv4)], logging={"driver": "k8s-file"}, loopback=ipv4)
 
 
 _PROVIDERS = {"local": _local, "vultr": _vultr, "hetzner": _hetzner, "digitalocean": _digitalocean}

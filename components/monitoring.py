@@ -24,6 +24,7 @@ from typing import Sequence
 import yaml
 
 from components import cost
+from components.services import PROMETHEUS_ADDRESS_SUFFIX, ContainerSpec
 
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
@@ -39,8 +40,11 @@ SERVICES = {
     # PowerDNS's webserver (components/dns.pdns_conf); it must allow the Prometheus container's address.
     "powerdns": ("dns:8081", "/metrics"),
 }
-# Patroni's REST API serves /metrics over TLS with the stack's database CA (components/postgres.py).
-PATRONI = ("postgres:8008", "/metrics")
+
+
+# Readiness, not liveness: billing's /health is "a write commits"; the proxy's /ready is "a paid call
+# can be served" (200 "degraded: stand-in" while billing cannot write but stand-in can answer).
+READINESS = {"billing": "/health", "proxy": "/ready"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def region_targets(regions, nameservers: dict[str, str] | None = None) -> list[R
     nameservers = nameservers or {}
     return [
         RegionTargets(r.name, nameservers.get(r.name, r.nameserver_fqdn),
-                      {s: f"https://{s}1.{r.domain}/health" for s in ("billing", "proxy")})
+                      {s: f"https://{s}1.{r.domain}{READINESS[s]}" for s in READINESS})
         for r in regions
     ]
 
@@ -112,11 +116,8 @@ def prometheus_yml(
     jobs = []
     for job, (address, path) in services.items():
         jobs.append({"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]})
-    if database:
-        address, path = PATRONI
-        jobs.append({"job_name": "patroni", "metrics_path": path, "scheme": "https",
-                     "tls_config": {"ca_file": database_ca, "server_name": "postgres"},
-                     "static_configs": [{"targets": [address]}]})
+    # Not Patroni's /metrics: Debian's Patroni 3.0 writes `patroni_postgres_timeline None` on a
+    # replica, which fails the whole scrape; the database's series come from its own exporter.
     if node:
         jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
     # Every scraped own-service series carries this host's region (the witness: "witness").
@@ -277,3 +278,42 @@ def no_channel_warning(config) -> str | None:
         return ("monitoring: no alert channel (set ciris-bridge:alerts.email, or the secret "
                 "ciris-bridge:alert_webhook_url); alerts fire but reach no one")
     return None
+
+
+def hosts_file(names: dict[str, str]) -> str:
+    """/etc/hosts of the blackbox exporter: each region's health names pinned to that region's edge,
+    so every region is probed through its own edge whatever DNS answers (and with no resolver)."""
+    lines = ["127.0.0.1 localhost"] + [f"{address} {name}" for name, address in sorted(names.items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- the containers (one image, payloads/monitoring; every host) ------------------------------
+
+CONFIG_DIR = "/etc/ciris-monitoring"  # the bundle's monitoring/etc, read-only
+IMAGE = "ciris-monitoring:local"
+
+
+def _spec(name: str, role: str, port: int, health: str, **kw) -> ContainerSpec:
+    return ContainerSpec(
+        name=name, image=IMAGE, build="./monitoring", command=(role,),
+        healthcheck=("CMD", "sh", "/usr/local/lib/ciris/start.sh", "health", str(port), health), **kw)
+
+
+def containers() -> list[ContainerSpec]:
+    """Prometheus and Alertmanager published on the host's loopback only (an operator's SSH
+    tunnel); Alertmanager's cluster port on the host's addresses (peer-only firewall); the
+    exporters publish nothing. Prometheus has a fixed address: PowerDNS's webserver lets it in."""
+    etc = f"./monitoring/etc:{CONFIG_DIR}:ro"
+    return [
+        _spec("prometheus", "prometheus", PROMETHEUS_PORT, "/-/ready",
+              loopback_ports=(f"{PROMETHEUS_PORT}:{PROMETHEUS_PORT}/tcp",), address_suffix=PROMETHEUS_ADDRESS_SUFFIX,
+              volumes=(etc, "./monitoring/rules:/etc/prometheus/rules:ro", "prometheus-data:/var/lib/prometheus/data")),
+        _spec("alertmanager", "alertmanager", ALERTMANAGER_PORT, "/-/ready",
+              ports=(f"{CLUSTER_PORT}:{CLUSTER_PORT}/tcp", f"{CLUSTER_PORT}:{CLUSTER_PORT}/udp"),
+              loopback_ports=(f"{ALERTMANAGER_PORT}:{ALERTMANAGER_PORT}/tcp",),
+              volumes=(etc, "alertmanager-data:/var/lib/alertmanager")),
+        _spec("blackbox", "blackbox", BLACKBOX_PORT, "/-/healthy",
+              volumes=(etc, "./monitoring/etc/hosts:/etc/hosts:ro")),
+        # The host's filesystems, read-only, for disk usage (DiskAlmostFull).
+        _spec("node-exporter", "node-exporter", NODE_PORT, "/metrics", volumes=(etc, "/:/host:ro,rslave")),
+    ]

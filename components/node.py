@@ -124,7 +124,8 @@ class Node(pulumi.ComponentResource):
         }))
         compose = pulumi.Output.all(digests, *self.host.public_addresses).apply(
             lambda a: services.render_compose(self.spec.name, self.network, self.containers,
-                                              publish_on=a[1:], logging=self.host.logging, file_digests=a[0])
+                                              publish_on=a[1:], logging=self.host.logging, file_digests=a[0],
+                                              loopback=self.host.loopback)
         )
         self.files["compose.yaml"] = compose
         self.artifacts = {**self.files, **self.artifacts}

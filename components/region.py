@@ -51,8 +51,11 @@ class Region(Node):
             f"{name}-dns-api-key", length=40, special=False, opts=pulumi.ResourceOptions(parent=self)
         ).result
         geoip = cfg.services.dns_geoip_database
-        # Inside the container IPv4 only: Docker forwards the host's IPv6 :53 to it.
-        pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, listen=("0.0.0.0",), geoip_database=geoip))
+        # Inside the container IPv4 only: Docker forwards the host's IPv6 :53 to it. Its webserver
+        # lets in this host's Prometheus too (/metrics; the API needs the key).
+        scraper = (self.network.address(services.PROMETHEUS_ADDRESS_SUFFIX),)
+        pdns_conf = self.dns_api_key.apply(lambda key: dns.pdns_conf(api_key=key, listen=("0.0.0.0",), geoip_database=geoip,
+                                                                      metrics_from=scraper))
 
         # Edge and DNS here; postgres, billing and proxy add theirs (add_service).
         caddyfile = edge.render_caddyfile(
@@ -66,6 +69,6 @@ class Region(Node):
         self.add_service(dns_container(), {"dns/pdns.conf": pdns_conf, **services.payload_files("dns")},
                          private={"dns/pdns.conf": 0})
         # The plan's copy shows where the key goes, not the key.
-        shown_conf = dns.pdns_conf(api_key="[secret]", listen=("0.0.0.0",), geoip_database=geoip)
+        shown_conf = dns.pdns_conf(api_key="[secret]", listen=("0.0.0.0",), geoip_database=geoip, metrics_from=scraper)
         self.artifacts.update({"dns/pdns.conf": shown_conf})
         self.register_outputs({"ipv4": self.ipv4, "ipv6": self.ipv6, "nameserver": self.nameserver})

@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict
 
 BILLING_ADDRESS_SUFFIX = 10  # billing's fixed address on the region network (pg_hba names it)
 BACKUP_ADDRESS_SUFFIX = 11  # the backup job's
+PROMETHEUS_ADDRESS_SUFFIX = 12  # the host's Prometheus (PowerDNS's webserver lets it in)
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 SERVICE_UID = 10001  # the non-root user of the billing and proxy images (their Dockerfiles)
+MONITORING_UID = 10002  # the monitoring image's user (payloads/monitoring/Dockerfile)
 
 
 class ContainerSpec(BaseModel):
@@ -28,6 +30,9 @@ class ContainerSpec(BaseModel):
     build: str | None = None  # build context inside the bundle, e.g. "./dns"
     network_mode: str | None = None  # "host": the service binds the host's addresses itself
     ports: tuple[str, ...] = ()
+    # Published on the host's loopback only (an operator's SSH tunnel reaches them; `make local`:
+    # the host's own address, so the hosts sharing this machine do not collide).
+    loopback_ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     environment: dict[str, str] = {}
     env_file: str | None = None  # secrets, shipped in the bundle (never in compose.yaml)
@@ -80,7 +85,8 @@ def publish(address: str, port: str) -> str:
 
 
 def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec], *,
-                   publish_on: Sequence[str], logging: dict, file_digests: dict[str, str]) -> str:
+                   publish_on: Sequence[str], logging: dict, file_digests: dict[str, str],
+                   loopback: str = "127.0.0.1") -> str:
     """The compose file of one region. Ports are published on the host's own public addresses only
     (never the wildcard); `file_digests` (service -> digest of the files it reads) is a label, so
     `docker compose up` recreates exactly the containers whose mounted files changed."""
@@ -103,8 +109,9 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
             svc["entrypoint"] = list(spec.entrypoint)
         if spec.command:
             svc["command"] = list(spec.command)
-        if spec.ports:
-            svc["ports"] = [publish(a, p) for p in spec.ports for a in publish_on]
+        if spec.ports or spec.loopback_ports:
+            svc["ports"] = [publish(a, p) for p in spec.ports for a in publish_on] + \
+                [publish(loopback, p) for p in spec.loopback_ports]
         if spec.volumes:
             svc["volumes"] = list(spec.volumes)
             named_volumes |= {v.split(":", 1)[0] for v in spec.volumes if not v.startswith(("/", "."))}

@@ -70,6 +70,9 @@ def test_routes_each_host_to_its_service_with_hsts(running_edge):
     assert resp.getheader("Server") is None
     resp, data = e.request(f"proxy1.{DOMAIN}", "/v1/models")
     assert resp.status == 200 and json.loads(data)["upstream"] == "proxy"
+    resp, data = e.request(f"proxy1.{DOMAIN}", "/ready")  # readiness, probed by every region's monitoring
+    assert resp.status == 200 and json.loads(data) == {"upstream": "proxy", "path": "/ready"}
+    assert e.request(f"billing1.{DOMAIN}", "/ready")[0].status == 404  # billing's readiness is its /health
     resp, data = e.request(f"billing1.{DOMAIN}", "/v1/credits/u1")
     assert json.loads(data) == {"upstream": "billing", "path": "/v1/credits/u1"}
 

@@ -10,7 +10,8 @@ import tarfile
 from components import mocks, plan
 
 WORLD = {"0.0.0.0/0", "::/0"}
-PEER_PORTS = {5432, 8008, 2379, 2380}  # Postgres, Patroni's API, etcd client, etcd peer: peer-only
+MONITORING = ["prometheus", "alertmanager", "blackbox", "node-exporter"]  # on every host (components/monitors.py)
+PEER_PORTS = {5432, 8008, 2379, 2380, 9094}  # Postgres, Patroni's API, etcd client, etcd peer, Alertmanager's cluster: peer-only
 
 
 def topology(raw: dict) -> tuple[list[str], list[str]]:
@@ -53,11 +54,14 @@ def peer_openings(p: plan.Plan, raw: dict, host: str) -> set[tuple[str, int, str
 
 def matrix(p: plan.Plan, raw: dict) -> dict[str, set[tuple[str, int, str]]]:
     """Every host's exact inbound openings: the regions serve DNS and HTTPS to the world; every host
-    takes SSH from the admin CIDRs; the witness serves no one; plus the database's peer openings."""
+    takes SSH from the admin CIDRs; the witness serves no one; plus the database's peer openings,
+    and Alertmanager's cluster port (tcp and udp) from every other host."""
     admin = set(raw["ciris-bridge:admin_ssh_cidrs"])
     out = {}
-    for host in addresses(p):
+    hosts = addresses(p)
+    for host in hosts:
         rules = {("tcp", 22, s) for s in admin} | peer_openings(p, raw, host)
+        rules |= {(proto, 9094, c) for proto in ("tcp", "udp") for c in cidrs(p, [h for h in hosts if h != host])}
         if host != "witness":
             rules |= {(proto, 53, s) for proto in ("udp", "tcp") for s in WORLD} | {("tcp", 443, s) for s in WORLD}
         out[host] = rules

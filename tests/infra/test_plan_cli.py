@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from tests.conftest import REPO
+from tests.infra.expected import MONITORING
 
 
 def plan(*args: str) -> subprocess.CompletedProcess:
@@ -46,11 +47,12 @@ def test_out_writes_the_rendered_artifacts(tmp_path):
         assert (tmp_path / region / "cloud-init.yaml").read_text().startswith("#cloud-config")
         assert "reverse_proxy billing:8000" in (tmp_path / region / "Caddyfile").read_text()
         compose = yaml.safe_load((tmp_path / region / "compose.yaml").read_text())
-        assert set(compose["services"]) == {"edge", "dns", "etcd", "postgres", "billing", "proxy"}  # staging: no backup
-        # Published on the host's own addresses only, never the wildcard.
+        assert set(compose["services"]) == {"edge", "dns", "etcd", "postgres", "billing", "proxy", *MONITORING}  # staging: no backup
+        # Published on the host's own addresses only, never the wildcard; Prometheus and Alertmanager on loopback.
         addresses = {r["ipv4"] for r in json.loads(plan("staging", "--json").stdout)["outputs"]["client_config"]["regions"]}
         ports = [p for svc in compose["services"].values() for p in svc.get("ports", [])]
-        assert ports and all(p.split(":")[0] in addresses or p.startswith("[2001:db8:") for p in ports), ports
+        assert ports and all(p.split(":")[0] in addresses | {"127.0.0.1"} or p.startswith("[2001:db8:") for p in ports), ports
+        assert sorted(p for p in ports if p.startswith("127.")) == ["127.0.0.1:9090:9090/tcp", "127.0.0.1:9093:9093/tcp"]
         assert "53:53/udp" in " ".join(compose["services"]["dns"]["ports"])
         assert "api-key=[secret]" in (tmp_path / region / "dns" / "pdns.conf").read_text()
     for zone in ("staging.ciris-services-1.ai", "staging.ciris-services-2.ai"):

@@ -129,7 +129,7 @@ def test_firewall_matrix_is_exactly_the_fsd_matrix(stack, witness):
     assert {s for s in at("eu-west", 5432) if "." in s} == {s for s in at("eu-west", 8008) if "." in s} == v4("us-east")
     if witness:
         assert set(matrix) == {"us-east", "eu-west", "witness"}
-        assert {port for _, port, _ in matrix["witness"]} == {22, 2379, 2380}
+        assert {port for _, port, _ in matrix["witness"]} == {22, 2379, 2380, 9094}
         assert {s for s in at("witness", 2379) if "." in s} == v4("us-east", "eu-west")
         assert {s for s in at("witness", 2380) if "." in s} == v4("us-east", "eu-west")
         assert {s for s in at("us-east", 2379) if "." in s} == v4("eu-west")  # not the witness: no Patroni there
@@ -150,7 +150,7 @@ def test_provider_rule_inputs_have_the_provider_shapes():
         ("tcp", "22", "v4", "203.0.113.10", 32),
     }
     hcloud_fws = [r.inputs for r in p.registrations if r.type == "hcloud:index/firewall:Firewall"]
-    assert len(hcloud_fws) == 2  # the base firewall and the Postgres peer openings
+    assert len(hcloud_fws) == 3  # the base firewall, the Postgres peer openings, Alertmanager's cluster
     for fw in hcloud_fws:
         assert all(rule["direction"] == "in" for rule in fw["rules"])
     server = next(r.inputs for r in p.registrations if r.type == "hcloud:index/server:Server")
@@ -188,13 +188,14 @@ def test_ufw_mirrors_the_provider_firewall():
         ufw_lines = {line for line in yaml.safe_load(ufw)["runcmd"] if line.startswith("ufw allow")}
         assert ufw_lines == {f"ufw allow {port}/{proto}" if src in WORLD else f"ufw allow proto {proto} from {src} to any port {port}"
                              for proto, port, src in base}
-        opened = next(r for r in p.registrations if r.name == f"{host}-database-ufw").inputs["create"]
+        opened = " ; ".join(r.inputs["create"] for r in p.registrations
+                            if r.name in (f"{host}-database-ufw", f"{host}-monitoring-ufw"))
         allowed = {line.strip() for line in re.split("[;\n]", opened) if "ufw allow" in line}
-        assert allowed == {f"sudo ufw allow proto tcp from {src} to any port {port}"
-                           for _, port, src in rules if port in expected.PEER_PORTS}
+        assert allowed == {f"sudo ufw allow proto {proto} from {src} to any port {port}"
+                           for proto, port, src in rules if port in expected.PEER_PORTS}
     # nothing else is opened anywhere: no HTTP, no internal service port
     for host, rules in matrix.items():
-        assert {port for _, port, _ in rules} == ({22, 2379, 2380} if host == "witness" else {22, 53, 443, 5432, 8008, 2379, 2380})
+        assert {port for _, port, _ in rules} == ({22, 2379, 2380, 9094} if host == "witness" else {22, 53, 443, 5432, 8008, 2379, 2380, 9094})
 
 
 def test_three_regions_plan_by_config_alone():

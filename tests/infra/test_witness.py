@@ -13,6 +13,7 @@ from components.node import Node
 from components.region import Region
 from components.witness import NETWORK, NO_WITNESS, Witness
 from tests.conftest import REPO, stack_raw, without_witness
+from tests.infra.expected import MONITORING
 from tests.conftest import run_plan as run
 
 P = "ciris-bridge"
@@ -73,9 +74,10 @@ def test_the_witness_is_hardened_like_the_regions():
 
 def test_the_witness_firewall_opens_ssh_from_the_admins_only():
     p = run()
-    assert [r for r in p.firewall_matrix()["witness"] if r[1] not in (2379, 2380)] == [("tcp", 22, "203.0.113.10/32")]
+    assert [r for r in p.firewall_matrix()["witness"] if r[1] not in (2379, 2380, 9094)] == [("tcp", 22, "203.0.113.10/32")]
     fws = {r.name: mocks.unwrap(r.inputs) for r in p.registrations if r.type == DO_FIREWALL}
-    assert set(fws) == {"witness-firewall", "witness-database-firewall"}  # the base rules; etcd's (test_program)
+    # the base rules; etcd's and Alertmanager's cluster from the bridge's hosts (test_program)
+    assert set(fws) == {"witness-firewall", "witness-database-firewall", "witness-monitoring-firewall"}
     fw = fws["witness-firewall"]
     assert fw["inboundRules"] == [{"protocol": "tcp", "portRange": "22", "sourceAddresses": ["203.0.113.10/32"]}]
     # A DigitalOcean firewall without outbound rules would cut the host off (apt, Docker's repository).
@@ -174,13 +176,17 @@ def test_the_witness_deploys_first_then_the_primary_then_the_replicas():
 
 def test_the_witness_runs_nothing_of_the_regions():
     p = run()
-    assert [c.name for c in p.containers["witness"]] == ["etcd"]  # the consensus member only
+    # the consensus member, and the monitoring every host runs (the third vantage point)
+    assert [c.name for c in p.containers["witness"]] == ["etcd", *MONITORING]
     compose = yaml.safe_load(p.artifacts["witness/compose.yaml"])
-    assert compose["name"] == "ciris-witness" and set(compose["services"]) == {"etcd"}
+    assert compose["name"] == "ciris-witness" and set(compose["services"]) == {"etcd", *MONITORING}
     assert compose["networks"]["ciris-witness"]["ipam"]["config"][0]["subnet"] == "172.31.0.0/24"
-    assert {path for path in p.artifacts if path.startswith("witness/")} == {
+    assert {path for path in p.artifacts if path.startswith("witness/") and "/monitoring/" not in path} == {
         "witness/cloud-init.yaml", "witness/compose.yaml", "witness/etcd/Dockerfile", "witness/etcd/start.sh",
         "witness/etcd/etc/etcd.conf.yml", "witness/etcd/etc/server.crt", "witness/etcd/etc/server.key", "witness/etcd/etc/ca.crt"}
+    # It probes the regions and scrapes only its own host (no billing, proxy or database of its own).
+    jobs = {j["job_name"] for j in yaml.safe_load(p.artifacts["witness/monitoring/etc/prometheus.yml"])["scrape_configs"]}
+    assert not jobs & {"billing", "proxy", "powerdns", "patroni"} and {"health", "node"} <= jobs
 
 
 def test_cost_includes_the_witness_and_stays_under_the_ceiling():
@@ -230,7 +236,7 @@ def test_the_local_stack_has_a_local_witness_deployed_first():
     assert deploys["witness"]["stdin"]  # the bundle the deploy script unpacks
     assert not [r for r in p.registrations if r.type.startswith("digitalocean:")]  # this machine, no cloud
     compose = yaml.safe_load(p.artifacts["witness/compose.yaml"])
-    assert set(compose["services"]) == {"etcd"} and compose["name"] == "ciris-witness"
+    assert set(compose["services"]) == {"etcd", *MONITORING} and compose["name"] == "ciris-witness"
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -282,4 +288,4 @@ def test_a_region_can_live_at_the_witness_provider_behind_the_same_interface():
     assert regs["ca-east-volume-attachment"].urn in regs["ca-east-deploy"].dependencies
     # A database member without the witness: Postgres and Patroni's API from the other members,
     # no etcd (the single etcd member is beside the primary).
-    assert {port for _, port, _ in p.firewall_matrix()["ca-east"]} == {22, 53, 443, 5432, 8008}
+    assert {port for _, port, _ in p.firewall_matrix()["ca-east"]} == {22, 53, 443, 5432, 8008, 9094}
