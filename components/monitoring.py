@@ -190,7 +190,9 @@ class Timing:
     then no more than one update per group_interval; repeat a still-firing page every few hours,
     not every few minutes (one person, 3 a.m.)."""
 
-    group_wait: str = "30s"
+    # One probe interval plus one evaluation: a region's probes start failing up to that far apart,
+    # and RegionDown must exist before its RegionCheckFailing would page on its own.
+    group_wait: str = "90s"
     group_interval: str = "5m"
     repeat_critical: str = "4h"
     repeat_warning: str = "24h"
@@ -254,6 +256,7 @@ def alertmanager_args(*, config_file: str, data_dir: str, listen: str, cluster_l
         return [*args, "--cluster.listen-address="]
     args += [f"--cluster.listen-address={cluster_listen}", f"--cluster.peer-timeout={peer_timeout}"]
     if advertise:
+        assert advertise.rsplit(":", 1)[-1].isdigit(), f"advertise {advertise!r}: host:port (Alertmanager refuses a bare address)"
         args.append(f"--cluster.advertise-address={advertise}")
     return args + [f"--cluster.peer={p}" for p in peers]
 

@@ -37,7 +37,7 @@ from tests.proxy.conftest import MODEL, PROVIDER_KEYS, proxy, upstreams, user_to
 INTERVAL = 2  # seconds: scrape, probe, rule evaluation
 # group_wait covers how far apart one region's checks can start failing (one probe interval, then
 # one evaluation): RegionDown must reach Alertmanager before the checks it explains are sent.
-# Production's figures (probes every 60 s, evaluation 30 s, group_wait 30 s) do not cover it yet.
+# Production's figures: probes every 60 s, evaluation 30 s, group_wait 90 s.
 TIMING = monitoring.Timing(group_wait="5s", group_interval="5s")
 PEER_TIMEOUT = 3  # seconds an Alertmanager later in the cluster waits for the first one's notification
 SLACK = 5  # seconds: the send to Alertmanager and to the receiver, on two shared cores

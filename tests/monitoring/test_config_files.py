@@ -149,7 +149,7 @@ def test_amtool_accepts_alertmanager_config(tmp_path, channels):
 
 def test_alertmanager_cluster_flags_name_every_peer():
     args = monitoring.alertmanager_args(config_file="/c", data_dir="/d", listen="127.0.0.1:9093",
-                                        cluster_listen="0.0.0.0:9094", advertise="198.51.100.1",
+                                        cluster_listen="0.0.0.0:9094", advertise="198.51.100.1:9094",
                                         peers=["198.51.100.2:9094", "198.51.100.3:9094"])
     assert [a for a in args if a.startswith("--cluster.peer=")] == ["--cluster.peer=198.51.100.2:9094",
                                                                     "--cluster.peer=198.51.100.3:9094"]
