@@ -110,3 +110,10 @@ def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack)
         stack.podman("start", *dark)
     for name, address in observers.items():
         wait(f"{name}: RegionDown resolves", lambda address=address: not region_down(address), budget=300)
+    # Every probe of it passes again before the next test (Podman may leave UDP to a restarted
+    # container unanswered for a minute).
+    for name, address in every.items():
+        wait(f"{name}: every probe of {region['name']} passes", lambda address=address: all(
+            t["health"] == "up" for t in targets(address)) and not [
+            r for r in api(address, 9090, f'/api/v1/query?query=probe_success{{region="{region["name"]}"}}==0')["data"]["result"]],
+            budget=300)

@@ -20,7 +20,8 @@ import stripe
 from components import local_s3
 from tests.conftest import REPO
 
-SERVICES = {"edge", "dns", "postgres", "etcd", "backup", "billing", "proxy", "fake-llm"}
+MONITORING = {"prometheus", "alertmanager", "blackbox", "node-exporter"}  # on every host (components/monitors.py)
+SERVICES = {"edge", "dns", "postgres", "etcd", "backup", "billing", "proxy", "fake-llm", *MONITORING}
 
 
 def test_every_container_is_labelled_and_healthy(stack):
@@ -34,9 +35,10 @@ def test_every_container_is_labelled_and_healthy(stack):
             services[service] = status
         assert set(services) == SERVICES, services
         assert all("(healthy)" in status for status in services.values()), services
-    # The witness runs the third consensus member and nothing else.
+    # The witness runs the third consensus member and its monitoring, nothing else.
     rows = stack.podman("ps", "--filter", "label=ciris.region=witness", "--format", "{{.Names}}|{{.Status}}").splitlines()
-    assert [r.split("|")[0] for r in rows] == ["ciris-witness-etcd-1"] and "(healthy)" in rows[0], rows
+    assert sorted(r.split("|")[0] for r in rows) == sorted(f"ciris-witness-{s}-1" for s in {"etcd", *MONITORING}), rows
+    assert all("(healthy)" in r for r in rows), rows
 
 
 def ask(query, name: str, rdtype, server: str):
