@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import quote
 
 import httpx
 
@@ -115,5 +116,5 @@ def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack)
     for name, address in every.items():
         wait(f"{name}: every probe of {region['name']} passes", lambda address=address: all(
             t["health"] == "up" for t in targets(address)) and not [
-            r for r in api(address, 9090, f'/api/v1/query?query=probe_success{{region="{region["name"]}"}}==0')["data"]["result"]],
+            r for r in api(address, 9090, "/api/v1/query?query=" + quote(f'probe_success{{region="{region["name"]}"}} == 0'))["data"]["result"]],
             budget=300)
