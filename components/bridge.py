@@ -134,15 +134,27 @@ def build(config: BridgeConfig) -> Bridge:
     return Bridge(regions, database, billing, nameservers, estimate, outputs, witness, failover)
 
 
-def local_edge_ca() -> tuple[pulumi.Output[str], pulumi.Output[str]]:
-    """`make local`: one CA for every region's edge (no ACME here); clients trust local/ca.crt."""
+def local_edge_ca() -> tuple[pulumi.Output[str], ...]:
+    """`make local`: one CA for every region's edge (no ACME here); clients trust local/ca.crt.
+    (root cert, root key, intermediate cert, intermediate key): the edges sign with the long-lived
+    intermediate, so their certificates last 90 days like a public CA's (Caddy 2.6 makes its own
+    7-day intermediate otherwise, and its sites' certificates last 12 hours)."""
     key = tls.PrivateKey("edge-ca-key", algorithm="ECDSA", ecdsa_curve="P256")
     cert = tls.SelfSignedCert(
         "edge-ca", private_key_pem=key.private_key_pem, is_ca_certificate=True,
         subject=tls.SelfSignedCertSubjectArgs(common_name="ciris-bridge local CA"),
         validity_period_hours=24 * 365 * 10, allowed_uses=["cert_signing", "crl_signing"],
     )
-    return cert.cert_pem, pulumi.Output.secret(key.private_key_pem)
+    int_key = tls.PrivateKey("edge-ca-intermediate-key", algorithm="ECDSA", ecdsa_curve="P256")
+    request = tls.CertRequest("edge-ca-intermediate-request", private_key_pem=int_key.private_key_pem,
+                              subject=tls.CertRequestSubjectArgs(common_name="ciris-bridge local intermediate"))
+    intermediate = tls.LocallySignedCert(
+        "edge-ca-intermediate", cert_request_pem=request.cert_request_pem, ca_private_key_pem=key.private_key_pem,
+        ca_cert_pem=cert.cert_pem, is_ca_certificate=True, validity_period_hours=24 * 365 * 5,
+        allowed_uses=["cert_signing", "crl_signing"],
+    )
+    return (cert.cert_pem, pulumi.Output.secret(key.private_key_pem),
+            intermediate.cert_pem, pulumi.Output.secret(int_key.private_key_pem))
 
 
 def client_config(config: BridgeConfig, regions: list[Region]) -> dict:

@@ -54,18 +54,17 @@ def render_caddyfile(
     if tls == "internal":
         glob.append("\tskip_install_trust")
     if ca_dir:
-        glob.append(f"\tpki {{\n\t\tca local {{\n\t\t\troot {{\n\t\t\t\tcert {ca_dir}/root.crt\n"
-                    f"\t\t\t\tkey {ca_dir}/root.key\n\t\t\t}}\n\t\t}}\n\t}}")
+        pair = lambda kind: f"\t\t\t{kind} {{\n\t\t\t\tcert {ca_dir}/{kind}.crt\n\t\t\t\tkey {ca_dir}/{kind}.key\n\t\t\t}}"  # noqa: E731
+        glob.append(f"\tpki {{\n\t\tca local {{\n{pair('root')}\n{pair('intermediate')}\n\t\t}}\n\t}}")
     glob.append("\tservers {\n\t\tprotocols h1 h2\n\t}")
     out = ["{", *glob, "}", ""]
 
-    # Internal: signed by the root itself for 90 days, like a public CA's certificates (Caddy's
-    # default is 12 hours from a 7-day intermediate), so monitoring judges both stacks alike.
-    tls_block = (
-        "\ttls {\n\t\tissuer internal {\n\t\t\tlifetime 90d\n\t\t\tsign_with_root\n\t\t}\n\t}"
-        if tls == "internal"
-        else "\ttls {\n\t\tissuer acme {\n\t\t\tdisable_http_challenge\n\t\t}\n\t}"
-    )
+    # Internal: 90 days, like a public CA's certificates (Caddy's default is 12 hours), so monitoring
+    # judges both stacks alike; it needs `ca_dir`'s long-lived intermediate (Caddy makes a 7-day one).
+    if tls == "internal":
+        tls_block = "\ttls {\n\t\tissuer internal {\n\t\t\tlifetime 90d\n\t\t}\n\t}" if ca_dir else "\ttls internal"
+    else:
+        tls_block = "\ttls {\n\t\tissuer acme {\n\t\t\tdisable_http_challenge\n\t\t}\n\t}"
     for site in site_list:
         out += [
             f"{site.host} {{",

@@ -30,7 +30,8 @@ class RegionArgs:
     config: BridgeConfig
     index: int = 0  # position in config: gives the region network its own subnet
     # `make local` only: the stack's own CA (cert PEM, key PEM) that signs the edges' certificates.
-    edge_ca: tuple[pulumi.Input[str], pulumi.Input[str]] | None = None
+    # (root cert, root key, intermediate cert, intermediate key): bridge.local_edge_ca().
+    edge_ca: tuple[pulumi.Input[str], ...] | None = None
     shared: dict | None = None  # per-stack resources the regions' hosts share (hosts.create)
 
 
@@ -62,10 +63,12 @@ class Region(Node):
             edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age,
             **({"tls": "internal", "ca_dir": edge.CA_DIR} if args.edge_ca else {}),
         )
-        ca_files = {"edge/ca/root.crt": args.edge_ca[0], "edge/ca/root.key": args.edge_ca[1]} if args.edge_ca else {}
+        ca_files = dict(zip(["edge/ca/root.crt", "edge/ca/root.key", "edge/ca/intermediate.crt", "edge/ca/intermediate.key"],
+                            args.edge_ca)) if args.edge_ca else {}
         self.add_service(edge.container(local_ca=bool(args.edge_ca)),
                          {"Caddyfile": caddyfile, **ca_files, **services.payload_files("edge")},
-                         private={"edge/ca/root.key": 0}, shown={"edge/ca/root.key": "[secret]\n"} if args.edge_ca else None)
+                         private={"edge/ca/root.key": 0, "edge/ca/intermediate.key": 0},
+                         shown={"edge/ca/root.key": "[secret]\n", "edge/ca/intermediate.key": "[secret]\n"} if args.edge_ca else None)
         self.add_service(dns_container(), {"dns/pdns.conf": pdns_conf, **services.payload_files("dns")},
                          private={"dns/pdns.conf": 0})
         # The plan's copy shows where the key goes, not the key.
