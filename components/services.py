@@ -61,7 +61,9 @@ class Network(BaseModel):
 
     @property
     def dynamic_range(self) -> str:
-        return self.subnet.rsplit(".", 1)[0] + ".128/25"
+        # .128-.191: Podman hands out a range's every address, and .255 (the /24's broadcast, the
+        # end of a .128/25) was once given to a container that then could not be reached.
+        return self.subnet.rsplit(".", 1)[0] + ".128/26"
 
 
 def payload_files(name: str) -> dict[str, str]:
