@@ -8,16 +8,17 @@ nor a crash loses or doubles a charge. JSON lines, appended (O_APPEND), compacte
                                                                   a placement whose outcome is unknown: undo it
     {"op": "advice", "id": "advice:<call>", "user": u, "call": c, "amount": n}
                                                                   a stand-in authorisation (before the call)
-    {"op": "hold", "id": "hold:<hold>", "hold": <hold>, "user": u, "call": c}
-                                                                  a hold placed, its call in flight (not owed)
+    {"op": "inflight", "id": "call:<call>", "user": u, "key": k, "amount": n, "call": c}
+                                                                  a paid call in flight (not owed yet)
     {"answered": <id>}                                            ... its call was answered: charge it
     {"done": <id>}                                                settled with billing (or superseded)
 
 An advice is written (and fsync'd) before the upstream call; only an answered one is charged. One
 whose call never ended (the process died meanwhile) is dropped at the next start, as a hold would
-expire. A hold is marked in flight before the upstream call and superseded by its capture or
-release; one still in flight at the next start is released (the client got no answer, so it pays
-nothing), at once rather than after the hold's TTL. Every id is derived from the hold or the call,
+expire. A paid call is marked in flight before its hold is placed, and the mark is superseded by
+the capture or release (which name the call) or dropped; a call still in flight at the next start
+got no answer, so it pays nothing: its placement is voided by its key (which releases the hold if
+billing placed one), at once rather than after the hold's TTL. Every id is derived from the hold or the call,
 and every billing operation is idempotent under it, so posting an entry twice (a crash between
 billing's answer and "done") charges once. Older journals' lines ({"capture": <hold>}) are read as captures.
 
@@ -36,7 +37,7 @@ import os
 from ciris_proxy import metrics
 
 log = logging.getLogger("ciris_proxy")
-KINDS = {"capture": "capture", "release": "release", "void": "release", "advice": "advice", "hold": None}  # op -> metric kind
+KINDS = {"capture": "capture", "release": "release", "void": "release", "advice": "advice", "inflight": None}  # op -> metric kind
 COMPACT_BYTES = 4 << 20  # rewrite a journal this large while running (in-flight marks keep it from emptying)
 
 
@@ -67,16 +68,19 @@ class Journal:
         """What the last process left: what is still owed, compacted; its unfinished calls settled."""
         self.pending, self.answered = read(self.path)
         self.abandoned: list[dict] = []  # calls the last process never finished: for the call log
+        # Calls whose mark was superseded (an outcome, or an advice, written just before the stop).
+        superseded = {e.get("call") for e in self.pending.values() if e["op"] in ("capture", "release", "advice")}
         for i, e in list(self.pending.items()):
             if e["op"] == "advice" and i not in self.answered:  # authorised, but the call never ended
                 del self.pending[i]
                 self.abandoned.append(e)
-            elif e["op"] == "hold":  # placed, its call in flight when the process stopped
+            elif e["op"] == "inflight":  # the call was in flight when the process stopped
                 del self.pending[i]
-                if e["hold"] in self.pending:  # answered: its capture was written just before the stop
+                if e["call"] in superseded:
                     continue
-                self.abandoned.append(e)  # no answer reached the client: release it, now rather than at its TTL
-                self.pending.setdefault(f"release:{e['hold']}", {"op": "release", "id": f"release:{e['hold']}", "hold": e["hold"]})
+                self.abandoned.append(e)  # no answer reached the client: undo the placement now, not at its TTL
+                void = {"op": "void", "id": f"void:{e['key']}", "user": e["user"], "key": e["key"], "amount": e["amount"]}
+                self.pending.setdefault(void["id"], void)
         if self.abandoned:
             log.warning("%d calls in flight when the process stopped: their holds released, their stand-ins dropped",
                         len(self.abandoned))
@@ -148,7 +152,7 @@ class Journal:
 
     def owed(self) -> list[dict]:
         """What billing should be told now: everything but calls still in flight (holds, advices)."""
-        return [e for i, e in self.pending.items() if e["op"] != "hold" and (e["op"] != "advice" or i in self.answered)]
+        return [e for i, e in self.pending.items() if e["op"] != "inflight" and (e["op"] != "advice" or i in self.answered)]
 
     def _count(self, entry: dict, n: int) -> None:
         kind = KINDS[entry["op"]]
