@@ -79,16 +79,24 @@ def test_a_second_process_on_the_same_journal_is_refused(tmp_path):
     Journal(str(path))
 
 
-def test_in_flight_holds_are_released_at_the_next_start(tmp_path):
+def test_calls_in_flight_are_voided_at_the_next_start(tmp_path):
     path = tmp_path / "captures.jsonl"
+
+    def inflight(c):
+        return {"op": "inflight", "id": f"call:{c}", "user": "u", "key": f"proxy:{c}", "amount": 5, "call": c}
+
     write(path, [
-        {"op": "hold", "id": "hold:h1", "hold": "h1", "user": "u", "call": "c1"},  # the process died mid-call
-        {"op": "hold", "id": "hold:h2", "hold": "h2", "user": "u", "call": "c2"},
-        {"op": "capture", "id": "h2", "hold": "h2", "user": "u"},  # ... after this call's capture
-        {"op": "hold", "id": "hold:h3", "hold": "h3", "user": "u", "call": "c3"},
-        {"op": "release", "id": "release:h3", "hold": "h3"},
-        {"done": "hold:h3"},
+        inflight("c1"),  # the process died mid-call
+        inflight("c2"),
+        {"op": "capture", "id": "h2", "hold": "h2", "user": "u", "call": "c2"},  # ... after this call's capture
+        inflight("c3"),
+        {"op": "release", "id": "release:h3", "hold": "h3", "call": "c3"},
+        {"done": "call:c3"},
+        inflight("c4"),
+        {"op": "advice", "id": "advice:c4", "user": "u", "call": "c4", "amount": 5},  # stood in, never ended
     ])
     j = Journal(str(path))
-    assert sorted(e["id"] for e in j.owed()) == ["h2", "release:h1", "release:h3"]
-    assert [e["call"] for e in j.abandoned] == ["c1"]  # c2 was answered; c3 settled and logged before the stop
+    assert [e["id"] for e in j.owed()] == ["h2", "release:h3", "void:proxy:c1"]
+    assert j.owed()[-1] == {"op": "void", "id": "void:proxy:c1", "user": "u", "key": "proxy:c1", "amount": 5}
+    # c2 was answered; c3 settled (and logged) before the stop; c4's advice is dropped, not voided
+    assert [e["call"] for e in j.abandoned] == ["c1", "c4"]
