@@ -71,7 +71,7 @@ def test_a_second_process_on_the_same_journal_is_refused(tmp_path):
     path = tmp_path / "captures.jsonl"
     write(path, OWED)
     first = Journal(str(path))
-    with pytest.raises(JournalInUse, match="another process"):
+    with pytest.raises(JournalInUse, match="in use by another process"):
         Journal(str(path))
     assert [e["id"] for e in first.owed()] == ["h1", "advice:c2", "release:h3"]
     assert list(journal_mod.read(str(path))[0]) == ["h1", "advice:c2", "release:h3"]  # nothing compacted away

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxy: CAPTURE_JOURNAL cannot be written ({e.strerror}: {settings.capture_journal})", file=sys.stderr)
         return 2
     except JournalInUse as e:  # an older process still running on this volume: it owes what is in there
-        print(f"proxy: CAPTURE_JOURNAL is in use: {e}; stop the other proxy first", file=sys.stderr)
+        print(f"proxy: CAPTURE_JOURNAL {e}; stop the other proxy first", file=sys.stderr)
         return 2
     # PROXY_CONFIG: the file the Pulumi program rendered (the container's); otherwise the built-in one.
     path = os.environ.get("PROXY_CONFIG", "").strip()

@@ -57,7 +57,7 @@ class Journal:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.lock)
-            raise JournalInUse(f"another process is using the journal {path} (it holds {path}.lock)") from None
+            raise JournalInUse(f"{path} is in use by another process (it holds {path}.lock)") from None
         try:
             self._start()
         except BaseException:
