@@ -81,9 +81,11 @@ class Journal:
                 self.abandoned.append(e)  # no answer reached the client: undo the placement now, not at its TTL
                 void = {"op": "void", "id": f"void:{e['key']}", "user": e["user"], "key": e["key"], "amount": e["amount"]}
                 self.pending.setdefault(void["id"], void)
-        if self.abandoned:
-            log.warning("%d calls in flight when the process stopped: their holds released, their stand-ins dropped",
-                        len(self.abandoned))
+        dropped = sum(e["op"] == "advice" for e in self.abandoned)
+        if dropped:
+            log.warning("dropped %d stand-in advices whose calls never ended (the process stopped)", dropped)
+        if len(self.abandoned) > dropped:
+            log.warning("voiding the holds of %d paid calls in flight when the process stopped", len(self.abandoned) - dropped)
         self.fd = -1
         self._compact()
         self.counts = dict.fromkeys(("capture", "release", "advice"), 0)
