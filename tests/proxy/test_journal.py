@@ -100,3 +100,16 @@ def test_calls_in_flight_are_voided_at_the_next_start(tmp_path):
     assert j.owed()[-1] == {"op": "void", "id": "void:proxy:c1", "user": "u", "key": "proxy:c1", "amount": 5}
     # c2 was answered; c3 settled (and logged) before the stop; c4's advice is dropped, not voided
     assert [e["call"] for e in j.abandoned] == ["c1", "c4"]
+
+
+def test_a_large_journal_is_compacted_while_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_mod, "COMPACT_BYTES", 2000)
+    path = tmp_path / "captures.jsonl"
+    j = Journal(str(path))
+    j.add({"op": "capture", "id": "kept", "hold": "kept", "user": "u"})
+    for n in range(100):  # calls come and go; one capture stays owed throughout
+        j.add({"op": "capture", "id": f"h{n}", "hold": f"h{n}", "user": "u"})
+        j.settled(f"h{n}")
+    assert path.stat().st_size < 2000
+    j.add({"op": "release", "id": "release:x", "hold": "x"})  # appends go to the new file
+    assert list(journal_mod.read(str(path))[0]) == ["kept", "release:x"]

@@ -14,13 +14,13 @@ nor a crash loses or doubles a charge. JSON lines, appended (O_APPEND), compacte
     {"done": <id>}                                                settled with billing (or superseded)
 
 An advice is written (and fsync'd) before the upstream call; only an answered one is charged. One
-whose call never ended (the process died meanwhile) is dropped at the next start, as a hold would
-expire. A paid call is marked in flight before its hold is placed, and the mark is superseded by
-the capture or release (which name the call) or dropped; a call still in flight at the next start
-got no answer, so it pays nothing: its placement is voided by its key (which releases the hold if
-billing placed one), at once rather than after the hold's TTL. Every id is derived from the hold or the call,
-and every billing operation is idempotent under it, so posting an entry twice (a crash between
-billing's answer and "done") charges once. Older journals' lines ({"capture": <hold>}) are read as captures.
+whose call never ended (the process died meanwhile) is dropped at the next start. A paid call is
+marked in flight before its hold is placed; the mark is superseded by the capture or release
+(which name the call), or dropped. A call still in flight at the next start got no answer, so it
+pays nothing: its placement is voided by its key (releasing the hold if billing placed one) at
+once, not after the hold's TTL. Every id is derived from the hold or the call, and every billing
+operation is idempotent under it, so posting an entry twice (a crash between billing's answer and
+"done") charges once. Older journals' lines ({"capture": <hold>}) are read as captures.
 
 One process per journal (an exclusive lock on `<journal>.lock`); it is rewritten only by replacing
 it whole (a new file, fsync'd, renamed over it), so a crash or a full disk mid-rewrite loses nothing.
