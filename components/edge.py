@@ -25,7 +25,7 @@ class Site:
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
 BILLING_PATHS = ("/health", "/openapi.json", "/v1/*")
-PROXY_PATHS = ("/health", "/v1/*")
+PROXY_PATHS = ("/health", "/ready", "/v1/*")  # /ready: can a paid call be served (monitoring)
 PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 
 
@@ -59,8 +59,10 @@ def render_caddyfile(
     glob.append("\tservers {\n\t\tprotocols h1 h2\n\t}")
     out = ["{", *glob, "}", ""]
 
+    # Internal: signed by the root itself for 90 days, like a public CA's certificates (Caddy's
+    # default is 12 hours from a 7-day intermediate), so monitoring judges both stacks alike.
     tls_block = (
-        "\ttls internal"
+        "\ttls {\n\t\tissuer internal {\n\t\t\tlifetime 90d\n\t\t\tsign_with_root\n\t\t}\n\t}"
         if tls == "internal"
         else "\ttls {\n\t\tissuer acme {\n\t\t\tdisable_http_challenge\n\t\t}\n\t}"
     )

@@ -40,8 +40,11 @@ SERVICES = {
     # PowerDNS's webserver (components/dns.pdns_conf); it must allow the Prometheus container's address.
     "powerdns": ("dns:8081", "/metrics"),
 }
-# Patroni's REST API serves /metrics over TLS with the stack's database CA (components/postgres.py).
-PATRONI = ("postgres:8008", "/metrics")
+
+
+# Readiness, not liveness: billing's /health is "a write commits"; the proxy's /ready is "a paid call
+# can be served" (200 "degraded: stand-in" while billing cannot write but stand-in can answer).
+READINESS = {"billing": "/health", "proxy": "/ready"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ def region_targets(regions, nameservers: dict[str, str] | None = None) -> list[R
     nameservers = nameservers or {}
     return [
         RegionTargets(r.name, nameservers.get(r.name, r.nameserver_fqdn),
-                      {s: f"https://{s}1.{r.domain}/health" for s in ("billing", "proxy")})
+                      {s: f"https://{s}1.{r.domain}{READINESS[s]}" for s in READINESS})
         for r in regions
     ]
 
@@ -113,11 +116,8 @@ def prometheus_yml(
     jobs = []
     for job, (address, path) in services.items():
         jobs.append({"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]})
-    if database:
-        address, path = PATRONI
-        jobs.append({"job_name": "patroni", "metrics_path": path, "scheme": "https",
-                     "tls_config": {"ca_file": database_ca, "server_name": "postgres"},
-                     "static_configs": [{"targets": [address]}]})
+    # Not Patroni's /metrics: Debian's Patroni 3.0 writes `patroni_postgres_timeline None` on a
+    # replica, which fails the whole scrape; the database's series come from its own exporter.
     if node:
         jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
     # Every scraped own-service series carries this host's region (the witness: "witness").
@@ -190,7 +190,9 @@ class Timing:
     then no more than one update per group_interval; repeat a still-firing page every few hours,
     not every few minutes (one person, 3 a.m.)."""
 
-    group_wait: str = "30s"
+    # One probe interval plus one evaluation: a region's probes start failing up to that far apart,
+    # and RegionDown must exist before its RegionCheckFailing would page on its own.
+    group_wait: str = "90s"
     group_interval: str = "5m"
     repeat_critical: str = "4h"
     repeat_warning: str = "24h"
@@ -254,6 +256,7 @@ def alertmanager_args(*, config_file: str, data_dir: str, listen: str, cluster_l
         return [*args, "--cluster.listen-address="]
     args += [f"--cluster.listen-address={cluster_listen}", f"--cluster.peer-timeout={peer_timeout}"]
     if advertise:
+        assert advertise.rsplit(":", 1)[-1].isdigit(), f"advertise {advertise!r}: host:port (Alertmanager refuses a bare address)"
         args.append(f"--cluster.advertise-address={advertise}")
     return args + [f"--cluster.peer={p}" for p in peers]
 

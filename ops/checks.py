@@ -15,6 +15,8 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
+from components.monitoring import READINESS  # the same readiness paths the monitoring probes
+
 OK, INFO, WARN, CRIT = "ok", "info", "warn", "crit"
 SEVERITY = {OK: 0, INFO: 0, WARN: 1, CRIT: 2}  # the exit code is the worst row's
 CERT_WARN_DAYS, CERT_CRIT_DAYS = 14, 3
@@ -68,14 +70,15 @@ def dns_rows(client_config: dict, port: int = 53, timeout: float = 3.0) -> list[
     return rows
 
 
-def https_health(address: str, host: str, ca_file: str | None, timeout: float = 5.0) -> tuple[int, str, float, float]:
+def https_health(address: str, host: str, ca_file: str | None, timeout: float = 5.0,
+                 path: str = "/health") -> tuple[int, str, float, float]:
     """(HTTP status, the body's start, seconds the certificate has left, its whole lifetime in
-    seconds) of GET https://host/health, sent to `address` with `host` as SNI and Host, verified."""
+    seconds) of GET https://host<path>, sent to `address` with `host` as SNI and Host, verified."""
     tls = ssl.create_default_context(cafile=ca_file)
     with socket.create_connection((address, 443), timeout=timeout) as raw, tls.wrap_socket(raw, server_hostname=host) as conn:
         cert = conn.getpeercert()
         not_before, not_after = (ssl.cert_time_to_seconds(cert[k]) for k in ("notBefore", "notAfter"))
-        conn.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while len(data) < 8192 and (chunk := conn.recv(4096)):
             data += chunk
@@ -92,12 +95,14 @@ def edge_rows(client_config: dict, ca_file: str | None) -> list[Row]:
             host = f"{service}1.{region['domain']}"
             target = f"{region['name']} {host}"
             try:
-                status, body, left, lifetime = https_health(region["ipv4"], host, ca_file)
+                status, body, left, lifetime = https_health(region["ipv4"], host, ca_file, path=READINESS[service])
             except (OSError, ssl.SSLError, ValueError, IndexError) as e:
                 rows.append(Row("health", target, CRIT, f"no answer ({type(e).__name__}: {str(e)[:80]})"))
                 continue
-            # billing's /health is readiness ("a write commits"); 503 names the database's state
-            rows.append(Row("health", target, OK if status == 200 else CRIT, f"HTTP {status} {body}"))
+            # Readiness: billing's /health is "a write commits" (503 names the database's state), the
+            # proxy's /ready "a paid call can be served" (200 "degraded: stand-in" while billing cannot write).
+            verdict = CRIT if status != 200 else WARN if "degraded" in body else OK
+            rows.append(Row("health", target, verdict, f"HTTP {status} {body}"))
             rows.append(Row("certificate", target, cert_verdict(left, lifetime), f"{_duration(left)} left"))
     return rows
 

@@ -42,6 +42,17 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, what: str, t
         time.sleep(0.2)
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it lingers: never leave a process behind a failed test."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def stack_raw(stack: str = "staging") -> tuple[dict, set[str]]:
     """A committed stack file as the flat config map the engine would see (a deep copy to mutate)."""
     raw, secret_keys = config.read_stack_file(REPO / f"Pulumi.{stack}.yaml")

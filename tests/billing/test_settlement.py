@@ -211,3 +211,59 @@ def test_verify_ledger_names_a_forced_debit_that_does_not_match_its_transaction(
         finally:
             conn.execute("UPDATE forced_debits SET taken = 5 WHERE user_id = %s", (user,))
     assert billing.run("verify-ledger").returncode == 0
+
+
+def test_a_forced_capture_that_came_up_short_replays_on_retry(api, billing, cluster):
+    user = new_user(api, 8)
+    h = hold(api, user, 8)
+    with cluster.connect(dbname=pgc.DATABASE) as conn:  # the user spent 5 elsewhere meanwhile: 3 left once the hold is gone
+        conn.execute("UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = %s", (h,))
+    assert force(api, user, 5, "elsewhere").json()["taken"] == 5
+    first = api.post(f"/v1/credits/holds/{h}/capture", json={"amount": 6, "force": True}, headers=SERVICE)
+    assert first.status_code == 200, first.text
+    assert (first.json()["taken"], first.json()["shortfall"], first.json()["replayed"]) == (3, 3, False)
+    again = api.post(f"/v1/credits/holds/{h}/capture", json={"amount": 6, "force": True}, headers=SERVICE)
+    assert again.status_code == 200, again.text
+    assert (again.json()["taken"], again.json()["shortfall"], again.json()["replayed"]) == (3, 3, True)
+    assert api.post(f"/v1/credits/holds/{h}/capture", json={"amount": 7, "force": True}, headers=SERVICE).status_code == 409
+    assert balance(api, user) == 0 and shortfall_rows(cluster, user)[-1] == (6, 3, 3)
+    assert billing.run("verify-ledger").returncode == 0
+
+
+@pytest.mark.parametrize("movement", ["signup", "consume"])
+def test_a_forced_debit_under_a_key_another_movement_used_is_a_conflict(api, cluster, movement):
+    user = new_user(api, 20)
+    key = "signup"
+    if movement == "consume":
+        key = "consumed-once"
+        r = api.post("/v1/credits/consume", json={"user_id": user, "amount": 1, "idempotency_key": key}, headers=SERVICE)
+        assert r.status_code == 200, r.text
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        assert conn.execute("SELECT count(*) FROM transactions WHERE user_id = %s AND idempotency_key = %s",
+                            (user, key)).fetchone() == (1,)
+    before = balance(api, user)
+    r = force(api, user, 5, key)
+    assert r.status_code == 409, r.text  # never "replayed" with nothing charged
+    assert balance(api, user) == before and shortfall_rows(cluster, user) == []
+
+
+def test_a_forced_capture_of_a_void_tombstone_names_its_status(api, cluster):
+    user = new_user(api, 20)
+    key = f"proxy:{uuid.uuid4()}"
+    assert api.post("/v1/credits/holds/void", json={"user_id": user, "idempotency_key": key, "amount": 5},
+                    headers=SERVICE).status_code == 200
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        (tombstone,) = conn.execute("SELECT id FROM holds WHERE user_id = %s AND idempotency_key = %s", (user, key)).fetchone()
+    r = api.post(f"/v1/credits/holds/{tombstone}/capture", json={"force": True}, headers=SERVICE)
+    assert r.status_code == 409 and "void" in r.text, r.text
+    assert balance(api, user) == 20
+
+
+def test_a_released_hold_past_its_ttl_is_never_charged_by_force(api, cluster):
+    user = new_user(api, 20)
+    h = hold(api, user, 5)
+    assert api.post(f"/v1/credits/holds/{h}/release", headers=SERVICE).status_code == 200
+    expire(cluster, h)
+    r = api.post(f"/v1/credits/holds/{h}/capture", json={"force": True}, headers=SERVICE)
+    assert r.status_code == 409 and "released" in r.text, r.text
+    assert balance(api, user) == 20 and shortfall_rows(cluster, user) == []

@@ -42,9 +42,13 @@ class Server:
             )
         )
         self.log = tmp / "pdns.log"
-        with open(self.log, "wb") as out:
+        self.start()
+
+    def start(self) -> None:
+        """Also after a kill: the same config, port and data (the zones loaded before are kept)."""
+        with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [require_binary("pdns_server"), f"--config-dir={tmp}", f"--socket-dir={tmp}", "--daemon=no",
+                [require_binary("pdns_server"), f"--config-dir={self.tmp}", f"--socket-dir={self.tmp}", "--daemon=no",
                  "--guardian=no", "--disable-syslog", "--write-pid=no"],
                 stdout=out, stderr=subprocess.STDOUT,
             )
@@ -60,6 +64,11 @@ class Server:
         assert result.returncode == 0, result.stderr
         assert API_KEY not in result.stdout + result.stderr
         return json.loads(result.stdout)
+
+    def kill(self) -> None:
+        """SIGKILL: the nameserver vanishes as a crashed host's would."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         self.proc.terminate()

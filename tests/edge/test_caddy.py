@@ -3,21 +3,19 @@ for Let's Encrypt and two local HTTP servers standing in for billing and the pro
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import socket
 import ssl
 import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from components import edge
 from tests.conftest import require_binary
+from tests.edge.conftest import Edge
 
 DOMAIN = "ciris-services-1.ai"
 CANARY_BODY = "CANARY-prompt-text-6b1f"
@@ -54,68 +52,14 @@ class Upstream:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Edge:
-    def __init__(self, tmp: Path, https_port: int, http_port: int, log: Path):
-        self.tmp, self.https_port, self.http_port, self.log = tmp, https_port, http_port, log
-        self._ctx = None
-
-    @property
-    def ctx(self) -> ssl.SSLContext:
-        if self._ctx is None:
-            root = self.tmp / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
-            self._ctx = ssl.create_default_context(cafile=str(root))
-        return self._ctx
-
-    def request(self, host: str, path: str, method: str = "GET", body: bytes | None = None, headers=None):
-        conn = http.client.HTTPSConnection(host, self.https_port, context=self.ctx, timeout=10)
-        conn.sock = self.ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.https_port), timeout=10), server_hostname=host)
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        return resp, data
-
-
 @pytest.fixture(scope="module")
 def running_edge(tmp_path_factory):
-    caddy = require_binary("caddy")
-    tmp = tmp_path_factory.mktemp("edge")
     billing, proxy = Upstream("billing"), Upstream("proxy")
-    https_port, http_port = free_port(), free_port()
-    caddyfile = tmp / "Caddyfile"
-    caddyfile.write_text(
-        edge.render_caddyfile(
-            edge.sites(DOMAIN, f"127.0.0.1:{billing.port}", f"127.0.0.1:{proxy.port}"),
-            tls="internal",
-            https_port=https_port,
-            http_port=http_port,
-        )
-    )
-    env = {**os.environ, "HOME": str(tmp), "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config")}
-    log = tmp / "access.log"
-    with open(log, "wb") as out, open(tmp / "caddy.err", "wb") as err:
-        proc = subprocess.Popen([caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env=env, stdout=out, stderr=err)
-    e = Edge(tmp, https_port, http_port, log)
-    deadline = time.time() + 30
-    while True:
-        try:
-            e.request(f"billing1.{DOMAIN}", "/health")
-            break
-        except (OSError, ssl.SSLError):
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"caddy did not come up: {(tmp / 'caddy.err').read_text()[-2000:]}")
-            time.sleep(0.2)
+    e = Edge(tmp_path_factory.mktemp("edge"), edge.sites(DOMAIN, f"127.0.0.1:{billing.port}", f"127.0.0.1:{proxy.port}"))
+    e.start()
     billing.seen.clear()
     yield e, billing, proxy
-    proc.terminate()
-    proc.wait(10)
+    e.stop()
 
 
 def test_routes_each_host_to_its_service_with_hsts(running_edge):
@@ -126,6 +70,9 @@ def test_routes_each_host_to_its_service_with_hsts(running_edge):
     assert resp.getheader("Server") is None
     resp, data = e.request(f"proxy1.{DOMAIN}", "/v1/models")
     assert resp.status == 200 and json.loads(data)["upstream"] == "proxy"
+    resp, data = e.request(f"proxy1.{DOMAIN}", "/ready")  # readiness, probed by every region's monitoring
+    assert resp.status == 200 and json.loads(data) == {"upstream": "proxy", "path": "/ready"}
+    assert e.request(f"billing1.{DOMAIN}", "/ready")[0].status == 404  # billing's readiness is its /health
     resp, data = e.request(f"billing1.{DOMAIN}", "/v1/credits/u1")
     assert json.loads(data) == {"upstream": "billing", "path": "/v1/credits/u1"}
 

@@ -64,7 +64,7 @@ def test_a_third_region_is_probed_by_every_vantage_point_with_no_edit(tmp_path):
         jobs = {j["job_name"]: j for j in yaml.safe_load(path.read_text())["scrape_configs"]}
         health = [sc for sc in jobs["health"]["static_configs"] if sc["labels"]["region"] == new.name]
         assert sorted(t for sc in health for t in sc["targets"]) == [
-            f"https://billing1.{new.domain}/health", f"https://proxy1.{new.domain}/health"]
+            f"https://billing1.{new.domain}/health", f"https://proxy1.{new.domain}/ready"]
         for zone in cfg.zones.zones:  # its nameserver is asked for every zone, and its zone of every nameserver
             dns = [t for sc in jobs[f"dns_soa_{zone}"]["static_configs"] for t in sc["targets"]]
             assert sorted(dns) == sorted(f"{r.nameserver_fqdn}:53" for r in cfg.regions)
@@ -76,7 +76,7 @@ def test_witness_scrapes_no_region_service_and_regions_scrape_their_own(tmp_path
     jobs = {v: {j["job_name"] for j in doc["scrape_configs"]} for v, doc in by_vantage.items()}
     probes = {"health", *(f"dns_soa_{z}" for z in cfg.zones.zones)}
     assert jobs["witness"] == probes | {"node"}
-    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "patroni", "node"}
+    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "node"}
     # Probe jobs are what the ServiceMetricsDown rule leaves out (a probe's own `up` is the exporter's).
     excluded = re.search(r'job!~"([^"]+)"', next(r for r in rules() if r["alert"] == "ServiceMetricsDown")["expr"]).group(1)
     assert all(re.fullmatch(excluded, j) for j in probes) and not any(re.fullmatch(excluded, j) for j in jobs["us-east"] - probes)
@@ -149,7 +149,7 @@ def test_amtool_accepts_alertmanager_config(tmp_path, channels):
 
 def test_alertmanager_cluster_flags_name_every_peer():
     args = monitoring.alertmanager_args(config_file="/c", data_dir="/d", listen="127.0.0.1:9093",
-                                        cluster_listen="0.0.0.0:9094", advertise="198.51.100.1",
+                                        cluster_listen="0.0.0.0:9094", advertise="198.51.100.1:9094",
                                         peers=["198.51.100.2:9094", "198.51.100.3:9094"])
     assert [a for a in args if a.startswith("--cluster.peer=")] == ["--cluster.peer=198.51.100.2:9094",
                                                                     "--cluster.peer=198.51.100.3:9094"]

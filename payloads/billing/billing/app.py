@@ -245,8 +245,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def capture(hold_id: uuid.UUID, p: Caller, body: Capture | None = None):
         require(p, "service", "admin")
         result = await once(ledger.capture, hold_id, body.amount if body else None, bool(body and body.force))
-        if result.pop("forced", False):
-            metrics.forced("expired_hold", result.pop("shortfall"), result["replayed"])
+        if result.pop("forced", False):  # the answer says what was taken and what was short
+            metrics.forced("expired_hold", result["shortfall"], result["replayed"])
         return result
 
     @app.post("/v1/credits/holds/{hold_id}/release")

@@ -171,19 +171,33 @@ async def capture(conn, hold_id: uuid.UUID, amount: int | None, force: bool = Fa
     if outcome == "too_much":
         raise Problem(422, "invalid_request", f"amount {amount} exceeds the hold's {detail}")
     if outcome == "conflict":
+        # A forced capture that came up short marked the hold captured for what it took: its retry
+        # (same amount) is a replay of that forced debit, not another amount.
+        forced = await _forced_capture(conn, hold_id)
+        if forced is not None and forced[0] == amount:
+            return await _force_hold(conn, hold_id, amount)
         raise conflict(f"hold already captured for {detail}")
     if outcome == "expired" and force:
-        cur = await conn.execute("SELECT user_id, amount FROM holds WHERE id = %s", (hold_id,))
-        user_id, held = await cur.fetchone()
-        take = held if amount is None else amount
-        if take == 0:
-            return {"transaction_id": None, "balance": balance, "replayed": False, "forced": True, "shortfall": 0}
-        result = await forced_debit(conn, user_id, take, f"hold:{hold_id}", None, hold_id=hold_id)
-        return {"transaction_id": result["transaction_id"], "balance": result["balance"], "replayed": result["replayed"],
-                "forced": True, "shortfall": result["shortfall"]}
-    if outcome in ("expired", "released"):
+        if amount == 0:
+            return {"transaction_id": None, "balance": balance, "replayed": False, "forced": True, "taken": 0, "shortfall": 0}
+        return await _force_hold(conn, hold_id, amount)
+    if outcome in ("expired", "released", "void"):
         raise conflict(f"hold is {outcome} and cannot be captured")
     raise not_found("hold")
+
+
+async def _forced_capture(conn, hold_id: uuid.UUID) -> tuple[int] | None:
+    cur = await conn.execute("SELECT amount FROM forced_debits WHERE hold_id = %s", (hold_id,))
+    return await cur.fetchone()
+
+
+async def _force_hold(conn, hold_id: uuid.UUID, amount: int | None) -> dict:
+    """The forced debit of an expired hold's call, under the key its capture would have used."""
+    cur = await conn.execute("SELECT user_id, amount FROM holds WHERE id = %s", (hold_id,))
+    user_id, held = await cur.fetchone()
+    result = await forced_debit(conn, user_id, held if amount is None else amount, f"hold:{hold_id}", None, hold_id=hold_id)
+    return {"transaction_id": result["transaction_id"], "balance": result["balance"], "replayed": result["replayed"],
+            "forced": True, "taken": result["taken"], "shortfall": result["shortfall"]}
 
 
 async def release(conn, hold_id: uuid.UUID) -> dict:
