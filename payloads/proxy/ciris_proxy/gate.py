@@ -26,7 +26,10 @@ from ciris_proxy.settings import Settings
 
 log = logging.getLogger("ciris_proxy")
 BATCH = 64  # journal entries posted at once
-RETRY_CAP = 5.0  # seconds: the longest an entry billing did not settle waits before it is posted again
+# The longest an entry waits before it is posted again: while billing is away (no answer, 5xx),
+# and after billing answered with a refusal a fix can change (an expired token, an older billing).
+AWAY_CAP, KEPT_CAP = 5.0, 60.0
+SETTLED, KEPT, AWAY = "settled", "kept", "away"  # what posting one journal entry came to
 UNAVAILABLE = "billing is unavailable, so nothing was sent upstream and nothing charged; retry shortly or use the other region"
 
 
@@ -226,8 +229,9 @@ class CreditGate:
 
     async def _settle_forever(self) -> None:
         """Post what the journal owes, a batch at a time. An entry billing did not settle waits out a
-        back-off of its own, so one stuck entry never holds up the others; the settler pauses only
-        when nothing is due, or when nothing in a batch went through (billing is away: probe gently)."""
+        back-off of its own, so entries billing keeps refusing never hold up the others; the settler
+        pauses only when nothing is due, or when billing answered nothing in a batch (it is away:
+        probe gently)."""
         retry: dict[str, tuple[float, float]] = {}  # entry id -> (not before, its back-off)
         pause = 0.1
         while True:
@@ -241,18 +245,18 @@ class CreditGate:
             results = await asyncio.gather(*(self._post_entry(e) for e in due), return_exceptions=True)
             now = time.monotonic()
             for e, r in zip(due, results):
-                if r is True:
+                if r == SETTLED:
                     retry.pop(e["id"], None)
                     continue
                 if isinstance(r, BaseException):
                     log.error("settlement failed: %s", type(r).__name__)
                 metrics.CAPTURE_RETRIES.inc()
-                backoff = min(retry.get(e["id"], (0.0, 0.1))[1] * 2, RETRY_CAP)
+                backoff = min(retry.get(e["id"], (0.0, 0.1))[1] * 2, KEPT_CAP if r == KEPT else AWAY_CAP)
                 retry[e["id"]] = (now + backoff, backoff)
-            if any(r is True for r in results):
+            if any(r in (SETTLED, KEPT) for r in results):
                 pause = 0.1
             else:
-                pause = min(pause * 2, RETRY_CAP)
+                pause = min(pause * 2, AWAY_CAP)
                 await self._woken(pause)  # a new entry (settle() wakes us) is still posted at once
 
     async def _woken(self, timeout: float | None) -> None:
@@ -262,9 +266,9 @@ class CreditGate:
         except asyncio.TimeoutError:
             pass
 
-    async def _post_entry(self, e: dict) -> bool:
-        """One journal entry to billing. True: settled (confirmed, or refused for good: logged);
-        False: not settled (billing away, or a refusal an operator can fix): try again later."""
+    async def _post_entry(self, e: dict) -> str:
+        """One journal entry to billing. SETTLED: confirmed, or refused for good (logged); KEPT:
+        refused in a way a fix can change (logged), AWAY: no answer; both tried again later."""
         op = e["op"]
         try:
             if op == "capture":
@@ -279,11 +283,12 @@ class CreditGate:
                     "user_id": e["user"], "amount": e["amount"], "idempotency_key": f"standin:{e['call']}",
                     "description": "answered while billing could not write (stand-in)"})
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
-        if status not in (200, 404, 409):  # billing away, or a refusal a fix can change (an expired
-            if status < 500:                # service token, an older billing): keep it, say so
-                log.error("billing answered the %s of %s with HTTP %d; kept, retrying", op, e["id"], status)
-            return False
+            return AWAY
+        if status >= 500:
+            return AWAY
+        if status not in (200, 404, 409):  # a refusal a fix can change (an expired service token, an older billing)
+            log.error("billing answered the %s of %s with HTTP %d; kept, retrying", op, e["id"], status)
+            return KEPT
         doc = doc if isinstance(doc, dict) else {}
         if status == 200:
             self._billing_failing(False)
@@ -301,4 +306,4 @@ class CreditGate:
             if op == "advice":
                 self._expose(e["user"], -e["amount"])
         self.journal.settled(e["id"])
-        return True
+        return SETTLED
