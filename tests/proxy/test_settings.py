@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 
@@ -51,6 +53,22 @@ def test_bad_setting_is_one_clear_line(env, message):
     r = run("serve", **env)
     assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
     assert "CANARY" not in r.stderr + r.stdout
+
+
+def test_a_journal_another_process_uses_stops_the_start(tmp_path):
+    """A new container started before the old one stopped must not compact away what the old one owes."""
+    journal = tmp_path / "captures.jsonl"
+    journal.write_text('{"op": "capture", "id": "h1", "hold": "h1"}\n')
+    lock = os.open(f"{journal}.lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the running proxy holds it
+    try:
+        r = run("serve", CAPTURE_JOURNAL=str(journal))
+    finally:
+        os.close(lock)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"proxy: CAPTURE_JOURNAL {journal} is in use by another process (it holds {journal}.lock); "
+        "stop the other proxy first"), r.stderr
+    assert journal.read_text() == '{"op": "capture", "id": "h1", "hold": "h1"}\n'
 
 
 def test_render_prints_the_config_the_program_ships():

@@ -10,6 +10,7 @@ Control (the tests', not the proxy's): POST /_control with any of
   fail_when: "MARK"          fail only requests whose prompt contains MARK (a client's bad request);
   accept_delay: 2.0          wait before answering at all (before the response headers);
   first_token_delay: 2.0     open a stream at once but wait before its first token;
+  chunk_delay: 2.0           wait that long after each streamed content chunk but the last;
   die_after: 1               drop the connection after that many streamed content chunks.
 GET /_stats reports how many completion requests it saw, how many the caller abandoned before the
 answer (`cancelled`), the last request's body and its Authorization (or Anthropic's x-api-key) header.
@@ -36,7 +37,7 @@ class Upstream:
     def reset(self) -> None:
         self.fail, self.fail_status, self.fail_message, self.fail_when = False, 500, "is down", None
         self.retry_after = None
-        self.accept_delay = self.first_token_delay = 0.0
+        self.accept_delay = self.first_token_delay = self.chunk_delay = 0.0
         self.die_after = None
 
     async def __call__(self, scope, receive, send):
@@ -111,6 +112,8 @@ class Upstream:
         for i, word in enumerate(["hello ", "from ", self.name]):
             if self.die_after is not None and i >= self.die_after:
                 raise ConnectionAbortedError("the provider died mid-stream")  # uvicorn drops the connection
+            if i and self.chunk_delay and not await self._wait(receive, self.chunk_delay):
+                return
             delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})

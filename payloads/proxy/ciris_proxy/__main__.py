@@ -20,7 +20,7 @@ import yaml
 
 from ciris_proxy import litellm_config, settings as settings_mod
 from ciris_proxy.calls import CallLog
-from ciris_proxy.journal import Journal
+from ciris_proxy.journal import Journal, JournalInUse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         calls = CallLog(os.path.join(os.path.dirname(settings.capture_journal) or ".", "calls"), settings.call_log_days)
     except OSError as e:
         print(f"proxy: CAPTURE_JOURNAL cannot be written ({e.strerror}: {settings.capture_journal})", file=sys.stderr)
+        return 2
+    except JournalInUse as e:  # an older process still running on this volume: it owes what is in there
+        print(f"proxy: CAPTURE_JOURNAL {e}; stop the other proxy first", file=sys.stderr)
         return 2
     # PROXY_CONFIG: the file the Pulumi program rendered (the container's); otherwise the built-in one.
     path = os.environ.get("PROXY_CONFIG", "").strip()

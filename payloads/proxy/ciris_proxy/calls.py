@@ -4,7 +4,9 @@
     {"call": c, "user": u, "at": unix seconds, "via": "hold" | "standin" | "none", "hold": id | null, "answered": bool}
 
 One file per UTC day beside the journal (calls-YYYY-MM-DD.jsonl); files older than `days` are
-deleted when a new day's file is opened. Not fsync'd: it is an audit aid, the journal is the money.
+deleted when a new day's file is opened. Not fsync'd, and best effort: it is an audit aid, the journal
+is the money, so a call log that cannot be written (a full disk, EIO) is counted and logged, and the
+call goes on.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import json
+import logging
 import os
 import time
 
+from ciris_proxy import metrics
+
+log = logging.getLogger("ciris_proxy")
 PREFIX = "calls-"
 
 
@@ -26,17 +32,22 @@ class CallLog:
 
     def record(self, call: str, user: str, via: str, hold: str | None, answered: bool) -> None:
         now = time.time()
-        day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
-        if day != self.day:
-            self._open(day)
         line = {"call": call, "user": user, "at": round(now, 3), "via": via, "hold": hold, "answered": answered}
-        os.write(self.fd, (json.dumps(line) + "\n").encode())
+        try:
+            day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
+            if day != self.day:
+                self._open(day)
+            os.write(self.fd, (json.dumps(line) + "\n").encode())
+        except OSError as e:  # the error's text only (no path or call: nothing a client sent)
+            metrics.CALL_LOG_FAILURES.inc()
+            log.error("the call log could not be written (%s)", e.strerror or type(e).__name__)
 
     def _open(self, day: str) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-        self.day = day
+            self.fd = -1
         self.fd = os.open(os.path.join(self.directory, f"{PREFIX}{day}.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self.day = day  # only once open: a failed open is tried again at the next call
         oldest = (dt.date.fromisoformat(day) - dt.timedelta(days=self.days)).isoformat()
         for path in paths(self.directory):
             if os.path.basename(path)[len(PREFIX):len(PREFIX) + 10] < oldest:

@@ -26,6 +26,10 @@ from ciris_proxy.settings import Settings
 
 log = logging.getLogger("ciris_proxy")
 BATCH = 64  # journal entries posted at once
+# The longest an entry waits before it is posted again: while billing is away (no answer, 5xx),
+# and after billing answered with a refusal a fix can change (an expired token, an older billing).
+AWAY_CAP, KEPT_CAP = 5.0, 60.0
+SETTLED, KEPT, AWAY = "settled", "kept", "away"  # what posting one journal entry came to
 UNAVAILABLE = "billing is unavailable, so nothing was sent upstream and nothing charged; retry shortly or use the other region"
 
 
@@ -46,6 +50,8 @@ class CreditGate:
         for entry in journal.pending.values():
             if entry["op"] == "advice":
                 self._expose(entry["user"], entry["amount"])
+        for e in journal.abandoned:  # calls the last process never finished: not answered, so not charged
+            calls.record(e["call"], e["user"], "hold" if e["op"] == "inflight" else "standin", e.get("hold"), False)
         self.tasks: set[asyncio.Task] = set()
         self.failing = False  # the last hold placement failed: billing cannot write
 
@@ -100,8 +106,30 @@ class CreditGate:
     async def authorise(self, user: str, call: str) -> Authorisation:
         """A hold for one paid call (`call` is its idempotency key), or a stand-in authorisation
         while billing cannot place one; otherwise the error to answer (402, 401, 503)."""
+        price, key = self.settings.price_per_interaction_cents, f"proxy:{call}"
+        # In flight until settle() writes the outcome: should the process die first, the next start
+        # voids the placement by its key, which releases the hold at once instead of locking the
+        # user's credit for the hold's TTL. Marked before placing, as billing may commit the hold
+        # and the process die before its answer arrives. Not fsync'd: the write survives the
+        # process dying; if the machine dies with it, the hold just expires as before, and an fsync
+        # per paid call would put the disk's latency on every request.
+        mark = f"call:{call}"
+        self.journal.add({"op": "inflight", "id": mark, "user": user, "key": key, "amount": price, "call": call})
+        try:
+            auth = await self._place(user, call, price, key)
+        except ApiError:
+            self.journal.settled(mark)  # refused: nothing placed, or its void journaled
+            raise
+        except BaseException:  # cancelled or broken mid-placement: the hold may exist
+            self._void(user, key, price)
+            self.journal.settled(mark)
+            raise
+        if auth.hold_id is None:
+            self.journal.settled(mark)  # stood in: the advice now stands for the call
+        return auth
+
+    async def _place(self, user: str, call: str, price: int, key: str) -> Authorisation:
         s = self.settings
-        price, key = s.price_per_interaction_cents, f"proxy:{call}"
         try:
             status, doc = await self._post("v1/credits/holds", {
                 "user_id": user, "amount": price, "idempotency_key": key, "ttl_seconds": s.hold_ttl_seconds,
@@ -181,8 +209,8 @@ class CreditGate:
     # --- settling ---
 
     def settle(self, auth: Authorisation, answered: bool) -> None:
-        """The call's one outcome, after the response: charged if answered, otherwise nothing."""
-        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered)
+        """The call's one outcome: charged if answered, otherwise nothing. Journaled first (the money);
+        the call log after it is best effort (calls.py)."""
         if auth.hold_id is None:  # stand-in: the advice is in the journal already
             entry = f"advice:{auth.call}"
             if answered:
@@ -190,33 +218,57 @@ class CreditGate:
             else:
                 self.journal.settled(entry)
                 self._expose(auth.user, -auth.amount)
-        elif answered:
-            self.journal.add({"op": "capture", "id": auth.hold_id, "hold": auth.hold_id, "user": auth.user})
-        else:
-            self.journal.add({"op": "release", "id": f"release:{auth.hold_id}", "hold": auth.hold_id})
+        else:  # the outcome (naming the call) first, then the in-flight mark: a crash between leaves the outcome
+            if answered:
+                self.journal.add({"op": "capture", "id": auth.hold_id, "hold": auth.hold_id, "user": auth.user, "call": auth.call})
+            else:
+                self.journal.add({"op": "release", "id": f"release:{auth.hold_id}", "hold": auth.hold_id, "call": auth.call})
+            self.journal.settled(f"call:{auth.call}")
         self.wake.set()
+        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered)
 
     async def _settle_forever(self) -> None:
-        """Post what the journal owes, a batch at a time; back off while billing is away."""
-        delay = 0.2
+        """Post what the journal owes, a batch at a time. An entry billing did not settle waits out a
+        back-off of its own, so entries billing keeps refusing never hold up the others; the settler
+        pauses only when nothing is due, or when billing answered nothing in a batch (it is away:
+        probe gently)."""
+        retry: dict[str, tuple[float, float]] = {}  # entry id -> (not before, its back-off)
+        pause = 0.1
         while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while owed := self.journal.owed():
-                results = await asyncio.gather(*(self._post_entry(e) for e in owed[:BATCH]), return_exceptions=True)
-                if all(r is True for r in results):
-                    delay = 0.2
+            self.wake.clear()  # before looking: what settle() adds from here on wakes the waits below
+            now = time.monotonic()
+            retry = {i: r for i, r in retry.items() if i in self.journal.pending}
+            due = [e for e in self.journal.owed() if retry.get(e["id"], (0.0,))[0] <= now][:BATCH]
+            if not due:
+                await self._woken(max(min(t for t, _ in retry.values()) - now, 0.01) if retry else None)
+                continue
+            results = await asyncio.gather(*(self._post_entry(e) for e in due), return_exceptions=True)
+            now = time.monotonic()
+            for e, r in zip(due, results):
+                if r == SETTLED:
+                    retry.pop(e["id"], None)
                     continue
-                for r in results:
-                    if isinstance(r, BaseException):
-                        log.error("settlement failed: %s", type(r).__name__)
+                if isinstance(r, BaseException):
+                    log.error("settlement failed: %s", type(r).__name__)
                 metrics.CAPTURE_RETRIES.inc()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                backoff = min(retry.get(e["id"], (0.0, 0.1))[1] * 2, KEPT_CAP if r == KEPT else AWAY_CAP)
+                retry[e["id"]] = (now + backoff, backoff)
+            if any(r in (SETTLED, KEPT) for r in results):
+                pause = 0.1
+            else:
+                pause = min(pause * 2, AWAY_CAP)
+                await self._woken(pause)  # a new entry (settle() wakes us) is still posted at once
 
-    async def _post_entry(self, e: dict) -> bool:
-        """One journal entry to billing. True: settled (confirmed, or refused for good: logged);
-        False: not settled (billing away, or a refusal an operator can fix): try again later."""
+    async def _woken(self, timeout: float | None) -> None:
+        """Until settle() adds something, or `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _post_entry(self, e: dict) -> str:
+        """One journal entry to billing. SETTLED: confirmed, or refused for good (logged); KEPT:
+        refused in a way a fix can change (logged), AWAY: no answer; both tried again later."""
         op = e["op"]
         try:
             if op == "capture":
@@ -231,11 +283,12 @@ class CreditGate:
                     "user_id": e["user"], "amount": e["amount"], "idempotency_key": f"standin:{e['call']}",
                     "description": "answered while billing could not write (stand-in)"})
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
-        if status not in (200, 404, 409):  # billing away, or a refusal a fix can change (an expired
-            if status < 500:                # service token, an older billing): keep it, say so
-                log.error("billing answered the %s of %s with HTTP %d; kept, retrying", op, e["id"], status)
-            return False
+            return AWAY
+        if status >= 500:
+            return AWAY
+        if status not in (200, 404, 409):  # a refusal a fix can change (an expired service token, an older billing)
+            log.error("billing answered the %s of %s with HTTP %d; kept, retrying", op, e["id"], status)
+            return KEPT
         doc = doc if isinstance(doc, dict) else {}
         if status == 200:
             self._billing_failing(False)
@@ -253,4 +306,4 @@ class CreditGate:
             if op == "advice":
                 self._expose(e["user"], -e["amount"])
         self.journal.settled(e["id"])
-        return True
+        return SETTLED

@@ -7,6 +7,7 @@ REQUESTS = Counter("ciris_proxy_requests_total", "Gated requests by kind", ["kin
 HOLDS = Counter("ciris_proxy_holds_total", "Billing hold attempts by outcome", ["outcome"])
 SETTLED = Counter("ciris_proxy_settled_total", "Holds settled by outcome", ["outcome"])
 CAPTURE_RETRIES = Counter("ciris_proxy_capture_retries_total", "Capture attempts that must be retried")
+CALL_LOG_FAILURES = Counter("ciris_proxy_call_log_failures_total", "Call log lines that could not be written (audit only)")
 UPSTREAM = Counter("ciris_proxy_upstream_total", "Upstream calls by provider and result", ["provider", "result"])
 UPSTREAM_SECONDS = Histogram("ciris_proxy_upstream_seconds", "Upstream call latency by provider", ["provider"])
 

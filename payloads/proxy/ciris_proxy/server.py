@@ -237,26 +237,33 @@ class App:
         except BaseException:
             self.settle(auth, capture=False)
             raise
-        delivered = False  # any content (text or a tool call) went out to the client
+        delivered = False  # any content (text or a tool call) went out to the client: charged from then on
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE)})
             async for chunk in chunks:
                 chunk.model = target.name
+                if not delivered and _has_content(chunk):
+                    # Charged as the first content goes out, not at the end: a proxy that dies
+                    # mid-stream has still answered (and a client that leaves now still pays).
+                    delivered = True
+                    self.settle(auth, capture=True)
                 await send({"type": "http.response.body", "more_body": True,
                             "body": b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n"})
-                delivered = delivered or _has_content(chunk)
         except asyncio.CancelledError:
-            self.settle(auth, capture=True)  # the client left after the provider took the work on
+            if not delivered:
+                self.settle(auth, capture=True)  # the client left after the provider took the work on
             raise
         except Exception as e:  # noqa: BLE001  (the provider broke the stream: say so in the stream)
             log.warning("stream from %s broke: %s", target.name, type(e).__name__)
-            self.settle(auth, capture=delivered)
+            if not delivered:
+                self.settle(auth, capture=False)
             error = ApiError(502, "the provider's stream broke off" + ("" if delivered else "; nothing was charged"),
                              code="upstream_error")
             await send({"type": "http.response.body", "more_body": True,
                         "body": b"data: " + json.dumps(error.body()).encode() + b"\n\n"})
         else:
-            self.settle(auth, capture=delivered)
+            if not delivered:
+                self.settle(auth, capture=False)  # the stream ended with nothing for the client
         finally:
             await _close(chunks)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
