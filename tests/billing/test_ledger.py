@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import ADMIN, KEY_PEM, SERVICE, Billing, database_url, new_user
+from tests.billing.conftest import ADMIN, SERVICE, Billing, database_url, new_user, service_env
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
 
 
@@ -98,7 +98,7 @@ def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, messa
 def test_health_is_503_while_the_database_is_down_and_recovers(tmp_path):
     root, tls = workspace()
     db = init_primary(root, tls[PRIMARY_ADDR], replicas=())
-    service = Billing({**_env(db), "PORT": str(free_port())}, tmp_path / "billing.log")
+    service = Billing({**service_env(db), "PORT": str(free_port())}, tmp_path / "billing.log")
     try:
         service.start()
         db.stop("immediate")
@@ -116,11 +116,6 @@ def test_health_is_503_while_the_database_is_down_and_recovers(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _env(db) -> dict:
-    import os
-
-    return {**os.environ, "DATABASE_URL": database_url(db), "BILLING_JWT_PRIVATE_KEY": KEY_PEM, "STRIPE_SECRET_KEY": "sk_test_x",
-            "STRIPE_WEBHOOK_SECRET": "whsec_x", "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_the_database_hashes_rows_as_verify_ledger_does(api, billing, cluster):

@@ -1,13 +1,19 @@
 """python -m billing [serve]        apply pending migrations, then serve the API
    python -m billing migrate        apply pending migrations only
    python -m billing verify-ledger  check every hash chain and balance (exit 1 on the first break)
+                                    [--json: the report as one JSON line, for the metrics' background check]
    python -m billing mint-token --role service --sub proxy [--ttl-seconds N]   (operators)
    python -m billing public-key     billing's public key (PEM), for the proxy"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
+import shutil
+import tempfile
 import sys
 
 import psycopg
@@ -20,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve")
     sub.add_parser("migrate")
-    sub.add_parser("verify-ledger")
+    sub.add_parser("verify-ledger").add_argument("--json", action="store_true")
     sub.add_parser("public-key")
     mint = sub.add_parser("mint-token")
     mint.add_argument("--role", choices=auth.ROLES, required=True)
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             from billing.verify import verify
 
             report = verify(settings.database_url)
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(report), "ok": report.problem is None}))
+                return 1 if report.problem else 0
             if report.problem:
                 print(f"ledger broken: {report.problem}", file=sys.stderr)
                 return 1
@@ -65,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from billing.app import create_app
+    from billing.ledger_check import STATE_DIR_VAR
+
+    # The workers' shared state (ledger_check.py): fresh for each start, so no earlier result is served.
+    os.environ[STATE_DIR_VAR] = tempfile.mkdtemp(prefix="ciris-billing-")
 
     if settings.workers > 1:  # each worker process reads the same environment
         uvicorn.run("billing.app:from_environment", factory=True, workers=settings.workers, host=settings.host,
                     port=settings.port, log_level="info", access_log=False)
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    shutil.rmtree(os.environ[STATE_DIR_VAR], ignore_errors=True)
     return 0
 
 

@@ -7,8 +7,11 @@ Nothing a client sends is logged or echoed back: validation errors name the fiel
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import stripe
@@ -21,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, db, hotpath, ledger, metrics, payments
+from billing import auth, db, hotpath, ledger, ledger_check, metrics, payments
 from billing.errors import Problem, invalid, not_found
 from billing.settings import Settings
 
@@ -116,13 +119,18 @@ def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
+    # python -m billing makes this directory fresh for each start, shared by its workers.
+    state_dir = Path(os.environ.get(ledger_check.STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
+    checker = ledger_check.Checker(state_dir, settings.ledger_verify_interval)
+    metrics.LEDGER.state_dir = state_dir
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await database.open()
-        sweeper = asyncio.create_task(sweep_holds())
+        background = [asyncio.create_task(sweep_holds()), asyncio.create_task(checker.loop())]
         yield
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         await database.close()
 
     async def sweep_holds():

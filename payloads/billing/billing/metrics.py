@@ -3,7 +3,11 @@ route templates and outcome codes only: never a user id, key or amount."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from billing import ledger_check
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Histogram("billing_request_seconds", "Request latency by route template and status", ["route", "method", "status"], registry=REGISTRY)
@@ -13,6 +17,20 @@ FORCED = Counter("billing_forced_debits_total", "Forced debits (answered calls c
 FORCED_SHORTFALL = Counter("billing_forced_debit_shortfall_cents_total", "Cents forced debits could not take (the balance reached zero)", registry=REGISTRY)
 REFUND_SHORTFALL = Counter("billing_refund_shortfall_cents_total", "Refunded credits that could not be taken back (already spent)", registry=REGISTRY)
 
+
+
+class _Ledger:
+    """The background ledger check's gauges, read from the server's shared state at each scrape
+    (ledger_check.py); none before create_app names the state directory."""
+
+    state_dir: Path | None = None
+
+    def collect(self):
+        return ledger_check.collect(self.state_dir) if self.state_dir else iter(())
+
+
+LEDGER = _Ledger()
+REGISTRY.register(LEDGER)
 
 _children: dict[tuple, object] = {}  # labels() takes a lock and builds a key each call: once per label set
 
