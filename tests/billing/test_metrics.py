@@ -162,3 +162,28 @@ def test_one_check_runs_at_a_time(checked, tmp_path):
         os.environ.update(old)
     names = {m.name: m.samples[0].value for m in ledger_check.collect(tmp_path)}
     assert names["billing_ledger_verify_ok"] == 1 and names["billing_negative_balances"] == 0
+
+
+def test_counters_are_every_workers_sum(checked):
+    """Two workers, one /metrics: a scrape may reach either, and must count what both did (a
+    counter that flips between two workers' values reads to Prometheus as resets and rises that
+    never happened: StandInShortfall would fire for as long as the workers live)."""
+    service = checked[0]
+    with httpx.Client(base_url=service.url, timeout=30) as api:
+        user = new_user(api, 100)
+
+        def consumes() -> set[float]:
+            values = set()
+            for _ in range(12):
+                text = httpx.get(f"{service.url}/metrics", timeout=10).text
+                values |= {s.value for f in text_string_to_metric_families(text) for s in f.samples
+                           if s.name == "billing_consumes_total" and s.labels["outcome"] == "debited"}
+            return values
+
+        before = consumes()
+        assert len(before) <= 1, before
+        for i in range(20):  # new connections: uvicorn's workers share the socket and take them in turn
+            r = httpx.post(f"{service.url}/v1/credits/consume", json={"user_id": user, "amount": 1, "idempotency_key": f"w{i}"},
+                           headers=SERVICE, timeout=30)
+            assert r.status_code == 200, r.text
+        assert consumes() == {(before.pop() if before else 0) + 20}

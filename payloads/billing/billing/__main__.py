@@ -71,20 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     if command == "migrate":
         return 0
 
+    # What the workers share, fresh for each start (no earlier result or count is served): the
+    # ledger check's result (ledger_check.py) and every worker's metric values (metrics.py). Set
+    # before prometheus_client is first imported: it picks its multiprocess mode then.
+    state_dir = tempfile.mkdtemp(prefix="ciris-billing-")
+    os.environ[settings_mod.STATE_DIR_VAR] = state_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(state_dir, "metrics")
+    os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
     import uvicorn
 
     from billing.app import create_app
-    from billing.ledger_check import STATE_DIR_VAR
-
-    # The workers' shared state (ledger_check.py): fresh for each start, so no earlier result is served.
-    os.environ[STATE_DIR_VAR] = tempfile.mkdtemp(prefix="ciris-billing-")
 
     if settings.workers > 1:  # each worker process reads the same environment
         uvicorn.run("billing.app:from_environment", factory=True, workers=settings.workers, host=settings.host,
                     port=settings.port, log_level="info", access_log=False)
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
-    shutil.rmtree(os.environ[STATE_DIR_VAR], ignore_errors=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

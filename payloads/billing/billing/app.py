@@ -20,13 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from billing import auth, db, hotpath, ledger, ledger_check, metrics, payments
 from billing.errors import Problem, invalid, not_found
-from billing.settings import Settings
+from billing.settings import STATE_DIR_VAR, Settings
 
 log = logging.getLogger("billing")
 
@@ -120,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
     # python -m billing makes this directory fresh for each start, shared by its workers.
-    state_dir = Path(os.environ.get(ledger_check.STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
+    state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
     checker = ledger_check.Checker(state_dir, settings.ledger_verify_interval)
     metrics.LEDGER.state_dir = state_dir
 
@@ -212,7 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/users", status_code=201)
     async def create_user(body: NewUser, p: Caller):

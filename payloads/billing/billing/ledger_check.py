@@ -37,7 +37,6 @@ from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("billing")
 
-STATE_DIR_VAR = "BILLING_STATE_DIR"
 STATE_FILE = "ledger-check.json"
 LOCK_FILE = "ledger-check.lock"
 TIMEOUT = 900  # seconds a check may take before it is killed and counted as unknown

@@ -10,6 +10,9 @@ from typing import Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+# Set by `python -m billing` for its workers (not an operator's setting): a directory made fresh for
+# each start, holding what the workers share (ledger_check.py, metrics.py).
+STATE_DIR_VAR = "BILLING_STATE_DIR"
 DEFAULT_PACKS = "500:500,2000:2000,10000:10000"  # credits (cents of balance) : price in US cents
 
 
