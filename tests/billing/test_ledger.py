@@ -85,6 +85,7 @@ def test_no_request_values_in_the_log(api, billing):
     ({"DB_WRITE_TIMEOUT_SECONDS": "soon"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be a number of seconds, got 'soon'"),
     ({"DB_WRITE_TIMEOUT_SECONDS": "0.1"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got 0.1"),
     ({"DB_WRITE_TIMEOUT_SECONDS": "nan"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got nan"),
+    ({"LEDGER_VERIFY_INTERVAL_SECONDS": "0"}, "billing: LEDGER_VERIFY_INTERVAL_SECONDS must be between 1 and 86400 seconds, got 0"),
     ({"DATABASE_URL": "postgresql://billing:pw-CANARY@127.0.0.1:1/cirisbilling"}, "billing: cannot reach the database at DATABASE_URL"),
 ])
 def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, message):
