@@ -118,10 +118,11 @@ def test_status_records_the_newest_backup_in_the_bucket(single, store, tmp_path,
     _, _, cluster = single
     seed(cluster)
     status = tmp_path / "status.json"
-    endpoint = store.client.meta.endpoint_url
+    # moto keeps its buckets for the whole process: a prefix of this test's own is an empty store.
+    store = backup.Store(store.client, store.bucket, f"status-{tmp_path.name}/")
     monkeypatch.setenv("BACKUP_STATUS_FILE", str(status))
-    for var, value in {"BACKUP_S3_ENDPOINT": endpoint, "BACKUP_S3_BUCKET": store.bucket, "BACKUP_S3_ACCESS_KEY": "test",
-                       "BACKUP_S3_SECRET_KEY": "test"}.items():
+    for var, value in {"BACKUP_S3_ENDPOINT": store.client.meta.endpoint_url, "BACKUP_S3_BUCKET": store.bucket,
+                       "BACKUP_PREFIX": store.prefix, "BACKUP_S3_ACCESS_KEY": "test", "BACKUP_S3_SECRET_KEY": "test"}.items():
         monkeypatch.setenv(var, value)
     assert backup.main(["status"]) == 0 and not status.exists()  # an empty bucket claims no backup
     backup.run(store, dsn(cluster), KEY, retention_days=30, now=NOW - dt.timedelta(days=1))

@@ -8,9 +8,8 @@ each worker writes its values to its own file there, and a scrape sums every wor
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
@@ -23,7 +22,6 @@ WEBHOOKS = Counter("billing_webhook_events_total", "Stripe webhook deliveries by
 FORCED = Counter("billing_forced_debits_total", "Forced debits (answered calls charged late) by kind and outcome", ["kind", "outcome"], registry=REGISTRY)
 FORCED_SHORTFALL = Counter("billing_forced_debit_shortfall_cents_total", "Cents forced debits could not take (the balance reached zero)", registry=REGISTRY)
 REFUND_SHORTFALL = Counter("billing_refund_shortfall_cents_total", "Refunded credits that could not be taken back (already spent)", registry=REGISTRY)
-
 
 
 class _Ledger:
