@@ -112,7 +112,7 @@ def prometheus_yml(
 ) -> str:
     """Prometheus's config on one vantage point (a region's name, or "witness"). `services`
     defaults to a region's own (SERVICES; the witness passes {}); `database`: this host runs a
-    database member (Patroni's metrics and the member's exporter). Every region in `regions` is probed, so a region added to
+    database member (its exporter's metrics). Every region in `regions` is probed, so a region added to
     the config is monitored by every vantage point with no other edit. Tests pass local addresses
     and short intervals."""
     services = SERVICES if services is None else services
