@@ -23,7 +23,7 @@ from typing import Sequence
 
 import yaml
 
-from components import cost
+from components import cost, postgres_config as pgc
 from components.services import PROMETHEUS_ADDRESS_SUFFIX, ContainerSpec
 
 PROMETHEUS_PORT = 9090
@@ -40,6 +40,9 @@ SERVICES = {
     # PowerDNS's webserver (components/dns.pdns_conf); it must allow the Prometheus container's address.
     "powerdns": ("dns:8081", "/metrics"),
 }
+# The database member's own exporter (payloads/postgres/pg_exporter.py): replication, archiving,
+# backups. Plain HTTP on the container network only; its port is never published.
+POSTGRES = (f"postgres:{pgc.EXPORTER_PORT}", "/metrics")
 
 
 # Readiness, not liveness: billing's /health is "a write commits"; the proxy's /ready is "a paid call
@@ -109,7 +112,7 @@ def prometheus_yml(
 ) -> str:
     """Prometheus's config on one vantage point (a region's name, or "witness"). `services`
     defaults to a region's own (SERVICES; the witness passes {}); `database`: this host runs a
-    database member (Patroni's metrics). Every region in `regions` is probed, so a region added to
+    database member (its exporter's metrics). Every region in `regions` is probed, so a region added to
     the config is monitored by every vantage point with no other edit. Tests pass local addresses
     and short intervals."""
     services = SERVICES if services is None else services
@@ -118,6 +121,9 @@ def prometheus_yml(
         jobs.append({"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]})
     # Not Patroni's /metrics: Debian's Patroni 3.0 writes `patroni_postgres_timeline None` on a
     # replica, which fails the whole scrape; the database's series come from its own exporter.
+    if database:
+        address, path = POSTGRES
+        jobs.append({"job_name": "postgres", "metrics_path": path, "static_configs": [{"targets": [address]}]})
     if node:
         jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
     # Every scraped own-service series carries this host's region (the witness: "witness").

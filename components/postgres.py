@@ -243,6 +243,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "postgres/etc/server.crt": cert[0],
                 "postgres/etc/server.key": pulumi.Output.secret(cert[1]),
                 "postgres/etc/ca.crt": self.ca_cert,
+                # pg_exporter.py: every other member is a replica it expects while it is the primary.
+                "postgres/etc/exporter.json": pgc.exporter_conf([m.spec.name for m in self._by_name if m is not member]),
             },
             private=dict.fromkeys(["postgres/env", "postgres/etc/patroni.yml", "postgres/etc/server.key"], 0),
             shown={
@@ -269,6 +271,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 "BACKUP_S3_REGION": backup.region,
                 "BACKUP_RETENTION_DAYS": backup.retention_days,
                 "BACKUP_HOUR_UTC": backup.hour_utc,
+                "BACKUP_STATUS_FILE": pgc.BACKUP_STATUS_FILE,  # on the socket volume: the exporter beside the server reads it
                 **({"AWS_CA_BUNDLE": S3_CA_FILE} if backup.ca_cert else {}),  # boto3's trust for the S3 endpoint
                 "BACKUP_ENCRYPTION_KEY": secrets.get("backup_encryption_key") or "",
                 "BACKUP_S3_ACCESS_KEY": secrets.get("backup_s3_access_key") or "",

@@ -8,6 +8,7 @@ replication role from the peer regions; the billing app only from the host's con
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal, Sequence
 from urllib.parse import urlsplit
@@ -333,6 +334,20 @@ SELECT application_name,
        COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint AS lag_bytes
 FROM pg_stat_replication
 """
+
+
+EXPORTER_PORT = 9187  # payloads/postgres/pg_exporter.py: /metrics on the region's container network only
+BACKUP_STATUS_FILE = "/var/run/postgresql/ciris-backup-status.json"  # on the socket volume both containers share
+
+
+def exporter_conf(others: Sequence[str], *, socket_dir: str = "/var/run/postgresql", pg_port: int = 5432,
+                  port: int = EXPORTER_PORT, listen: str = "0.0.0.0", backup_status: str = BACKUP_STATUS_FILE) -> str:
+    """pg_exporter.py's config on one member: the replicas it expects while it is the primary (every
+    other member: the same file whichever member is primary) and the one replication query."""
+    return json.dumps({
+        "replicas": [application_name(r) for r in others], "replication_sql": REPLICATION_STATUS_SQL.strip(),
+        "socket_dir": socket_dir, "pg_port": pg_port, "port": port, "listen": listen, "backup_status": backup_status,
+    }, indent=2) + "\n"
 
 
 def replication_health(rows: Sequence[tuple], replicas: Sequence[str]) -> tuple[str, str]:

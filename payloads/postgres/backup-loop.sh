@@ -21,12 +21,16 @@ is_primary() {
   until is_primary && pgbr stanza-create; do sleep 30; done
   pgbr info | grep -q "full backup" || pgbr backup --type=full || echo "backup-loop: first full backup failed" >&2
 ) &
+# Every member's job records the newest backup in the bucket, whichever member made it (the
+# exporter beside the server serves it; the BackupStale alert reads it), at start and once a day.
+status() { python3 /usr/local/lib/ciris/backup.py status >/dev/null || echo "backup-loop: cannot read the bucket's backups" >&2; }
+status
 while :; do
   now=$(date -u +%s)
   next=$(date -u -d "today ${hour}:00" +%s)
   [ "$next" -le "$now" ] && next=$(date -u -d "tomorrow ${hour}:00" +%s)
   sleep $((next - now))
-  if ! is_primary; then echo "backup-loop: this member is a replica today; the primary's job backs up" >&2; continue; fi
+  if ! is_primary; then echo "backup-loop: this member is a replica today; the primary's job backs up" >&2; sleep 600; status; continue; fi
   python3 /usr/local/lib/ciris/backup.py run || echo "backup-loop: pg_dump backup failed; next try tomorrow" >&2
   # Expires full backups (and their WAL) past repo1-retention-full days.
   pgbr backup --type=full || echo "backup-loop: pgBackRest backup failed; next try tomorrow" >&2

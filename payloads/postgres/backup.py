@@ -3,6 +3,7 @@
     python backup.py run                 # pg_dump -Fc, encrypt, upload, prune past the retention
     python backup.py list
     python backup.py restore NAME --into DSN
+    python backup.py status              # the newest backup's time to BACKUP_STATUS_FILE (for pg_exporter.py)
 
 Encryption is client-side AES-256-GCM (the `cryptography` library) with a 32-byte key from a
 Pulumi secret: the bucket only ever holds ciphertext, and a tampered or wrongly-keyed object
@@ -10,7 +11,9 @@ fails authentication before anything is restored. Object names carry their UTC t
 is what retention prunes by. Settings come from the environment: DATABASE_URL,
 BACKUP_S3_ENDPOINT, BACKUP_S3_BUCKET, BACKUP_S3_ACCESS_KEY, BACKUP_S3_SECRET_KEY,
 BACKUP_S3_REGION (optional), BACKUP_ENCRYPTION_KEY (base64 of 32 bytes), BACKUP_RETENTION_DAYS (30),
-BACKUP_PREFIX ("pg_dump/").
+BACKUP_PREFIX ("pg_dump/"), BACKUP_STATUS_FILE (where `run` and `status` record the newest backup in
+the bucket, whichever member made it: the database's exporter serves it as
+ciris_backup_last_success_timestamp_seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import json
 import os
 import re
 import subprocess
@@ -118,6 +122,23 @@ def run(store: Store, dsn: str, key: bytes, retention_days: int, now: dt.datetim
     return name, store.prune(retention_days, now)
 
 
+def newest(store: Store) -> dt.datetime | None:
+    names = store.names()
+    return name_time(names[-1]) if names else None  # names sort by their timestamp
+
+
+def write_status(path: str, when: dt.datetime | None) -> None:
+    """{"newest": epoch seconds} (atomically: the exporter never reads half a file); nothing when
+    the bucket holds no backup yet, so the metric stays absent rather than claim one."""
+    if when is None:
+        return
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"newest": when.timestamp()}, f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def restore(store: Store, name: str, key: bytes, target_dsn: str) -> None:
     restore_into(target_dsn, decrypt(store.get(name), key))  # decrypt first: nothing half-restored
 
@@ -155,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run")
     sub.add_parser("list")
+    sub.add_parser("status")
     r = sub.add_parser("restore")
     r.add_argument("name")
     r.add_argument("--into", required=True, help="DSN of a fresh, empty database")
@@ -166,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             name, pruned = run(store, _env("DATABASE_URL"), key_from_env(), int(os.environ.get("BACKUP_RETENTION_DAYS", "30")))
             print(f"uploaded {name}; pruned {len(pruned)} older than the retention")
+            if os.environ.get("BACKUP_STATUS_FILE"):
+                write_status(os.environ["BACKUP_STATUS_FILE"], newest(store))
+        elif args.cmd == "status":
+            when = newest(store)
+            write_status(_env("BACKUP_STATUS_FILE"), when)
+            print(f"newest backup: {when:%Y-%m-%dT%H:%M:%SZ}" if when else "no backup in the bucket yet")
         else:
             restore(store, args.name, key_from_env(), args.into)
             print(f"restored {args.name}")

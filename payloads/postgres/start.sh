@@ -11,4 +11,6 @@ install -d -o postgres -g postgres -m 2775 "$SOCKET_DIR"  # a fresh volume is ro
 chown postgres:postgres "$(dirname "$PGDATA")"
 cp /etc/ciris-postgres/* "$RUN_DIR"/
 chown postgres:postgres "$RUN_DIR"/* && chmod 600 "$RUN_DIR"/server.key "$RUN_DIR"/patroni.yml
+# The member's metrics (pg_exporter.py, :9187 on the container network), restarted should it exit.
+(while :; do gosu postgres python3 /usr/local/lib/ciris/pg_exporter.py "$RUN_DIR/exporter.json"; echo "pg_exporter exited; restarting" >&2; sleep 5; done) &
 exec gosu postgres patroni "$RUN_DIR/patroni.yml"

@@ -112,6 +112,12 @@ def database_url(cluster, user=pgc.APP_ROLE) -> str:
             f"?sslmode=verify-full&sslrootcert={cluster.tls.ca_file}")
 
 
+def service_env(db) -> dict:
+    """A billing's environment on cluster `db` (add PORT)."""
+    return {**os.environ, "DATABASE_URL": database_url(db), "BILLING_JWT_PRIVATE_KEY": KEY_PEM, "STRIPE_SECRET_KEY": "sk_test_x",
+            "STRIPE_WEBHOOK_SECRET": "whsec_x", "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+
+
 @pytest.fixture(scope="session")
 def cluster():
     root, tls = workspace()

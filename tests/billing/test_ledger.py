@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import ADMIN, KEY_PEM, SERVICE, Billing, database_url, new_user
+from tests.billing.conftest import ADMIN, SERVICE, Billing, database_url, new_user, service_env
 from tests.postgres.conftest import PRIMARY_ADDR, free_port, init_primary, workspace
 
 
@@ -85,6 +85,7 @@ def test_no_request_values_in_the_log(api, billing):
     ({"DB_WRITE_TIMEOUT_SECONDS": "soon"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be a number of seconds, got 'soon'"),
     ({"DB_WRITE_TIMEOUT_SECONDS": "0.1"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got 0.1"),
     ({"DB_WRITE_TIMEOUT_SECONDS": "nan"}, "billing: DB_WRITE_TIMEOUT_SECONDS must be between 0.5 and 60 seconds, got nan"),
+    ({"LEDGER_VERIFY_INTERVAL_SECONDS": "0"}, "billing: LEDGER_VERIFY_INTERVAL_SECONDS must be between 1 and 86400 seconds, got 0"),
     ({"DATABASE_URL": "postgresql://billing:pw-CANARY@127.0.0.1:1/cirisbilling"}, "billing: cannot reach the database at DATABASE_URL"),
 ])
 def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, message):
@@ -98,7 +99,7 @@ def test_bad_settings_exit_with_one_line_naming_the_variable(billing, env, messa
 def test_health_is_503_while_the_database_is_down_and_recovers(tmp_path):
     root, tls = workspace()
     db = init_primary(root, tls[PRIMARY_ADDR], replicas=())
-    service = Billing({**_env(db), "PORT": str(free_port())}, tmp_path / "billing.log")
+    service = Billing({**service_env(db), "PORT": str(free_port())}, tmp_path / "billing.log")
     try:
         service.start()
         db.stop("immediate")
@@ -116,11 +117,6 @@ def test_health_is_503_while_the_database_is_down_and_recovers(tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _env(db) -> dict:
-    import os
-
-    return {**os.environ, "DATABASE_URL": database_url(db), "BILLING_JWT_PRIVATE_KEY": KEY_PEM, "STRIPE_SECRET_KEY": "sk_test_x",
-            "STRIPE_WEBHOOK_SECRET": "whsec_x", "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
 
 
 def test_the_database_hashes_rows_as_verify_ledger_does(api, billing, cluster):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import config, monitoring
+from components import config, monitoring, postgres_config as pgc
 from tests.conftest import REPO, require_binary, stack_raw, third_region
 
 RULES = REPO / "payloads" / "monitoring" / "rules"
@@ -76,7 +76,7 @@ def test_witness_scrapes_no_region_service_and_regions_scrape_their_own(tmp_path
     jobs = {v: {j["job_name"] for j in doc["scrape_configs"]} for v, doc in by_vantage.items()}
     probes = {"health", *(f"dns_soa_{z}" for z in cfg.zones.zones)}
     assert jobs["witness"] == probes | {"node"}
-    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "node"}
+    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "postgres", "node"}
     # Probe jobs are what the ServiceMetricsDown rule leaves out (a probe's own `up` is the exporter's).
     excluded = re.search(r'job!~"([^"]+)"', next(r for r in rules() if r["alert"] == "ServiceMetricsDown")["expr"]).group(1)
     assert all(re.fullmatch(excluded, j) for j in probes) and not any(re.fullmatch(excluded, j) for j in jobs["us-east"] - probes)
@@ -84,6 +84,45 @@ def test_witness_scrapes_no_region_service_and_regions_scrape_their_own(tmp_path
     for vantage, doc in by_vantage.items():
         assert doc["global"]["external_labels"] == {"vantage": vantage}
         assert {"action": "labeldrop", "regex": "vantage"} in doc["alerting"]["alert_relabel_configs"]
+
+
+def test_every_database_member_scrapes_its_exporter(tmp_path):
+    cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
+    for path in vantage_files(tmp_path, cfg):
+        vantage = path.stem.removeprefix("prometheus-")
+        region = next((r for r in cfg.regions if r.name == vantage), None)
+        jobs = {j["job_name"]: j for j in yaml.safe_load(path.read_text())["scrape_configs"]}
+        if region is None or region.postgres == "none":
+            assert "postgres" not in jobs and "patroni" not in jobs
+            continue
+        job = jobs["postgres"]
+        assert job["static_configs"] == [{"targets": [f"postgres:{pgc.EXPORTER_PORT}"], "labels": {"region": vantage}}]
+        assert job["metrics_path"] == "/metrics" and "scheme" not in job  # plain HTTP: the container network only
+
+
+def test_every_series_the_rules_read_is_exported():
+    """Each metric name in the rules is one a component exports (a rule on a name nobody exports
+    never fires). The exporters' names are read from their source."""
+    exported = set()
+    for source in [*(REPO / "payloads").glob("*/*.py"), *(REPO / "payloads").glob("*/*/*.py"), REPO / "components" / "monitoring.py"]:
+        exported |= set(re.findall(r"\b((?:ciris|billing)_[a-z0-9_]+)", source.read_text()))
+    # Prometheus's own and the exporters' from Debian: probe_*, node_*, up.
+    outside = re.compile(r"(probe_|node_)[a-z0-9_]+|up")
+    read = set()
+    for r in rules():
+        expr = re.sub(r'"[^"]*"', "", r["expr"])  # label values are not names
+        for name in re.findall(r"\b([a-z_][a-z0-9_]*)\b\s*(?:\{|\[|\)|>|<|=|!|$|\s)", expr):
+            if name in PROMQL_WORDS or outside.fullmatch(name):
+                continue
+            read.add(name)
+    assert read, "no series found in the rules"
+    missing = sorted(n for n in read if n not in exported and n.removesuffix("_total") not in exported)
+    assert not missing, f"the rules read series nothing exports: {missing}"
+
+
+PROMQL_WORDS = {"max", "min", "sum", "count", "count_values", "by", "without", "and", "or", "unless", "increase", "delta",
+                "rate", "time", "region", "member", "provider", "zone", "serial", "job", "instance", "outcome", "result",
+                "fstype", "mountpoint", "bool", "on", "ignoring"}
 
 
 def test_blackbox_config_is_accepted_by_the_exporter(tmp_path):

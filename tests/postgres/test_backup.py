@@ -3,8 +3,10 @@ by age, download, decrypt, restore into a fresh cluster; tampering and wrong key
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import importlib.util
+import json
 import os
 import sys
 
@@ -108,3 +110,30 @@ def test_cli_reports_missing_settings_clearly(monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     assert backup.main(["list"]) == 1
     assert capsys.readouterr().err.strip() == "backup: BACKUP_S3_ENDPOINT is not set"
+
+
+def test_status_records_the_newest_backup_in_the_bucket(single, store, tmp_path, monkeypatch):
+    """`backup.py run` and `status` (every member's job, daily) write what pg_exporter.py serves as
+    ciris_backup_last_success_timestamp_seconds: the newest backup, whichever member made it."""
+    _, _, cluster = single
+    seed(cluster)
+    status = tmp_path / "status.json"
+    # moto keeps its buckets for the whole process: a prefix of this test's own is an empty store.
+    store = backup.Store(store.client, store.bucket, f"status-{tmp_path.name}/")
+    monkeypatch.setenv("BACKUP_STATUS_FILE", str(status))
+    for var, value in {"BACKUP_S3_ENDPOINT": store.client.meta.endpoint_url, "BACKUP_S3_BUCKET": store.bucket,
+                       "BACKUP_PREFIX": store.prefix, "BACKUP_S3_ACCESS_KEY": "test", "BACKUP_S3_SECRET_KEY": "test"}.items():
+        monkeypatch.setenv(var, value)
+    assert backup.main(["status"]) == 0 and not status.exists()  # an empty bucket claims no backup
+    backup.run(store, dsn(cluster), KEY, retention_days=30, now=NOW - dt.timedelta(days=1))
+    store.put(backup.backup_name(NOW), b"x")  # another member's, newer
+    assert backup.main(["status"]) == 0
+    assert json.loads(status.read_text()) == {"newest": NOW.timestamp()}
+    # `run` records it too, on success only.
+    monkeypatch.setenv("DATABASE_URL", dsn(cluster))
+    monkeypatch.setenv("BACKUP_ENCRYPTION_KEY", base64.b64encode(KEY).decode())
+    assert backup.main(["run"]) == 0
+    assert json.loads(status.read_text())["newest"] > NOW.timestamp()
+    before = status.read_text()
+    monkeypatch.setenv("DATABASE_URL", "host=127.0.0.1 port=1 dbname=nothing connect_timeout=2")
+    assert backup.main(["run"]) == 1 and status.read_text() == before

@@ -1,13 +1,19 @@
 """python -m billing [serve]        apply pending migrations, then serve the API
    python -m billing migrate        apply pending migrations only
    python -m billing verify-ledger  check every hash chain and balance (exit 1 on the first break)
+                                    [--json: the report as one JSON line, for the metrics' background check]
    python -m billing mint-token --role service --sub proxy [--ttl-seconds N]   (operators)
    python -m billing public-key     billing's public key (PEM), for the proxy"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
+import shutil
+import tempfile
 import sys
 
 import psycopg
@@ -20,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve")
     sub.add_parser("migrate")
-    sub.add_parser("verify-ledger")
+    sub.add_parser("verify-ledger").add_argument("--json", action="store_true")
     sub.add_parser("public-key")
     mint = sub.add_parser("mint-token")
     mint.add_argument("--role", choices=auth.ROLES, required=True)
@@ -47,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             from billing.verify import verify
 
             report = verify(settings.database_url)
+            if args.json:
+                print(json.dumps({**dataclasses.asdict(report), "ok": report.problem is None}))
+                return 1 if report.problem else 0
             if report.problem:
                 print(f"ledger broken: {report.problem}", file=sys.stderr)
                 return 1
@@ -62,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "migrate":
         return 0
 
+    # What the workers share, fresh for each start (no earlier result or count is served): the
+    # ledger check's result (ledger_check.py) and every worker's metric values (metrics.py). Set
+    # before prometheus_client is first imported: it picks its multiprocess mode then.
+    state_dir = tempfile.mkdtemp(prefix="ciris-billing-")
+    os.environ[settings_mod.STATE_DIR_VAR] = state_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(state_dir, "metrics")
+    os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
     import uvicorn
 
     from billing.app import create_app
@@ -71,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     port=settings.port, log_level="info", access_log=False)
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", access_log=False)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

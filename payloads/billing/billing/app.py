@@ -7,8 +7,11 @@ Nothing a client sends is logged or echoed back: validation errors name the fiel
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import stripe
@@ -17,13 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, db, hotpath, ledger, metrics, payments
+from billing import auth, db, hotpath, ledger, ledger_check, metrics, payments
 from billing.errors import Problem, invalid, not_found
-from billing.settings import Settings
+from billing.settings import STATE_DIR_VAR, Settings
 
 log = logging.getLogger("billing")
 
@@ -116,13 +119,18 @@ def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
+    # python -m billing makes this directory fresh for each start, shared by its workers.
+    state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
+    checker = ledger_check.Checker(state_dir, settings.ledger_verify_interval)
+    metrics.LEDGER.state_dir = state_dir
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await database.open()
-        sweeper = asyncio.create_task(sweep_holds())
+        background = [asyncio.create_task(sweep_holds()), asyncio.create_task(checker.loop())]
         yield
-        sweeper.cancel()
+        for task in background:
+            task.cancel()
         await database.close()
 
     async def sweep_holds():
@@ -204,7 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/users", status_code=201)
     async def create_user(body: NewUser, p: Caller):

@@ -1,12 +1,14 @@
 """`python -m billing verify-ledger`: recompute every user's hash chain and running balance, check
 each balance row against its chain and active holds, and each forced debit against the transaction
-that took it. Names the first broken row."""
+that took it. Names the first broken row. Also counts negative balances (which the database's
+CHECK forbids: only a change behind the ledger's back makes one)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from billing import chain
@@ -18,13 +20,18 @@ class Report:
     transactions: int = 0
     forced: int = 0
     shortfall: int = 0  # cents forced debits could not take (the balance had reached zero)
+    negative: int = 0  # accounts whose balance is below zero
     problem: str | None = None
 
 
 def verify(database_url: str) -> Report:
     report = Report()
-    with psycopg.connect(database_url, row_factory=dict_row) as conn, conn.transaction():
+    # An unreachable member costs seconds, not the system default (often minutes).
+    timeout = {} if "connect_timeout" in conninfo_to_dict(database_url) else {"connect_timeout": 10}
+    with psycopg.connect(database_url, row_factory=dict_row, **timeout) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")  # one consistent snapshot
+        report.negative = conn.execute(
+            "SELECT count(*) AS n FROM credit_balances WHERE balance < 0 OR settled < 0").fetchone()["n"]
         heads = conn.execute(
             """SELECT b.user_id, b.balance, b.settled, b.last_seq, b.last_hash,
                       COALESCE((SELECT sum(amount) FROM holds h WHERE h.user_id = b.user_id AND h.status = 'active'), 0) AS held
@@ -67,6 +74,8 @@ def verify(database_url: str) -> Report:
         orphans = conn.execute("SELECT count(*) AS n FROM transactions t WHERE NOT EXISTS (SELECT 1 FROM credit_balances b WHERE b.user_id = t.user_id)").fetchone()
         if orphans["n"]:
             return _broken(report, f"{orphans['n']} transaction(s) belong to no balance row")
+        if report.negative:
+            return _broken(report, f"{report.negative} account(s) have a negative balance")
     return report
 
 
