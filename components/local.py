@@ -202,6 +202,41 @@ def admin_token(jwt_pem: str, hours: int = 24) -> str:
     return jwt.encode(claims, load_pem_private_key(jwt_pem.encode(), password=None), algorithm="EdDSA")
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie nobody reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return pid > 0 and stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def remove_dead(env: dict[str, str], label: str = "ciris.region") -> list[str]:
+    """Remove our containers that Podman still lists as running although their processes are gone
+    (the machine restarted, or every process was killed): Compose would leave them as they are, and
+    they would never become healthy. Their named volumes stay."""
+    ids = subprocess.run(["podman", "ps", "-q", "--filter", f"label={label}"], env=env, capture_output=True,
+                         text=True).stdout.split()
+    if not ids:
+        return []
+    shown = subprocess.run(["podman", "inspect", "--format", "{{.Name}} {{.State.Pid}}", *ids], env=env,
+                           capture_output=True, text=True).stdout.split("\n")
+    dead = [name for name, pid in (line.split() for line in shown if line.strip()) if not alive(int(pid))]
+    if dead:
+        print(f"local: removing {len(dead)} container(s) whose processes are gone: {', '.join(dead)}",
+              file=sys.stderr, flush=True)
+        for _ in range(3):  # Podman sometimes refuses the first removal ("container not running")
+            rm = subprocess.run(["podman", "rm", "-f", *dead], env=env, capture_output=True, text=True)
+            left = subprocess.run(["podman", "ps", "-aq", *(f"--filter=name=^{n}$" for n in dead)], env=env,
+                                  capture_output=True, text=True).stdout.split()
+            if not left:
+                break
+            time.sleep(1)
+        else:
+            raise LocalError(f"could not remove the dead containers {', '.join(dead)}: {rm.stderr.strip()[-500:]}")
+    return dead
+
+
 def up(stack_file: Path = STACK_FILE) -> dict:
     started = time.monotonic()
     add_address(local_s3.ADDRESS)
@@ -210,6 +245,7 @@ def up(stack_file: Path = STACK_FILE) -> dict:
                         keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
     plan = render(stack_file, s3_ca)
     env = engine_env()
+    remove_dead(env)
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
     every = hosts(plan)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from components import local
 from tests.conftest import REPO, require_binary
 
 LOCAL = REPO / "local"
@@ -88,11 +89,14 @@ class _SniTransport(httpx.HTTPTransport):
 def stack() -> Stack:
     require_binary("ip")
     env = engine_env()
+    local.remove_dead(env)  # a stack whose processes died with the machine is not "up"
     was_up = bool(subprocess.run(["podman", "ps", "-q", "--filter", "label=ciris.region"], capture_output=True,
                                  text=True, env=env).stdout.strip())
     up = subprocess.run([sys.executable, "-m", "components.local", "up"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=1800)
     if up.returncode != 0:
+        if not was_up:  # leave this machine as it was found
+            subprocess.run([sys.executable, "-m", "components.local", "down"], cwd=REPO, env=env, capture_output=True)
         pytest.fail(f"make local failed:\n{up.stderr[-4000:]}")
     tls = ssl.create_default_context(cafile=str(LOCAL / "ca.crt"))
     yield Stack(env, json.loads((LOCAL / "client_config.json").read_text()), (LOCAL / "admin.token").read_text().strip(),

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import subprocess
 import tarfile
+import time
 
 import yaml
 
-from components import deploy
+from components import deploy, local
 from components.region import bundle
 from tests.e2e.conftest import engine_env
 
@@ -62,6 +65,33 @@ def test_a_host_with_nothing_to_run_deploys_and_stops_what_ran_before(tmp_path):
         out = run_deploy(tmp_path, {"compose.yaml": yaml.safe_dump({"name": PROJECT, "services": {}})}, {})
         assert out.returncode == 0, out.stderr[-2000:]
         assert running() == []
+    finally:
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+
+
+def test_a_container_whose_processes_died_with_the_machine_is_replaced(tmp_path):
+    """Killing every process (a machine restart, a sandbox cut off) leaves Podman listing the
+    container as running; Compose would leave it so and it would never become healthy again.
+    `make local` removes such containers first, and the deploy brings them back healthy."""
+    env = engine_env()
+    try:
+        assert run_deploy(tmp_path, {"compose.yaml": compose(True)}, {}).returncode == 0
+        name = f"{PROJECT}-app-1"
+        pids = subprocess.run(["podman", "inspect", "--format", "{{.State.ConmonPid}} {{.State.Pid}}", name], env=env,
+                              capture_output=True, text=True, check=True).stdout.split()
+        for pid in pids:  # conmon first, so nothing records the exit
+            os.kill(int(pid), signal.SIGKILL)
+        time.sleep(1)
+        running = subprocess.run(["podman", "ps", "-q", "--filter", f"name={name}"], env=env, capture_output=True,
+                                 text=True).stdout.split()
+        assert running, "Podman noticed the kill: this test no longer reproduces a stale container"
+        assert local.remove_dead(env, "ciris.region=deploy-test") == [name]
+        assert local.remove_dead(env, "ciris.region=deploy-test") == []
+        out = run_deploy(tmp_path, {"compose.yaml": compose(True)}, {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        pid = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", name], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert local.alive(int(pid))
     finally:
         subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
 
