@@ -92,7 +92,7 @@ def build(config: BridgeConfig) -> Bridge:
         ),
     )
     nodes = [*([witness] if witness else []), *regions]
-    Monitors("monitoring", MonitorsArgs(
+    monitors = Monitors("monitoring", MonitorsArgs(
         nodes, regions, config, database.ca_cert, [config.primary.name, *(r.name for r in config.replicas)],
         edge_ca=edge_ca[0] if edge_ca else None))
     # Every component has added its containers and files. The witness first: the consensus needs
@@ -123,6 +123,8 @@ def build(config: BridgeConfig) -> Bridge:
         "monthly_cost_usd": estimate.as_output(),
         # For operators (SSH, the consensus's health); never in client_config: clients don't talk to it.
         "witness": witness.summary() if witness else None,
+        # For `ops status`: each host's Prometheus (over SSH where it listens on the host's loopback).
+        "monitoring": monitors.summary,
     }
     if any(z.dnssec for z in config.zones.zones.values()):
         outputs["dnssec_ds"] = nameservers.dnssec_ds

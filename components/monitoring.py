@@ -24,6 +24,7 @@ from typing import Sequence
 import yaml
 
 from components import cost, postgres_config as pgc
+from components.cloud_init import DEPLOY_USER
 from components.services import PROMETHEUS_ADDRESS_SUFFIX, ContainerSpec
 
 PROMETHEUS_PORT = 9090
@@ -326,3 +327,14 @@ def containers() -> list[ContainerSpec]:
         # The host's filesystems, read-only, for disk usage (DiskAlmostFull).
         _spec("node-exporter", "node-exporter", NODE_PORT, "/metrics", volumes=(etc, "/:/host:ro,rslave")),
     ]
+
+
+def host_summary(host: str, ipv4: str, loopback: str, host_key: str) -> dict:
+    """One host's entry in the `monitoring` output. Published on the machine's loopback (production),
+    Prometheus is reached over SSH as the deploy user, the host's key pinned; published on the host's
+    own address (`make local`), directly."""
+    entry = {"host": host, "ipv4": ipv4, "prometheus": f"{loopback}:{PROMETHEUS_PORT}",
+             "alertmanager": f"{loopback}:{ALERTMANAGER_PORT}"}
+    if loopback in ("127.0.0.1", "::1"):
+        entry["ssh"] = {"user": DEPLOY_USER, "port": 22, "host_key": host_key}
+    return entry

@@ -85,4 +85,7 @@ class Monitors(pulumi.ComponentResource):
                 peers = [(n.ipv4, n.ipv6) for n in others]
                 tcp = peer_rule("alertmanager", monitoring.CLUSTER_PORT, peers, "Alertmanager cluster: the bridge's hosts")
                 node.open("monitoring", [tcp, dataclasses.replace(tcp, name="alertmanager-udp", protocol="udp")])
+        # The `monitoring` stack output: where `ops status` finds each host's Prometheus.
+        self.summary = [pulumi.Output.all(node.ipv4, node.host_public_key).apply(
+            lambda a, n=node: monitoring.host_summary(n.spec.name, a[0], n.host.loopback, a[1])) for node in args.nodes]
         self.register_outputs({})

@@ -126,7 +126,7 @@ def database_rows(outputs: dict) -> list[Row]:
         return []
     replicas = ", ".join(db.get("replicas") or []) or "none"
     return [Row("database", "declared", INFO, f"primary {db.get('primary')}, replicas {replicas}, "
-                f"{db.get('mode', '?')}; the live leader and lag come from each region's monitoring")]
+                f"{db.get('mode', '?')}")]
 
 
 def cost_rows(outputs: dict) -> list[Row]:

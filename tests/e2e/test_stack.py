@@ -245,8 +245,11 @@ def test_ops_status_sees_the_bridge_healthy_then_a_region_gone_dark(stack):
     healthy = ops_status(stack)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     rows = json.loads(healthy.stdout)["rows"]
-    assert {"dns", "health", "certificate", "database"} <= {r["check"] for r in rows}
+    assert {"dns", "health", "certificate", "database", "alerts", "replication"} <= {r["check"] for r in rows}
     assert len([r for r in rows if r["check"] == "health"]) == 2 * len(stack.regions)
+    # Every host's Prometheus answered (the witness's too), and the declared primary leads.
+    assert len([r for r in rows if r["check"] == "alerts"]) == len(stack.regions) + 1, rows
+    assert {"check": "database", "target": "live", "verdict": "ok", "detail": f"primary {stack.regions[0]['name']}"} in rows
     region = stack.regions[-1]
     dark = [f"ciris-{region['name']}-{service}-1" for service in ("edge", "dns")]
     stack.podman("stop", "-t", "2", *dark)

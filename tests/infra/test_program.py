@@ -97,7 +97,16 @@ def test_the_database_output_describes_the_patroni_cluster(staging_monitor):
 @pytest.mark.parametrize("stack", ["staging", "production"])
 def test_both_stacks_plan_with_the_client_contract(stack):
     p = run(stack)
-    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness"}
+    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness", "monitoring"}
+    # ops status reaches each host's loopback-only Prometheus over SSH, pinning the key the deploy pins.
+    pinned = {r.name[: -len("-deploy")]: mocks.unwrap(r.inputs)["connection"]["hostKey"] for r in p.registrations
+              if r.type == "command:remote:Command" and r.name.endswith("-deploy")}
+    monitored = {h["host"]: h for h in p.outputs["monitoring"]}
+    assert set(monitored) == {"us-east", "eu-west", "witness"}
+    for name, host in monitored.items():
+        assert host["prometheus"] == "127.0.0.1:9090"
+        assert host["ssh"] == {"user": "ciris", "port": 22, "host_key": pinned[name]}
+        assert host["ssh"]["host_key"].startswith("ssh-ed25519 ")
     client = p.outputs["client_config"]
     assert client["schema_version"] == 1 and client["environment"] == stack
     assert [r["provider"] for r in client["regions"]] == ["vultr", "hetzner"]

@@ -74,7 +74,8 @@ def test_the_exit_code_is_the_worst_verdict(tmp_path, capsys):
     assert main(["status", "production", "--outputs", outputs_file(tmp_path, 33.81)]) == 0
     out = capsys.readouterr().out
     assert "$33.81 (target $30.00, ceiling $40.00" in out and "primary us-east, replicas eu-west" in out
-    assert out.rstrip().endswith("production: OK (2 checks)")
+    assert "the stack's outputs name no monitoring hosts" in out  # outputs from before monitoring
+    assert out.rstrip().endswith("production: OK (3 checks)")
     assert main(["status", "production", "--json", "--outputs", outputs_file(tmp_path, 41.0)]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["verdict"] == "warn" and {"check": "cost", "target": "monthly estimate", "verdict": "warn",
