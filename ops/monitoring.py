@@ -70,8 +70,11 @@ def ssh_tunnel(user: str, host: str, host_key: str, remote: str, port: int = 22,
                 "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known.name}",
                 "-o", "ConnectTimeout=5", *(["-i", identity, "-o", "IdentitiesOnly=yes"] if identity else []),
                 "-L", f"127.0.0.1:{local}:{remote}", f"{user}@{host}"]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+        except OSError as e:
+            raise Unreachable(f"cannot run ssh ({e.strerror}): install OpenSSH's client") from None
         try:
             deadline = time.monotonic() + budget
             while True:
