@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -131,6 +133,26 @@ def test_the_wrong_method_is_405(client):
 def test_readiness_says_whether_billing_answers(client):
     r = client.get("/ready")
     assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+def billing_health_asked(api) -> float:
+    text = api.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("billing_request_seconds_count{") and 'route="/health"' in line)
+
+
+def test_a_flood_of_readiness_probes_is_not_a_flood_on_billing(proxy, api):
+    """/ready is public through the edge: 200 concurrent probes share billing's answer (at most one
+    request a second), so nobody can load billing's write probe through it."""
+    time.sleep(1.5)  # past any answer an earlier test's /ready left
+    before, started = billing_health_asked(api), time.monotonic()
+    with httpx.Client(base_url=proxy.url, timeout=60, limits=httpx.Limits(max_connections=50)) as c, \
+            ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(lambda _: c.get("/ready"), range(200)))
+    took = time.monotonic() - started
+    assert [r.status_code for r in answers] == [200] * 200
+    asked = billing_health_asked(api) - before
+    assert 1 <= asked <= took + 2, (asked, took)  # one proxy process (its journal's lock)
 
 
 def test_a_client_cannot_choose_the_call_id(client, api, cluster):

@@ -29,6 +29,9 @@ BATCH = 64  # journal entries posted at once
 # The longest an entry waits before it is posted again: while billing is away (no answer, 5xx),
 # and after billing answered with a refusal a fix can change (an expired token, an older billing).
 AWAY_CAP, KEPT_CAP = 5.0, 60.0
+# /ready is public (probes reach it through the edge): billing's answer is reused this long and
+# concurrent callers share one request, so a flood of /ready never becomes a flood on billing.
+READY_INTERVAL = 1.0
 SETTLED, KEPT, AWAY = "settled", "kept", "away"  # what posting one journal entry came to
 UNAVAILABLE = "billing is unavailable, so nothing was sent upstream and nothing charged; retry shortly or use the other region"
 
@@ -54,6 +57,8 @@ class CreditGate:
             calls.record(e["call"], e["user"], "hold" if e["op"] == "inflight" else "standin", e.get("hold"), False)
         self.tasks: set[asyncio.Task] = set()
         self.failing = False  # the last hold placement failed: billing cannot write
+        self._ready: tuple[float, bool] = (float("-inf"), False)  # (when billing's health was asked, its answer)
+        self._ready_probe: asyncio.Future | None = None
 
     # --- lifecycle (the app calls start() at startup, stop() at shutdown) ---
 
@@ -79,11 +84,22 @@ class CreditGate:
         await self.billing.close()
 
     async def billing_ready(self) -> bool:
+        """Whether billing's health says a write commits: asked at most once per READY_INTERVAL."""
+        at, ready = self._ready
+        if time.monotonic() - at < READY_INTERVAL:
+            return ready
+        if self._ready_probe is None or self._ready_probe.done():
+            self._ready_probe = asyncio.ensure_future(self._ask_billing_health())
+        return await asyncio.shield(self._ready_probe)
+
+    async def _ask_billing_health(self) -> bool:
         try:
             async with self.billing.get("health", timeout=aiohttp.ClientTimeout(total=2.0)) as r:
-                return r.status == 200
+                ready = r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+            ready = False
+        self._ready = (time.monotonic(), ready)
+        return ready
 
     @property
     def stand_in_enabled(self) -> bool:
