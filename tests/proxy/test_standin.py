@@ -221,3 +221,18 @@ def test_billing_frozen_or_unable_to_write(fault, standin_proxy, own_billing, ap
     assert took < 15, f"stand-in answers took {took:.1f} s"  # each waited at most the 1 s placement budget
     assert failed.status_code != 200 and "nothing was charged" in failed.text
     settled_and_reconciled(p, own_billing, cluster, api, {u: 100 - 4 * PRICE for u in users})
+
+
+def test_the_stand_in_state_clears_when_billing_returns_without_another_paid_call(standin_proxy, own_billing, api):
+    """An outage in which every paid call was refused (no recent balance) leaves nothing owed: the
+    proxy still notices billing is back, so ciris_proxy_standin_active (and the ProxyStandIn alert)
+    does not stay up until the next paid call."""
+    user = new_user(api, 15)
+    own_billing.stop()
+    with httpx.Client(base_url=standin_proxy.url, timeout=60) as c:
+        r = chat(c, user_token(user))
+    assert r.status_code == 503 and "nothing charged" in r.text
+    assert metric(standin_proxy, "ciris_proxy_standin_active") == 1
+    assert sum(metric(standin_proxy, "ciris_proxy_owed", f'kind="{k}"') for k in ("capture", "advice", "release")) == 0
+    own_billing.start()
+    until(lambda: metric(standin_proxy, "ciris_proxy_standin_active") == 0, 15, "the stand-in state to clear")

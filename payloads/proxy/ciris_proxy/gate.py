@@ -114,6 +114,8 @@ class CreditGate:
                 return r.status, None
 
     def _billing_failing(self, failing: bool) -> None:
+        if failing and not self.failing:
+            self.wake.set()  # the settler watches for billing's return (_settle_forever)
         self.failing = failing
         metrics.STANDIN_ACTIVE.set(1 if failing and self.stand_in_enabled else 0)
 
@@ -256,7 +258,15 @@ class CreditGate:
             retry = {i: r for i, r in retry.items() if i in self.journal.pending}
             due = [e for e in self.journal.owed() if retry.get(e["id"], (0.0,))[0] <= now][:BATCH]
             if not due:
-                await self._woken(max(min(t for t, _ in retry.values()) - now, 0.01) if retry else None)
+                timeout = max(min(t for t, _ in retry.values()) - now, 0.01) if retry else None
+                if self.failing and not retry:
+                    # Nothing owed will show billing is back (only refused calls since): ask its health,
+                    # or the stand-in gauge -- and its alert -- would stay up until the next paid call.
+                    if await self.billing_ready():
+                        self._billing_failing(False)
+                        continue
+                    timeout = AWAY_CAP
+                await self._woken(timeout)
                 continue
             results = await asyncio.gather(*(self._post_entry(e) for e in due), return_exceptions=True)
             now = time.monotonic()
