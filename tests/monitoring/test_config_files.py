@@ -125,6 +125,21 @@ PROMQL_WORDS = {"max", "min", "sum", "count", "count_values", "by", "without", "
                 "fstype", "mountpoint", "bool", "on", "ignoring"}
 
 
+def test_region_down_is_held_longer_than_its_checks_take_to_pass_again():
+    """RegionDown's keep_firing_for must outlast how far apart its region's checks pass again (one
+    probe interval, seen one evaluation later), or a check it inhibited pages as the region returns."""
+    doc = yaml.safe_load(monitoring.prometheus_yml("us-east", [], []))
+    probe = next(j["scrape_interval"] for j in doc["scrape_configs"] if j["job_name"] == "health")
+    spread = _seconds(probe) + _seconds(doc["global"]["evaluation_interval"])
+    down = next(r for r in rules() if r["alert"] == "RegionDown")
+    assert _seconds(down["keep_firing_for"]) > spread, (down["keep_firing_for"], spread)
+
+
+def _seconds(duration: str) -> int:
+    n, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
+    return int(n) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
 def test_blackbox_config_is_accepted_by_the_exporter(tmp_path):
     exporter = require_binary("prometheus-blackbox-exporter")
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
