@@ -74,7 +74,7 @@ class Monitors(pulumi.ComponentResource):
                 "monitoring/etc/alertmanager.args": am_args,
                 "monitoring/etc/hosts": pinned,
                 "monitoring/etc/database-ca.crt": args.database_ca,
-                "monitoring/etc/textfile/cost.prom": monitoring.cost_textfile(cfg),
+                "monitoring/etc/textfile/config.prom": monitoring.config_textfile(cfg),
                 **({"monitoring/etc/edge-ca.crt": args.edge_ca} if args.edge_ca else {}),
                 **payload_files("monitoring"),  # the image's build context and the rules
             }
