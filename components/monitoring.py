@@ -105,7 +105,6 @@ def prometheus_yml(
     services: dict[str, tuple[str, str]] | None = None,
     node: str | None = f"node-exporter:{NODE_PORT}",
     blackbox: str = f"blackbox:{BLACKBOX_PORT}",
-    database_ca: str = "/etc/prometheus/database-ca.crt",
     scrape_interval: str = "30s",
     probe_interval: str = "60s",
     evaluation_interval: str = "30s",
