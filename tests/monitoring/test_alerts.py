@@ -286,7 +286,11 @@ def test_an_incident_pages_once_per_group_on_time_then_resolves(watch):
     for am in watch.alertmanagers:  # eu-west's checks had all passed before RegionDown resolved
         assert am.get("/api/v2/alerts", filter=['alertname="RegionCheckFailing"', f'region="{WEST}"']) == []
     time.sleep(PEER_TIMEOUT + seconds(TIMING.group_interval) + 2 * INTERVAL)
-    assert sorted(key(n) for _, n in hook.received[since:]) == sorted(windows)
+    # us-east's two zones pass a probe apart: a flush between them updates its page, one zone resolved.
+    after = [n for _, n in hook.received[since:] if not (key(n) == ("firing", "RegionCheckFailing", EAST) and any(
+        a["status"] == "resolved" for a in n["alerts"]))]
+    assert sorted(key(n) for n in after) == sorted(windows), [(key(n), [(a["status"], a["labels"]) for a in n["alerts"]])
+                                                              for n in after]
 
     # Nothing a client sent, and no secret, is in anything the receiver got.
     everything = "".join(hook.raw)
