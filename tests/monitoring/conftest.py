@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -17,6 +18,12 @@ import httpx
 import yaml
 
 from tests.conftest import require_binary, stop_process, wait_until_healthy
+
+
+def seconds(duration: str) -> int:
+    """A Prometheus/Alertmanager duration ("90s", "2m", "4h") in seconds."""
+    n, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
+    return int(n) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 class Daemon:

@@ -17,7 +17,6 @@ the one change to production's rules."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from tests.billing.conftest import billing, cluster, new_user, stripe_api  # noq
 from tests.dns.conftest import API_KEY as PDNS_API_KEY, Server, free_port
 from tests.dns.test_pdns import STAGING, render
 from tests.edge.conftest import Edge
-from tests.monitoring.conftest import Daemon, Prometheus, Webhook, on_loopback
+from tests.monitoring.conftest import Daemon, Prometheus, Webhook, on_loopback, seconds
 from tests.monitoring.test_config_files import RULES
 from tests.proxy.conftest import MODEL, PROVIDER_KEYS, proxy, upstreams, user_token  # noqa: F401  (and proxy)
 
@@ -51,11 +50,6 @@ WEBHOOK_TOKEN = "CANARY-webhook-token-51c2"
 CANARY_PROMPT = "CANARY-prompt-text-a7e3"
 ZONES = list(STAGING.zones.zones)
 EAST, WEST = (r.name for r in STAGING.regions)
-
-
-def seconds(duration: str) -> int:
-    n, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
-    return int(n) * {"s": 1, "m": 60, "h": 3600}[unit]
 
 
 def rule(name: str, rules: Path = RULES) -> dict:

@@ -12,6 +12,7 @@ import yaml
 
 from components import config, monitoring, postgres_config as pgc
 from tests.conftest import REPO, require_binary, stack_raw, third_region
+from tests.monitoring.conftest import seconds
 
 RULES = REPO / "payloads" / "monitoring" / "rules"
 RULE_TESTS = Path(__file__).parent / "rules"
@@ -129,14 +130,9 @@ def test_region_down_is_held_longer_than_its_checks_take_to_pass_again():
     probe interval, seen one evaluation later), or a check it inhibited pages as the region returns."""
     doc = yaml.safe_load(monitoring.prometheus_yml("us-east", [], []))
     probe = next(j["scrape_interval"] for j in doc["scrape_configs"] if j["job_name"] == "health")
-    spread = _seconds(probe) + _seconds(doc["global"]["evaluation_interval"])
+    spread = seconds(probe) + seconds(doc["global"]["evaluation_interval"])
     down = next(r for r in rules() if r["alert"] == "RegionDown")
-    assert _seconds(down["keep_firing_for"]) > spread, (down["keep_firing_for"], spread)
-
-
-def _seconds(duration: str) -> int:
-    n, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
-    return int(n) * {"s": 1, "m": 60, "h": 3600}[unit]
+    assert seconds(down["keep_firing_for"]) > spread, (down["keep_firing_for"], spread)
 
 
 def test_blackbox_config_is_accepted_by_the_exporter(tmp_path):

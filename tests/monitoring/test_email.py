@@ -20,7 +20,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from components import config, monitoring
 from tests.dns.conftest import free_port
-from tests.monitoring.conftest import Daemon
+from tests.monitoring.conftest import Daemon, seconds
 from tests.postgres.conftest import make_ca
 
 PASSWORD = "CANARY-smtp-password-9f1d"
@@ -143,7 +143,3 @@ def test_a_refused_login_sends_nothing_and_logs_no_password(tmp_path, smtp):
     log = am.log.read_text()
     assert "535 5.7.8 Authentication credentials invalid" in log  # the operator sees why
     assert wrong not in log
-
-
-def seconds(duration: str) -> int:
-    return int(duration.removesuffix("s"))
