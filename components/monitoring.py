@@ -266,10 +266,9 @@ def alertmanager_args(*, config_file: str, data_dir: str, listen: str, cluster_l
     return args + [f"--cluster.peer={p}" for p in peers]
 
 
-def config_textfile(config) -> str:
-    """What the rules need to know of the config, for the node exporter's textfile collector: the
-    stack's estimated monthly cost (CostOverCeiling; components/cost.py is the one estimate) and
-    whether backups are configured (BackupStatusMissing: without them no backup status is expected)."""
+def cost_textfile(config) -> str:
+    """The stack's estimated monthly cost for the node exporter's textfile collector (the
+    CostOverCeiling rule reads it; components/cost.py is the one estimate)."""
     est = cost.estimate(config.regions, config.budget, config.witness)
     return (
         "# HELP ciris_estimated_monthly_cost_dollars The stack's estimated monthly cost (components/cost.py).\n"
@@ -278,6 +277,13 @@ def config_textfile(config) -> str:
         "# HELP ciris_budget_ceiling_dollars The stack's configured hard ceiling.\n"
         "# TYPE ciris_budget_ceiling_dollars gauge\n"
         f"ciris_budget_ceiling_dollars {cost.usd(est.ceiling_cents)}\n"
+    )
+
+
+def backup_textfile(config) -> str:
+    """Whether the stack backs its database up, for the textfile collector (BackupStatusMissing:
+    without backups no backup status is expected)."""
+    return (
         "# HELP ciris_backup_configured 1 if the stack backs its database up (ciris-bridge:backup).\n"
         "# TYPE ciris_backup_configured gauge\n"
         f"ciris_backup_configured {1 if config.backup else 0}\n"

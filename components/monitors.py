@@ -71,7 +71,8 @@ class Monitors(pulumi.ComponentResource):
                 "monitoring/etc/alertmanager.yml": pulumi.Output.secret(alertmanager),
                 "monitoring/etc/alertmanager.args": am_args,
                 "monitoring/etc/hosts": pinned,
-                "monitoring/etc/textfile/config.prom": monitoring.config_textfile(cfg),
+                "monitoring/etc/textfile/cost.prom": monitoring.cost_textfile(cfg),
+                "monitoring/etc/textfile/backup.prom": monitoring.backup_textfile(cfg),
                 **({"monitoring/etc/edge-ca.crt": args.edge_ca} if args.edge_ca else {}),
                 **payload_files("monitoring"),  # the image's build context and the rules
             }

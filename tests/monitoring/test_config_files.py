@@ -204,16 +204,16 @@ def test_alertmanager_cluster_flags_name_every_peer():
                                                                     "--cluster.peer=198.51.100.3:9094"]
 
 
-def test_config_textfile_is_the_estimate_and_whether_backups_are_configured():
+def test_textfiles_are_the_estimate_and_whether_backups_are_configured():
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
     from components import cost
 
     total = cost.usd(cost.estimate(cfg.regions, cfg.budget, cfg.witness).total_cents)
-    assert f"ciris_estimated_monthly_cost_dollars {total}\n" in monitoring.config_textfile(cfg)
-    assert cfg.backup and "ciris_backup_configured 1\n" in monitoring.config_textfile(cfg)
+    assert f"ciris_estimated_monthly_cost_dollars {total}\n" in monitoring.cost_textfile(cfg)
+    assert cfg.backup and "ciris_backup_configured 1\n" in monitoring.backup_textfile(cfg)
     raw, secret_keys = stack_raw("production")
     del raw[f"{P}:backup"]
-    assert "ciris_backup_configured 0\n" in monitoring.config_textfile(config.parse(raw, secret_keys))
+    assert "ciris_backup_configured 0\n" in monitoring.backup_textfile(config.parse(raw, secret_keys))
 
 
 # --- the alert channels in config ------------------------------------------------------------
