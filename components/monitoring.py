@@ -106,7 +106,6 @@ def prometheus_yml(
     services: dict[str, tuple[str, str]] | None = None,
     node: str | None = f"node-exporter:{NODE_PORT}",
     blackbox: str = f"blackbox:{BLACKBOX_PORT}",
-    database_ca: str = "/etc/prometheus/database-ca.crt",
     scrape_interval: str = "30s",
     probe_interval: str = "60s",
     evaluation_interval: str = "30s",
@@ -279,6 +278,16 @@ def cost_textfile(config) -> str:
         "# HELP ciris_budget_ceiling_dollars The stack's configured hard ceiling.\n"
         "# TYPE ciris_budget_ceiling_dollars gauge\n"
         f"ciris_budget_ceiling_dollars {cost.usd(est.ceiling_cents)}\n"
+    )
+
+
+def backup_textfile(config) -> str:
+    """Whether the stack backs its database up, for the textfile collector (BackupStatusMissing:
+    without backups no backup status is expected)."""
+    return (
+        "# HELP ciris_backup_configured 1 if the stack backs its database up (ciris-bridge:backup).\n"
+        "# TYPE ciris_backup_configured gauge\n"
+        f"ciris_backup_configured {1 if config.backup else 0}\n"
     )
 
 

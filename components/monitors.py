@@ -21,7 +21,6 @@ from components.node import Node
 from components.region import Region
 from components.services import MONITORING_UID, payload_files
 
-CA_IN_CONTAINER = f"{monitoring.CONFIG_DIR}/database-ca.crt"
 EDGE_CA_IN_CONTAINER = f"{monitoring.CONFIG_DIR}/edge-ca.crt"
 
 
@@ -30,7 +29,6 @@ class MonitorsArgs:
     nodes: list[Node]  # every host: the witness and the regions
     regions: list[Region]
     config: BridgeConfig
-    database_ca: pulumi.Input[str]  # Patroni's API is TLS with the stack's database CA
     database_hosts: list[str]  # the hosts that run a database member
     edge_ca: pulumi.Input[str] | None = None  # `make local`: the edges' CA, which the probes trust
 
@@ -59,7 +57,7 @@ class Monitors(pulumi.ComponentResource):
             is_region = isinstance(node, Region)
             prometheus = targets.apply(lambda ts, vantage=node.spec.name, region=is_region: monitoring.prometheus_yml(
                 vantage, ts, zones, database=vantage in args.database_hosts,
-                services=None if region else {}, database_ca=CA_IN_CONTAINER))
+                services=None if region else {}))
             others = [n for n in args.nodes if n is not node]
             am_args = pulumi.Output.all(node.ipv4, *[n.ipv4 for n in others]).apply(
                 lambda ips: "\n".join(monitoring.alertmanager_args(
@@ -73,8 +71,8 @@ class Monitors(pulumi.ComponentResource):
                 "monitoring/etc/alertmanager.yml": pulumi.Output.secret(alertmanager),
                 "monitoring/etc/alertmanager.args": am_args,
                 "monitoring/etc/hosts": pinned,
-                "monitoring/etc/database-ca.crt": args.database_ca,
                 "monitoring/etc/textfile/cost.prom": monitoring.cost_textfile(cfg),
+                "monitoring/etc/textfile/backup.prom": monitoring.backup_textfile(cfg),
                 **({"monitoring/etc/edge-ca.crt": args.edge_ca} if args.edge_ca else {}),
                 **payload_files("monitoring"),  # the image's build context and the rules
             }

@@ -5,6 +5,8 @@ records what Alertmanager posts."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import threading
 import time
@@ -18,14 +20,22 @@ import yaml
 from tests.conftest import require_binary, stop_process, wait_until_healthy
 
 
+def seconds(duration: str) -> int:
+    """A Prometheus/Alertmanager duration ("90s", "2m", "4h") in seconds."""
+    n, unit = re.fullmatch(r"(\d+)([smh])", duration).groups()
+    return int(n) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
 class Daemon:
     """One of the monitoring binaries on loopback, logging to a file, ready once `ready_path`
     answers 200."""
 
-    def __init__(self, binary: str, args: list[str], port: int, log: Path, ready_path: str = "/-/ready"):
+    def __init__(self, binary: str, args: list[str], port: int, log: Path, ready_path: str = "/-/ready",
+                 env: dict[str, str] | None = None):
         self.url, self.log = f"http://127.0.0.1:{port}", log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([require_binary(binary), *args], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([require_binary(binary), *args], stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
         try:
             wait_until_healthy(self.url, self.proc, log, binary, timeout=60, path=ready_path)
         except BaseException:

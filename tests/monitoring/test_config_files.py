@@ -12,6 +12,7 @@ import yaml
 
 from components import config, monitoring, postgres_config as pgc
 from tests.conftest import REPO, require_binary, stack_raw, third_region
+from tests.monitoring.conftest import seconds
 
 RULES = REPO / "payloads" / "monitoring" / "rules"
 RULE_TESTS = Path(__file__).parent / "rules"
@@ -29,14 +30,13 @@ def rules() -> list[dict]:
 
 def vantage_files(tmp: Path, cfg: config.BridgeConfig) -> list[Path]:
     """prometheus.yml of every vantage point (each region, the witness) as production renders them."""
-    (tmp / "database-ca.crt").write_text("")  # promtool checks the file is there
     targets = monitoring.region_targets(cfg.regions)
     out = []
     for vantage in [*[r.name for r in cfg.regions], "witness"]:
         region = next((r for r in cfg.regions if r.name == vantage), None)
         text = monitoring.prometheus_yml(
             vantage, targets, list(cfg.zones.zones), database=bool(region and region.postgres != "none"),
-            services=None if region else {}, rules_dir=str(RULES), database_ca=str(tmp / "database-ca.crt"))
+            services=None if region else {}, rules_dir=str(RULES))
         path = tmp / f"prometheus-{vantage}.yml"
         path.write_text(text)
         out.append(path)
@@ -125,6 +125,16 @@ PROMQL_WORDS = {"max", "min", "sum", "count", "count_values", "by", "without", "
                 "fstype", "mountpoint", "bool", "on", "ignoring"}
 
 
+def test_region_down_is_held_longer_than_its_checks_take_to_pass_again():
+    """RegionDown's keep_firing_for must outlast how far apart its region's checks pass again (one
+    probe interval, seen one evaluation later), or a check it inhibited pages as the region returns."""
+    doc = yaml.safe_load(monitoring.prometheus_yml("us-east", [], []))
+    probe = next(j["scrape_interval"] for j in doc["scrape_configs"] if j["job_name"] == "health")
+    spread = seconds(probe) + seconds(doc["global"]["evaluation_interval"])
+    down = next(r for r in rules() if r["alert"] == "RegionDown")
+    assert seconds(down["keep_firing_for"]) > spread, (down["keep_firing_for"], spread)
+
+
 def test_blackbox_config_is_accepted_by_the_exporter(tmp_path):
     exporter = require_binary("prometheus-blackbox-exporter")
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
@@ -194,12 +204,16 @@ def test_alertmanager_cluster_flags_name_every_peer():
                                                                     "--cluster.peer=198.51.100.3:9094"]
 
 
-def test_cost_textfile_is_the_estimate():
+def test_textfiles_are_the_estimate_and_whether_backups_are_configured():
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
     from components import cost
 
     total = cost.usd(cost.estimate(cfg.regions, cfg.budget, cfg.witness).total_cents)
     assert f"ciris_estimated_monthly_cost_dollars {total}\n" in monitoring.cost_textfile(cfg)
+    assert cfg.backup and "ciris_backup_configured 1\n" in monitoring.backup_textfile(cfg)
+    raw, secret_keys = stack_raw("production")
+    del raw[f"{P}:backup"]
+    assert "ciris_backup_configured 0\n" in monitoring.backup_textfile(config.parse(raw, secret_keys))
 
 
 # --- the alert channels in config ------------------------------------------------------------
