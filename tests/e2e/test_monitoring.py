@@ -110,7 +110,8 @@ def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack)
     finally:
         stack.podman("start", *dark)
     for name, address in observers.items():
-        wait(f"{name}: RegionDown resolves", lambda address=address: not region_down(address), budget=300)
+        # A probe (60 s) and an evaluation (30 s) after it is back, plus RegionDown's keep_firing_for (2 m).
+        wait(f"{name}: RegionDown resolves", lambda address=address: not region_down(address), budget=420)
     # Every probe of it passes again before the next test (Podman may leave UDP to a restarted
     # container unanswered for a minute).
     for name, address in every.items():
