@@ -189,8 +189,10 @@ class CreditGate:
             self.balances[user] = (balance, time.monotonic())
 
     def _void(self, user: str, key: str, amount: int) -> None:
-        """A placement billing may have committed after we gave up: release it once billing answers."""
-        self.journal.add({"op": "void", "id": f"void:{key}", "user": user, "key": key, "amount": amount})
+        """A placement billing may have committed after we gave up: release it once billing answers.
+        fsync'd (only failed placements pay for it): a hold it voids would lock the user's credit
+        for the hold's TTL if the machine died with the write unflushed."""
+        self.journal.add({"op": "void", "id": f"void:{key}", "user": user, "key": key, "amount": amount}, sync=True)
         self.wake.set()
 
     def _expose(self, user: str, cents: int) -> None:
