@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
-from ops.checks import CRIT, INFO, OK, WARN, Row
+from ops.checks import CRIT, INFO, OK, SEVERITY, WARN, Row
 
 ALERT_VERDICT = {"critical": CRIT, "warning": WARN}
 QUERIES = {
@@ -126,7 +126,7 @@ def host_rows(name: str, seen: dict[str, list[dict]]) -> list[Row]:
         rows = [Row("alerts", f"{name}'s Prometheus", OK, "none firing")]
     else:
         verdict = max((ALERT_VERDICT.get(s["metric"].get("severity"), INFO) for s in firing),
-                      key=[INFO, OK, WARN, CRIT].index)
+                      key=SEVERITY.__getitem__)  # the exit code's order
         shown = ", ".join(_alert(s["metric"]) for s in firing)
         rows = [Row("alerts", f"{name}'s Prometheus", verdict, f"{len(firing)} firing: {shown}"[:300])]
     if any(_value(s) for s in seen["standin"]):
