@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, db, hotpath, ledger, ledger_check, metrics, payments
+from billing import auth, batches, db, hotpath, ledger, ledger_check, metrics, payments
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
 
@@ -121,6 +121,8 @@ def create_app(settings: Settings) -> FastAPI:
     stripe_client = payments.client(settings)
     # python -m billing makes this directory fresh for each start, shared by its workers.
     state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
+    consumes = batches.Batches(lambda items, seconds: database.write(ledger.consume_many, items, within=seconds),
+                               settings.db_write_timeout, settings.consume_batches, db.unavailable)
     checker = ledger_check.Checker(state_dir, settings.ledger_verify_interval)
     metrics.LEDGER.state_dir = state_dir
 
@@ -237,7 +239,8 @@ def create_app(settings: Settings) -> FastAPI:
         require_self(p, str(body.user_id))
         amount = body.amount or settings.price_per_interaction_cents
         try:
-            result = await once(ledger.consume, body.user_id, amount, body.idempotency_key, body.description)
+            outcome, tx, balance = await consumes.submit((body.user_id, amount, body.idempotency_key, body.description))
+            result = ledger.consumed(outcome, tx, balance, amount)
         except Problem as e:
             metrics.consumed(e.code)
             raise

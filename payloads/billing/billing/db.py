@@ -103,11 +103,13 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def write(self, fn, *args, transaction: bool = False):
+    async def write(self, fn, *args, transaction: bool = False, within: float | None = None):
         """fn(conn, *args) as one write (`transaction`: inside BEGIN/COMMIT; otherwise fn is one
-        autocommitted call). 503 `unavailable` unless the server confirms it within the budget."""
+        autocommitted call). 503 `unavailable` unless the server confirms it within the budget
+        (or `within` seconds, if less)."""
+        seconds = self.budget if within is None else min(within, self.budget)
         try:
-            return await self._bounded(self._call(fn, args, transaction=transaction), self.budget)
+            return await self._bounded(self._call(fn, args, transaction=transaction), seconds)
         except Unavailable:
             raise unavailable(WRITE_UNKNOWN) from None
 

@@ -59,6 +59,19 @@ async def call(conn: Connection, sql: str, params: tuple) -> tuple:
     raise AssertionError("unreachable")
 
 
+async def call_many(conn: Connection, sql: str, params: tuple) -> list[tuple]:
+    """As `call`, for a function answering a row per item."""
+    cur = conn.calls
+    for attempt in range(RETRIES):
+        try:
+            await cur.execute(sql, params)
+            return await cur.fetchall()
+        except errors.UniqueViolation:
+            if attempt == RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def lock_head(conn: AsyncConnection, user_id: uuid.UUID) -> Head:
     cur = await conn.execute(
         "SELECT user_id, balance, settled, last_seq, last_hash FROM credit_balances WHERE user_id = %s FOR UPDATE",
@@ -131,9 +144,29 @@ VOID = "SELECT outcome, status, balance FROM billing_void(%s, %s, %s)"
 REUSED = "idempotency_key was already used with a different request"
 
 
-async def consume(conn, user_id: uuid.UUID, amount: int, key: str, description: str | None) -> dict:
-    req = chain.request_hash("consume", amount=amount, description=description)
-    outcome, tx, balance = await call(conn, MOVE, (user_id, "consume", -amount, key, req, description))
+MOVE_MANY = "SELECT outcome, transaction_id, balance FROM billing_move_many(%s, %s, %s, %s, %s) ORDER BY i"
+
+
+async def consume_many(conn, items: list[tuple[uuid.UUID, int, str, str | None]]) -> list[tuple]:
+    """Consumes (user, amount, key, description) as one call and one transaction (batches.py,
+    migrations/0006): each one's (outcome, transaction id, balance), in their order. One alone is
+    billing_move itself (less work for the database than a batch of one)."""
+    if len(items) == 1:
+        user_id, amount, key, description = items[0]
+        req = chain.request_hash("consume", amount=amount, description=description)
+        return [await call(conn, MOVE, (user_id, "consume", -amount, key, req, description))]
+    users, amounts, keys, reqs, descriptions = [], [], [], [], []
+    for user_id, amount, key, description in items:
+        users.append(user_id)
+        amounts.append(amount)
+        keys.append(key)
+        reqs.append(chain.request_hash("consume", amount=amount, description=description))
+        descriptions.append(description)
+    return await call_many(conn, MOVE_MANY, (users, amounts, keys, reqs, descriptions))
+
+
+def consumed(outcome: str, tx: int | None, balance: int, amount: int) -> dict:
+    """A consume's answer from its outcome, or the error it means."""
     return _keyed(outcome, balance, amount, {"transaction_id": tx})
 
 

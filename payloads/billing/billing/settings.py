@@ -37,6 +37,9 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     db_pool_size: int = 20
+    # At most this many batches of consumes in the database at once per worker (batches.py); more
+    # consumes wait and go together in the next batch.
+    consume_batches: int = 2
     # A write (or a read's proof that its server is still the primary) not confirmed within this
     # many seconds answers 503 `unavailable` (outcome unknown: retry with the same idempotency key).
     # 4: billing answers before the proxy stops waiting for it (5 s).
@@ -138,6 +141,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 8000, 1, 65535),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, 1, 200),
+        consume_batches=_int(env, "CONSUME_BATCHES", Settings.consume_batches, 1, 200),
         db_write_timeout=_seconds(env, "DB_WRITE_TIMEOUT_SECONDS", Settings.db_write_timeout, 0.5, 60),
         workers=_int(env, "WORKERS", 1, 1, 32),
         ledger_verify_interval=_seconds(env, "LEDGER_VERIFY_INTERVAL_SECONDS", Settings.ledger_verify_interval, 1, 86_400),
