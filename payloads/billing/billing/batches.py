@@ -1,4 +1,4 @@
-"""Consumes that arrive while others are being committed wait and commit together (ADR 10).
+"""Consumes that arrive while others are being committed wait and commit together (ADR 15).
 
 A commit is what a consume costs most: in production one round trip to the synchronous standby
 (~95 ms across the Atlantic), here PostgreSQL's per-transaction work and the hops between
@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 from billing.errors import Problem
 
-MOST = 64  # consumes per batch: well under PostgreSQL's 64 cached subtransactions, a bounded statement
+MOST = 64  # consumes per batch: a bounded statement (a batch holds its users' locks until its commit)
 NOT_SENT = "the database did not take this write in time; nothing was charged: retry with the same idempotency key"
 
 

@@ -1,4 +1,4 @@
--- Consumes that arrive together commit together (ADR 10): one call, one transaction, one commit
+-- Consumes that arrive together commit together (ADR 15): one call, one transaction, one commit
 -- (in production one round trip to the synchronous standby) for the whole batch. Each consume is
 -- billing_move as before; the users' balance rows are locked in user id order (a consume's only
 -- other locks are its own user's holds), so two batches never deadlock, nor a batch and a single
