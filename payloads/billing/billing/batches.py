@@ -50,14 +50,16 @@ class Batches:
         return await future
 
     def _next(self) -> None:
-        now = time.monotonic()
-        while self.queue and self.queue[0][1] - now <= 0.05:  # its budget spent waiting: never sent
-            _, _, future = self.queue.pop(0)
-            if not future.done():
-                future.set_exception(self.unavailable(NOT_SENT))
-        if not self.queue:
+        now, waiting = time.monotonic(), []
+        for entry in self.queue:  # never sent: one nobody waits for, one whose budget went waiting
+            if entry[1] - now <= 0.05 and not entry[2].done():
+                entry[2].set_exception(self.unavailable(NOT_SENT))
+            if not entry[2].done():
+                waiting.append(entry)
+        if not waiting:
+            self.queue = []
             return
-        batch, self.queue = self.queue[:MOST], self.queue[MOST:]
+        batch, self.queue = waiting[:MOST], waiting[MOST:]
         self.running += 1
         task = asyncio.get_running_loop().create_task(self._send(batch, batch[0][1] - now))
         self._tasks.add(task)
@@ -66,12 +68,14 @@ class Batches:
     async def _send(self, batch: list, seconds: float) -> None:
         try:
             results = await self.run([item for item, _, _ in batch], seconds)
-        except BaseException as e:  # one shared commit: every consume in it shares the answer
+        except asyncio.CancelledError:  # the worker is stopping
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as e:  # one shared commit: every consume in it shares the answer
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(_copy(e))
-            if not isinstance(e, Exception):
-                raise
         else:
             for (_, _, future), result in zip(batch, results, strict=True):
                 if not future.done():
