@@ -5,7 +5,6 @@ that commit fails. A row held locked from the test decides what is in flight and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import httpx
@@ -19,33 +18,63 @@ from billing import chain  # noqa: E402 (the payload's modules: tests.billing.co
 
 
 @pytest.fixture
-def one_batch(cluster, tmp_path):
-    """A billing that keeps one batch in the database at a time (one worker), 1.5 s write budget."""
-    service = Billing({**service_env(cluster), "PORT": str(free_port()), "WORKERS": "1", "CONSUME_BATCHES": "1",
-                       "DB_WRITE_TIMEOUT_SECONDS": "1.5"}, tmp_path / "billing.log")
-    service.start()
-    yield service
-    service.stop()
+def one_worker(cluster, tmp_path):
+    """start(budget): a billing that keeps one batch in the database at a time (one worker)."""
+    started = []
+
+    def start(budget: float) -> Billing:
+        service = Billing({**service_env(cluster), "PORT": str(free_port()), "WORKERS": "1", "CONSUME_BATCHES": "1",
+                           "DB_WRITE_TIMEOUT_SECONDS": str(budget)}, tmp_path / f"billing{len(started)}.log")
+        started.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in started:
+        service.stop()
 
 
-@contextlib.contextmanager
-def locked(cluster, *users: str):
-    """Each user's balance row locked, as a movement in progress would hold it; released on exit."""
-    with psycopg.connect(database_url(cluster)) as conn:
-        for user in users:
-            conn.execute("SELECT 1 FROM credit_balances WHERE user_id = %s FOR UPDATE", (user,))
-        yield
+class Locks:
+    """Rows held locked from the test, as movements in progress would hold them: a user's balance
+    row (what every movement locks first) or their `users` row (which a ledger insert's foreign key
+    check waits for, after the balance lock). Each on its own connection, released by release(user)."""
+
+    def __init__(self, cluster):
+        self.dsn, self.held = database_url(cluster), {}
+
+    def balance(self, user: str) -> None:
+        self._hold(user, "SELECT 1 FROM credit_balances WHERE user_id = %s FOR UPDATE")
+
+    def insert(self, user: str) -> None:
+        self._hold(user, "SELECT 1 FROM users WHERE id = %s FOR UPDATE")
+
+    def _hold(self, user: str, sql: str) -> None:
+        conn = psycopg.connect(self.dsn)
+        conn.execute(sql, (user,))
+        self.held[user] = conn
+
+    def release(self, user: str) -> None:
+        conn = self.held.pop(user)
         conn.rollback()
+        conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for user in list(self.held):
+            self.release(user)
 
 
-async def consumes_in_order(url: str, bodies: list[dict], gap: float = 0.05) -> list[httpx.Response]:
+async def consumes_in_order(url: str, bodies: list[dict], gap: float = 0.1) -> list[asyncio.Future]:
     """Sent `gap` apart, so they reach billing in this order; answered whenever billing answers."""
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        tasks = []
-        for body in bodies:
-            tasks.append(asyncio.ensure_future(client.post("/v1/credits/consume", json=body, headers=SERVICE)))
-            await asyncio.sleep(gap)
-        return await asyncio.gather(*tasks)
+    client = httpx.AsyncClient(base_url=url, timeout=60)
+    tasks = []
+    for body in bodies:
+        tasks.append(asyncio.ensure_future(client.post("/v1/credits/consume", json=body, headers=SERVICE)))
+        await asyncio.sleep(gap)
+    asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
+    return tasks
 
 
 def run(coro):
@@ -63,70 +92,102 @@ def xmins(cluster, keys: list[str]) -> dict[str, int]:
         return dict(rows.fetchall())
 
 
-def test_a_batch_commits_together_and_answers_each_consume_its_own_outcome(cluster, one_batch):
-    with httpx.Client(base_url=one_batch.url, timeout=30) as api:
+def test_a_batch_commits_together_and_answers_each_consume_its_own_outcome(cluster, one_worker):
+    billing = one_worker(10)
+    with httpx.Client(base_url=billing.url, timeout=30) as api:
         first, rich, poor = new_user(api, 100), new_user(api, 100), new_user(api, 3)
-        tag = uuid.uuid4().hex[:8]
-        bodies = [
-            {"user_id": first, "amount": 1, "idempotency_key": f"{tag}-alone"},  # in the database alone, waiting for the lock
-            {"user_id": rich, "amount": 5, "idempotency_key": f"{tag}-a"},       # queued from here on: one batch
-            {"user_id": rich, "amount": 5, "idempotency_key": f"{tag}-a"},       # its twin in the same batch: replayed
-            {"user_id": rich, "amount": 6, "idempotency_key": f"{tag}-a"},       # the same key for another amount
-            {"user_id": poor, "amount": 5, "idempotency_key": f"{tag}-p"},       # more than the balance
-            {"user_id": str(uuid.uuid4()), "amount": 1, "idempotency_key": f"{tag}-u"},  # nobody
-            {"user_id": rich, "amount": 7, "idempotency_key": f"{tag}-b"},
-            {"user_id": first, "amount": 2, "idempotency_key": f"{tag}-first-again"},
-        ]
+    tag = uuid.uuid4().hex[:8]
+    bodies = [
+        {"user_id": first, "amount": 1, "idempotency_key": f"{tag}-alone"},  # in the database alone, held up
+        {"user_id": rich, "amount": 5, "idempotency_key": f"{tag}-a"},       # queued from here on: one batch
+        {"user_id": rich, "amount": 5, "idempotency_key": f"{tag}-a"},       # its twin in the same batch: replayed
+        {"user_id": rich, "amount": 6, "idempotency_key": f"{tag}-a"},       # the same key for another amount
+        {"user_id": poor, "amount": 5, "idempotency_key": f"{tag}-p"},       # more than the balance
+        {"user_id": str(uuid.uuid4()), "amount": 1, "idempotency_key": f"{tag}-u"},  # nobody
+        {"user_id": rich, "amount": 7, "idempotency_key": f"{tag}-b"},
+        {"user_id": first, "amount": 2, "idempotency_key": f"{tag}-first-again"},
+    ]
 
-        async def scenario():
-            with locked(cluster, first):
-                sent = asyncio.ensure_future(consumes_in_order(one_batch.url, bodies))
-                await asyncio.sleep(len(bodies) * 0.05 + 0.3)
-                assert not sent.done()  # all of them wait behind the lock
-            return await sent
+    async def scenario():
+        with Locks(cluster) as locks:
+            locks.insert(first)
+            sent = await consumes_in_order(billing.url, bodies)
+            await asyncio.sleep(1.0)
+            assert not any(t.done() for t in sent)  # all of them wait behind the first
+        return await asyncio.gather(*sent)
 
-        results = run(scenario())
-        assert [r.status_code for r in results] == [200, 200, 200, 409, 402, 404, 200, 200], [r.text for r in results]
-        alone, a, twin, _, short, _, b, again = (r.json() for r in results)
-        assert twin == {**a, "replayed": True} and not a["replayed"] and not b["replayed"]
-        assert short["error"]["balance"] == 3
-        assert (a["balance"], b["balance"]) == (95, 88)
-        assert (alone["balance"], again["balance"]) == (99, 97)
-        assert balance(api, rich) == 88 and balance(api, poor) == 3 and balance(api, first) == 97
-
+    results = run(scenario())
+    assert [r.status_code for r in results] == [200, 200, 200, 409, 402, 404, 200, 200], [r.text for r in results]
+    alone, a, twin, _, short, _, b, again = (r.json() for r in results)
+    assert twin == {**a, "replayed": True} and not a["replayed"] and not b["replayed"]
+    assert short["error"]["balance"] == 3
+    assert (a["balance"], b["balance"], alone["balance"], again["balance"]) == (95, 88, 99, 97)
+    with httpx.Client(base_url=billing.url, timeout=30) as api:
+        assert (balance(api, rich), balance(api, poor), balance(api, first)) == (88, 3, 97)
     written = xmins(cluster, [f"{tag}-{k}" for k in ("alone", "a", "b", "first-again")])
     assert written[f"{tag}-a"] == written[f"{tag}-b"] == written[f"{tag}-first-again"]  # one transaction
     assert written[f"{tag}-alone"] != written[f"{tag}-a"]
-    assert one_batch.run("verify-ledger").returncode == 0
+    assert billing.run("verify-ledger").returncode == 0
 
 
-def test_a_batch_whose_commit_is_not_confirmed_answers_503_to_all_and_the_retry_debits_once(cluster, one_batch):
-    with httpx.Client(base_url=one_batch.url, timeout=30) as api:
+def test_a_consume_whose_user_is_locked_leaves_the_batch_and_waits_alone(cluster, one_worker):
+    billing = one_worker(10)
+    with httpx.Client(base_url=billing.url, timeout=30) as api:
+        first, free, busy = new_user(api, 100), new_user(api, 100), new_user(api, 100)
+    tag = uuid.uuid4().hex[:8]
+
+    async def scenario():
+        with Locks(cluster) as locks:
+            locks.insert(first)
+            locks.balance(busy)
+            alone, *batch = await consumes_in_order(billing.url, [
+                {"user_id": first, "amount": 1, "idempotency_key": f"{tag}-first"},
+                {"user_id": free, "amount": 2, "idempotency_key": f"{tag}-free"},
+                {"user_id": busy, "amount": 3, "idempotency_key": f"{tag}-busy"}])
+            await asyncio.sleep(1.0)
+            locks.release(first)  # the batch goes: `free` at once, `busy` alone, behind the lock
+            done = await asyncio.wait_for(batch[0], 8)
+            await asyncio.sleep(0.5)
+            assert not batch[1].done()
+        return [await alone, done, await asyncio.wait_for(batch[1], 8)]
+
+    results = run(scenario())
+    assert [r.status_code for r in results] == [200, 200, 200], [r.text for r in results]
+    assert [r.json()["balance"] for r in results] == [99, 98, 97]
+    written = xmins(cluster, [f"{tag}-free", f"{tag}-busy"])
+    assert written[f"{tag}-free"] != written[f"{tag}-busy"]
+    assert billing.run("verify-ledger").returncode == 0
+
+
+def test_a_batch_whose_commit_is_not_confirmed_answers_503_to_all_and_the_retry_debits_once(cluster, one_worker):
+    billing = one_worker(3)
+    with httpx.Client(base_url=billing.url, timeout=30) as api:
         first, free, stuck = new_user(api, 100), new_user(api, 100), new_user(api, 100)
-        tag = uuid.uuid4().hex[:8]
-        batch = [{"user_id": free, "amount": 4, "idempotency_key": f"{tag}-free"},
-                 {"user_id": stuck, "amount": 4, "idempotency_key": f"{tag}-stuck"}]
+    tag = uuid.uuid4().hex[:8]
+    batch = [{"user_id": free, "amount": 4, "idempotency_key": f"{tag}-free"},
+             {"user_id": stuck, "amount": 4, "idempotency_key": f"{tag}-stuck"}]
 
-        async def scenario():
-            with locked(cluster, stuck):
-                with locked(cluster, first):
-                    sent = asyncio.ensure_future(consumes_in_order(
-                        one_batch.url, [{"user_id": first, "amount": 1, "idempotency_key": f"{tag}-first"}, *batch]))
-                    await asyncio.sleep(0.4)
-                # `first` is through; the batch now waits for `stuck` past the 1.5 s budget.
-                await asyncio.sleep(2.0)
-                return await sent
+    async def scenario():
+        with Locks(cluster) as locks:
+            locks.insert(first)
+            locks.insert(stuck)  # the batch debits `free`, then waits here past its budget
+            sent = await consumes_in_order(billing.url, [{"user_id": first, "amount": 1, "idempotency_key": f"{tag}-first"}, *batch])
+            await asyncio.sleep(0.8)
+            locks.release(first)
+            return await asyncio.wait_for(asyncio.gather(*sent), 10)
 
-        results = run(scenario())
-        assert [r.status_code for r in results] == [200, 503, 503], [r.text for r in results]
-        assert all(r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"] for r in results[1:])
-        assert balance(api, free) == 100 and balance(api, stuck) == 100  # the shared commit never happened
-
+    results = run(scenario())
+    assert [r.status_code for r in results] == [200, 503, 503], [r.text for r in results]
+    assert all(r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"] for r in results[1:])
+    with httpx.Client(base_url=billing.url, timeout=30) as api:
+        # Outcome unknown (the cancelled statement may yet have committed once the lock went): the
+        # retries with the same keys make it one debit each, whichever it was.
         retried = [api.post("/v1/credits/consume", json=body, headers=SERVICE) for body in batch * 2]
         assert [r.status_code for r in retried] == [200] * 4
-        assert [r.json()["replayed"] for r in retried] == [False, False, True, True]
+        assert [r.json()["transaction_id"] for r in retried[:2]] == [r.json()["transaction_id"] for r in retried[2:]]
+        assert [r.json()["replayed"] for r in retried[2:]] == [True, True]
         assert balance(api, free) == 96 and balance(api, stuck) == 96
-    assert one_batch.run("verify-ledger").returncode == 0
+    assert billing.run("verify-ledger").returncode == 0
 
 
 def test_a_batch_locks_its_users_in_one_order_and_keeps_each_users_order(cluster):
@@ -161,6 +222,98 @@ def test_concurrent_consumes_share_commits(cluster, billing):
 
     results = run(burst())
     assert {r.status_code for r in results} == {200} and not any(r.json()["replayed"] for r in results)
+    with psycopg.connect(database_url(cluster)) as conn:  # each answer is its own consume's
+        ids = dict(conn.execute("SELECT idempotency_key, id FROM transactions WHERE idempotency_key LIKE %s", (f"{tag}-%",)).fetchall())
+    assert [r.json()["transaction_id"] for r in results] == [ids[b["idempotency_key"]] for b in bodies]
     written = xmins(cluster, [b["idempotency_key"] for b in bodies])
     commits = len(set(written.values()))
     assert len(written) == 200 and commits < 200, commits  # one commit per consume without batches
+
+
+# --- the queue itself (batches.py), with a stand-in for the database call ----------------------
+
+class FakeDatabase:
+    """run(items, seconds) as the batches call it: records each call's items; a call waits while
+    `gate` is closed; a user in `busy` answers 'busy' in a batch of two or more."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls: list[list] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail, self.busy = fail, set()
+
+    async def run(self, items: list, seconds: float) -> list:
+        self.calls.append(list(items))
+        await self.gate.wait()
+        if self.fail:
+            raise self.fail
+        return [("busy", None, None) if len(items) > 1 and item in self.busy else ("done", item, 0) for item in items]
+
+
+def batches(fake: FakeDatabase, budget: float = 4.0, in_flight: int = 1):
+    from billing import batches as mod, db
+
+    return mod.Batches(fake.run, budget, in_flight, db.unavailable)
+
+
+def test_batches_send_alone_when_there_is_room_and_queue_only_behind_a_full_house():
+    async def go():
+        fake = FakeDatabase()
+        queue = batches(fake, in_flight=2)
+        fake.gate.clear()
+        waiting = [asyncio.ensure_future(queue.submit(i)) for i in range(70 + 2)]
+        await asyncio.sleep(0.01)
+        assert fake.calls == [[0], [1]]  # two alone, the rest queued
+        fake.gate.set()
+        answers = await asyncio.gather(*waiting)
+        assert [a[1] for a in answers] == list(range(72))  # each gets its own row
+        assert [len(c) for c in fake.calls] == [1, 1, 64, 6]
+        assert queue.running == 0 and not queue.queue
+    run(go())
+
+
+def test_batches_answer_a_shared_failure_to_each_consume_and_never_send_what_ran_out_of_time():
+    from billing.errors import Problem
+
+    async def go():
+        fake = FakeDatabase(fail=Problem(503, "unavailable", "unknown", headers={"Retry-After": "2"}))
+        queue = batches(fake)
+        fake.gate.clear()
+        waiting = [asyncio.ensure_future(queue.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        fake.gate.set()
+        errors = await asyncio.gather(*waiting, return_exceptions=True)
+        assert [e.status for e in errors] == [503] * 3 and len({id(e) for e in errors}) == 3
+        assert [len(c) for c in fake.calls] == [1, 2]
+
+        fake.fail = RuntimeError("a bug")
+        errors = await asyncio.gather(queue.submit(9), return_exceptions=True)
+        assert isinstance(errors[0], RuntimeError)  # alone: the route's own 500 handler logs it
+
+        fake = FakeDatabase()
+        queue = batches(fake, budget=0.4)  # a consume needs 0.1 s left to be sent from the queue
+        fake.gate.clear()
+        waiting = [asyncio.ensure_future(queue.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.35)
+        fake.gate.set()
+        answers = await asyncio.gather(*waiting, return_exceptions=True)
+        assert answers[0] == ("done", 0, 0)
+        assert [a.status for a in answers[1:]] == [503, 503] and "nothing was charged" in answers[1].message
+        assert fake.calls == [[0]]
+    run(go())
+
+
+def test_batches_send_a_busy_consume_again_alone_and_skip_one_nobody_waits_for():
+    async def go():
+        fake = FakeDatabase()
+        fake.busy = {2}
+        queue = batches(fake)
+        fake.gate.clear()
+        waiting = [asyncio.ensure_future(queue.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        waiting[3].cancel()
+        fake.gate.set()
+        answers = await asyncio.gather(*waiting[:3])
+        assert [a[0] for a in answers] == ["done"] * 3
+        assert fake.calls == [[0], [1, 2], [2]]
+    run(go())

@@ -10,28 +10,36 @@ A batch is one call (migrations/0006), one transaction: each consume has its own
 (debited, replayed, 402, 404, 409), but the commit is shared, so a commit that is not confirmed
 (the budget ran out, the standby did not confirm, the connection failed) answers every consume
 in the batch 503 `unavailable` -- retry with the same idempotency key, as for a single consume.
-A consume never waits longer in total than the write budget: one whose time ran out in the queue
-is answered 503 without being sent, and a batch is given only what its oldest consume has left.
+A batch never waits for a lock: a consume whose user another transaction holds comes back 'busy'
+and goes again alone. A consume never waits longer in total than the write budget: a batch is
+given what its oldest consume has left, and one left with under a quarter of the budget after
+queueing is answered 503 without being sent (nothing charged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from functools import partial
 from typing import Awaitable, Callable
 
 from billing.errors import Problem
 
-MOST = 64  # consumes per batch: a bounded statement (a batch holds its users' locks until its commit)
+log = logging.getLogger("billing")
+
+MOST = 64  # consumes per batch: a bounded statement
 NOT_SENT = "the database did not take this write in time; nothing was charged: retry with the same idempotency key"
 
 
 class Batches:
-    """`run(items, seconds)`: one batch's results, in the items' order, within `seconds`."""
+    """`run(items, seconds)`: one batch's results (outcome, transaction id, balance) in the items'
+    order, within `seconds`; `unavailable(message)`: the 503 for a consume never sent."""
 
     def __init__(self, run: Callable[[list, float], Awaitable[list]], budget: float, in_flight: int,
                  unavailable: Callable[[str], Problem]):
         self.run, self.budget, self.in_flight, self.unavailable = run, budget, in_flight, unavailable
+        self.least = budget / 4  # what a consume must have left to be sent from the queue
         self.queue: list[tuple[tuple, float, asyncio.Future]] = []
         self.running = 0
         self._tasks: set[asyncio.Task] = set()
@@ -43,52 +51,77 @@ class Batches:
                 return (await self.run([item], self.budget))[0]
             finally:
                 self.running -= 1
-                if self.queue:
-                    self._next()
+                self._next()
         future = asyncio.get_running_loop().create_future()
         self.queue.append((item, time.monotonic() + self.budget, future))
         return await future
 
     def _next(self) -> None:
+        """Send the queue's next batch, if a slot is free and anyone still waits."""
+        if self.running >= self.in_flight or not self.queue:
+            return
         now, waiting = time.monotonic(), []
         for entry in self.queue:  # never sent: one nobody waits for, one whose budget went waiting
-            if entry[1] - now <= 0.05 and not entry[2].done():
+            if entry[1] - now < self.least and not entry[2].done():
                 entry[2].set_exception(self.unavailable(NOT_SENT))
             if not entry[2].done():
                 waiting.append(entry)
-        if not waiting:
-            self.queue = []
-            return
         batch, self.queue = waiting[:MOST], waiting[MOST:]
-        self.running += 1
-        task = asyncio.get_running_loop().create_task(self._send(batch, batch[0][1] - now))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if batch:
+            self.running += 1
+            self._spawn(self._send(batch, batch[0][1] - now), partial(self._sent, batch))
 
     async def _send(self, batch: list, seconds: float) -> None:
         try:
             results = await self.run([item for item, _, _ in batch], seconds)
-        except asyncio.CancelledError:  # the worker is stopping
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} answered {len(results)} rows")
+        except Exception as e:  # one shared commit: every consume in it shares the answer
+            if not isinstance(e, Problem):
+                log.error("a batch of %d consumes failed: %s", len(batch), type(e).__name__)
+            for _, _, future in batch:
+                _fail(future, e)
+            return
+        for (item, deadline, future), result in zip(batch, results):
+            if result[0] == "busy":  # its user's row was locked: alone, it waits for the lock
+                self._spawn(self._alone(item, deadline, future))
+            elif not future.done():
+                future.set_result(result)
+
+    async def _alone(self, item: tuple, deadline: float, future: asyncio.Future) -> None:
+        seconds = deadline - time.monotonic()
+        if seconds < 0.05:  # its batch took all its time (and rolled nothing back for it: it was skipped)
+            _fail(future, self.unavailable(NOT_SENT))
+            return
+        try:
+            result = (await self.run([item], seconds))[0]
+        except Exception as e:
+            _fail(future, e)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+    def _sent(self, batch: list, task: asyncio.Task) -> None:
+        self.running -= 1
+        if task.cancelled():  # the worker is stopping
             for _, _, future in batch:
                 future.cancel()
-            raise
-        except Exception as e:  # one shared commit: every consume in it shares the answer
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(_copy(e))
-        else:
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-        finally:
-            self.running -= 1
-            if self.queue:
-                self._next()
+        self._next()
+
+    def _spawn(self, coro, done=None) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if done:
+            task.add_done_callback(done)
 
 
-def _copy(e: BaseException) -> BaseException:
-    """Each waiting request raises its own exception object (a shared one would collect every
-    request's traceback)."""
+def _fail(future: asyncio.Future, e: Exception) -> None:
+    """Each waiting request gets its own exception object (a shared one would collect every
+    request's traceback); anything but an answer is a 500, logged once by the batch."""
+    if future.done():
+        return
     if isinstance(e, Problem):
-        return Problem(e.status, e.code, e.message, headers=e.headers, **e.extra)
-    return e
+        future.set_exception(Problem(e.status, e.code, e.message, headers=e.headers, **e.extra))
+    else:
+        future.set_exception(Problem(500, "internal", "internal error"))
