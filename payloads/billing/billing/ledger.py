@@ -43,29 +43,17 @@ class Connection(AsyncConnection):
         self.calls: AsyncCursor = self.cursor()
 
 
-async def call(conn: Connection, sql: str, params: tuple) -> tuple:
+async def call(conn: Connection, sql: str, params: tuple, *, rows: bool = False):
     """One movement function, one round trip, its own transaction (conn is in autocommit mode).
     The functions look keys up after taking the lock, in a fresh snapshot, so a concurrent twin's
     row is seen and replayed; should a unique violation still surface (a twin committing between
-    lookup and insert), the whole call is repeated and its new snapshot finds the twin's row."""
+    lookup and insert), the whole call is repeated and its new snapshot finds the twin's row.
+    The function's row, or with `rows` all of them (a batch's)."""
     cur = conn.calls
     for attempt in range(RETRIES):
         try:
             await cur.execute(sql, params)
-            return await cur.fetchone()
-        except errors.UniqueViolation:
-            if attempt == RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
-async def call_many(conn: Connection, sql: str, params: tuple) -> list[tuple]:
-    """As `call`, for a function answering a row per item."""
-    cur = conn.calls
-    for attempt in range(RETRIES):
-        try:
-            await cur.execute(sql, params)
-            return await cur.fetchall()
+            return await (cur.fetchall() if rows else cur.fetchone())
         except errors.UniqueViolation:
             if attempt == RETRIES - 1:
                 raise
@@ -162,7 +150,7 @@ async def consume_many(conn, items: list[tuple[uuid.UUID, int, str, str | None]]
         keys.append(key)
         reqs.append(chain.request_hash("consume", amount=amount, description=description))
         descriptions.append(description)
-    return await call_many(conn, MOVE_MANY, (users, amounts, keys, reqs, descriptions))
+    return await call(conn, MOVE_MANY, (users, amounts, keys, reqs, descriptions), rows=True)
 
 
 def consumed(outcome: str, tx: int | None, balance: int, amount: int) -> dict:
