@@ -251,9 +251,9 @@ class FakeDatabase:
 
 
 def batches(fake: FakeDatabase, budget: float = 4.0, in_flight: int = 1):
-    from billing import batches as mod, db
+    from billing import batches as mod
 
-    return mod.Batches(fake.run, budget, in_flight, db.unavailable)
+    return mod.Batches(fake.run, budget, in_flight)
 
 
 def test_batches_send_alone_when_there_is_room_and_queue_only_behind_a_full_house():

@@ -122,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
     # python -m billing makes this directory fresh for each start, shared by its workers.
     state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
     consumes = batches.Batches(lambda items, seconds: database.write(ledger.consume_many, items, within=seconds),
-                               settings.db_write_timeout, settings.consume_batches, db.unavailable)
+                               settings.db_write_timeout, settings.consume_batches)
     checker = ledger_check.Checker(state_dir, settings.ledger_verify_interval)
     metrics.LEDGER.state_dir = state_dir
 

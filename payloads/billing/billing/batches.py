@@ -24,6 +24,7 @@ import time
 from functools import partial
 from typing import Awaitable, Callable
 
+from billing.db import unavailable
 from billing.errors import Problem
 
 log = logging.getLogger("billing")
@@ -34,11 +35,10 @@ NOT_SENT = "the database did not take this write in time; nothing was charged: r
 
 class Batches:
     """`run(items, seconds)`: one batch's results (outcome, transaction id, balance) in the items'
-    order, within `seconds`; `unavailable(message)`: the 503 for a consume never sent."""
+    order, within `seconds`."""
 
-    def __init__(self, run: Callable[[list, float], Awaitable[list]], budget: float, in_flight: int,
-                 unavailable: Callable[[str], Problem]):
-        self.run, self.budget, self.in_flight, self.unavailable = run, budget, in_flight, unavailable
+    def __init__(self, run: Callable[[list, float], Awaitable[list]], budget: float, in_flight: int):
+        self.run, self.budget, self.in_flight = run, budget, in_flight
         self.least = budget / 4  # what a consume must have left to be sent from the queue
         self.queue: list[tuple[tuple, float, asyncio.Future]] = []
         self.running = 0
@@ -63,7 +63,7 @@ class Batches:
         now, waiting = time.monotonic(), []
         for entry in self.queue:  # never sent: one nobody waits for, one whose budget went waiting
             if entry[1] - now < self.least and not entry[2].done():
-                entry[2].set_exception(self.unavailable(NOT_SENT))
+                entry[2].set_exception(unavailable(NOT_SENT))
             if not entry[2].done():
                 waiting.append(entry)
         batch, self.queue = waiting[:MOST], waiting[MOST:]
@@ -77,8 +77,7 @@ class Batches:
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} answered {len(results)} rows")
         except Exception as e:  # one shared commit: every consume in it shares the answer
-            if not isinstance(e, Problem):
-                log.error("a batch of %d consumes failed: %s", len(batch), type(e).__name__)
+            _log(e, len(batch))
             for _, _, future in batch:
                 _fail(future, e)
             return
@@ -91,11 +90,12 @@ class Batches:
     async def _alone(self, item: tuple, deadline: float, future: asyncio.Future) -> None:
         seconds = deadline - time.monotonic()
         if seconds < 0.05:  # its batch took all its time (and rolled nothing back for it: it was skipped)
-            _fail(future, self.unavailable(NOT_SENT))
+            _fail(future, unavailable(NOT_SENT))
             return
         try:
             result = (await self.run([item], seconds))[0]
         except Exception as e:
+            _log(e, 1)
             _fail(future, e)
         else:
             if not future.done():
@@ -116,9 +116,15 @@ class Batches:
             task.add_done_callback(done)
 
 
+def _log(e: Exception, consumes: int) -> None:
+    """Anything but an answer (a Problem) is a bug: one line, as the app's catch-all, no values."""
+    if not isinstance(e, Problem):
+        log.error("unhandled %s on a batch of %d consumes", type(e).__name__, consumes)
+
+
 def _fail(future: asyncio.Future, e: Exception) -> None:
     """Each waiting request gets its own exception object (a shared one would collect every
-    request's traceback); anything but an answer is a 500, logged once by the batch."""
+    request's traceback); anything but an answer is a 500 (logged by `_log`)."""
     if future.done():
         return
     if isinstance(e, Problem):
