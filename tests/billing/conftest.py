@@ -3,6 +3,7 @@ role, the project's rendered configs), with Stripe's HTTP API faked at STRIPE_AP
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import jwt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
@@ -197,3 +199,54 @@ def balance(api: httpx.Client, user: str) -> int:
     r = api.get(f"/v1/credits/{user}", headers=SERVICE)
     assert r.status_code == 200, r.text
     return r.json()["balance"]
+
+
+class Locks:
+    """Rows held locked from the test, as movements in progress would hold them: a user's balance
+    row (what every movement locks first) or their `users` row (which a ledger insert's foreign key
+    check waits for, after the balance lock). Each on its own connection, released by release(user)."""
+
+    def __init__(self, dsn: str):
+        self.dsn, self.held = dsn, {}
+
+    def balance(self, user: str) -> None:
+        self._hold(user, "SELECT 1 FROM credit_balances WHERE user_id = %s FOR UPDATE")
+
+    def insert(self, user: str) -> None:
+        self._hold(user, "SELECT 1 FROM users WHERE id = %s FOR UPDATE")
+
+    def _hold(self, user: str, sql: str) -> None:
+        conn = psycopg.connect(self.dsn)
+        conn.execute(sql, (user,))
+        self.held[user] = conn
+
+    def release(self, user: str) -> None:
+        conn = self.held.pop(user)
+        conn.rollback()
+        conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for user in list(self.held):
+            self.release(user)
+
+
+async def consumes_in_order(url: str, bodies: list[dict], gap: float = 0.1) -> list[asyncio.Future]:
+    """Sent `gap` apart, so they reach billing in this order; answered whenever billing answers."""
+    client = httpx.AsyncClient(base_url=url, timeout=60)
+    tasks = []
+    for body in bodies:
+        tasks.append(asyncio.ensure_future(client.post("/v1/credits/consume", json=body, headers=SERVICE)))
+        await asyncio.sleep(gap)
+    asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
+    return tasks
+
+
+def run(coro):
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()

@@ -11,7 +11,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.billing.conftest import SERVICE, Billing, balance, database_url, new_user, service_env
+from tests.billing.conftest import SERVICE, Billing, Locks, balance, consumes_in_order, database_url, new_user, run, service_env
 from tests.postgres.conftest import free_port
 
 from billing import chain  # noqa: E402 (the payload's modules: tests.billing.conftest puts them on the path)
@@ -32,57 +32,6 @@ def one_worker(cluster, tmp_path):
     yield start
     for service in started:
         service.stop()
-
-
-class Locks:
-    """Rows held locked from the test, as movements in progress would hold them: a user's balance
-    row (what every movement locks first) or their `users` row (which a ledger insert's foreign key
-    check waits for, after the balance lock). Each on its own connection, released by release(user)."""
-
-    def __init__(self, cluster):
-        self.dsn, self.held = database_url(cluster), {}
-
-    def balance(self, user: str) -> None:
-        self._hold(user, "SELECT 1 FROM credit_balances WHERE user_id = %s FOR UPDATE")
-
-    def insert(self, user: str) -> None:
-        self._hold(user, "SELECT 1 FROM users WHERE id = %s FOR UPDATE")
-
-    def _hold(self, user: str, sql: str) -> None:
-        conn = psycopg.connect(self.dsn)
-        conn.execute(sql, (user,))
-        self.held[user] = conn
-
-    def release(self, user: str) -> None:
-        conn = self.held.pop(user)
-        conn.rollback()
-        conn.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for user in list(self.held):
-            self.release(user)
-
-
-async def consumes_in_order(url: str, bodies: list[dict], gap: float = 0.1) -> list[asyncio.Future]:
-    """Sent `gap` apart, so they reach billing in this order; answered whenever billing answers."""
-    client = httpx.AsyncClient(base_url=url, timeout=60)
-    tasks = []
-    for body in bodies:
-        tasks.append(asyncio.ensure_future(client.post("/v1/credits/consume", json=body, headers=SERVICE)))
-        await asyncio.sleep(gap)
-    asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
-    return tasks
-
-
-def run(coro):
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def xmins(cluster, keys: list[str]) -> dict[str, int]:
@@ -109,7 +58,7 @@ def test_a_batch_commits_together_and_answers_each_consume_its_own_outcome(clust
     ]
 
     async def scenario():
-        with Locks(cluster) as locks:
+        with Locks(database_url(cluster)) as locks:
             locks.insert(first)
             sent = await consumes_in_order(billing.url, bodies)
             await asyncio.sleep(1.0)
@@ -137,7 +86,7 @@ def test_a_consume_whose_user_is_locked_leaves_the_batch_and_waits_alone(cluster
     tag = uuid.uuid4().hex[:8]
 
     async def scenario():
-        with Locks(cluster) as locks:
+        with Locks(database_url(cluster)) as locks:
             locks.insert(first)
             locks.balance(busy)
             alone, *batch = await consumes_in_order(billing.url, [
@@ -168,7 +117,7 @@ def test_a_batch_whose_commit_is_not_confirmed_answers_503_to_all_and_the_retry_
              {"user_id": stuck, "amount": 4, "idempotency_key": f"{tag}-stuck"}]
 
     async def scenario():
-        with Locks(cluster) as locks:
+        with Locks(database_url(cluster)) as locks:
             locks.insert(first)
             locks.insert(stuck)  # the batch debits `free`, then waits here past its budget
             sent = await consumes_in_order(billing.url, [{"user_id": first, "amount": 1, "idempotency_key": f"{tag}-first"}, *batch])

@@ -8,6 +8,7 @@ BILLING_TEST_OUTAGE (seconds, default 17) how long no member is writable before 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,7 +21,8 @@ import httpx
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import ADMIN, KEY_PEM, SERVICE, Billing  # (puts the payload on sys.path)
+from tests.billing.conftest import (ADMIN, KEY_PEM, SERVICE, Billing, Locks, consumes_in_order,  # (puts the payload on sys.path)
+                                   database_url, run)
 from billing.db import HEALTH_BUDGET, HEALTH_INTERVAL
 from tests.postgres.conftest import (PASSWORDS, PRIMARY_ADDR, Cluster, _ppid, free_port, init_primary, start_replica,
                                      workspace)
@@ -251,6 +253,74 @@ def test_a_frozen_primary_answers_503_within_the_budget_and_recovers_when_thawed
     r, _ = consume(pair.api, user, "frozen")
     assert r.status_code == 200, r.text
     assert debits(pair.primary, user, "frozen") == 1
+
+
+def test_a_burst_of_consumes_at_a_frozen_primary_all_answer_503_in_time_and_each_retry_debits_once(pair):
+    """What clients see of a frozen region's database under load: the consumes in the database and
+    the ones queued behind them (batches.py) all answer 503 within the budget, none hangs."""
+    users = [new_user(pair.api) for _ in range(4)]
+    bodies = [{"user_id": users[i % 4], "amount": 3, "idempotency_key": f"burst-{i}"} for i in range(24)]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=pair.billing.url, timeout=60) as client:
+            async def one(body):
+                started = time.monotonic()
+                r = await client.post("/v1/credits/consume", json=body, headers=SERVICE)
+                return r, time.monotonic() - started
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    freeze(pair.primary)
+    try:
+        answers = run(burst())
+    finally:
+        thaw(pair.primary)
+    for r, took in answers:
+        assert_unavailable(r, write=False)  # outcome unknown (sent) or nothing charged (never sent)
+        assert took < BUDGET + MARGIN, took
+    writes_resume(pair.api, users[0])
+    for body in bodies:
+        assert pair.api.post("/v1/credits/consume", json=body, headers=SERVICE).status_code == 200
+    assert [debits(pair.primary, b["user_id"], b["idempotency_key"]) for b in bodies] == [1] * 24
+
+
+def test_a_batch_in_flight_when_the_standby_is_lost_answers_503_to_all_and_their_retries_debit_once(pair, tmp_path):
+    """A batch's shared commit waiting for a standby that is gone: every consume in it gets the
+    unknown-outcome 503 within the budget; the retries with the same keys debit each exactly once."""
+    billing = Billing({**pair.billing.env, "PORT": str(free_port()), "CONSUME_BATCHES": "1"}, tmp_path / "one-batch.log")
+    billing.start()
+    try:
+        first, *batched = (new_user(pair.api) for _ in range(3))
+        bodies = [{"user_id": u, "amount": 5, "idempotency_key": f"lost-{i}"} for i, u in enumerate([first, *batched])]
+
+        async def scenario():
+            with Locks(database_url(pair.primary)) as locks, pair.primary.connect() as su:
+                locks.insert(first)  # the first consume waits in the database; the other two queue behind it
+                sent = await consumes_in_order(billing.url, bodies)
+                pair.replica.stop("immediate")
+                # The first consume ends (cancelled: 503); the queued two go as one batch, whose
+                # commit now waits for the standby until the budget runs out.
+                assert su.execute("SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND query LIKE '%billing_move%'").fetchone()[0] == 1
+                started = time.monotonic()
+                answers = await asyncio.wait_for(asyncio.gather(*sent), BUDGET + 10)
+                return answers, time.monotonic() - started
+
+        answers, took = run(scenario())
+        for r in answers:
+            assert_unavailable(r, write=True)
+        assert took < BUDGET + MARGIN, took
+        with pair.primary.connect(dbname=pgc.DATABASE) as conn:  # the two shared one commit, local and unconfirmed
+            assert conn.execute("SELECT count(*), count(DISTINCT xmin::text) FROM transactions "
+                                "WHERE idempotency_key IN ('lost-1', 'lost-2')").fetchone() == (2, 1)
+        pair.replica.start()
+        wait_synchronous(pair.primary)
+        with httpx.Client(base_url=billing.url, timeout=60) as api:
+            retries = [api.post("/v1/credits/consume", json=body, headers=SERVICE) for body in bodies]
+        assert [r.status_code for r in retries] == [200] * 3, [r.text for r in retries]
+        assert [r.json()["replayed"] for r in retries[1:]] == [True, True]
+        assert [debits(pair.primary, b["user_id"], b["idempotency_key"]) for b in bodies] == [1, 1, 1]
+    finally:
+        billing.stop()
 
 
 def test_a_read_only_server_gets_503_on_health_writes_and_reads_then_recovers(pair):
