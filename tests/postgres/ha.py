@@ -25,7 +25,7 @@ from components import consensus, postgres_config as pgc
 from tests.postgres.conftest import make_ca, pg_bin
 
 BRIDGE = "cirisha0"
-SUBNET = "10.88.0"
+SUBNET = "10.66.0"  # not 10.88: Podman's default network (a host that ever ran a container has 10.88.0.1)
 CLIENT_ADDR = f"{SUBNET}.254"  # the test process (billing and the drill's clients) on the bridge
 PASSWORDS = {"superuser": "su-CANARY", "replication": "repl-CANARY", "rewind": "rewind-CANARY", "api": "api-CANARY",
              "app": "app-CANARY"}
