@@ -15,11 +15,17 @@ _COMPOSE = """\
 if docker compose version >/dev/null 2>&1; then dc() { docker compose "$@"; }; else dc() { docker-compose "$@"; }; fi
 """
 
-# cloud-init status: 0 done, 2 done with recoverable errors ("degraded"); either way the host is set up.
-CLOUD_INIT_DONE = (
-    "if command -v cloud-init >/dev/null 2>&1; then rc=0; cloud-init status --wait >/dev/null || rc=$?; "
-    "[ $rc -eq 0 ] || [ $rc -eq 2 ] || exit $rc; fi\n"
-)
+# A host's first deploy waits for cloud-init to finish setting it up: 0 done, 2 done with recoverable
+# errors ("degraded"). Only where cloud-init runs at boot (/run/cloud-init is made at boot when it is
+# enabled): installed but never run (a machine set up another way), `status --wait` waits forever.
+# Bounded: a cloud-init stuck for 15 minutes fails the deploy with a message, not a silent hang.
+CLOUD_INIT_DONE = """\
+if command -v cloud-init >/dev/null 2>&1 && [ -d /run/cloud-init ]; then
+  rc=0; timeout 900 cloud-init status --wait >/dev/null || rc=$?
+  [ $rc -eq 124 ] && { echo "deploy: cloud-init has not finished after 15 minutes (cloud-init status --long)" >&2; exit 1; }
+  [ $rc -eq 0 ] || [ $rc -eq 2 ] || exit $rc
+fi
+"""
 
 DEPLOY = """\
 set -eu

@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "local"
 STACK_FILE = ROOT / "Pulumi.local.yaml"
 # Real provider keys are used when given in the environment; otherwise the stack's fake upstream.
-ISOLATION = "NETAVARK_ISOLATION_2"  # where Podman drops traffic between container networks
 PROVIDER_ENV = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY",
                 "openrouter_api_key": "OPENROUTER_API_KEY"}
 
@@ -132,62 +131,73 @@ def iptables(*rule: str) -> None:
 def hosts(plan: plan_mod.Plan) -> list[dict]:
     """Every host this machine plays, in deploy order: the witness first (etcd needs two of its
     three members before the primary's database starts), then the regions in config order (the
-    primary first). Each: name, ipv4 (its address on `lo`) and subnet (its container network)."""
+    primary first). Each: name, ipv4 (its address on `lo`) and network (its container network)."""
     found = []
     if plan.outputs.get("witness"):
-        found.append({"name": "witness", "ipv4": plan.outputs["witness"]["ipv4"], "subnet": witness_mod.NETWORK.subnet})
+        found.append({"name": "witness", "ipv4": plan.outputs["witness"]["ipv4"], "network": witness_mod.NETWORK})
     for i, region in enumerate(plan.outputs["client_config"]["regions"]):
         found.append({"name": region["name"], "ipv4": region["ipv4"],
-                      "subnet": services.Network.for_region(region["name"], i).subnet})
+                      "network": services.Network.for_region(region["name"], i)})
     return found
 
 
-def route_like_hosts(hosts: list[dict]) -> None:
-    """Make traffic between hosts here look as it does between real ones. Podman isolates
-    container networks from each other (as Docker does), so a connection to another host's
-    published port is let through like one arriving from outside; and it leaves with its own
-    host's address as source, which is what the other host's pg_hba and firewall expect of a peer."""
-    keep_first()
+NAT_TABLE = "ciris_local"  # our own nftables table: Podman's netavark never rewrites it
+
+
+def route_like_hosts(hosts: list[dict], env: dict[str, str]) -> None:
+    """Make traffic between hosts here look as it does between real ones, in a way that survives
+    any container restart (netavark rewrites its own iptables rules whenever it sets up a network;
+    rules of ours placed among them ended up below its DROPs and NATs, and regions lost each other).
+
+    - Each host's network is made here, before compose sees it, without Podman's `isolate` option
+      (Podman's Docker API sets it on every network it makes, and netavark then drops traffic between
+      networks): a connection to another host's published port crosses like one from outside.
+    - It leaves with its own host's address as source, which is what the other host's pg_hba and
+      firewall expect of a peer: an SNAT in a table of our own, at a priority just before the
+      iptables NAT chains; the first NAT chain that decides wins, so netavark's MASQUERADE never
+      sees these connections."""
     for host in hosts:
-        subnet = host["subnet"]
-        iptables("nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, "-m", "conntrack", "--ctstate", "DNAT",
-                 "-m", "comment", "--comment", "ciris-local", "-j", "SNAT", "--to-source", host["ipv4"])
+        ensure_network(host["network"], env)
+    rules = "".join(f"    ip saddr {h['network'].subnet} ip daddr != {h['network'].subnet} ct status dnat "
+                    f"snat to {h['ipv4']}\n" for h in hosts)
+    nft(f"table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\ntable ip {NAT_TABLE} {{\n"
+        f"  chain postrouting {{\n    type nat hook postrouting priority srcnat - 1; policy accept;\n{rules}  }}\n}}\n")
+    remove_iptables_rules()
 
 
-ISOLATION_RULE = ["-m", "conntrack", "--ctstate", "DNAT", "-m", "comment", "--comment", "ciris-local", "-j", "RETURN"]
+def nft(script: str) -> None:
+    out = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LocalError(f"nft refused the local routing rules: {out.stderr.strip()}")
 
 
-def keep_first() -> None:
-    """Our RETURN first in Podman's isolation chain. Podman inserts its own rules at the top each
-    time it makes a network, so this runs again while regions deploy (KeepFirst)."""
-    subprocess.run(["iptables", "-N", ISOLATION], capture_output=True)  # before the first network
-    rules = subprocess.run(["iptables", "-S", ISOLATION], capture_output=True, text=True).stdout.splitlines()[1:]
-    if rules and "ciris-local" in rules[0]:
-        return
-    while subprocess.run(["iptables", "-D", ISOLATION, *ISOLATION_RULE], capture_output=True).returncode == 0:
-        pass
-    subprocess.run(["iptables", "-I", ISOLATION, "1", *ISOLATION_RULE], check=True)
+def ensure_network(network: services.Network, env: dict[str, str]) -> None:
+    """The host's container network as its compose file declares it (same name, subnet, range and
+    compose's own labels, so compose adopts it), made with Podman's CLI: no isolation. A network an
+    earlier version made through the Docker API (isolated) is made again: its containers go with it
+    (the deploy recreates them; volumes stay)."""
+    shown = subprocess.run(["podman", "network", "inspect", network.name], env=env, capture_output=True, text=True)
+    if shown.returncode == 0:
+        if json.loads(shown.stdout)[0].get("options", {}).get("isolate") != "true":
+            return
+        print(f"local: making {network.name} again without isolation (its containers are recreated)",
+              file=sys.stderr, flush=True)
+        subprocess.run(["podman", "network", "rm", "-f", network.name], env=env, capture_output=True, check=True)
+    labels = {"com.docker.compose.network": network.name, "com.docker.compose.project": network.name}
+    made = subprocess.run(["podman", "network", "create", "--subnet", network.subnet, "--ip-range",
+                           network.dynamic_range, *(f"--label={k}={v}" for k, v in labels.items()), network.name],
+                          env=env, capture_output=True, text=True)
+    if made.returncode != 0:
+        raise LocalError(f"could not make the network {network.name}: {made.stderr.strip()}")
 
 
-class KeepFirst(threading.Thread):
-    """keep_first() every half second until stopped (a `with` block around the deploys)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.5):
-            keep_first()
-
-    def __enter__(self) -> "KeepFirst":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.done.set()
-        self.join()
-        keep_first()
+def remove_iptables_rules() -> None:
+    """The iptables rules earlier versions of `make local` inserted (comment ciris-local)."""
+    for table, chain in (("filter", "NETAVARK_ISOLATION_2"), ("nat", "POSTROUTING")):
+        rules = subprocess.run(["iptables", "-t", table, "-S", chain], capture_output=True, text=True).stdout
+        for rule in rules.splitlines():
+            if "ciris-local" in rule:
+                subprocess.run(["iptables", "-t", table, "-D", *shlex.split(rule)[1:]], check=False)
 
 
 def bundle_file(payload: str, path: str) -> str:
@@ -251,14 +261,13 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     every = hosts(plan)
     for host in every:
         add_address(host["ipv4"])
-    route_like_hosts(every)
-    with KeepFirst():
-        for host in every:  # one after the other: the witness, then the regions (the primary first)
-            name = host["name"]
-            t = time.monotonic()
-            print(f"local: deploying {name} on {host['ipv4']} ...", file=sys.stderr, flush=True)
-            run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
-            print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
+    route_like_hosts(every, env)
+    for host in every:  # one after the other: the witness, then the regions (the primary first)
+        name = host["name"]
+        t = time.monotonic()
+        print(f"local: deploying {name} on {host['ipv4']} ...", file=sys.stderr, flush=True)
+        run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
+        print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
     # As `pulumi up` does when `postgres: primary` moves: the declared primary leads (a redeploy that
     # restarted it handed the lock to the other member).
     declared = plan.outputs["database"]["primary"]
@@ -325,11 +334,8 @@ def down() -> None:
     if left:
         subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
     local_s3.down(LOCAL / "s3")
-    for table, chain in (("filter", ISOLATION), ("nat", "POSTROUTING")):  # route_like_hosts()'s rules
-        rules = subprocess.run(["iptables", "-t", table, "-S", chain], capture_output=True, text=True).stdout
-        for rule in rules.splitlines():
-            if "ciris-local" in rule:
-                subprocess.run(["iptables", "-t", table, "-D", *shlex.split(rule)[1:]], check=False)
+    subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
+    remove_iptables_rules()
     for kind in ("volume", "network"):
         names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
                                env=env, capture_output=True, text=True).stdout.split()

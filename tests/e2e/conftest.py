@@ -12,6 +12,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -105,3 +106,24 @@ def stack() -> Stack:
         subprocess.run([sys.executable, "-m", "components.local", "down"], cwd=REPO, env=env, capture_output=True)
 
 
+def leader(stack) -> str:
+    """The region whose member is the primary now (Patroni moves it)."""
+    primaries = [r["name"] for r in stack.regions if stack.psql(r["name"], "SELECT pg_is_in_recovery()") == "f"]
+    assert len(primaries) == 1, primaries
+    return primaries[0]
+
+
+def wait_sync(stack, timeout: float = 120) -> str:
+    """Until the leader streams to the other member synchronously; returns the leader's region."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            primary = leader(stack)
+            other = next(r["name"] for r in stack.regions if r["name"] != primary)
+            rows = stack.psql(primary, "SELECT application_name, state, sync_state FROM pg_stat_replication")
+            if rows == f"{other.replace('-', '_')}|streaming|sync":
+                return primary
+        except AssertionError:
+            rows = "no single leader"
+        assert time.time() < deadline, rows
+        time.sleep(1)

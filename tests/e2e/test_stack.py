@@ -19,6 +19,7 @@ import stripe
 
 from components import local_s3
 from tests.conftest import REPO
+from tests.e2e.conftest import wait_sync
 
 MONITORING = {"prometheus", "alertmanager", "blackbox", "node-exporter"}  # on every host (components/monitors.py)
 SERVICES = {"edge", "dns", "postgres", "etcd", "backup", "billing", "proxy", "fake-llm", *MONITORING}
@@ -117,29 +118,6 @@ def test_the_money_path_end_to_end(stack):
         assert [(i["type"], i["amount"]) for i in items][1:] == [("purchase", 500), ("signup", signup)], items
         assert items[0]["amount"] == -5 and items[0]["balance_after"] == signup + 500 - 5, items
         assert billing.get(f"/v1/credits/{user}", headers=user_auth).json()["balance"] == signup + 500 - 5
-
-
-def leader(stack) -> str:
-    """The region whose member is the primary now (Patroni moves it)."""
-    primaries = [r["name"] for r in stack.regions if stack.psql(r["name"], "SELECT pg_is_in_recovery()") == "f"]
-    assert len(primaries) == 1, primaries
-    return primaries[0]
-
-
-def wait_sync(stack, timeout: float = 120) -> str:
-    """Until the leader streams to the other member synchronously; returns the leader's region."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            primary = leader(stack)
-            other = next(r["name"] for r in stack.regions if r["name"] != primary)
-            rows = stack.psql(primary, "SELECT application_name, state, sync_state FROM pg_stat_replication")
-            if rows == f"{other.replace('-', '_')}|streaming|sync":
-                return primary
-        except AssertionError:
-            rows = "no single leader"
-        assert time.time() < deadline, rows
-        time.sleep(1)
 
 
 def test_eu_west_is_a_synchronous_streaming_replica(stack):

@@ -226,11 +226,16 @@ def test_the_local_stack_has_a_local_witness_deployed_first():
     p = plan.run("local", raw, secret_keys)
     assert p.outputs["witness"]["ipv4"] == "10.77.3.1"
     hosts = local.hosts(p)
-    assert [(h["name"], h["ipv4"], h["subnet"]) for h in hosts] == [
+    assert [(h["name"], h["ipv4"], h["network"].subnet) for h in hosts] == [
         ("witness", "10.77.3.1", "172.31.0.0/24"),
         ("us-east", "10.77.1.1", "172.30.0.0/24"),
         ("eu-west", "10.77.2.1", "172.30.1.0/24"),
     ]
+    for h in hosts:  # make local makes each network itself (no isolation): exactly as compose declares it
+        declared = yaml.safe_load(p.artifacts[f"{h['name']}/compose.yaml"])["networks"]
+        assert {name: (n["name"], n["ipam"]["config"][0]["subnet"], n["ipam"]["config"][0]["ip_range"])
+                for name, n in declared.items()} == \
+            {h["network"].name: (h["network"].name, h["network"].subnet, h["network"].dynamic_range)}
     deploys = local.commands(p, "deploy")
     assert set(deploys) == {"witness", "us-east", "eu-west"}
     assert deploys["witness"]["stdin"]  # the bundle the deploy script unpacks

@@ -82,7 +82,11 @@ class Writer:
             timed_out.set()
             if conn_box:
                 try:
-                    conn_box[0].cancel()
+                    # Never conn.cancel(): libpq's PQcancel blocks on a frozen server while holding
+                    # the GIL, which froze the whole test process (primary frozen, "hung" 14 min).
+                    # cancel_safe is non-blocking (libpq >= 17, which psycopg's binary ships) and bounded.
+                    if psycopg.pq.version() >= 170000:
+                        conn_box[0].cancel_safe(timeout=2)
                 except Exception:
                     pass
 
@@ -226,16 +230,18 @@ def run(cluster: Cluster, scenario: Scenario, *, fault_seconds: float = 25, sett
         w.start()
     time.sleep(settle)
     t_fault = time.monotonic()
-    scenario.fault(cluster, primary, replica)
-    resumed = None
-    while time.monotonic() - t_fault < max(fault_seconds, 0) or resumed is None:
-        resumed = _resumed(users, t_fault)
-        if time.monotonic() - t_fault > 60:
-            break
-        time.sleep(0.5)
-    scenario.heal(cluster, primary, replica)
-    stale = _stale_reads(cluster, db_hosts) if cluster.billing_key_pem else []
+    try:  # the heal always runs, whatever happens during the fault (a host is never left frozen or cut off)
+        scenario.fault(cluster, primary, replica)
+        resumed = None
+        while time.monotonic() - t_fault < max(fault_seconds, 0) or resumed is None:
+            resumed = _resumed(users, t_fault)
+            if time.monotonic() - t_fault > 60:
+                break
+            time.sleep(0.5)
+    finally:
+        scenario.heal(cluster, primary, replica)
     try:
+        stale = _stale_reads(cluster, db_hosts) if cluster.billing_key_pem else []
         leader = cluster.wait_healthy()
         if cluster.billing_key_pem:
             cluster.wait_billing()
