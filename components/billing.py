@@ -20,7 +20,7 @@ import pulumi_tls as tls
 from components import postgres_config as pgc
 from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
-from components.services import BILLING_ADDRESS_SUFFIX, SERVICE_UID, ContainerSpec, env_file, payload_files
+from components.services import BILLING_ADDRESS_SUFFIX, BILLING_TWIN_ADDRESS_SUFFIX, SERVICE_UID, ContainerSpec, env_file, payload_files
 
 PORT = 8000
 CA_PATH = "/etc/ciris-billing/ca.crt"
@@ -95,6 +95,7 @@ class Billing(pulumi.ComponentResource):
                     env_file="./billing/env",
                     volumes=(f"./billing/ca.crt:{CA_PATH}:ro", "./billing/jwt.pem:/run/secrets/billing-jwt.pem:ro"),
                     address_suffix=BILLING_ADDRESS_SUFFIX,  # pg_hba lets this address in
+                    rolling=True, twin_address_suffix=BILLING_TWIN_ADDRESS_SUFFIX, stop_grace_seconds=30,
                 ),
                 {
                     **source,

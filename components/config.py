@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Mapping
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from components import cost, dns
+from components import cost, dns, release as release_mod
 
 PROJECT = "ciris-bridge"
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,8 +189,11 @@ class BridgeConfig(_Model):
     alerts: Alerts = Alerts()
     zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
-    # Filled in by parse() from zones_file, never set directly.
+    releases_file: str = Field(default="", description="the stack's releases (components/release.py), relative "
+                                                         "to the project; default releases/<environment>.json")
+    # Filled in by parse() from zones_file and releases_file, never set directly.
     zones: dns.ZonesFile = dns.ZonesFile()
+    release: release_mod.Release | None = None  # the current release; None: none built yet
 
     @field_validator("admin_ssh_cidrs")
     @classmethod
@@ -245,7 +248,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
 
     settings: dict[str, Any] = {}
     secrets: dict[str, Any] = {}
-    known = set(BridgeConfig.model_fields) - {"secrets", "zones"}
+    known = set(BridgeConfig.model_fields) - {"secrets", "zones", "release"}
     for full_key, value in raw.items():
         namespace, _, key = full_key.rpartition(":")
         if namespace not in ("", PROJECT):
@@ -273,7 +276,21 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
         zones = dns.load(ROOT / config.zones_file, config.regions, label=config.zones_file)
     except dns.ZonesError as e:
         raise ConfigError(f"{PROJECT}:zones_file", str(e)) from None
-    return config.model_copy(update={"zones": zones})
+    return config.model_copy(update={"zones": zones, "release": _current_release(config)})
+
+
+def _current_release(config: BridgeConfig) -> release_mod.Release | None:
+    path = config.releases_file or f"releases/{config.environment}.json"
+    try:
+        history = release_mod.History.load(ROOT / path)
+    except release_mod.ReleaseError as e:
+        raise ConfigError(f"{PROJECT}:releases_file", str(e)) from None
+    if history.current is None:
+        return None
+    current = history.get(history.current)
+    if current is None:
+        raise ConfigError(f"{PROJECT}:releases_file", f"{path} names {history.current} as current, but has no such release")
+    return current
 
 
 def _decode(value: Any) -> Any:
@@ -441,6 +458,9 @@ def placeholders(config: BridgeConfig) -> list[tuple[str, str]]:
             problems.append((f"{PROJECT}:admin_ssh_cidrs", f"{cidr} is a documentation placeholder; list your admin addresses"))
     if config.ssh_public_key.endswith(PLACEHOLDER_KEY_COMMENT):
         problems.append((f"{PROJECT}:ssh_public_key", "is the committed placeholder; set your deploy key's public half"))
+    if config.release is None and config.environment != "local":
+        problems.append((f"{PROJECT}:releases_file", f"no release built for {config.environment} yet: run "
+                         f"`python -m ops release {config.environment}` (the hosts build nothing; ADR 10)"))
     return problems
 
 

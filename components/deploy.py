@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shlex
 
+from components.release import KEEP as KEEP_RELEASES
+
 # docker compose v2 as a Docker CLI plugin (hosts) or as its own binary (this machine's Podman setup).
 _COMPOSE = """\
 if docker compose version >/dev/null 2>&1; then dc() { docker compose "$@"; }; else dc() { docker-compose "$@"; }; fi
@@ -27,7 +29,7 @@ if command -v cloud-init >/dev/null 2>&1 && [ -d /run/cloud-init ]; then
 fi
 """
 
-DEPLOY = """\
+DEPLOY = ("""\
 set -eu
 dir=$1 device=${2:-}
 """ + CLOUD_INIT_DONE + """\
@@ -36,20 +38,78 @@ install -d -m 755 "$dir"
 base64 -d | tar -xz -C "$dir"
 cd "$dir"
 """ + _COMPOSE + """\
+# The images of the last KEEP releases deployed here stay (a rollback needs no shipping); older
+# releases' images go. (An image a container still uses is refused by docker and stays.)
+prune_releases() {
+  touch releases.log
+  { grep -vx "$(cat release.id)" releases.log || true; cat release.id; } > releases.log.new && mv releases.log.new releases.log
+  cp release.images "release-$(cat release.id).images"
+  keep=$(tail -n KEEP releases.log)
+  for old in $(head -n -KEEP releases.log); do
+    [ -f "release-$old.images" ] || continue
+    for ref in $(cut -d' ' -f1 "release-$old.images"); do
+      in_kept=no
+      for k in $keep; do grep -q "^$ref " "release-$k.images" 2>/dev/null && in_kept=yes; done
+      [ $in_kept = yes ] || docker image rm "$ref" >/dev/null 2>&1 || true
+    done
+    rm -f "release-$old.images"
+  done
+  tail -n KEEP releases.log > releases.log.new && mv releases.log.new releases.log
+}
 # A host with nothing to run (yet): compose refuses `up` without services; stop what ran before.
 if [ -z "$(dc config --services)" ]; then dc down --remove-orphans; exit 0; fi
-# On the hosts the base image is refreshed at every deploy (security updates); a local base (BASE
-# set, `make local`) is never pulled.
-if [ -n "${BASE:-}" ]; then dc build -q; else dc build -q --pull; fi
+if [ -f release.images ]; then
+  # A release (ADR 10): its images were shipped before this (ops/ship.py; `make local` built them
+  # here). Each must be here under its id; nothing is built or pulled on the host.
+  while read -r ref id; do
+    have=$(docker image inspect --format '{{.Id}}' "$ref" 2>/dev/null || true)
+    [ "$have" = "$id" ] || { echo "deploy: the image $ref ($id) of release $(cat release.id) is not on this host: ship the release first (python -m ops ship)" >&2; exit 1; }
+  done < release.images
+else
+  # No release yet: the host builds. The base image is refreshed (security updates); a local base
+  # (BASE set, `make local`) is never pulled.
+  if [ -n "${BASE:-}" ]; then dc build -q; else dc build -q --pull; fi
+fi
 # A container can be briefly unhealthy for a reason outside this deploy (billing's health is "can
 # write": 503 while the database drops a vanished standby): compose fails at once on that, so it
 # gets two more chances before the deploy fails.
-for try in 1 2 3; do
-  if dc up -d --remove-orphans --wait --wait-timeout 300; then exit 0; fi
-  [ $try -lt 3 ] && { echo "deploy: not every container is healthy yet; again in 20 s" >&2; sleep 20; }
+up() {
+  for try in 1 2 3; do
+    dc up -d --remove-orphans --wait --wait-timeout 300 "$@" && return 0
+    [ $try -lt 3 ] && { echo "deploy: not every container is healthy yet; again in 20 s" >&2; sleep 20; }
+  done
+  return 1
+}
+# A rolling service (billing, the proxy: ADR 16) that this deploy changes never stops taking
+# traffic. What it needs comes first (the other services, the database's new pg_hba among them);
+# then its twin (the new version, answering to the same name on the network) starts and must be
+# healthy; then the service is replaced (it finishes what it serves: its stop grace period), then
+# the twin stops the same way.
+rolling=$(dc --profile twin config --services | sed -n 's/-twin$//p')
+changed=""
+for svc in $rolling; do
+  running=$(dc ps -q "$svc" 2>/dev/null || true)
+  [ -n "$running" ] || continue
+  want=$(dc config --hash "$svc" | cut -d' ' -f2)
+  have=$(docker inspect --format '{{index .Config.Labels "com.docker.compose.config-hash"}}' $running)
+  [ "$want" = "$have" ] || changed="$changed $svc"
 done
-exit 1
-"""
+if [ -n "$changed" ]; then
+  others=$(dc config --services | grep -vxF "$(printf '%s\\n' $rolling)" || true)
+  [ -z "$others" ] || up $others || exit 1
+fi
+twins=""
+for svc in $changed; do
+  echo "deploy: $svc changes: its twin takes its traffic while it is replaced" >&2
+  dc --profile twin up -d --no-deps --force-recreate --wait --wait-timeout 300 "$svc-twin" \
+    || { echo "deploy: the new $svc did not become healthy; the running one is untouched" >&2; dc --profile twin rm -sf "$svc-twin"; exit 1; }
+  twins="$twins $svc-twin"
+done
+up || exit 1  # a twin that was healthy keeps serving; the next deploy replaces it
+for twin in $twins; do dc --profile twin stop "$twin" && dc --profile twin rm -f "$twin"; done
+[ -f release.images ] && prune_releases
+exit 0
+""").replace("KEEP", str(KEEP_RELEASES))
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"

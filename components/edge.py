@@ -82,7 +82,12 @@ def render_caddyfile(
             f"\trequest_body {{\n\t\tmax_size {site.max_body}\n\t}}",
             f"\t@public path {' '.join(site.public_paths)}",
             "\thandle @public {",
-            f"\t\treverse_proxy {site.upstream}",
+            # A deploy replaces a service while its twin serves (ADR 16): a connection refused by
+            # the one stopping is tried again (on the other address, or the new container) for up
+            # to 30 s instead of failing. No kept-alive upstream connections: a request is never
+            # sent on one the stopping service is closing (Caddy would not resend a POST).
+            f"\t\treverse_proxy {site.upstream} {{\n\t\t\tlb_try_duration 30s\n\t\t\tlb_try_interval 250ms\n"
+            "\t\t\ttransport http {\n\t\t\t\tkeepalive off\n\t\t\t}\n\t\t}",
             "\t}",
             "\thandle {",
             '\t\trespond "not found" 404',

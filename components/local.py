@@ -1,7 +1,8 @@
 """`make local`: the whole bridge on this machine, deployed the way `pulumi up` deploys the hosts.
 
-    python -m components.local up      # render Pulumi.local.yaml with the real program, deploy each host
-    python -m components.local down    # remove every container, network and volume it made
+    python -m components.local up        # build a release, render Pulumi.local.yaml with the real program, deploy each host
+    python -m components.local rollback  # deploy the release before the current one (local/releases.json)
+    python -m components.local down      # remove every container, network and volume it made
 
 The program runs under the mock runtime (the clouds are the only thing faked: a `local` host is
 this machine, serving on its own address of the loopback interface). For each host -- the witness
@@ -37,11 +38,13 @@ import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components import config, deploy, local_s3, plan as plan_mod, postgres_config, services, witness as witness_mod
+from components import release as release_mod
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "local"
 STACK_FILE = ROOT / "Pulumi.local.yaml"
+RELEASES = LOCAL / "releases.json"  # every release built here, and the current one (components/release.py)
 # Real provider keys are used when given in the environment; otherwise the stack's fake upstream.
 PROVIDER_ENV = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY",
                 "openrouter_api_key": "OPENROUTER_API_KEY"}
@@ -72,6 +75,7 @@ def local_secrets() -> dict[str, str]:
 
 def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.Plan:
     raw, secret_keys = config.read_stack_file(stack_file)
+    raw[f"{config.PROJECT}:releases_file"] = str(RELEASES.relative_to(ROOT))  # what `up` built here
     keys = local_secrets()
     if s3_ca:  # backups to this machine's S3 (components/local_s3.py)
         raw[f"{config.PROJECT}:backup"] = {
@@ -119,13 +123,6 @@ def add_address(address: str) -> None:
     shown = subprocess.run(["ip", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
     if f" {address}/" not in shown:
         subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
-
-
-def iptables(*rule: str) -> None:
-    """Insert `rule` (table first) once."""
-    table, *spec = rule
-    if subprocess.run(["iptables", "-t", table, "-C", *spec], capture_output=True).returncode != 0:
-        subprocess.run(["iptables", "-t", table, "-I", spec[0], "1", *spec[1:]], check=True)
 
 
 def hosts(plan: plan_mod.Plan) -> list[dict]:
@@ -247,15 +244,43 @@ def remove_dead(env: dict[str, str], label: str = "ciris.region") -> list[str]:
     return dead
 
 
-def up(stack_file: Path = STACK_FILE) -> dict:
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def up(stack_file: Path = STACK_FILE, cold: bool = False, labels: dict[str, dict[str, str]] | None = None) -> dict:
+    """Build a release of every payload (each image once; `cold`: from no cached layer, as a fresh
+    machine builds) and deploy it. `labels` (payload -> labels) go on those payloads' images: a
+    test's way to ship changed code."""
+    env = engine_env()
+    remove_dead(env)
+    if cold:
+        release_mod.forget_builds(env, release_mod.LOCAL_PAYLOADS, say)
+    made = release_mod.build(release_mod.LOCAL_PAYLOADS, env, base=env["BASE"] or None, cold=cold, labels=labels,
+                             say=say)
+    history = release_mod.History.load(RELEASES)
+    history.add(made)
+    history.save(RELEASES)
+    return deploy_current(stack_file, env)
+
+
+def rollback(stack_file: Path = STACK_FILE) -> dict:
+    """The release before the current one, deployed through the same path (its images are still here)."""
+    history = release_mod.History.load(RELEASES)
+    previous = history.previous()
+    history.current = previous.id
+    history.save(RELEASES)
+    say(f"local: rolling back to release {previous.id} (built {previous.built})")
+    return deploy_current(stack_file, engine_env())
+
+
+def deploy_current(stack_file: Path, env: dict[str, str]) -> dict:
     started = time.monotonic()
     add_address(local_s3.ADDRESS)
     keys = local_secrets()
     s3_ca = local_s3.up(LOCAL / "s3", str(Path(sys.executable).parent / "moto_server"), shutil.which("caddy") or "caddy",
                         keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
     plan = render(stack_file, s3_ca)
-    env = engine_env()
-    remove_dead(env)
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
     every = hosts(plan)
@@ -266,7 +291,8 @@ def up(stack_file: Path = STACK_FILE) -> dict:
         name = host["name"]
         t = time.monotonic()
         print(f"local: deploying {name} on {host['ipv4']} ...", file=sys.stderr, flush=True)
-        run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
+        with release_mod.Heartbeat(lambda: f"local: still deploying {name} ({time.monotonic() - t:.0f} s)", say):
+            run_script(deploy.DEPLOY, [str(LOCAL / name)], deploys[name]["stdin"], env, f"deploying {name}")
         print(f"local: {name} is up and healthy ({time.monotonic() - t:.0f} s)", file=sys.stderr, flush=True)
     # As `pulumi up` does when `postgres: primary` moves: the declared primary leads (a redeploy that
     # restarted it handed the lock to the other member).
@@ -286,9 +312,14 @@ def up(stack_file: Path = STACK_FILE) -> dict:
     token = LOCAL / "admin.token"
     token.write_text(admin_token(bundle_file(payload, "billing/jwt.pem")) + "\n")
     token.chmod(0o600)
-    print(f"local: the bridge is up in {time.monotonic() - started:.0f} s; see local/client_config.json",
+    print(f"local: the bridge is up in {time.monotonic() - started:.0f} s (release {history_current()}); "
+          "see local/client_config.json",
           file=sys.stderr, flush=True)
     return plan.outputs["client_config"]
+
+
+def history_current() -> str | None:
+    return release_mod.History.load(RELEASES).current
 
 
 def edge_health(address: str, host: str, ca: Path, timeout: float = 5) -> str:
@@ -346,18 +377,21 @@ def down() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "rollback"])
     parser.add_argument("--stack-file", type=Path, default=STACK_FILE)
+    parser.add_argument("--cold", action="store_true", help="build every image from no cached layer (CI)")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.stack_file)
+            up(args.stack_file, cold=args.cold)
+        elif args.command == "rollback":
+            rollback(args.stack_file)
         else:
             down()
     except config.ConfigError as e:
         print(f"invalid config: {e}", file=sys.stderr)
         return 2
-    except LocalError as e:
+    except (LocalError, release_mod.ReleaseError) as e:
         print(f"local: {e}", file=sys.stderr)
         return 1
     return 0

@@ -15,6 +15,7 @@ import base64
 import gzip
 import hashlib
 import io
+import shlex
 import tarfile
 
 import pulumi
@@ -24,6 +25,7 @@ import pulumi_tls as tls
 from components import cloud_init, deploy, hosts, services
 from components.config import BridgeConfig, Region as RegionConfig, Witness as WitnessConfig
 from components.firewall import Rule, base_rules, ufw_commands
+from components.release import Release
 
 
 def bundle(files: dict[str, str], private: dict[str, int] | None = None) -> str:
@@ -66,6 +68,7 @@ class Node(pulumi.ComponentResource):
         cfg = config
         self.spec = spec
         self.network = network
+        self.release = config.release  # None: no release built yet (the hosts build, as before ADR 10's revision)
         label = f"ciris-{cfg.environment}-{spec.name}"
 
         rules = base_rules(cfg.admin_ssh_cidrs, public=public)
@@ -125,12 +128,16 @@ class Node(pulumi.ComponentResource):
         compose = pulumi.Output.all(digests, *self.host.public_addresses).apply(
             lambda a: services.render_compose(self.spec.name, self.network, self.containers,
                                               publish_on=a[1:], logging=self.host.logging, file_digests=a[0],
-                                              loopback=self.host.loopback)
+                                              loopback=self.host.loopback, release=self.release)
         )
         self.files["compose.yaml"] = compose
+        if self.release:  # what the deploy checks is on the host (by id) before it starts anything
+            self.files["release.images"] = self.release.manifest()
+            self.files["release.id"] = self.release.id + "\n"
         self.artifacts = {**self.files, **self.artifacts}
         payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(lambda f: bundle(f, self.private)))
         device = self.host.data_device if self.host.data_device is not None else ""
+        shipped = [self._ship(self.release)] if self.release and self.spec.provider != "local" else []
         self.deploy = command.remote.Command(
             f"{self._name}-deploy",
             connection=self.connection,
@@ -139,9 +146,24 @@ class Node(pulumi.ComponentResource):
             stdin=payload,
             # The digest of the bundle, not the bundle: a changed file redeploys, no secret shows.
             triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.host.ready, *self.openings, *(after or [])]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.host.ready, *self.openings, *shipped, *(after or [])]),
         )
         return self.deploy
+
+    def _ship(self, release: Release) -> command.local.Command:
+        """The release's images to this host, from the operator's machine, only those it lacks
+        (ops/ship.py): `pulumi up` runs where the release was built. (`make local`: the host is
+        this machine, which has them.)"""
+        key = self.connection.private_key
+        return command.local.Command(
+            f"{self._name}-images",
+            create=pulumi.Output.all(self.ipv4, self.host_public_key).apply(lambda a: " ".join(
+                ["python", "-m", "ops", "ship", shlex.quote(f"{cloud_init.DEPLOY_USER}@{a[0]}"), "--host-key", shlex.quote(a[1])])),
+            stdin=release.manifest(),
+            environment={"CIRIS_SSH_KEY": key} if key is not None else None,
+            triggers=[release.id],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
+        )
 
     def open(self, purpose: str, rules: list[Rule]) -> None:
         """Open more ports on this host: the provider firewall, then UFW to match."""

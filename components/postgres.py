@@ -28,7 +28,7 @@ from components.node import Node
 from components.region import Region
 from components.witness import Witness
 from components.services import (
-    BACKUP_ADDRESS_SUFFIX, BILLING_ADDRESS_SUFFIX, ContainerSpec, env_file, payload_files,
+    BACKUP_ADDRESS_SUFFIX, BILLING_ADDRESS_SUFFIX, BILLING_TWIN_ADDRESS_SUFFIX, ContainerSpec, env_file, payload_files,
 )
 
 PORT = 5432
@@ -202,7 +202,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         archive = f"{RUN_DIR}/pgbackrest.conf" if self._backup else None
         # Billing's and the backup job's fixed addresses on this host, never the whole network (whose
         # gateway is where Docker's proxy makes IPv6 clients appear from); the other members' hosts.
-        app = [f"{member.network.address(s)}/32" for s in (BILLING_ADDRESS_SUFFIX, BACKUP_ADDRESS_SUFFIX)]
+        app = [f"{member.network.address(s)}/32"
+               for s in (BILLING_ADDRESS_SUFFIX, BILLING_TWIN_ADDRESS_SUFFIX, BACKUP_ADDRESS_SUFFIX)]
         peers = pulumi.Output.all(*[a for m in self._peers_of(member) for a in (m.ipv4, m.ipv6)]).apply(
             lambda addrs: [f"{a}/{128 if ':' in a else 32}" for a in addrs])
         hba = peers.apply(lambda p: pgc.pg_hba(peers=p, app_cidrs=app, app_peers=True))

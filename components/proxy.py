@@ -29,6 +29,8 @@ from ciris_proxy.settings import Caps  # noqa: E402
 # The largest request body the proxy takes; the edge should refuse anything larger before it arrives.
 MAX_BODY_BYTES = Caps.max_body_bytes
 PORT = 4000
+# SIGTERM to SIGKILL: the longest call it serves (a minute per provider attempt, with fallbacks) ends first.
+STOP_GRACE_SECONDS = 180
 CONFIG_PATH = "/etc/ciris-proxy/config.yaml"
 PUBLIC_KEY_PATH = "/run/secrets/billing-public.pem"
 TOKEN_WARN_DAYS = 60
@@ -101,6 +103,8 @@ class Proxy(pulumi.ComponentResource):
                     env_file="./proxy/env",
                     volumes=(f"./proxy/config.yaml:{CONFIG_PATH}:ro", f"./proxy/billing-public.pem:{PUBLIC_KEY_PATH}:ro",
                              "proxy-journal:/var/lib/ciris-proxy"),
+                    # Its calls (a minute per provider, with fallbacks) finish before it stops.
+                    rolling=True, stop_grace_seconds=STOP_GRACE_SECONDS,
                 ),
                 {
                     **source,

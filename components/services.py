@@ -14,7 +14,10 @@ from typing import Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from components.release import Release
+
 BILLING_ADDRESS_SUFFIX = 10  # billing's fixed address on the region network (pg_hba names it)
+BILLING_TWIN_ADDRESS_SUFFIX = 13  # its twin's, while a deploy replaces it (pg_hba names it too)
 BACKUP_ADDRESS_SUFFIX = 11  # the backup job's
 PROMETHEUS_ADDRESS_SUFFIX = 12  # the host's Prometheus (PowerDNS's webserver lets it in)
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
@@ -40,6 +43,11 @@ class ContainerSpec(BaseModel):
     entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
     address_suffix: int | None = None  # a fixed address on the region network (see Network.address)
+    # A deploy that changes it starts its twin first (same image and files, answering to the same
+    # name), replaces it, then stops the twin: the service never stops taking traffic (ADR 16).
+    rolling: bool = False
+    twin_address_suffix: int | None = None  # the twin's fixed address, where the service has one
+    stop_grace_seconds: int | None = None  # SIGTERM, then this long to finish what it serves, then SIGKILL
 
 
 class Network(BaseModel):
@@ -88,15 +96,19 @@ def publish(address: str, port: str) -> str:
 
 def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec], *,
                    publish_on: Sequence[str], logging: dict, file_digests: dict[str, str],
-                   loopback: str = "127.0.0.1") -> str:
+                   loopback: str = "127.0.0.1", release: Release | None = None) -> str:
     """The compose file of one region. Ports are published on the host's own public addresses only
     (never the wildcard); `file_digests` (service -> digest of the files it reads) is a label, so
-    `docker compose up` recreates exactly the containers whose mounted files changed."""
+    `docker compose up` recreates exactly the containers whose mounted files changed. With a
+    `release`, every payload's image is the release's, by id, and nothing is built on the host."""
     services = {}
     named_volumes: set[str] = set()
     for spec in specs:
         svc: dict = {"image": spec.image}
-        if spec.build:
+        if release and (payload := payload_of(spec)):
+            svc["image"] = release.ref(payload)
+            svc["pull_policy"] = "never"  # shipped with the release (ops/ship.py), never pulled
+        elif spec.build:
             # BASE: the base image (tests pass a locally made one); EXTRA_CA_CERTS: a build behind
             # a TLS-intercepting proxy. Both come from the environment when set, else the defaults.
             svc["build"] = {"context": spec.build, "args": ["BASE", "EXTRA_CA_CERTS"]}
@@ -126,9 +138,38 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         svc["labels"] = {"ciris.region": region, "ciris.service": spec.name,
                          "ciris.files-sha256": file_digests.get(spec.name, "")}
         svc["logging"] = copy.deepcopy(logging)
+        if spec.stop_grace_seconds:
+            svc["stop_grace_period"] = f"{spec.stop_grace_seconds}s"
         services[spec.name] = svc
+        if spec.rolling:
+            services[f"{spec.name}-twin"] = twin(spec, svc, network)
+    named_volumes |= {f"{v}-twin" for v in named_volumes for spec in specs if spec.rolling
+                      and any(x.startswith(f"{v}:") for x in spec.volumes)}
     net = {"name": network.name, "ipam": {"config": [{"subnet": network.subnet, "ip_range": network.dynamic_range}]}}
     doc = {"name": network.name, "services": services, "networks": {network.name: net}}
     if named_volumes:
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def payload_of(spec: ContainerSpec) -> str | None:
+    """The payload whose image a container runs: the one it builds, or the one whose image it
+    shares (the backup job runs the postgres image)."""
+    if spec.build:
+        return spec.build.removeprefix("./")
+    if spec.image.startswith("ciris-") and spec.image.endswith(":local"):
+        return spec.image.removeprefix("ciris-").removesuffix(":local")
+    return None
+
+
+def twin(spec: ContainerSpec, svc: dict, network: Network) -> dict:
+    """The twin of a rolling service: the same container under another name, started only by the
+    deploy (profile `twin`), answering to the service's name on the network, with its own named
+    volumes (a proxy's journal is one process's) and its own fixed address where it needs one."""
+    out = copy.deepcopy(svc)
+    out["profiles"] = ["twin"]
+    address = {"ipv4_address": network.address(spec.twin_address_suffix)} if spec.twin_address_suffix else {}
+    out["networks"] = {network.name: {**address, "aliases": [spec.name]}}
+    out["volumes"] = [v if v.startswith(("/", ".")) else v.replace(":", "-twin:", 1) for v in svc.get("volumes", [])]
+    out["labels"] = {**svc["labels"], "ciris.twin": "true"}
+    return out

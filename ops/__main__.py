@@ -1,4 +1,5 @@
 """python -m ops status <stack> [--outputs FILE] [--json]
+   (also: python -m ops release|rollback <stack>, ops/releases.py; python -m ops ship, ops/ship.py)
 
 One table of the bridge's state as seen from here: both nameservers for both zones (and whether
 their serials agree), every region's billing and proxy readiness through its edge, certificate days
@@ -33,6 +34,13 @@ def table(rows: list[checks.Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ship"]:
+        from ops import ship
+        return ship.main(argv[1:])
+    if argv[:1] in (["release"], ["rollback"]):
+        from ops import releases
+        return releases.main(argv)
     parser = argparse.ArgumentParser(prog="python -m ops", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("status", help="check the bridge from this machine")

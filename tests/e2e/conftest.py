@@ -93,8 +93,15 @@ def stack() -> Stack:
     local.remove_dead(env)  # a stack whose processes died with the machine is not "up"
     was_up = bool(subprocess.run(["podman", "ps", "-q", "--filter", "label=ciris.region"], capture_output=True,
                                  text=True, env=env).stdout.strip())
-    up = subprocess.run([sys.executable, "-m", "components.local", "up"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=1800)
+    # CI builds every image as a fresh host would: from no cached layer, once per run (the tests that
+    # deploy again later reuse this run's layers). The images must be free for that: a stack that
+    # was up goes first.
+    cold = os.environ.get("CI") == "true"
+    if cold and was_up:
+        subprocess.run([sys.executable, "-m", "components.local", "down"], cwd=REPO, env=env, capture_output=True)
+        was_up = False
+    up = subprocess.run([sys.executable, "-m", "components.local", "up", *(["--cold"] if cold else [])], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=2400)
     if up.returncode != 0:
         if not was_up:  # leave this machine as it was found
             subprocess.run([sys.executable, "-m", "components.local", "down"], cwd=REPO, env=env, capture_output=True)

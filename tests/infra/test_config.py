@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
-from components import config
+from components import config, release
 from tests.conftest import REPO, stack_raw
 
 P = "ciris-bridge"
@@ -219,6 +222,15 @@ def test_a_real_deploy_refuses_the_committed_placeholders():
     assert "placeholder" in problems["ciris-bridge:ssh_public_key"]
     raw["ciris-bridge:admin_ssh_cidrs"] = ["8.8.8.8/32"]
     raw["ciris-bridge:ssh_public_key"] = raw["ciris-bridge:ssh_public_key"].replace("replace-me@ciris-bridge", "ops@ciris.ai")
-    assert config.placeholders(config.parse(raw, secret_keys)) == []
+    # Nor does it go out without a release (the hosts build nothing): `python -m ops release production`.
+    raw["ciris-bridge:releases_file"] = "releases/none-here.json"
+    assert [(k, "python -m ops release production" in m) for k, m in config.placeholders(config.parse(raw, secret_keys))] \
+        == [("ciris-bridge:releases_file", True)]
+    with tempfile.TemporaryDirectory() as tmp:
+        history = release.History()
+        history.add(release.Release(id="0123456789ab", images={"billing": "sha256:" + "a" * 64}))
+        history.save(Path(tmp) / "releases.json")
+        raw["ciris-bridge:releases_file"] = str(Path(tmp) / "releases.json")
+        assert config.placeholders(config.parse(raw, secret_keys)) == []
     local_raw, local_secrets = config.read_stack_file(REPO / "Pulumi.local.yaml")
     assert [k for k, _ in config.placeholders(config.parse(local_raw, local_secrets))] == ["ciris-bridge:environment"]

@@ -30,14 +30,15 @@ def patroni(p: plan.Plan, host: str) -> dict:
 
 def hba_lines(p: plan.Plan, host: str, raw: dict) -> list[str]:
     """The pg_hba a member must have: replication and pg_rewind from the other members' host
-    addresses, billing from its own billing and backup container addresses and the other members'
-    hosts (their billing writes here when this member is primary); nothing else."""
+    addresses, billing from its own billing, billing's twin (while a deploy replaces billing) and
+    backup container addresses and the other members' hosts (their billing writes here when this
+    member is primary); nothing else."""
     members, _ = expected.topology(raw)
     ips = expected.addresses(p)
     # The peers in name order, whichever is primary (test_a_declared_switchover_rerenders_no_database_file).
     peers = [c for m in sorted(members) if m != host for c in (f"{ips[m][0]}/32", f"{ips[m][1]}/128")]
     index = [r["name"] for r in raw[f"{P}:regions"]].index(host)
-    app = [f"172.30.{index}.10/32", f"172.30.{index}.11/32"]
+    app = [f"172.30.{index}.10/32", f"172.30.{index}.13/32", f"172.30.{index}.11/32"]
     return ["local all postgres peer",
             *[f"hostssl replication replicator {c} scram-sha-256" for c in peers],
             *[f"hostssl postgres rewinder {c} scram-sha-256" for c in peers],

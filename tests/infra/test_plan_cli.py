@@ -47,7 +47,8 @@ def test_out_writes_the_rendered_artifacts(tmp_path):
         assert (tmp_path / region / "cloud-init.yaml").read_text().startswith("#cloud-config")
         assert "reverse_proxy billing:8000" in (tmp_path / region / "Caddyfile").read_text()
         compose = yaml.safe_load((tmp_path / region / "compose.yaml").read_text())
-        assert set(compose["services"]) == {"edge", "dns", "etcd", "postgres", "billing", "proxy", *MONITORING}  # staging: no backup
+        assert set(compose["services"]) == {"edge", "dns", "etcd", "postgres", "billing", "proxy", *MONITORING,  # staging: no backup
+                                            "billing-twin", "proxy-twin"}  # started only while a deploy replaces them
         # Published on the host's own addresses only, never the wildcard; Prometheus and Alertmanager on loopback.
         addresses = {r["ipv4"] for r in json.loads(plan("staging", "--json").stdout)["outputs"]["client_config"]["regions"]}
         ports = [p for svc in compose["services"].values() for p in svc.get("ports", [])]

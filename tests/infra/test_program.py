@@ -323,6 +323,7 @@ def test_billing_runs_in_every_region_pointed_at_every_member_its_own_first(prim
         hba = yaml.safe_load(p.artifacts[f"{region}/postgres/etc/patroni.yml"])["postgresql"]["pg_hba"]
         assert [line for line in hba if " cirisbilling " in line] == [
             f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.10/32 scram-sha-256",
+            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.13/32 scram-sha-256",  # its twin
             f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.11/32 scram-sha-256",
             f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256",
             f"hostssl cirisbilling billing {ips[peer]['ipv6']}/128 scram-sha-256",
