@@ -39,8 +39,8 @@ def missing(ssh: list[str], docker: str, images: dict[str, str]) -> list[str]:
     out = subprocess.run([*ssh, "sh", "-c", shlex.quote(script)], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise ShipError(f"asking the host for its images failed: {out.stderr.strip()[-300:]}")
-    have = out.stdout.split()
-    return [ref for (ref, image), seen in zip(images.items(), have) if seen != image]
+    have = [h.removeprefix("sha256:") for h in out.stdout.split()]  # Podman's CLI prints ids without it
+    return [ref for (ref, image), seen in zip(images.items(), have) if seen != image.removeprefix("sha256:")]
 
 
 def ship(ssh: list[str], docker: str, images: dict[str, str], env: dict[str, str] | None = None,
@@ -49,11 +49,7 @@ def ship(ssh: list[str], docker: str, images: dict[str, str], env: dict[str, str
     lacking = missing(ssh, docker, images)
     if lacking:
         say(f"ship: sending {len(lacking)} of {len(images)} images: {', '.join(lacking)}")
-        save = subprocess.Popen(["docker", "save", *lacking], stdout=subprocess.PIPE, env=env)
-        load = _pipe(save, ssh, docker)
-        save.wait()
-        if save.returncode != 0 or load.returncode != 0:
-            raise ShipError(f"sending the images failed: {load.stderr.decode(errors='replace').strip()[-300:]}")
+        send(ssh, docker, lacking, env)
     still = missing(ssh, docker, images)
     if still:
         raise ShipError(f"the host still lacks {', '.join(still)} after loading them")
@@ -61,12 +57,25 @@ def ship(ssh: list[str], docker: str, images: dict[str, str], env: dict[str, str
     return lacking
 
 
-def _pipe(save: subprocess.Popen, ssh: list[str], docker: str) -> subprocess.CompletedProcess:
-    gzip = subprocess.Popen(["gzip", "-1", "-c"], stdin=save.stdout, stdout=subprocess.PIPE)
+def send(ssh: list[str], docker: str, refs: list[str], env: dict[str, str] | None) -> None:
+    """docker save | gzip | ssh host 'gzip -d | docker load'. Each pipe end is held by one process
+    only, so a side that fails ends the others instead of leaving them blocked."""
+    save = subprocess.Popen(["docker", "save", *refs], stdout=subprocess.PIPE, env=env)
+    gz = subprocess.Popen(["gzip", "-1", "-c"], stdin=save.stdout, stdout=subprocess.PIPE)
     save.stdout.close()
-    load = subprocess.run([*ssh, f"gzip -d | {docker} load -q"], stdin=gzip.stdout, capture_output=True, timeout=3600)
-    gzip.wait()
-    return load
+    load = subprocess.Popen([*ssh, f"gzip -d | {docker} load -q"], stdin=gz.stdout, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    gz.stdout.close()
+    try:
+        _, err = load.communicate(timeout=3600)
+    finally:
+        for p in (load, gz, save):
+            if p.poll() is None and load.returncode != 0:
+                p.kill()
+            p.wait()
+    if load.returncode != 0 or save.returncode != 0:
+        raise ShipError(f"sending the images failed (docker save exit {save.returncode}, load exit {load.returncode}): "
+                        f"{err.decode(errors='replace').strip()[-300:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,8 @@ class Traffic:
                     with proxy.stream("POST", "/v1/chat/completions", json=body,
                                       headers={"Authorization": f"Bearer {self.token}"}) as r:
                         text = r.read().decode(errors="replace")
-                    if r.status_code != 200 or "local fake upstream" not in text.replace("\\", ""):
+                    answered = text.rstrip().endswith("data: [DONE]") if body["stream"] else "local fake upstream" in text
+                    if r.status_code != 200 or not answered or '"error"' in text:
                         self.failed.append(f"proxy {r.status_code} {text[:120]}")
                     else:
                         self.paid += 1
