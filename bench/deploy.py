@@ -29,6 +29,9 @@ def timed(stack: Stack, action) -> tuple[float, int, int]:
         t = time.monotonic()
         action()
         took = time.monotonic() - t
+    for name, flow in flows.items():
+        for failure in flow.failed[:5]:
+            print(f"bench.deploy: {name}: {failure}", file=sys.stderr)
     return took, sum(len(f.failed) for f in flows.values()), sum(f.paid + f.ok for f in flows.values())
 
 
