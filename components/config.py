@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 
 from components import cost, dns, release as release_mod
 
@@ -182,6 +182,8 @@ class BridgeConfig(_Model):
     regions: list[Region] = Field(min_length=1)
     admin_ssh_cidrs: list[str] = Field(min_length=1)
     ssh_public_key: str
+    # Keys the deploy user no longer accepts, each once its successor works (components/access.py).
+    ssh_retired_public_keys: list[str] = []
     budget: Budget
     services: Services = Services()
     backup: BackupSettings | None = None
@@ -222,6 +224,15 @@ class BridgeConfig(_Model):
         if m.group(1).encode() not in blob[:40]:
             raise ValueError(f"the key body does not match its type {m.group(1)}")
         return v.strip()
+
+    @field_validator("ssh_retired_public_keys")
+    @classmethod
+    def _retired(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        keys = [cls._ssh_key(k) for k in v]
+        body = lambda k: " ".join(k.split()[:2])  # noqa: E731
+        if "ssh_public_key" in info.data and body(info.data["ssh_public_key"]) in {body(k) for k in keys}:
+            raise ValueError("lists ssh_public_key itself: retiring it would lock you out")
+        return keys
 
     # --- derived views used by the components ---
     @property

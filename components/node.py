@@ -22,7 +22,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_tls as tls
 
-from components import cloud_init, deploy, hosts, services
+from components import access, cloud_init, deploy, hosts, services
 from components.config import BridgeConfig, Region as RegionConfig, Witness as WitnessConfig
 from components.firewall import Rule, base_rules, ufw_commands
 from components.release import Release
@@ -104,6 +104,16 @@ class Node(pulumi.ComponentResource):
             private_key=pulumi.Output.secret(private_key) if private_key else None,
             host_key=self.host_public_key,
         )
+        # Who may reach SSH, as config says now (cloud-init applied it at first boot only): before
+        # anything else is done over SSH. `make local`'s hosts are this machine: nothing to apply.
+        self.access: command.remote.Command | None = None
+        if spec.provider != "local":
+            text = access.script(cfg.admin_ssh_cidrs, cfg.ssh_public_key, cfg.ssh_retired_public_keys,
+                                 cloud_init.DEPLOY_USER)
+            self.access = command.remote.Command(
+                f"{name}-access", connection=self.connection, create=deploy.remote(text),
+                triggers=[hashlib.sha256(text.encode()).hexdigest()],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready))
 
     def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]],
                     shown: dict[str, pulumi.Input[str]] | None = None, private: dict[str, int] | None = None) -> None:
@@ -138,6 +148,8 @@ class Node(pulumi.ComponentResource):
         payload = pulumi.Output.secret(pulumi.Output.all(**self.files).apply(lambda f: bundle(f, self.private)))
         device = self.host.data_device if self.host.data_device is not None else ""
         shipped = [self._ship(self.release)] if self.release and self.spec.provider != "local" else []
+        if self.access is not None:
+            shipped.append(self.access)
         self.deploy = command.remote.Command(
             f"{self._name}-deploy",
             connection=self.connection,
@@ -182,5 +194,5 @@ class Node(pulumi.ComponentResource):
             f"{self._name}-{purpose}-ufw",
             connection=self.connection,
             create=cidrs.apply(ufw),
-            opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.host.ready, *([self.access] if self.access else [])]),
         ))
