@@ -153,6 +153,7 @@ def route_like_hosts(hosts: list[dict], env: dict[str, str]) -> None:
       firewall expect of a peer: an SNAT in a table of our own, at a priority just before the
       iptables NAT chains; the first NAT chain that decides wins, so netavark's MASQUERADE never
       sees these connections."""
+    forget_stale_addresses(env)
     for host in hosts:
         ensure_network(host["network"], env)
     rules = "".join(f"    ip saddr {h['network'].subnet} ip daddr != {h['network'].subnet} ct status dnat "
@@ -180,12 +181,39 @@ def ensure_network(network: services.Network, env: dict[str, str]) -> None:
         print(f"local: making {network.name} again without isolation (its containers are recreated)",
               file=sys.stderr, flush=True)
         subprocess.run(["podman", "network", "rm", "-f", network.name], env=env, capture_output=True, check=True)
+    remove_stale_bridge(network)
     labels = {"com.docker.compose.network": network.name, "com.docker.compose.project": network.name}
     made = subprocess.run(["podman", "network", "create", "--subnet", network.subnet, "--ip-range",
                            network.dynamic_range, *(f"--label={k}={v}" for k, v in labels.items()), network.name],
                           env=env, capture_output=True, text=True)
     if made.returncode != 0:
         raise LocalError(f"could not make the network {network.name}: {made.stderr.strip()}")
+
+
+IPAM_DB = Path("/run/containers/networks/ipam.db")  # Podman's record of which address each container holds
+
+
+def forget_stale_addresses(env: dict[str, str]) -> None:
+    """With no container at all on this machine, no address is in use: Podman's address records
+    are dropped. They can outlive the containers they name (seen after a teardown whose containers
+    were already gone), and Podman then refuses a fixed address to the next container ("requested ip
+    address ... is already allocated to container ID ..."). Podman makes the file again."""
+    if IPAM_DB.exists() and not subprocess.run(["podman", "ps", "-aq"], env=env, capture_output=True,
+                                               text=True).stdout.strip():
+        IPAM_DB.unlink()
+
+
+def remove_stale_bridge(network: services.Network) -> None:
+    """A bridge netavark left behind when its network was removed (seen after `compose down`):
+    it still holds the network's gateway address, and Podman refuses to make a network on a subnet
+    a host interface uses. Called only when no network of that name exists."""
+    gateway = network.subnet.rsplit(".", 1)[0] + ".1"
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    for line in shown.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[1].startswith("podman") and parts[3] == f"{gateway}/24":
+            print(f"local: removing the bridge {parts[1]} left behind with {gateway}", file=sys.stderr, flush=True)
+            subprocess.run(["ip", "link", "del", parts[1]], capture_output=True)
 
 
 def remove_iptables_rules() -> None:

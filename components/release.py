@@ -118,8 +118,18 @@ def build(payloads: Iterable[str], env: dict[str, str], *, base: str | None = No
     payloads = list(payloads)
     images: dict[str, str] = {}
     started = time.monotonic()
+    base_id = _run(["docker", "image", "inspect", "--format", "{{.Id}}", base], env).strip() if base else ""
     for n, payload in enumerate(payloads, 1):
-        argv = ["docker", "build", "-q", "-t", f"ciris-{payload}:latest-build", "--pull=false"]
+        # What the image is made of: its payload's files, the base, the labels. An image made of
+        # the same is not built again (so a release with no change is the release already running).
+        source = source_digest(payload, base_id or base or "", (labels or {}).get(payload, {}))
+        made = f"ciris-{payload}:src-{source}"
+        if not cold and (have := subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", made], env=env,
+                                                capture_output=True, text=True)).returncode == 0:
+            images[payload] = have.stdout.strip()
+            say(f"release: {payload} unchanged ({images[payload][:19]}…) ({n}/{len(payloads)})")
+            continue
+        argv = ["docker", "build", "-q", "-t", made, "--pull=false"]
         if base:
             argv += ["--build-arg", f"BASE={base}"]
         if env.get("EXTRA_CA_CERTS"):
@@ -142,6 +152,14 @@ def build(payloads: Iterable[str], env: dict[str, str], *, base: str | None = No
         _run(["docker", "tag", images[payload], release.ref(payload)], env)
     say(f"release: {release.id} ({len(payloads)} images, {time.monotonic() - started:.0f} s)")
     return release
+
+
+def source_digest(payload: str, base: str, labels: dict[str, str]) -> str:
+    h = hashlib.sha256(f"{base}\n{sorted(labels.items())}\n".encode())
+    root = PAYLOADS / payload
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(f"{path.relative_to(root)}\n".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 def forget_builds(env: dict[str, str], payloads: Iterable[str], say: Callable[[str], None]) -> None:

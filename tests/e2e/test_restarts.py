@@ -52,7 +52,20 @@ def test_regions_reach_each_other_after_their_containers_are_killed_and_started_
             wait_reachable(stack)
             wait_sync(stack, timeout=180)  # the database pair is whole again (whichever member leads)
     finally:
-        # The declared primary leads again for the tests after this one (as `make local` leaves it).
+        # The declared primary leads again, and every container is healthy, for the tests after
+        # this one (as `make local` leaves the stack).
         declared = "us-east"
         local.run_script(deploy.SWITCHOVER, [str(LOCAL / declared), postgres_config.member_name(declared)], "",
                          stack.env, f"making {declared} the primary")
+        wait_healthy(stack)
+
+
+def wait_healthy(stack, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        states = stack.podman("ps", "--filter", "label=ciris.region", "--format", "{{.Names}} {{.Status}}").splitlines()
+        waiting = [s for s in states if "(healthy)" not in s]
+        if not waiting:
+            return
+        assert time.time() < deadline, f"not healthy {timeout:.0f} s after the restarts: {waiting}"
+        time.sleep(2)
