@@ -30,7 +30,6 @@ import ssl
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 

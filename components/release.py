@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -202,7 +201,3 @@ def build_env() -> dict[str, str]:
     if extra and "EXTRA_CA_CERTS" not in env:
         env["EXTRA_CA_CERTS"] = "".join(p.read_text() for p in extra)
     return env
-
-
-def dumps(release: Release) -> str:
-    return json.dumps(release.model_dump(), sort_keys=True)
