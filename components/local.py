@@ -160,6 +160,7 @@ def route_like_hosts(hosts: list[dict], env: dict[str, str]) -> None:
     nft(f"table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\ntable ip {NAT_TABLE} {{\n"
         f"  chain postrouting {{\n    type nat hook postrouting priority srcnat - 1; policy accept;\n{rules}  }}\n}}\n")
     remove_iptables_rules()
+    remove_stale_port_rules(env)
 
 
 def nft(script: str) -> None:
@@ -213,6 +214,38 @@ def remove_stale_bridge(network: services.Network) -> None:
         if len(parts) > 3 and parts[1].startswith("podman") and parts[3] == f"{gateway}/24":
             print(f"local: removing the bridge {parts[1]} left behind with {gateway}", file=sys.stderr, flush=True)
             subprocess.run(["ip", "link", "del", parts[1]], capture_output=True)
+
+
+def remove_stale_port_rules(env: dict[str, str]) -> None:
+    """Port-forwarding rules netavark left for containers that are gone (their processes were killed
+    with the machine or the session, so nothing tore their network down). Netavark keeps one DNAT
+    chain per network; the stale rules stay first in it and send a host's published port to an
+    address no container holds (or another one holds now): seen as a region unable to reach even its
+    own etcd. In our networks' chains, a rule stays only if it forwards to a port an existing
+    container publishes."""
+    ids = subprocess.run(["podman", "ps", "-aq", "--no-trunc"], env=env, capture_output=True, text=True).stdout.split()
+    published: set[tuple[str, str]] = set()  # (container address, container port)
+    if ids:
+        shown = subprocess.run(["podman", "inspect", "--format", "{{json .NetworkSettings}}", *ids], env=env,
+                               capture_output=True, text=True).stdout
+        for settings in map(json.loads, filter(None, shown.splitlines())):
+            for net in (settings.get("Networks") or {}).values():
+                published |= {(net.get("IPAddress", ""), port.split("/")[0]) for port in settings.get("Ports") or {}}
+    rules = [shlex.split(r) for r in subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True,
+                                                     text=True).stdout.splitlines()]
+    ours = [r for r in rules if r[:2] == ["-A", "NETAVARK-HOSTPORT-DNAT"] and "-j" in r and
+            any(a.startswith("dnat name: ciris-") for a in r)]
+    chains = {r[r.index("-j") + 1] for r in ours}
+    stale = [r for r in ours if next(a for a in r if a.startswith("dnat name: ")).split(" id: ")[-1] not in ids]
+    for r in rules:
+        if r[:1] == ["-A"] and r[1] in chains and "--to-destination" in r:
+            address, ports = r[r.index("--to-destination") + 1].split(":", 1)
+            if (address, ports.split("-")[0].split("/")[0]) not in published:
+                stale.append(r)
+    if stale:
+        say(f"local: removing {len(stale)} port-forwarding rule(s) of containers that are gone")
+    for r in stale:
+        subprocess.run(["iptables", "-t", "nat", "-D", *r[1:]], capture_output=True)
 
 
 def remove_iptables_rules() -> None:
@@ -394,6 +427,7 @@ def down() -> None:
     local_s3.down(LOCAL / "s3")
     subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
     remove_iptables_rules()
+    remove_stale_port_rules(env)
     for kind in ("volume", "network"):
         names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
                                env=env, capture_output=True, text=True).stdout.split()

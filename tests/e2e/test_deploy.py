@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shlex
 import signal
 import subprocess
 import tarfile
@@ -20,10 +21,10 @@ from tests.e2e.conftest import engine_env
 PROJECT = "ciris-deploy-test"
 
 
-def compose(healthy: bool) -> str:
+def compose(healthy: bool, ports: list[str] | None = None) -> str:
     return yaml.safe_dump({"name": PROJECT, "services": {"app": {
         "image": "localhost/ciris-base:bookworm", "command": ["sleep", "600"], "restart": "unless-stopped",
-        "labels": {"ciris.region": "deploy-test", "ciris.service": "app"},
+        "labels": {"ciris.region": "deploy-test", "ciris.service": "app"}, **({"ports": ports} if ports else {}),
         "healthcheck": {"test": ["CMD", "true" if healthy else "false"], "interval": "2s", "timeout": "2s", "retries": 1},
     }}})
 
@@ -94,6 +95,38 @@ def test_a_container_whose_processes_died_with_the_machine_is_replaced(tmp_path)
         assert local.alive(int(pid))
     finally:
         subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+
+
+def test_port_forwarding_left_by_containers_that_are_gone_is_removed(tmp_path):
+    """When Podman forgets its containers without tearing their networks down (seen after the
+    session's processes were killed: Podman's run directory started afresh, the kernel's rules did
+    not), netavark's DNAT rules for them stay first in the network's chain and send a host's
+    published port to an address no container holds. `make local` removes those rules and keeps
+    the living containers' rules."""
+    env = engine_env()
+    try:
+        assert run_deploy(tmp_path, {"compose.yaml": compose(True, ["127.0.0.1:18099:8099"])}, {}).returncode == 0
+        live = address(f"{PROJECT}-app-1", env)
+        rule = next(r for r in nat_rules() if f"--to-destination {live}:8099" in r)
+        chain = rule.split()[1]
+        gone = live.rsplit(".", 1)[0] + ".250"  # inside the network, held by nothing
+        stale = shlex.split(rule.replace(live, gone))[2:]
+        subprocess.run(["iptables", "-t", "nat", "-I", chain, "1", *stale], check=True)
+        assert any(f"--to-destination {gone}:8099" in r for r in nat_rules())
+        local.remove_stale_port_rules(env)
+        assert not any(f"--to-destination {gone}:8099" in r for r in nat_rules())
+        assert rule in nat_rules()
+    finally:
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+
+
+def address(name: str, env: dict[str, str]) -> str:
+    return subprocess.run(["podman", "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                           name], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def nat_rules() -> list[str]:
+    return subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True, check=True).stdout.splitlines()
 
 
 def test_the_bundle_is_the_same_bytes_for_the_same_files():
