@@ -235,7 +235,11 @@ def remove_stale_port_rules(env: dict[str, str]) -> None:
                                                      text=True).stdout.splitlines()]
     ours = [r for r in rules if r[:2] == ["-A", "NETAVARK-HOSTPORT-DNAT"] and "-j" in r and
             any(a.startswith("dnat name: ciris-") for a in r)]
-    chains = {r[r.index("-j") + 1] for r in ours}
+    # Our networks' chains, and chains nothing jumps to any more (a network whose last container
+    # went: its name, and so its chain, comes back with the network).
+    jumped = {r[r.index("-j") + 1] for r in rules if r[:2] == ["-A", "NETAVARK-HOSTPORT-DNAT"] and "-j" in r}
+    chains = {r[r.index("-j") + 1] for r in ours} | {r[1] for r in rules if r[:1] == ["-N"] and
+                                                      r[1].startswith("NETAVARK-DN-") and r[1] not in jumped}
     stale = [r for r in ours if next(a for a in r if a.startswith("dnat name: ")).split(" id: ")[-1] not in ids]
     for r in rules:
         if r[:1] == ["-A"] and r[1] in chains and "--to-destination" in r:

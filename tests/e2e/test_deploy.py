@@ -111,11 +111,19 @@ def test_port_forwarding_left_by_containers_that_are_gone_is_removed(tmp_path):
         chain = rule.split()[1]
         gone = live.rsplit(".", 1)[0] + ".250"  # inside the network, held by nothing
         stale = shlex.split(rule.replace(live, gone))[2:]
-        subprocess.run(["iptables", "-t", "nat", "-I", chain, "1", *stale], check=True)
+        insert = ["iptables", "-t", "nat", "-I", chain, "1", *stale]
+        subprocess.run(insert, check=True)
         assert any(f"--to-destination {gone}:8099" in r for r in nat_rules())
         local.remove_stale_port_rules(env)
         assert not any(f"--to-destination {gone}:8099" in r for r in nat_rules())
         assert rule in nat_rules()
+        # A stale rule keeps its chain when the network goes, and the network's name (so the chain)
+        # comes back with it: a chain nothing jumps to is cleaned too.
+        subprocess.run(insert, check=True)
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
+        assert any(f"--to-destination {gone}:8099" in r for r in nat_rules())
+        local.remove_stale_port_rules(env)
+        assert not any(f"--to-destination {gone}:8099" in r for r in nat_rules())
     finally:
         subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
 
