@@ -25,6 +25,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -161,6 +162,7 @@ def route_like_hosts(hosts: list[dict], env: dict[str, str]) -> None:
         f"  chain postrouting {{\n    type nat hook postrouting priority srcnat - 1; policy accept;\n{rules}  }}\n}}\n")
     remove_iptables_rules()
     remove_stale_port_rules(env)
+    remove_stale_name_records(env)
 
 
 def nft(script: str) -> None:
@@ -250,6 +252,32 @@ def remove_stale_port_rules(env: dict[str, str]) -> None:
         say(f"local: removing {len(stale)} port-forwarding rule(s) of containers that are gone")
     for r in stale:
         subprocess.run(["iptables", "-t", "nat", "-D", *r[1:]], capture_output=True)
+
+
+AARDVARK = Path("/run/containers/networks/aardvark-dns")  # netavark's name records, one file per network
+
+
+def remove_stale_name_records(env: dict[str, str]) -> None:
+    """Name records netavark left for containers that are gone, for the same reason as their port
+    rules: the container network's DNS then answers a service's name with addresses nobody holds
+    (seen: the edge's calls to the proxy timed out). In our networks' files, only running
+    containers' records stay; aardvark-dns re-reads them on SIGHUP."""
+    running = set(subprocess.run(["podman", "ps", "-q", "--no-trunc"], env=env, capture_output=True,
+                                 text=True).stdout.split())
+    changed = False
+    for path in sorted(AARDVARK.glob("ciris-*")):
+        lines = path.read_text().splitlines()
+        kept = lines[:1] + [line for line in lines[1:] if line.split(" ", 1)[0] in running]
+        if kept != lines:
+            say(f"local: removing {len(lines) - len(kept)} name record(s) of containers that are gone ({path.name})")
+            path.write_text("".join(f"{line}\n" for line in kept))
+            changed = True
+    pid = AARDVARK / "aardvark.pid"
+    if changed and pid.exists():
+        try:
+            os.kill(int(pid.read_text().strip()), signal.SIGHUP)
+        except (ValueError, ProcessLookupError):
+            pass  # not running: it reads the files when it starts
 
 
 def remove_iptables_rules() -> None:

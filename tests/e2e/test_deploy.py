@@ -97,19 +97,31 @@ def test_a_container_whose_processes_died_with_the_machine_is_replaced(tmp_path)
         subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)
 
 
-def test_port_forwarding_left_by_containers_that_are_gone_is_removed(tmp_path):
+def test_networking_left_by_containers_that_are_gone_is_removed(tmp_path):
     """When Podman forgets its containers without tearing their networks down (seen after the
-    session's processes were killed: Podman's run directory started afresh, the kernel's rules did
-    not), netavark's DNAT rules for them stay first in the network's chain and send a host's
-    published port to an address no container holds. `make local` removes those rules and keeps
-    the living containers' rules."""
+    session's processes were killed: Podman's run directory started afresh, the kernel's rules and
+    netavark's files did not), their name records answer a service's name with addresses nobody
+    holds, and their DNAT rules stay first in the network's chain and send a host's published port
+    there. `make local` removes both and keeps the living containers'."""
     env = engine_env()
     try:
         assert run_deploy(tmp_path, {"compose.yaml": compose(True, ["127.0.0.1:18099:8099"])}, {}).returncode == 0
-        live = address(f"{PROJECT}-app-1", env)
+        name = f"{PROJECT}-app-1"
+        live = address(name, env)
+        gone = live.rsplit(".", 1)[0] + ".250"  # inside the network, held by nothing
+
+        records = local.AARDVARK / f"{PROJECT}_default"
+        mine = next(line for line in records.read_text().splitlines() if line.endswith(",app," + line.split()[0][:12]))
+        records.write_text(records.read_text() + mine.replace(live, gone).replace(mine[:64], "f" * 64) + "\n")
+        os.kill(int((local.AARDVARK / "aardvark.pid").read_text()), signal.SIGHUP)
+        resolve = lambda: sorted({line.split()[0] for line in subprocess.run(  # noqa: E731
+            ["podman", "exec", name, "getent", "hosts", "app"], env=env, capture_output=True, text=True).stdout.splitlines()})
+        assert resolve() == sorted([live, gone])
+        local.remove_stale_name_records(env)
+        assert resolve() == [live]
+
         rule = next(r for r in nat_rules() if f"--to-destination {live}:8099" in r)
         chain = rule.split()[1]
-        gone = live.rsplit(".", 1)[0] + ".250"  # inside the network, held by nothing
         stale = shlex.split(rule.replace(live, gone))[2:]
         insert = ["iptables", "-t", "nat", "-I", chain, "1", *stale]
         subprocess.run(insert, check=True)
