@@ -125,6 +125,8 @@ def build(config: BridgeConfig) -> Bridge:
         "witness": witness.summary() if witness else None,
         # For `ops status`: each host's Prometheus (over SSH where it listens on the host's loopback).
         "monitoring": monitors.summary,
+        # What every host runs (ADR 10): the release's id and each payload's image; None before the first.
+        "release": release_summary(config.release),
     }
     if any(z.dnssec for z in config.zones.zones.values()):
         outputs["dnssec_ds"] = nameservers.dnssec_ds
@@ -134,6 +136,12 @@ def build(config: BridgeConfig) -> Bridge:
         failover = (f"automatic: consensus members in {members} (the witness at {witness.spec.provider} "
                     f"{witness.spec.location}); losing any one provider leaves a majority")
     return Bridge(regions, database, billing, nameservers, estimate, outputs, witness, failover)
+
+
+def release_summary(release) -> dict | None:
+    if release is None:
+        return None
+    return {"id": release.id, "built": release.built, "images": {p: release.ref(p) for p in sorted(release.images)}}
 
 
 def local_edge_ca() -> tuple[pulumi.Output[str], ...]:

@@ -24,7 +24,8 @@ def test_json_plan_has_the_contract():
     doc = json.loads(result.stdout)
     assert set(doc) == {"stack", "resources", "outputs", "cost"}
     assert doc["stack"] == "staging"
-    assert set(doc["outputs"]) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness", "monitoring"}
+    assert set(doc["outputs"]) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness", "monitoring",
+                                "release"}
     assert all(set(r) == {"type", "name", "parent", "inputs"} for r in doc["resources"])
     vm = next(r for r in doc["resources"] if r["type"] == "vultr:index/instance:Instance")
     assert vm["parent"] == "us-east" and vm["inputs"]["plan"] == "vc2-1c-2gb"

@@ -97,7 +97,8 @@ def test_the_database_output_describes_the_patroni_cluster(staging_monitor):
 @pytest.mark.parametrize("stack", ["staging", "production"])
 def test_both_stacks_plan_with_the_client_contract(stack):
     p = run(stack)
-    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness", "monitoring"}
+    assert set(p.outputs) == {"client_config", "glue_records", "database", "monthly_cost_usd", "witness", "monitoring",
+                                "release"}
     # ops status reaches each host's loopback-only Prometheus over SSH, pinning the key the deploy pins.
     pinned = {r.name[: -len("-deploy")]: mocks.unwrap(r.inputs)["connection"]["hostKey"] for r in p.registrations
               if r.type == "command:remote:Command" and r.name.endswith("-deploy")}

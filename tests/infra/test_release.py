@@ -51,6 +51,9 @@ def test_a_stack_with_a_release_runs_its_images_by_id_and_ships_them_before_each
         assert ship.inputs["create"].startswith(f"python -m ops ship {cloud_init.DEPLOY_USER}@")
         assert ship.inputs["stdin"] == made.manifest() and ship.inputs["triggers"] == [made.id]
         assert ship.urn in regs[f"{host}-deploy"].dependencies  # the images are there before the deploy
+    # The plan and the stack outputs name it.
+    assert p.outputs["release"] == {"id": made.id, "built": made.built,
+                                    "images": {payload: made.ref(payload) for payload in sorted(IMAGES)}}
 
 
 def test_without_a_release_the_hosts_build_as_before(tmp_path):
@@ -59,6 +62,7 @@ def test_without_a_release_the_hosts_build_as_before(tmp_path):
     compose = yaml.safe_load(p.artifacts["us-east/compose.yaml"])
     assert compose["services"]["billing"]["build"]["context"] == "./billing"
     assert not [r for r in p.registrations if r.name.endswith("-images")]
+    assert p.outputs["release"] is None
 
 
 def test_the_local_stack_ships_nothing_its_host_built_the_images(tmp_path):
