@@ -11,6 +11,10 @@ from __future__ import annotations
 import shlex
 
 from components.release import KEEP as KEEP_RELEASES
+from components.services import DRAIN_FILE
+
+# The edge asks each upstream every second whether it serves (edge.py): three intervals.
+DRAIN_WAIT_SECONDS = 3
 
 # docker compose v2 as a Docker CLI plugin (hosts) or as its own binary (this machine's Podman setup).
 _COMPOSE = """\
@@ -82,9 +86,10 @@ up() {
 }
 # A rolling service (billing, the proxy: ADR 16) that this deploy changes never stops taking
 # traffic. What it needs comes first (the other services, the database's new pg_hba among them);
-# then its twin (the new version, answering to the same name on the network) starts and must be
-# healthy; then the service is replaced (it finishes what it serves: its stop grace period), then
-# the twin stops the same way.
+# then its twin (the new version) starts and must be healthy; then the service is drained (its
+# /serving answers 503: the edge, which asks every second, sends new requests to the twin), then
+# replaced (it finishes what it serves: its stop grace period); then the twin is drained and stops
+# the same way. Nothing is stopped while the edge may still send it a new request.
 rolling=$(dc --profile twin config --services | sed -n 's/-twin$//p')
 changed=""
 for svc in $rolling; do
@@ -98,18 +103,32 @@ if [ -n "$changed" ]; then
   others=$(dc config --services | grep -vxF "$(printf '%s\\n' $rolling)" || true)
   [ -z "$others" ] || up $others || exit 1
 fi
+drain() {  # <service> [profile args]: new requests go elsewhere within the edge's health interval
+  svc=$1; shift
+  dc "$@" exec -T "$svc" touch DRAIN_FILE || echo "deploy: could not drain $svc (it stops anyway)" >&2
+}
 twins=""
 for svc in $changed; do
   echo "deploy: $svc changes: its twin takes its traffic while it is replaced" >&2
-  dc --profile twin up -d --no-deps --force-recreate --wait --wait-timeout 300 "$svc-twin" \
+  dc --profile twin up -d --no-deps --force-recreate --wait --wait-timeout 300 "$svc-twin" \\
     || { echo "deploy: the new $svc did not become healthy; the running one is untouched" >&2; dc --profile twin rm -sf "$svc-twin"; exit 1; }
   twins="$twins $svc-twin"
 done
+if [ -n "$twins" ]; then
+  sleep DRAIN_WAIT  # the edge has seen each twin serving
+  for svc in $changed; do drain "$svc"; done
+  sleep DRAIN_WAIT
+fi
 up || exit 1  # a twin that was healthy keeps serving; the next deploy replaces it
-for twin in $twins; do dc --profile twin stop "$twin" && dc --profile twin rm -f "$twin"; done
+if [ -n "$twins" ]; then
+  sleep DRAIN_WAIT  # the edge has seen each new container serving
+  for twin in $twins; do drain "$twin" --profile twin; done
+  sleep DRAIN_WAIT
+  for twin in $twins; do dc --profile twin stop "$twin" && dc --profile twin rm -f "$twin"; done
+fi
 [ -f release.images ] && prune_releases
 exit 0
-""").replace("KEEP", str(KEEP_RELEASES))
+""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS))
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"

@@ -10,15 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from components.services import ContainerSpec
+from components.services import ContainerSpec, main_name, twin_name
 
 CA_DIR = "/etc/caddy/ca"  # `make local`: the stack's own CA, which signs every region's certificates
+
+
+SERVING_URI = "/serving"  # 503 while a rolling service drains before its deploy stops it (ADR 16)
 
 
 @dataclass(frozen=True)
 class Site:
     host: str
-    upstream: str  # host:port on the container network
+    upstreams: tuple[str, ...]  # host:port on the container network, the first healthy one serves
     public_paths: tuple[str, ...]
     max_body: int = 64 * 1024  # bytes: larger bodies get 413 at the edge, before any service reads them
 
@@ -29,11 +32,33 @@ PROXY_PATHS = ("/health", "/ready", "/v1/*")  # /ready: can a paid call be serve
 PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 
 
-def sites(domain: str, billing_upstream: str = "billing:8000", proxy_upstream: str = "proxy:4000") -> list[Site]:
+def rolling(service: str, port: int) -> tuple[str, ...]:
+    """A rolling service's container, then its twin, which runs only while a deploy replaces it."""
+    return f"{main_name(service)}:{port}", f"{twin_name(service)}:{port}"
+
+
+def sites(domain: str, billing: str | tuple[str, ...] = rolling("billing", 8000),
+          proxy: str | tuple[str, ...] = rolling("proxy", 4000)) -> list[Site]:
+    as_tuple = lambda u: (u,) if isinstance(u, str) else tuple(u)  # noqa: E731
     return [
-        Site(f"billing1.{domain}", billing_upstream, BILLING_PATHS),
-        Site(f"proxy1.{domain}", proxy_upstream, PROXY_PATHS, PROXY_MAX_BODY),
+        Site(f"billing1.{domain}", as_tuple(billing), BILLING_PATHS),
+        Site(f"proxy1.{domain}", as_tuple(proxy), PROXY_PATHS, PROXY_MAX_BODY),
     ]
+
+
+def reverse_proxy(upstreams: tuple[str, ...]) -> str:
+    """A connection refused (a service starting, stopping) is tried again, on the next upstream or
+    the same one, for up to 30 s instead of failing. With a twin (ADR 16) the edge asks each upstream
+    every second whether it takes new requests and sends each to the first that does: a deploy
+    drains a container (503 on /serving) before it stops it, so no request reaches a closing
+    listener (Caddy 2.6 cannot resend a POST's body). No kept-alive upstream connections: a request
+    is never sent on one a stopping service is closing."""
+    opts = ["lb_try_duration 30s", "lb_try_interval 250ms"]
+    if len(upstreams) > 1:
+        opts += ["lb_policy first", f"health_uri {SERVING_URI}", "health_interval 1s", "health_timeout 2s"]
+    lines = [f"reverse_proxy {' '.join(upstreams)} {{", *(f"\t{o}" for o in opts),
+             "\ttransport http {", "\t\tkeepalive off", "\t}", "}"]
+    return "\n".join(f"\t\t{line}" for line in lines)
 
 
 def render_caddyfile(
@@ -57,6 +82,8 @@ def render_caddyfile(
         pair = lambda kind: f"\t\t\t{kind} {{\n\t\t\t\tcert {ca_dir}/{kind}.crt\n\t\t\t\tkey {ca_dir}/{kind}.key\n\t\t\t}}"  # noqa: E731
         glob.append(f"\tpki {{\n\t\tca local {{\n{pair('root')}\n{pair('intermediate')}\n\t\t}}\n\t}}")
     glob.append("\tservers {\n\t\tprotocols h1 h2\n\t}")
+    # The twins' health checks fail every second while no deploy runs (no such host): not logged.
+    glob.append("\tlog default {\n\t\toutput stderr\n\t\texclude http.handlers.reverse_proxy.health_checker.active\n\t}")
     out = ["{", *glob, "}", ""]
 
     # Internal: 90 days, like a public CA's certificates (Caddy's default is 12 hours), so monitoring
@@ -82,12 +109,7 @@ def render_caddyfile(
             f"\trequest_body {{\n\t\tmax_size {site.max_body}\n\t}}",
             f"\t@public path {' '.join(site.public_paths)}",
             "\thandle @public {",
-            # A deploy replaces a service while its twin serves (ADR 16): a connection refused by
-            # the one stopping is tried again (on the other address, or the new container) for up
-            # to 30 s instead of failing. No kept-alive upstream connections: a request is never
-            # sent on one the stopping service is closing (Caddy would not resend a POST).
-            f"\t\treverse_proxy {site.upstream} {{\n\t\t\tlb_try_duration 30s\n\t\t\tlb_try_interval 250ms\n"
-            "\t\t\ttransport http {\n\t\t\t\tkeepalive off\n\t\t\t}\n\t\t}",
+            reverse_proxy(site.upstreams),
             "\t}",
             "\thandle {",
             '\t\trespond "not found" 404',

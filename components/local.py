@@ -156,6 +156,7 @@ def route_like_hosts(hosts: list[dict], env: dict[str, str]) -> None:
     forget_stale_addresses(env)
     for host in hosts:
         ensure_network(host["network"], env)
+        pin_bridge(host["network"], env)
     rules = "".join(f"    ip saddr {h['network'].subnet} ip daddr != {h['network'].subnet} ct status dnat "
                     f"snat to {h['ipv4']}\n" for h in hosts)
     nft(f"table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\ntable ip {NAT_TABLE} {{\n"
@@ -190,6 +191,43 @@ def ensure_network(network: services.Network, env: dict[str, str]) -> None:
                           env=env, capture_output=True, text=True)
     if made.returncode != 0:
         raise LocalError(f"could not make the network {network.name}: {made.stderr.strip()}")
+
+
+ANCHOR_LABEL = "ciris.anchor"
+
+
+def pin_bridge(network: services.Network, env: dict[str, str]) -> None:
+    """Keep the network's bridge, and its hardware address, for as long as the stack is up.
+
+    A Linux bridge whose address nobody set takes the lowest of its ports' addresses, so it changes
+    as containers come and go; a container that learnt the gateway's old address (and keeps it
+    fresh with its own traffic) can then no longer reach the host itself (seen: Postgres stopped
+    archiving to the local S3). And netavark deletes the bridge with its last container. An anchor
+    container (sleeping, in no region) keeps the bridge; its address is set once, which the kernel
+    then keeps; containers that learnt another address forget it."""
+    name = f"{network.name}-anchor"
+    running = subprocess.run(["podman", "ps", "-q", "--filter", f"name=^{name}$"], env=env, capture_output=True,
+                             text=True).stdout.strip()
+    if not running:
+        subprocess.run(["podman", "rm", "-f", name], env=env, capture_output=True)
+        started = subprocess.run(["podman", "run", "-d", "--name", name, "--network", network.name, "--restart", "always",
+                                  f"--label={ANCHOR_LABEL}={network.name}", env["BASE"] or "localhost/ciris-base:bookworm",
+                                  "sleep", "infinity"], env=env, capture_output=True, text=True)
+        if started.returncode != 0:
+            raise LocalError(f"could not start {name}: {started.stderr.strip()}")
+    bridge = subprocess.run(["podman", "network", "inspect", "--format", "{{.NetworkInterface}}", network.name],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    sys_dir = Path("/sys/class/net") / bridge
+    if (sys_dir / "addr_assign_type").read_text().strip() == "3":  # NET_ADDR_SET: already pinned
+        return
+    subprocess.run(["ip", "link", "set", "dev", bridge, "address", (sys_dir / "address").read_text().strip()], check=True)
+    gateway = network.subnet.rsplit(".", 1)[0] + ".1"
+    ids = subprocess.run(["podman", "ps", "-q", "--filter", f"network={network.name}"], env=env, capture_output=True,
+                         text=True).stdout.split()
+    pids = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", *ids], env=env, capture_output=True,
+                          text=True).stdout.split() if ids else []
+    for pid in pids:
+        subprocess.run(["nsenter", "-t", pid, "-n", "ip", "neigh", "del", gateway, "dev", "eth0"], capture_output=True)
 
 
 IPAM_DB = Path("/run/containers/networks/ipam.db")  # Podman's record of which address each container holds
@@ -456,6 +494,10 @@ def down() -> None:
                           capture_output=True, text=True).stdout.split()
     if left:
         subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
+    anchors = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={ANCHOR_LABEL}"], env=env,
+                             capture_output=True, text=True).stdout.split()
+    if anchors:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", *anchors], env=env, check=False, capture_output=True)
     local_s3.down(LOCAL / "s3")
     subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
     remove_iptables_rules()

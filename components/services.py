@@ -115,8 +115,11 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         svc["restart"] = "unless-stopped"
         if spec.network_mode:
             svc["network_mode"] = spec.network_mode
-        elif spec.address_suffix is not None:
-            svc["networks"] = {network.name: {"ipv4_address": network.address(spec.address_suffix)}}
+        elif spec.address_suffix is not None or spec.rolling:
+            # A rolling service's own name, `<name>-main`, is one its twin never answers to: the
+            # edge tells the two apart (edge.py).
+            address = {"ipv4_address": network.address(spec.address_suffix)} if spec.address_suffix is not None else {}
+            svc["networks"] = {network.name: {**address, **({"aliases": [main_name(spec.name)]} if spec.rolling else {})}}
         else:
             svc["networks"] = [network.name]
         if spec.entrypoint:
@@ -142,7 +145,7 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
             svc["stop_grace_period"] = f"{spec.stop_grace_seconds}s"
         services[spec.name] = svc
         if spec.rolling:
-            services[f"{spec.name}-twin"] = twin(spec, svc, network)
+            services[twin_name(spec.name)] = twin(spec, svc, network)
     named_volumes |= {f"{v}-twin" for v in named_volumes for spec in specs if spec.rolling
                       and any(x.startswith(f"{v}:") for x in spec.volumes)}
     net = {"name": network.name, "ipam": {"config": [{"subnet": network.subnet, "ip_range": network.dynamic_range}]}}
@@ -160,6 +163,17 @@ def payload_of(spec: ContainerSpec) -> str | None:
     if spec.image.startswith("ciris-") and spec.image.endswith(":local"):
         return spec.image.removeprefix("ciris-").removesuffix(":local")
     return None
+
+
+def main_name(service: str) -> str:
+    return f"{service}-main"
+
+
+def twin_name(service: str) -> str:
+    return f"{service}-twin"
+
+
+DRAIN_FILE = "/tmp/ciris-draining"  # a rolling service whose file exists answers 503 on /serving (ADR 16)
 
 
 def twin(spec: ContainerSpec, svc: dict, network: Network) -> dict:

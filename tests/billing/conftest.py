@@ -152,6 +152,7 @@ def billing(cluster, stripe_api, tmp_path_factory):
         "HOST": "127.0.0.1",
         "PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
+        "DRAIN_FILE": str(tmp_path_factory.mktemp("billing-drain") / "draining"),
     }
     service = Billing(env, tmp_path_factory.mktemp("billing") / "billing.log")
     service.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import jwt
 import pytest
@@ -14,6 +15,22 @@ def test_health_and_openapi(api):
     assert api.get("/health").json() == {"status": "healthy"}
     doc = api.get("/openapi.json").json()
     assert {"/v1/credits/consume", "/v1/credits/holds", "/v1/webhooks/stripe", "/v1/usage/{user_id}"} <= set(doc["paths"])
+
+
+def test_serving_until_a_deploy_drains_it_while_every_route_still_answers(api, billing):
+    """The edge's health check (ADR 16): 503 while the drain file exists, nothing else changes."""
+    drain = Path(billing.env["DRAIN_FILE"])
+    assert (api.get("/serving").status_code, api.get("/serving").json()) == (200, {"status": "serving"})
+    drain.touch()
+    try:
+        r = api.get("/serving")
+        assert (r.status_code, r.json()) == (503, {"status": "draining"})
+        assert api.get("/health").json() == {"status": "healthy"}
+        assert api.post("/v1/users", json={"email": f"{uuid.uuid4().hex[:8]}@example.org"}, headers=ADMIN).status_code == 201
+    finally:
+        drain.unlink()
+    assert api.get("/serving").status_code == 200
+    assert "/serving" not in api.get("/openapi.json").json()["paths"]
 
 
 def test_create_user_grants_signup_credits_as_a_ledger_entry(api):

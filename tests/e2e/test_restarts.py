@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from components import deploy, local, postgres_config
+from components import deploy, local, local_s3, postgres_config
 from tests.e2e.conftest import LOCAL, wait_sync
 
 HOSTS = ("us-east", "eu-west", "witness")
@@ -27,11 +27,22 @@ def etcd_health(stack, host: str) -> str:
     return out
 
 
+def reaches_the_s3(stack, region: str) -> str:
+    """Whether the region's Postgres reaches the local S3 on this machine (its WAL archive): a
+    connection to the host itself, through the network's gateway. (When a bridge's address followed
+    its ports, a container that had learnt an earlier one reached every other host but this one.)"""
+    return stack.podman("exec", f"ciris-{region}-postgres-1", "python3", "-c",
+                        f"import socket; socket.create_connection(('{local_s3.ADDRESS}', {local_s3.PORT}), timeout=3)"
+                        "; print('reached')", check=False)
+
+
 def wait_reachable(stack, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while True:
         seen = {host: etcd_health(stack, host) for host in HOSTS}
-        if all(out.count("is healthy") == len(ETCD) - 1 for out in seen.values()):
+        seen |= {f"{r}→s3": reaches_the_s3(stack, r) for r in ("us-east", "eu-west")}
+        if all(out.count("is healthy") == len(ETCD) - 1 for h, out in seen.items() if h in HOSTS) and \
+                all(out.strip() == "reached" for h, out in seen.items() if h not in HOSTS):
             return
         assert time.time() < deadline, f"the hosts do not reach each other after {timeout:.0f} s: {seen}"
         time.sleep(2)

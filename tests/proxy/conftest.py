@@ -97,6 +97,7 @@ def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
         "CAPTURE_JOURNAL": str(journal),
+        "DRAIN_FILE": str(journal.parent / "draining"),
         "HOST": "127.0.0.1",
         "PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",

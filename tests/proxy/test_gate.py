@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,6 +19,20 @@ PRICE = 5
 def test_health_needs_no_token(client):
     r = client.get("/health")
     assert r.status_code == 200 and r.json() == {"status": "healthy"}
+
+
+def test_serving_until_a_deploy_drains_it_while_paid_calls_still_answer(client, proxy, api):
+    """The edge's health check (ADR 16): 503 while the drain file exists, nothing else changes."""
+    drain = Path(proxy.env["DRAIN_FILE"])
+    assert client.get("/serving").json() == {"status": "serving"}
+    drain.touch()
+    try:
+        r = client.get("/serving")
+        assert (r.status_code, r.json()) == (503, {"status": "draining"})
+        assert chat(client, user_token(new_user(api))).status_code == 200
+    finally:
+        drain.unlink()
+    assert client.get("/serving").status_code == 200
 
 
 def test_models_lists_the_exposed_models(client, api):

@@ -212,6 +212,12 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"status": "unhealthy", "database": problem}, status_code=503)
         return {"status": "healthy"}
 
+    @app.get("/serving", include_in_schema=False)
+    async def serving():  # internal (the edge's health check): does this container take new requests?
+        if os.path.exists(settings.drain_file):
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "serving"}
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
         return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

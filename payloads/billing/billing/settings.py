@@ -45,6 +45,9 @@ class Settings:
     # 4: billing answers before the proxy stops waiting for it (5 s).
     db_write_timeout: float = 4.0
     workers: int = 1
+    # While this file exists, GET /serving answers 503: a deploy drains the container before it
+    # stops it, and the edge sends new requests to its twin (ADR 16).
+    drain_file: str = "/tmp/ciris-draining"
     # verify-ledger in the background for the metrics (ledger_check.py): the next run this many
     # seconds after the last ended. About 6 s of one core per 100,000 transactions (measured).
     ledger_verify_interval: float = 300.0
@@ -144,5 +147,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         consume_batches=_int(env, "CONSUME_BATCHES", Settings.consume_batches, 1, 200),
         db_write_timeout=_seconds(env, "DB_WRITE_TIMEOUT_SECONDS", Settings.db_write_timeout, 0.5, 60),
         workers=_int(env, "WORKERS", 1, 1, 32),
+        drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
         ledger_verify_interval=_seconds(env, "LEDGER_VERIFY_INTERVAL_SECONDS", Settings.ledger_verify_interval, 1, 86_400),
     )

@@ -3,6 +3,7 @@
     GET  /health               liveness (FSD §9.1), no token
     GET  /ready                readiness (internal): 200 "ready"; 200 "degraded: stand-in" while billing
                                cannot write and the proxy stands in; 503 when it cannot serve paid calls
+    GET  /serving              internal, the edge's health check: 503 while a deploy drains it (ADR 16)
     GET  /metrics              Prometheus (internal: the edge routes only /health and /v1/*)
     GET  /v1/models            the exposed models, the price and the caps
     POST /v1/chat/completions  the contract (contract.py), the credit gate (gate.py), the providers (upstream.py)
@@ -23,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import uuid
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -84,7 +86,8 @@ class App:
         self.tokens = Tokens(settings.billing_public_key)
         self.gate = CreditGate(settings, journal, calls)
         self.routes = {
-            "/health": ("GET", self.health), "/ready": ("GET", self.ready), "/metrics": ("GET", self.metrics),
+            "/health": ("GET", self.health), "/ready": ("GET", self.ready),
+            "/serving": ("GET", self.serving), "/metrics": ("GET", self.metrics),
             "/v1/models": ("GET", self.models), "/v1/chat/completions": ("POST", self.chat),
         }
 
@@ -126,6 +129,12 @@ class App:
 
     async def health(self, scope, receive, send):
         await send_json(send, 200, b'{"status":"healthy"}')
+
+    async def serving(self, scope, receive, send):
+        """Internal (the edge's health check): does this container take new requests? (ADR 16)"""
+        if os.path.exists(self.settings.drain_file):
+            return await send_json(send, 503, b'{"status":"draining"}')
+        await send_json(send, 200, b'{"status":"serving"}')
 
     async def ready(self, scope, receive, send):
         """Can a paid call be served? Stand-in still serves users billing recently vouched for."""

@@ -59,6 +59,9 @@ class Settings:
     caps: Caps = field(default_factory=Caps)
     stand_in: StandIn = field(default_factory=StandIn)
     call_log_days: int = 14  # the answered-calls log reconcile reads (by day, deleted after this)
+    # While this file exists, GET /serving answers 503: a deploy drains the container before it
+    # stops it, and the edge sends new requests to its twin (ADR 16).
+    drain_file: str = "/tmp/ciris-draining"
 
 
 def _required(env: Mapping[str, str], var: str) -> str:
@@ -115,6 +118,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         capture_journal=env.get("CAPTURE_JOURNAL", "").strip() or Settings.capture_journal,
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 4000, 1, 65535),
+        drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
         caps=Caps(
             max_output_tokens=_int(env, "MAX_OUTPUT_TOKENS", Caps.max_output_tokens, 1, 1_000_000),
             max_n=_int(env, "MAX_N", Caps.max_n, 1, 128),
