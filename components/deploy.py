@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 
 from components.release import KEEP as KEEP_RELEASES
-from components.services import DRAIN_FILE
+from components.services import CONFIG_LABEL, DRAIN_FILE
 
 # The edge asks each upstream every second whether it serves (edge.py): three intervals.
 DRAIN_WAIT_SECONDS = 3
@@ -95,8 +95,8 @@ changed=""
 for svc in $rolling; do
   running=$(dc ps -q "$svc" 2>/dev/null || true)
   [ -n "$running" ] || continue
-  want=$(dc config --hash "$svc" | cut -d' ' -f2)
-  have=$(docker inspect --format '{{index .Config.Labels "com.docker.compose.config-hash"}}' $running)
+  want=$(sed -n "s/^# CONFIG_LABEL $svc //p" compose.yaml)
+  have=$(docker inspect --format '{{index .Config.Labels "CONFIG_LABEL"}}' $running)
   [ "$want" = "$have" ] || changed="$changed $svc"
 done
 if [ -n "$changed" ]; then
@@ -116,11 +116,16 @@ for svc in $changed; do
 done
 if [ -n "$twins" ]; then
   sleep DRAIN_WAIT  # the edge has seen each twin serving
-  for svc in $changed; do drain "$svc"; done
+  drained=""
+  for svc in $changed; do drained="$drained $svc=$(dc ps -q "$svc")"; drain "$svc"; done
   sleep DRAIN_WAIT
 fi
 up || exit 1  # a twin that was healthy keeps serving; the next deploy replaces it
 if [ -n "$twins" ]; then
+  for pair in $drained; do  # compose kept one after all: it serves again
+    svc=${pair%%=*}
+    [ "$(dc ps -q "$svc")" != "${pair#*=}" ] || dc exec -T "$svc" rm -f DRAIN_FILE
+  done
   sleep DRAIN_WAIT  # the edge has seen each new container serving
   for twin in $twins; do drain "$twin" --profile twin; done
   sleep DRAIN_WAIT
@@ -128,7 +133,7 @@ if [ -n "$twins" ]; then
 fi
 [ -f release.images ] && prune_releases
 exit 0
-""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS))
+""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS)).replace("CONFIG_LABEL", CONFIG_LABEL)
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"

@@ -8,6 +8,8 @@ the provider firewall; internal services publish nothing, or bind to 127.0.0.1.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -143,6 +145,9 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         svc["logging"] = copy.deepcopy(logging)
         if spec.stop_grace_seconds:
             svc["stop_grace_period"] = f"{spec.stop_grace_seconds}s"
+        # What the deploy compares with the running container's to tell whether it changes
+        # (compose's own `config --hash` does not always match the hash `up` labels it with).
+        svc["labels"][CONFIG_LABEL] = hashlib.sha256(json.dumps(svc, sort_keys=True).encode()).hexdigest()
         services[spec.name] = svc
         if spec.rolling:
             services[twin_name(spec.name)] = twin(spec, svc, network)
@@ -152,7 +157,9 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
     doc = {"name": network.name, "services": services, "networks": {network.name: net}}
     if named_volumes:
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}
-    return yaml.safe_dump(doc, sort_keys=False)
+    header = "".join(f"# {CONFIG_LABEL} {name} {services[name]['labels'][CONFIG_LABEL]}\n"
+                     for name in sorted(services) if f"{name}-twin" in services)
+    return header + yaml.safe_dump(doc, sort_keys=False)
 
 
 def payload_of(spec: ContainerSpec) -> str | None:
@@ -173,7 +180,8 @@ def twin_name(service: str) -> str:
     return f"{service}-twin"
 
 
-DRAIN_FILE = "/tmp/ciris-draining"  # a rolling service whose file exists answers 503 on /serving (ADR 16)
+DRAIN_FILE = "/tmp/ciris-draining"
+CONFIG_LABEL = "ciris.config-sha256"  # a service's rendered config; compose.yaml names the rolling ones' too  # a rolling service whose file exists answers 503 on /serving (ADR 16)
 
 
 def twin(spec: ContainerSpec, svc: dict, network: Network) -> dict:

@@ -5,7 +5,6 @@ restarted."""
 
 from __future__ import annotations
 
-import re
 import uuid
 
 from components import local, release as release_mod
@@ -22,12 +21,11 @@ def deploy_under_traffic(stack, monkeypatch, action) -> dict[str, Traffic]:
         name = region["name"]
         user, _, start = starts[name]
         flow = flows[name]
-        # What is left (ADR 16, "What is left"), and only that, a few times per deploy: the edge's
-        # 502 for a connection the stopping container reset (Caddy does not resend a POST it has
-        # sent), and billing's "cannot write now" 503 while this 2-core machine runs both regions,
-        # the twins and the traffic. Any other failure, or more of these, fails the test.
-        known = [f for f in flow.failed if re.fullmatch(r"(proxy|billing health) 502 ?", f)
-                 or f.startswith('billing health 503 {"status":"unhealthy"')]
+        # Nothing fails but, a few times per deploy, billing's own "cannot write now" 503 to a
+        # health probe while this 2-core machine runs both regions, the twins and the traffic (a
+        # write that took longer than its budget: an answer, not a dropped request). The edge never
+        # answers 502: a container is drained before it stops (ADR 16).
+        known = [f for f in flow.failed if f.startswith('billing health 503 {"status":"unhealthy"')]
         assert len(flow.failed) == len(known) and len(known) <= 5, \
             f"{name}: {len(flow.failed)} failed of {flow.paid + len(flow.failed)}: {flow.failed[:10]}"
         print(f"{name}: {len(flow.failed)} failed of {flow.paid + flow.ok + len(flow.failed)}: {flow.failed}")

@@ -123,3 +123,7 @@ def test_rolling_services_have_twins_that_only_a_deploy_starts(tmp_path):
     assert services["proxy"]["stop_grace_period"] == "180s"
     assert {"postgres-twin", "edge-twin", "dns-twin"}.isdisjoint(services)
     assert json.dumps(services).count('"twin"') == 2
+    # The deploy tells a changed rolling service by its rendered config, named at the top of the file.
+    text = p.artifacts["eu-west/compose.yaml"]
+    for name in ("billing", "proxy"):
+        assert f"# ciris.config-sha256 {name} {services[name]['labels']['ciris.config-sha256']}\n" in text
