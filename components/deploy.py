@@ -13,8 +13,9 @@ import shlex
 from components.release import KEEP as KEEP_RELEASES
 from components.services import CONFIG_LABEL, DRAIN_FILE
 
-# The edge asks each upstream every second whether it serves (edge.py): three intervals.
-DRAIN_WAIT_SECONDS = 3
+# The edge asks each upstream every second whether it serves (edge.py): five intervals (a loaded
+# edge's checks run late).
+DRAIN_WAIT_SECONDS = 5
 
 # docker compose v2 as a Docker CLI plugin (hosts) or as its own binary (this machine's Podman setup).
 _COMPOSE = """\

@@ -115,6 +115,9 @@ def run_script(script: str, args: list[str], stdin: str, env: dict[str, str], wh
     proc = subprocess.run(deploy.local(script, *args), input=stdin, text=True, capture_output=True, env=env)
     if proc.returncode != 0:
         raise LocalError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    for line in proc.stderr.splitlines():  # what the deploy says it did (a twin, a drain), not compose's chatter
+        if line.startswith("deploy: "):
+            say(f"local: {what}: {line.removeprefix('deploy: ')}")
     return proc.stdout
 
 

@@ -5,6 +5,7 @@ restarted."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 from components import local, release as release_mod
@@ -27,12 +28,21 @@ def deploy_under_traffic(stack, monkeypatch, action) -> dict[str, Traffic]:
         # answers 502: a container is drained before it stops (ADR 16).
         known = [f for f in flow.failed if f.startswith('billing health 503 {"status":"unhealthy"')]
         assert len(flow.failed) == len(known) and len(known) <= 5, \
-            f"{name}: {len(flow.failed)} failed of {flow.paid + len(flow.failed)}: {flow.failed[:10]}"
+            f"{name}: {len(flow.failed)} failed of {flow.paid + len(flow.failed)}: {flow.failed[:10]}; " \
+            f"the edge's errors: {edge_errors(stack, name, flow.since)}"
         print(f"{name}: {len(flow.failed)} failed of {flow.paid + flow.ok + len(flow.failed)}: {flow.failed}")
         assert flow.paid > 10, f"{name}: only {flow.paid} paid calls went through during the deploy"
         # Every answered call charged exactly once.
         assert wait_balance(stack, region, user, start - PRICE * flow.paid) == start - PRICE * flow.paid, name
     return flows
+
+
+def edge_errors(stack, region: str, since: float) -> list[str]:
+    logs = subprocess.run(["podman", "logs", "--since", str(int(since)), f"ciris-{region}-edge-1"], env=stack.env,
+                          capture_output=True, text=True)
+    logs = logs.stdout + logs.stderr
+    return [line[:600] for line in logs.splitlines() if '"status":502' in line or
+            ('"level":"error"' in line and "OCSP" not in line)][-6:]
 
 
 def test_a_deploy_of_changed_billing_and_proxy_code_and_its_rollback_fail_no_request(stack, monkeypatch):

@@ -24,6 +24,7 @@ class Traffic:
     ok: int = 0
     paid: int = 0
     failed: list[str] = field(default_factory=list)
+    since: float = field(default_factory=time.time)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
