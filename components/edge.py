@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from components import services
-from components.services import ContainerSpec
+from components.services import ContainerSpec, main_name, twin_name
 
 CA_DIR = "/etc/caddy/ca"  # `make local`: the stack's own CA, which signs every region's certificates
 
@@ -33,19 +32,13 @@ PROXY_PATHS = ("/health", "/ready", "/v1/*")  # /ready: can a paid call be serve
 PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 
 
-def rolling(network: services.Network, main: int, twin: int, port: int) -> tuple[str, ...]:
-    """A rolling service's container, then its twin (which runs only while a deploy replaces it),
-    by their fixed addresses: a request never waits on the network's DNS (Podman's answered late
-    while it reloaded, and Caddy 2.6 cannot send a POST again after a failed dial)."""
-    return f"{network.address(main)}:{port}", f"{network.address(twin)}:{port}"
+def rolling(service: str, port: int) -> tuple[str, ...]:
+    """A rolling service's container, then its twin, which runs only while a deploy replaces it."""
+    return f"{main_name(service)}:{port}", f"{twin_name(service)}:{port}"
 
 
-def sites(domain: str, billing: str | tuple[str, ...] = "billing:8000", proxy: str | tuple[str, ...] = "proxy:4000",
-          *, network: services.Network | None = None) -> list[Site]:
-    """`network`: a region's, whose billing and proxy are rolling (ADR 16); else the given upstreams."""
-    if network:
-        billing = rolling(network, services.BILLING_ADDRESS_SUFFIX, services.BILLING_TWIN_ADDRESS_SUFFIX, 8000)
-        proxy = rolling(network, services.PROXY_ADDRESS_SUFFIX, services.PROXY_TWIN_ADDRESS_SUFFIX, 4000)
+def sites(domain: str, billing: str | tuple[str, ...] = rolling("billing", 8000),
+          proxy: str | tuple[str, ...] = rolling("proxy", 4000)) -> list[Site]:
     as_tuple = lambda u: (u,) if isinstance(u, str) else tuple(u)  # noqa: E731
     return [
         Site(f"billing1.{domain}", as_tuple(billing), BILLING_PATHS),

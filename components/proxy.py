@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components.billing import PORT as BILLING_PORT, Billing
 from components.region import Region
-from components.services import (PAYLOADS, PROXY_ADDRESS_SUFFIX, PROXY_TWIN_ADDRESS_SUFFIX, ContainerSpec, env_file,
-                                 payload_files)
+from components.services import PAYLOADS, ContainerSpec, env_file, payload_files
 
 sys.path.insert(0, str(PAYLOADS / "proxy"))
 from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
@@ -106,7 +105,6 @@ class Proxy(pulumi.ComponentResource):
                              "proxy-journal:/var/lib/ciris-proxy"),
                     # Its calls (a minute per provider, with fallbacks) finish before it stops.
                     rolling=True, stop_grace_seconds=STOP_GRACE_SECONDS,
-                    address_suffix=PROXY_ADDRESS_SUFFIX, twin_address_suffix=PROXY_TWIN_ADDRESS_SUFFIX,
                 ),
                 {
                     **source,

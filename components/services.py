@@ -22,8 +22,6 @@ BILLING_ADDRESS_SUFFIX = 10  # billing's fixed address on the region network (pg
 BILLING_TWIN_ADDRESS_SUFFIX = 13  # its twin's, while a deploy replaces it (pg_hba names it too)
 BACKUP_ADDRESS_SUFFIX = 11  # the backup job's
 PROMETHEUS_ADDRESS_SUFFIX = 12  # the host's Prometheus (PowerDNS's webserver lets it in)
-# The proxy's and its twin's: the edge names each by address (edge.py), never asking DNS mid-request.
-PROXY_ADDRESS_SUFFIX, PROXY_TWIN_ADDRESS_SUFFIX = 14, 15
 PAYLOADS = Path(__file__).resolve().parent.parent / "payloads"
 SERVICE_UID = 10001  # the non-root user of the billing and proxy images (their Dockerfiles)
 MONITORING_UID = 10002  # the monitoring image's user (payloads/monitoring/Dockerfile)
@@ -119,8 +117,11 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         svc["restart"] = "unless-stopped"
         if spec.network_mode:
             svc["network_mode"] = spec.network_mode
-        elif spec.address_suffix is not None:
-            svc["networks"] = {network.name: {"ipv4_address": network.address(spec.address_suffix)}}
+        elif spec.address_suffix is not None or spec.rolling:
+            # A rolling service's own name, `<name>-main`, is one its twin never answers to: the
+            # edge tells the two apart (edge.py).
+            address = {"ipv4_address": network.address(spec.address_suffix)} if spec.address_suffix is not None else {}
+            svc["networks"] = {network.name: {**address, **({"aliases": [main_name(spec.name)]} if spec.rolling else {})}}
         else:
             svc["networks"] = [network.name]
         if spec.entrypoint:
@@ -169,6 +170,10 @@ def payload_of(spec: ContainerSpec) -> str | None:
     if spec.image.startswith("ciris-") and spec.image.endswith(":local"):
         return spec.image.removeprefix("ciris-").removesuffix(":local")
     return None
+
+
+def main_name(service: str) -> str:
+    return f"{service}-main"
 
 
 def twin_name(service: str) -> str:

@@ -46,7 +46,7 @@ def test_out_writes_the_rendered_artifacts(tmp_path):
     assert result.returncode == 0, result.stderr
     for region in ("us-east", "eu-west"):
         assert (tmp_path / region / "cloud-init.yaml").read_text().startswith("#cloud-config")
-        assert "reverse_proxy 172.30." in (tmp_path / region / "Caddyfile").read_text()
+        assert "reverse_proxy billing-main:8000 billing-twin:8000" in (tmp_path / region / "Caddyfile").read_text()
         compose = yaml.safe_load((tmp_path / region / "compose.yaml").read_text())
         assert set(compose["services"]) == {"edge", "dns", "etcd", "postgres", "billing", "proxy", *MONITORING,  # staging: no backup
                                             "billing-twin", "proxy-twin"}  # started only while a deploy replaces them
