@@ -10,6 +10,7 @@ import pulumi_tls as tls
 from components import cost
 from components.billing import Billing, BillingArgs
 from components.config import BridgeConfig
+from components.release import Release
 from components.monitors import Monitors, MonitorsArgs
 from components.nameservers import Nameservers, NameserversArgs
 from components.postgres import ReplicatedPostgres, ReplicatedPostgresArgs
@@ -138,7 +139,7 @@ def build(config: BridgeConfig) -> Bridge:
     return Bridge(regions, database, billing, nameservers, estimate, outputs, witness, failover)
 
 
-def release_summary(release) -> dict | None:
+def release_summary(release: Release | None) -> dict | None:
     if release is None:
         return None
     return {"id": release.id, "built": release.built, "images": {p: release.ref(p) for p in sorted(release.images)}}

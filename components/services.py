@@ -180,8 +180,10 @@ def twin_name(service: str) -> str:
     return f"{service}-twin"
 
 
+# A rolling service answers 503 on /serving while this file exists (ADR 16); the payloads' own
+# default (billing's and the proxy's settings.py) is the same path.
 DRAIN_FILE = "/tmp/ciris-draining"
-CONFIG_LABEL = "ciris.config-sha256"  # a service's rendered config; compose.yaml names the rolling ones' too  # a rolling service whose file exists answers 503 on /serving (ADR 16)
+CONFIG_LABEL = "ciris.config-sha256"  # a service's rendered config; compose.yaml names the rolling ones' too
 
 
 def twin(spec: ContainerSpec, svc: dict, network: Network) -> dict:
