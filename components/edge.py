@@ -120,8 +120,12 @@ def render_caddyfile(
     return "\n".join(out)
 
 
-def container(local_ca: bool = False) -> ContainerSpec:
-    """Caddy from payloads/edge; with `local_ca` it also mounts the stack's CA (`make local`)."""
+def container(local_ca: bool = False, podman_dns: str | None = None) -> ContainerSpec:
+    """Caddy from payloads/edge; with `local_ca` it also mounts the stack's CA (`make local`).
+    `podman_dns` (`make local`): Podman's name server on the region network, the only one the edge
+    asks. Podman lists the host's resolvers after its own, and a lookup its own answered late
+    (it reloads whenever a container starts) got the host's "no such host" instead: a failed dial,
+    and Caddy 2.6 cannot send a POST again (ADR 16). Asked alone, it is asked again after 2 s."""
     ca = (f"./edge/ca:{CA_DIR}:ro",) if local_ca else ()
     return ContainerSpec(
         name="edge",
@@ -129,4 +133,6 @@ def container(local_ca: bool = False) -> ContainerSpec:
         build="./edge",
         ports=("443:443/tcp",),
         volumes=("./Caddyfile:/etc/caddy/Caddyfile:ro", *ca, "caddy-data:/data", "caddy-config:/config"),
+        dns=(podman_dns,) if podman_dns else (),
+        dns_options=("timeout:2", "attempts:3") if podman_dns else (),
     )

@@ -224,7 +224,7 @@ def pin_bridge(network: services.Network, env: dict[str, str]) -> None:
     if (sys_dir / "addr_assign_type").read_text().strip() == "3":  # NET_ADDR_SET: already pinned
         return
     subprocess.run(["ip", "link", "set", "dev", bridge, "address", (sys_dir / "address").read_text().strip()], check=True)
-    gateway = network.subnet.rsplit(".", 1)[0] + ".1"
+    gateway = network.gateway
     ids = subprocess.run(["podman", "ps", "-q", "--filter", f"network={network.name}"], env=env, capture_output=True,
                          text=True).stdout.split()
     pids = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", *ids], env=env, capture_output=True,
@@ -250,7 +250,7 @@ def remove_stale_bridge(network: services.Network) -> None:
     """A bridge netavark left behind when its network was removed (seen after `compose down`):
     it still holds the network's gateway address, and Podman refuses to make a network on a subnet
     a host interface uses. Called only when no network of that name exists."""
-    gateway = network.subnet.rsplit(".", 1)[0] + ".1"
+    gateway = network.gateway
     shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
     for line in shown.splitlines():
         parts = line.split()

@@ -65,7 +65,8 @@ class Region(Node):
         )
         ca_files = dict(zip(["edge/ca/root.crt", "edge/ca/root.key", "edge/ca/intermediate.crt", "edge/ca/intermediate.key"],
                             args.edge_ca)) if args.edge_ca else {}
-        self.add_service(edge.container(local_ca=bool(args.edge_ca)),
+        local = bool(args.edge_ca)  # `make local`: the stack's own CA, Podman's name server
+        self.add_service(edge.container(local_ca=local, podman_dns=self.network.gateway if local else None),
                          {"Caddyfile": caddyfile, **ca_files, **services.payload_files("edge")},
                          private={"edge/ca/root.key": 0, "edge/ca/intermediate.key": 0},
                          shown={"edge/ca/root.key": "[secret]\n", "edge/ca/intermediate.key": "[secret]\n"} if args.edge_ca else None)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -31,6 +33,10 @@ PRODUCTION_PAYLOADS = ("billing", "dns", "edge", "etcd", "monitoring", "postgres
 LOCAL_PAYLOADS = (*PRODUCTION_PAYLOADS, "fake-llm")
 KEEP = 3  # releases whose images a host keeps (the current one and two to roll back to)
 _ID = r"^sha256:[0-9a-f]{64}$"
+# The base image every production payload builds on, pinned by digest (python -m ops pin-base):
+# an upstream rebuild of the tag changes nothing until an operator pins it again and commits it.
+BASE_PIN = ROOT / "releases" / "base-image"
+_PINNED = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
 
 
 class ReleaseError(RuntimeError):
@@ -117,7 +123,7 @@ def build(payloads: Iterable[str], env: dict[str, str], *, base: str | None = No
     payloads = list(payloads)
     images: dict[str, str] = {}
     started = time.monotonic()
-    base_id = _run(["docker", "image", "inspect", "--format", "{{.Id}}", base], env).strip() if base else ""
+    base_id = ensure_base(base, env) if base else ""
     for n, payload in enumerate(payloads, 1):
         # What the image is made of: its payload's files, the base, the labels. An image made of
         # the same is not built again (so a release with no change is the release already running).
@@ -151,6 +157,57 @@ def build(payloads: Iterable[str], env: dict[str, str], *, base: str | None = No
         _run(["docker", "tag", images[payload], release.ref(payload)], env)
     say(f"release: {release.id} ({len(payloads)} images, {time.monotonic() - started:.0f} s)")
     return release
+
+
+def pinned(ref: str) -> str:
+    if not _PINNED.match(ref):
+        raise ReleaseError(f"the base image {ref!r} is not pinned by digest (name@sha256:<64 hex digits>): "
+                           "run `python -m ops pin-base` and commit releases/base-image")
+    return ref
+
+
+def pinned_base(path: Path = BASE_PIN) -> str:
+    """The committed base image (its last line; lines starting with # say where it came from)."""
+    if not path.exists():
+        raise ReleaseError(f"{path} is missing: run `python -m ops pin-base` once and commit it")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return pinned(lines[-1] if lines else "")
+
+
+def pin_base(tag: str, env: dict[str, str], path: Path = BASE_PIN) -> str:
+    """Pull `tag` and write the digest it names now to `path`: the one place a release reaches a registry."""
+    _run(["docker", "pull", tag], env)
+    name = tag.rsplit(":", 1)[0] if ":" in tag.rsplit("/", 1)[-1] else tag
+    digests = json.loads(_run(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", tag], env) or "[]")
+    ours = [f"{name}@{d.split('@')[1]}" for d in digests or [] if _repository(d.split("@")[0]) == _repository(name)]
+    # Podman also lists the digest of its own local copy's manifest, which no registry has: the
+    # pin is the first digest the registry serves.
+    served = [ref for ref in dict.fromkeys(ours)
+              if subprocess.run(["docker", "pull", ref], env=env, capture_output=True).returncode == 0]
+    if not served:
+        raise ReleaseError(f"{tag}: its registry serves none of its digests {digests}: was it built here rather than pulled?")
+    ref = pinned(served[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    path.write_text(f"# {tag} as pulled on {stamp} (python -m ops pin-base {tag})\n{ref}\n")
+    return ref
+
+
+def _repository(name: str) -> str:
+    """`debian`, `library/debian` and `docker.io/library/debian` are one repository."""
+    name = name.removeprefix("docker.io/")
+    return name if "/" in name else f"library/{name}"
+
+
+def ensure_base(ref: str, env: dict[str, str]) -> str:
+    """The base image's id; a pinned one this machine lacks is pulled by its digest (never by a tag)."""
+    have = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], env=env, capture_output=True, text=True)
+    if have.returncode != 0 and _PINNED.match(ref):
+        _run(["docker", "pull", ref], env)
+        return _run(["docker", "image", "inspect", "--format", "{{.Id}}", ref], env).strip()
+    if have.returncode != 0:
+        raise ReleaseError(f"the base image {ref} is not on this machine: {have.stderr.strip()[-300:]}")
+    return have.stdout.strip()
 
 
 def source_digest(payload: str, base: str, labels: dict[str, str]) -> str:

@@ -50,6 +50,8 @@ class ContainerSpec(BaseModel):
     rolling: bool = False
     twin_address_suffix: int | None = None  # the twin's fixed address, where the service has one
     stop_grace_seconds: int | None = None  # SIGTERM, then this long to finish what it serves, then SIGKILL
+    dns: tuple[str, ...] = ()  # resolvers instead of the engine's choice (and resolv.conf options)
+    dns_options: tuple[str, ...] = ()
 
 
 class Network(BaseModel):
@@ -63,6 +65,11 @@ class Network(BaseModel):
     @classmethod
     def for_region(cls, region: str, index: int) -> "Network":
         return cls(name=f"ciris-{region}", subnet=f"172.30.{index}.0/24")
+
+    @property
+    def gateway(self) -> str:
+        """The engine's address on the network (Podman's name server answers there)."""
+        return self.subnet.rsplit(".", 1)[0] + ".1"
 
     def address(self, suffix: int) -> str:
         """A fixed address: from the lower half, which the engine never hands out by itself."""
@@ -124,6 +131,10 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
             svc["networks"] = {network.name: {**address, **({"aliases": [main_name(spec.name)]} if spec.rolling else {})}}
         else:
             svc["networks"] = [network.name]
+        if spec.dns:
+            svc["dns"] = list(spec.dns)
+        if spec.dns_options:
+            svc["dns_opt"] = list(spec.dns_options)
         if spec.entrypoint:
             svc["entrypoint"] = list(spec.entrypoint)
         if spec.command:

@@ -1,5 +1,5 @@
 """python -m ops status <stack> [--outputs FILE] [--json]
-   (also: python -m ops release|rollback <stack>, ops/releases.py; python -m ops ship, ops/ship.py)
+   (also: python -m ops release|rollback <stack>, pin-base [<tag>]: ops/releases.py; python -m ops ship, ops/ship.py)
 
 One table of the bridge's state as seen from here: both nameservers for both zones (and whether
 their serials agree), every region's billing and proxy readiness through its edge, certificate days
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ship"]:
         from ops import ship
         return ship.main(argv[1:])
-    if argv[:1] in (["release"], ["rollback"]):
+    if argv[:1] in (["release"], ["rollback"], ["pin-base"]):
         from ops import releases
         return releases.main(argv)
     parser = argparse.ArgumentParser(prog="python -m ops", description=__doc__.split("\n\n")[0])

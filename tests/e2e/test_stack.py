@@ -75,6 +75,10 @@ def test_health_through_every_edge_with_the_local_ca(stack):
                 assert r.status_code == 200, (region["name"], service, r.text)
                 assert r.headers["strict-transport-security"].startswith("max-age=")
                 assert client.get("/metrics").status_code == 404  # internal only
+        # It asks Podman's name server alone (never the host's, which knows no container: ADR 16).
+        resolv = stack.podman("exec", f"ciris-{region['name']}-edge-1", "cat", "/etc/resolv.conf").splitlines()
+        servers = [line.split()[1] for line in resolv if line.startswith("nameserver")]
+        assert len(servers) == 1 and servers[0].endswith(".1"), (region["name"], resolv)
 
 
 def signed_webhook(secret: str, event: dict) -> tuple[bytes, dict]:
