@@ -132,7 +132,8 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule], host_key: 
         ],
         "package_update": True,
         "package_upgrade": True,
-        "packages": ["ufw", "unattended-upgrades", "curl", "gnupg", "ca-certificates"],
+        # systemd-timesyncd: the clock (tokens allow 60 s between regions; ClockNotSynchronised).
+        "packages": ["ufw", "unattended-upgrades", "curl", "gnupg", "ca-certificates", "systemd-timesyncd"],
         "write_files": [
             {"path": "/etc/ssh/sshd_config.d/10-ciris.conf", "content": SSHD, "permissions": "0644"},
             {"path": "/etc/apt/apt.conf.d/20auto-upgrades", "content": AUTO_UPGRADES, "permissions": "0644"},
@@ -151,7 +152,7 @@ def render(hostname: str, ssh_public_key: str, rules: Sequence[Rule], host_key: 
             "sysctl --system",
             "systemctl daemon-reload",
             "systemctl restart systemd-journald",
-            "systemctl enable --now docker unattended-upgrades",
+            "systemctl enable --now docker unattended-upgrades systemd-timesyncd",
             "systemctl restart ssh",
         ],
     }

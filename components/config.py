@@ -37,6 +37,7 @@ SECRET_KEYS = (
     "ssh_private_key",
     "alert_smtp_password",
     "alert_webhook_url",
+    "alert_heartbeat_url",
 )
 # Provider credentials live in the providers' own namespaces but are just as secret.
 PROVIDER_SECRET_KEYS = ("vultr:apiKey", "hcloud:token", "digitalocean:token")
@@ -410,11 +411,12 @@ def _check_topology(config: BridgeConfig) -> None:
 
 def _check_alerts(config: BridgeConfig) -> None:
     """The alert secrets, checked without ever showing their values."""
-    url = config.secret("alert_webhook_url")
     schemes = ("https://", "http://") if config.environment == "local" else ("https://",)
-    if url not in (None, OFFLINE_SECRET) and (not url.startswith(schemes) or any(c.isspace() for c in url)):
-        raise ConfigError(f"{PROJECT}:alert_webhook_url", f"is not an {' or '.join(s[:-3] for s in schemes)} URL "
-                                                          "(value not shown: it is a secret)")
+    for key in ("alert_webhook_url", "alert_heartbeat_url"):
+        url = config.secret(key)
+        if url not in (None, OFFLINE_SECRET) and (not url.startswith(schemes) or any(c.isspace() for c in url)):
+            raise ConfigError(f"{PROJECT}:{key}", f"is not an {' or '.join(s[:-3] for s in schemes)} URL "
+                                                  "(value not shown: it is a secret)")
     if config.secret("alert_smtp_password") is not None and config.alerts.email is None:
         raise ConfigError(f"{PROJECT}:alert_smtp_password", "is set but ciris-bridge:alerts.email is not; "
                                                             "set alerts.email (smtp_host, from, to) or remove the password")
@@ -469,6 +471,9 @@ def placeholders(config: BridgeConfig) -> list[tuple[str, str]]:
             problems.append((f"{PROJECT}:admin_ssh_cidrs", f"{cidr} is a documentation placeholder; list your admin addresses"))
     if config.ssh_public_key.endswith(PLACEHOLDER_KEY_COMMENT):
         problems.append((f"{PROJECT}:ssh_public_key", "is the committed placeholder; set your deploy key's public half"))
+    if config.environment == "production" and config.alerts.email is None and config.secret("alert_webhook_url") is None:
+        problems.append((f"{PROJECT}:alerts", "production has no alert channel: set alerts.email (and the secret "
+                         "alert_smtp_password) or the secret alert_webhook_url, or its pages reach no one"))
     if config.release is None and config.environment != "local":
         problems.append((f"{PROJECT}:releases_file", f"no release built for {config.environment} yet: run "
                          f"`python -m ops release {config.environment}` (the hosts build nothing; ADR 10)"))

@@ -202,6 +202,10 @@ class Timing:
     group_interval: str = "5m"
     repeat_critical: str = "4h"
     repeat_warning: str = "24h"
+    # The heartbeat reaches the dead man's switch every 5-6 minutes (one group_interval tick after
+    # the repeat): set the switch to expect a ping every 5 minutes, with 10 minutes of grace.
+    heartbeat_interval: str = "1m"
+    heartbeat_repeat: str = "5m"
 
 
 # Inhibition: the alert that explains an incident silences the ones it explains (rules carry an
@@ -213,6 +217,10 @@ INHIBIT_RULES = [
     {"source_matchers": ['alertname="RegionDown"'], "target_matchers": ['explained_by="any_region_down"']},
     {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['explained_by=~"region_down|any_region_down"']},
     {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['alertname="RegionDown"']},
+    # No database member accepting writes explains each region's billing check failing.
+    {"source_matchers": ['alertname="DatabaseNotWritable"'],
+     "target_matchers": ['alertname="RegionCheckFailing"', 'service="billing"']},
+    {"source_matchers": ['alertname="AllRegionsDown"'], "target_matchers": ['alertname="DatabaseNotWritable"']},
     # No provider answering explains each provider failing over.
     {"source_matchers": ['alertname="AllUpstreamsFailing"'], "target_matchers": ['alertname="UpstreamFailingOver"'],
      "equal": ["region"]},
@@ -220,10 +228,12 @@ INHIBIT_RULES = [
 
 
 def alertmanager_yml(email=None, *, smtp_password: str | None = None, webhook_url: str | None = None,
-                     timing: Timing = Timing()) -> str:
+                     heartbeat_url: str | None = None, timing: Timing = Timing()) -> str:
     """Alertmanager's config. `email` is config.EmailAlerts (or None); the secrets are passed in,
     so the result is a secret file (the plan shows it rendered with placeholders). No channel: a
-    receiver with no integrations -- the alerts are visible in Prometheus and Alertmanager only."""
+    receiver with no integrations -- the alerts are visible in Prometheus and Alertmanager only.
+    The always-firing Heartbeat goes to `heartbeat_url` (a dead man's switch outside the bridge)
+    and never to the operator's channels."""
     receiver: dict = {"name": "operator"}
     doc: dict = {}
     if email:
@@ -238,16 +248,23 @@ def alertmanager_yml(email=None, *, smtp_password: str | None = None, webhook_ur
         receiver["email_configs"] = [{"to": ", ".join(email.to), "send_resolved": True}]
     if webhook_url:
         receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
+    heartbeat: dict = {"name": "heartbeat"}
+    if heartbeat_url:
+        heartbeat["webhook_configs"] = [{"url": heartbeat_url, "send_resolved": False}]
     doc["route"] = {
         "receiver": "operator",
         "group_by": ["alertname", "severity", "region"],
         "group_wait": timing.group_wait,
         "group_interval": timing.group_interval,
         "repeat_interval": timing.repeat_critical,
-        "routes": [{"matchers": ['severity="warning"'], "repeat_interval": timing.repeat_warning}],
+        "routes": [
+            {"matchers": ['alertname="Heartbeat"'], "receiver": "heartbeat", "group_wait": "0s",
+             "group_interval": timing.heartbeat_interval, "repeat_interval": timing.heartbeat_repeat},
+            {"matchers": ['severity="warning"'], "repeat_interval": timing.repeat_warning},
+        ],
     }
     doc["inhibit_rules"] = INHIBIT_RULES
-    doc["receivers"] = [receiver]
+    doc["receivers"] = [receiver, heartbeat]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -291,11 +308,29 @@ def backup_textfile(config) -> str:
     )
 
 
+def clock_textfile(kept: bool) -> str:
+    """Whether the host keeps its own clock (systemd-timesyncd on the hosts; `make local` shares this
+    machine's): the clock alerts read it."""
+    return (
+        "# HELP ciris_clock_kept 1 if this host synchronises its own clock (the clock alerts apply).\n"
+        "# TYPE ciris_clock_kept gauge\n"
+        f"ciris_clock_kept {1 if kept else 0}\n"
+    )
+
+
 def no_channel_warning(config) -> str | None:
     """What the plan says of a stack (config.BridgeConfig) whose alerts reach no one."""
     if config.alerts.email is None and config.secret("alert_webhook_url") is None:
         return ("monitoring: no alert channel (set ciris-bridge:alerts.email, or the secret "
                 "ciris-bridge:alert_webhook_url); alerts fire but reach no one")
+    return None
+
+
+def no_heartbeat_warning(config) -> str | None:
+    """What the plan says of a stack whose monitoring could die unnoticed."""
+    if config.secret("alert_heartbeat_url") is None and config.environment != "local":
+        return ("monitoring: no heartbeat (set the secret ciris-bridge:alert_heartbeat_url to a dead man's "
+                "switch expecting a ping every 5 minutes); if monitoring itself dies, nothing tells you")
     return None
 
 

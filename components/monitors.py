@@ -46,12 +46,15 @@ class Monitors(pulumi.ComponentResource):
             {url.split("/")[2]: t.nameserver for t in ts for url in t.health.values()}))
         blackbox = monitoring.blackbox_yml(zones, ca_file=EDGE_CA_IN_CONTAINER if args.edge_ca else None)
         alertmanager = monitoring.alertmanager_yml(cfg.alerts.email, smtp_password=cfg.secret("alert_smtp_password"),
-                                                   webhook_url=cfg.secret("alert_webhook_url"))
+                                                   webhook_url=cfg.secret("alert_webhook_url"),
+                                                   heartbeat_url=cfg.secret("alert_heartbeat_url"))
         shown_alertmanager = monitoring.alertmanager_yml(
             cfg.alerts.email, smtp_password="[secret]" if cfg.secret("alert_smtp_password") else None,
-            webhook_url="https://[secret]" if cfg.secret("alert_webhook_url") else None)
-        if warning := monitoring.no_channel_warning(cfg):
-            pulumi.log.warn(warning, self)
+            webhook_url="https://[secret]" if cfg.secret("alert_webhook_url") else None,
+            heartbeat_url="https://[secret]" if cfg.secret("alert_heartbeat_url") else None)
+        for warning in (monitoring.no_channel_warning(cfg), monitoring.no_heartbeat_warning(cfg)):
+            if warning:
+                pulumi.log.warn(warning, self)
 
         for node in args.nodes:
             is_region = isinstance(node, Region)
@@ -73,6 +76,7 @@ class Monitors(pulumi.ComponentResource):
                 "monitoring/etc/hosts": pinned,
                 "monitoring/etc/textfile/cost.prom": monitoring.cost_textfile(cfg),
                 "monitoring/etc/textfile/backup.prom": monitoring.backup_textfile(cfg),
+                "monitoring/etc/textfile/clock.prom": monitoring.clock_textfile(cfg.environment != "local"),
                 **({"monitoring/etc/edge-ca.crt": args.edge_ca} if args.edge_ca else {}),
                 **payload_files("monitoring"),  # the image's build context and the rules
             }

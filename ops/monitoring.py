@@ -22,7 +22,7 @@ from ops.checks import CRIT, INFO, OK, SEVERITY, WARN, Row
 
 ALERT_VERDICT = {"critical": CRIT, "warning": WARN}
 QUERIES = {
-    "firing": 'ALERTS{alertstate="firing"}',
+    "firing": 'ALERTS{alertstate="firing", alertname!="Heartbeat"}',  # the heartbeat always fires
     "primary": "ciris_pg_is_primary",
     "expected": "ciris_pg_replicas_expected",
     "streaming": "ciris_pg_replicas_streaming",

@@ -222,7 +222,10 @@ def test_a_real_deploy_refuses_the_committed_placeholders():
     assert "placeholder" in problems["ciris-bridge:ssh_public_key"]
     raw["ciris-bridge:admin_ssh_cidrs"] = ["8.8.8.8/32"]
     raw["ciris-bridge:ssh_public_key"] = raw["ciris-bridge:ssh_public_key"].replace("replace-me@ciris-bridge", "ops@ciris.ai")
-    # Nor does it go out without a release (the hosts build nothing): `python -m ops release production`.
+    # Nor does production go out with pages that reach no one ...
+    assert "production has no alert channel" in dict(config.placeholders(config.parse(raw, secret_keys)))["ciris-bridge:alerts"]
+    raw["ciris-bridge:alerts"] = {"email": {"smtp_host": "smtp.example.org", "from": "a@example.org", "to": ["b@example.org"]}}
+    # ... nor without a release (the hosts build nothing): `python -m ops release production`.
     raw["ciris-bridge:releases_file"] = "releases/none-here.json"
     assert [(k, "python -m ops release production" in m) for k, m in config.placeholders(config.parse(raw, secret_keys))] \
         == [("ciris-bridge:releases_file", True)]

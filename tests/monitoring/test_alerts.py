@@ -39,7 +39,7 @@ INTERVAL = 2  # seconds: scrape, probe, rule evaluation
 # group_wait covers how far apart one region's checks can start failing (one probe interval, then
 # one evaluation): RegionDown must reach Alertmanager before the checks it explains are sent.
 # Production's figures: probes every 60 s, evaluation 30 s, group_wait 90 s.
-TIMING = monitoring.Timing(group_wait="5s", group_interval="5s")
+TIMING = monitoring.Timing(group_wait="5s", group_interval="5s", heartbeat_interval="2s", heartbeat_repeat="4s")
 PEER_TIMEOUT = 3  # seconds an Alertmanager later in the cluster waits for the first one's notification
 SLACK = 10  # seconds: the send to Alertmanager and to the receiver, and restarts, on two shared cores
 # RegionDown held past its region's first passing check: production's 2 minutes cover a 60 s probe
@@ -47,6 +47,7 @@ SLACK = 10  # seconds: the send to Alertmanager and to the receiver, and restart
 # and one evaluation interval (asserted below), so 20 s hold it with room to spare.
 KEEP_FIRING = "20s"
 WEBHOOK_TOKEN = "CANARY-webhook-token-51c2"
+HEARTBEAT_TOKEN = "CANARY-heartbeat-token-9d04"
 CANARY_PROMPT = "CANARY-prompt-text-a7e3"
 ZONES = list(STAGING.zones.zones)
 EAST, WEST = (r.name for r in STAGING.regions)
@@ -84,6 +85,7 @@ class Watch:
     alertmanagers: list[Daemon]
     webhook: Webhook
     rules: Path  # the rules the vantage points evaluate (scaled_rules)
+    heartbeat: Webhook  # the dead man's switch
 
     def until_healthy(self, timeout: float = 60) -> None:
         """Until every vantage point has scraped every service and seen every probe succeed, then two
@@ -150,6 +152,8 @@ def watch(bridge, billing, proxy, tmp_path_factory):  # noqa: F811
     with ExitStack() as cleanup:
         hook = Webhook(WEBHOOK_TOKEN)
         cleanup.callback(hook.stop)
+        beat = Webhook(HEARTBEAT_TOKEN)
+        cleanup.callback(beat.stop)
 
         ca = tmp / "edges-ca.crt"  # each edge's own internal CA
         ca.write_text("".join(r.edge.root_ca.read_text() for r in bridge.values()))
@@ -160,7 +164,8 @@ def watch(bridge, billing, proxy, tmp_path_factory):  # noqa: F811
                           ready_path="/-/healthy")
         cleanup.callback(blackbox.stop)
 
-        (tmp / "alertmanager.yml").write_text(monitoring.alertmanager_yml(None, webhook_url=hook.url, timing=TIMING))
+        (tmp / "alertmanager.yml").write_text(monitoring.alertmanager_yml(None, webhook_url=hook.url, heartbeat_url=beat.url,
+                                                                          timing=TIMING))
         ports, gossip = [free_port(), free_port()], [free_port(), free_port()]
         alertmanagers = []
         for i, (port, mine) in enumerate(zip(ports, gossip)):
@@ -188,7 +193,10 @@ def watch(bridge, billing, proxy, tmp_path_factory):  # noqa: F811
             path = tmp / f"prometheus-{vantage}.yml"
             path.write_text(on_loopback(text, edges, nameservers))
             web = free_port()
-            args = [f"--config.file={path}", f"--storage.tsdb.path={tmp / vantage}", f"--web.listen-address=127.0.0.1:{web}"]
+            # Firing alerts are sent again every INTERVAL (production: every minute): the first send
+            # of the always-firing Heartbeat can come before the Alertmanagers are known.
+            args = [f"--config.file={path}", f"--storage.tsdb.path={tmp / vantage}", f"--web.listen-address=127.0.0.1:{web}",
+                    f"--rules.alert.resend-delay={INTERVAL}s"]
             prometheus[vantage] = Prometheus("prometheus", args, web, tmp / f"prometheus-{vantage}.log")
             cleanup.callback(prometheus[vantage].stop)
 
@@ -197,15 +205,24 @@ def watch(bridge, billing, proxy, tmp_path_factory):  # noqa: F811
         while any(len(am.get("/api/v2/status")["cluster"].get("peers") or []) < 2 for am in alertmanagers):
             assert time.time() < deadline, [am.get("/api/v2/status")["cluster"] for am in alertmanagers]
             time.sleep(0.5)
-        yield Watch(bridge, prometheus, alertmanagers, hook, rules)
+        yield Watch(bridge, prometheus, alertmanagers, hook, rules, beat)
         logs = "".join(p.read_text() for p in tmp.glob("*.log"))
-        assert WEBHOOK_TOKEN not in logs and PDNS_API_KEY not in logs
+        assert WEBHOOK_TOKEN not in logs and HEARTBEAT_TOKEN not in logs and PDNS_API_KEY not in logs
 
 
-def test_a_healthy_bridge_pages_no_one(watch):
+def test_a_healthy_bridge_pages_no_one_and_its_heartbeat_reaches_the_switch(watch):
     watch.until_healthy()
     for vantage, prom in watch.prometheus.items():  # not even pending (the `for:` are minutes long)
-        assert [(a["labels"]["alertname"], a["state"]) for a in prom.alerts()] == [], vantage
+        alerts = [(a["labels"]["alertname"], a["state"]) for a in prom.alerts()]
+        assert alerts == [("Heartbeat", "firing")], vantage
+    assert watch.webhook.received == []
+    # The heartbeat: the two vantage points' one alert, sent by the cluster once per repeat, to the
+    # switch only. Counted over a few repeats: no fewer (a silent switch pages), no duplicates.
+    start, wait = len(watch.heartbeat.received), 5 * seconds(TIMING.heartbeat_repeat)
+    time.sleep(wait)
+    beats = watch.heartbeat.received[start:]
+    assert [(n["status"], n["groupLabels"]) for _, n in beats] == [("firing", {"alertname": "Heartbeat", "severity": "heartbeat"})] * len(beats)
+    assert 3 <= len(beats) <= wait / seconds(TIMING.heartbeat_repeat) + 1, [round(t, 1) for t, _ in beats]
     assert watch.webhook.received == []
 
 

@@ -122,7 +122,7 @@ def test_every_series_the_rules_read_is_exported():
 
 PROMQL_WORDS = {"max", "min", "sum", "count", "count_values", "by", "without", "and", "or", "unless", "increase", "delta",
                 "rate", "time", "region", "member", "provider", "zone", "serial", "job", "instance", "outcome", "result",
-                "fstype", "mountpoint", "bool", "on", "ignoring"}
+                "fstype", "mountpoint", "bool", "on", "ignoring", "service"}
 
 
 def test_region_down_is_held_longer_than_its_checks_take_to_pass_again():
@@ -165,7 +165,9 @@ def test_every_rule_fires_in_a_unit_test_and_links_its_runbook():
             fired |= {a["alertname"] for a in t.get("alert_rule_test", []) if a["exp_alerts"]}
     for rule in rules():
         assert rule["alert"] in fired, f"{rule['alert']} has no promtool test in which it fires"
-        assert rule["labels"]["severity"] in ("warning", "critical")
+        # The heartbeat's own severity: it goes to the dead man's switch, never to the operator.
+        assert rule["labels"]["severity"] in ("warning", "critical") or (rule["alert"], rule["labels"]["severity"]) \
+            == ("Heartbeat", "heartbeat")
         page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         assert page == "docs/runbook-monitoring.md" and anchor in anchors, rule["alert"]
         assert rule["alert"] in (REPO / "README.md").read_text(), f"README does not list {rule['alert']}"
@@ -181,7 +183,9 @@ def test_amtool_accepts_alertmanager_config(tmp_path, channels):
     amtool = require_binary("amtool")
     email = _email() if channels in ("email", "both") else None
     webhook = "https://hooks.example.org/T0/CANARY-webhook-token" if channels in ("webhook", "both") else None
-    text = monitoring.alertmanager_yml(email, smtp_password="CANARY-smtp-password" if email else None, webhook_url=webhook)
+    heartbeat = "https://hc.example.org/ping/CANARY-heartbeat" if channels == "both" else None
+    text = monitoring.alertmanager_yml(email, smtp_password="CANARY-smtp-password" if email else None, webhook_url=webhook,
+                                       heartbeat_url=heartbeat)
     path = tmp_path / "alertmanager.yml"
     path.write_text(text)
     result = run(amtool, "check-config", str(path))
@@ -189,8 +193,15 @@ def test_amtool_accepts_alertmanager_config(tmp_path, channels):
     assert "CANARY" not in result.stdout + result.stderr
     doc = yaml.safe_load(text)
     assert doc["route"]["group_by"] == ["alertname", "severity", "region"]
-    receiver = doc["receivers"][0]
+    receiver, beat = doc["receivers"]
     assert ("email_configs" in receiver) == bool(email) and ("webhook_configs" in receiver) == bool(webhook)
+    # The heartbeat goes to its own receiver only (the first route that matches it), never the operator's.
+    assert doc["route"]["routes"][0]["matchers"] == ['alertname="Heartbeat"'] and doc["route"]["routes"][0]["receiver"] == "heartbeat"
+    assert beat == {"name": "heartbeat", **({"webhook_configs": [{"url": heartbeat, "send_resolved": False}]} if heartbeat else {})}
+    routed = run(amtool, "config", "routes", "test", "--config.file", str(path), "alertname=Heartbeat", "severity=heartbeat")
+    assert routed.stdout.strip() == "heartbeat", routed.stdout + routed.stderr
+    routed = run(amtool, "config", "routes", "test", "--config.file", str(path), "alertname=RegionDown", "severity=warning")
+    assert routed.stdout.strip() == "operator", routed.stdout + routed.stderr
     if email:
         assert doc["global"]["smtp_auth_password"] == "CANARY-smtp-password"
         assert receiver["email_configs"][0]["to"] == "ops@example.org, on-call@example.org"
@@ -226,7 +237,9 @@ def _with(raw, **alerts):
 def test_a_stack_without_channels_renders_and_is_warned_about():
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
     assert "reach no one" in monitoring.no_channel_warning(cfg)
-    assert yaml.safe_load(monitoring.alertmanager_yml(cfg.alerts.email))["receivers"] == [{"name": "operator"}]
+    assert yaml.safe_load(monitoring.alertmanager_yml(cfg.alerts.email))["receivers"] == [{"name": "operator"},
+                                                                                          {"name": "heartbeat"}]
+    assert "dead man's switch" in monitoring.no_heartbeat_warning(cfg)
 
 
 def test_email_channel_parses():
