@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
+from tests.oidc_issuer import LocalIssuer
 from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_primary, workspace
 
 PAYLOAD = REPO / "payloads" / "billing"
@@ -137,9 +138,18 @@ def stripe_api():
 
 
 @pytest.fixture(scope="session")
-def billing(cluster, stripe_api, tmp_path_factory):
+def oidc(tmp_path_factory):
+    """The local stand-in for Google's and Apple's sign-in (tests/oidc_issuer.py)."""
+    issuer = LocalIssuer(tmp_path_factory.mktemp("oidc"))
+    yield issuer
+    issuer.stop()
+
+
+@pytest.fixture(scope="session")
+def billing(cluster, stripe_api, oidc, tmp_path_factory):
     env = {
         **os.environ,
+        **oidc.env(),
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",

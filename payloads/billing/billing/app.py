@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, batches, db, hotpath, ledger, ledger_check, metrics, payments
+from billing import auth, batches, db, hotpath, identity, ledger, ledger_check, metrics, payments
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
 
@@ -57,8 +57,13 @@ class NewUser(Body):
     email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), AfterValidator(storable)]
 
 
+IdToken = Annotated[str, Field(min_length=1, max_length=identity.MAX_TOKEN_CHARS, pattern=r"^[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*$")]
+
+
 class TokenRequest(Body):
-    user_id: uuid.UUID
+    """Either an admin or service names a user, or anyone brings a Google or Apple ID token."""
+    user_id: uuid.UUID | None = None
+    id_token: IdToken | None = None
     ttl_seconds: Annotated[StrictInt, Field(ge=60, le=30 * 86_400)] = 3600
 
 
@@ -133,6 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         for task in background:
             task.cancel()
+        await identities.close()
         await database.close()
 
     async def sweep_holds():
@@ -153,6 +159,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     bearer = HTTPBearer(auto_error=False)
     verified = auth.TokenCache(public_key)
+    identities = identity.Verifier(settings.oidc_issuers, settings.oidc_ca_file)
+
+    async def sign_in(id_token: str) -> tuple[uuid.UUID, int]:
+        """The user of a verified ID token (made on first sight) and the token's expiry."""
+        try:
+            who = await identities.verify(id_token)
+        except identity.IdentityError as e:
+            log.info("ID token refused: %s", e.reason)
+            raise Problem(401, "unauthorized", f"id_token: {ID_TOKEN_REFUSED.get(e.reason, 'invalid')}") from None
+        user_id = await database.read(ledger.identity_user, who.provider, who.subject)
+        if user_id is None:
+            user_id = await in_tx(ledger.user_for_identity, who.provider, who.subject, settings.signup_credits)
+        return user_id, who.exp
 
     def check_token(token: str | None) -> auth.Principal:
         if not token:
@@ -163,6 +182,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise Problem(401, "unauthorized", "invalid or expired token") from None
 
     async def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
+        if creds and identity.is_id_token(creds.credentials):  # a Google or Apple ID token, sent as it is
+            user_id, exp = await sign_in(creds.credentials)
+            return auth.Principal(sub=str(user_id), role="user", exp=exp)
         return check_token(creds.credentials if creds else None)
 
     def authenticate(header: str | None) -> auth.Principal:  # HTTPBearer's parsing, for the lean path
@@ -228,12 +250,19 @@ def create_app(settings: Settings) -> FastAPI:
         return await in_tx(ledger.create_user, body.email, settings.signup_credits)
 
     @app.post("/v1/auth/token")
-    async def token(body: TokenRequest, p: Caller):
-        require(p, "admin", "service")
-        if not await database.read(ledger.user_exists, body.user_id):
-            raise not_found("user")
-        access, exp = auth.mint(settings.jwt_private_key, str(body.user_id), "user", body.ttl_seconds)
-        return {"access_token": access, "token_type": "bearer", "expires_at": exp}
+    async def token(body: TokenRequest, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+        """Our user token for a user an admin or service names, or for a verified ID token (sign-in)."""
+        if (body.user_id is None) == (body.id_token is None):
+            raise Problem(422, "invalid_request", "body: give exactly one of user_id and id_token")
+        if body.id_token is not None:
+            user_id, _ = await sign_in(body.id_token)
+        else:
+            require(await principal(creds), "admin", "service")
+            user_id = body.user_id
+            if not await database.read(ledger.user_exists, user_id):
+                raise not_found("user")
+        access, exp = auth.mint(settings.jwt_private_key, str(user_id), "user", body.ttl_seconds)
+        return {"access_token": access, "token_type": "bearer", "expires_at": exp, "user_id": str(user_id)}
 
     @app.get("/v1/credits/{user_id}")
     async def credits(user_id: str, p: Caller):
@@ -337,6 +366,11 @@ def create_app(settings: Settings) -> FastAPI:
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)
 
+
+# Why an ID token was refused, as the 401 says it (identity.IdentityError reasons).
+ID_TOKEN_REFUSED = {"expired": "expired", "audience": "not issued for this app (aud)", "issuer": "unknown issuer (iss)",
+                    "algorithm": "algorithm not accepted", "unknown_key": "signed with an unknown key (kid)",
+                    "too_long": "too long", "malformed": "not a JWT"}
 
 # The routes the proxy calls around every paid request: served without FastAPI's per-request work.
 LEAN_PATHS = ("/v1/credits/consume", "/v1/credits/holds", "/v1/credits/holds/{hold_id}/capture",

@@ -92,6 +92,12 @@ async def create_user(conn: AsyncConnection, email: str, signup_credits: int) ->
         await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user_id, email))
     except errors.UniqueViolation:
         raise conflict("a user with this email already exists") from None
+    head = await _open_account(conn, user_id, signup_credits)
+    return {"id": str(user_id), "email": email, "balance": head.balance}
+
+
+async def _open_account(conn, user_id: uuid.UUID, signup_credits: int) -> Head:
+    """A new user's balance row and signup credits (the user row is the caller's)."""
     await conn.execute(
         "INSERT INTO credit_balances (user_id, balance, settled, last_seq, last_hash) VALUES (%s, 0, 0, 0, %s)",
         (user_id, chain.GENESIS),
@@ -100,7 +106,31 @@ async def create_user(conn: AsyncConnection, email: str, signup_credits: int) ->
     if signup_credits:
         await append(conn, head, type="signup", amount=signup_credits, key="signup",
                      req=chain.request_hash("signup", amount=signup_credits), description="signup credits")
-    return {"id": str(user_id), "email": email, "balance": head.balance}
+    return head
+
+
+IDENTITY_USER = "SELECT user_id FROM identities WHERE provider = %s AND subject = %s"
+
+
+async def identity_user(conn, provider: str, subject: str) -> uuid.UUID | None:
+    cur = await conn.execute(IDENTITY_USER, (provider, subject))
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def user_for_identity(conn, provider: str, subject: str, signup_credits: int) -> uuid.UUID:
+    """The identity's user, made with the signup credits the first time (in a transaction). The
+    identity row is claimed first: of two concurrent first calls (two regions), the second's insert
+    waits for the first's commit and then does nothing, and it answers the first one's user."""
+    user_id = uuid.uuid4()
+    cur = await conn.execute(
+        "INSERT INTO identities (provider, subject, user_id) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING user_id",
+        (provider, subject, user_id))
+    if await cur.fetchone() is None:
+        return await identity_user(conn, provider, subject)
+    await conn.execute("INSERT INTO users (id) VALUES (%s)", (user_id,))
+    await _open_account(conn, user_id, signup_credits)
+    return user_id
 
 
 async def balance(conn: AsyncConnection, user_id: uuid.UUID) -> dict:

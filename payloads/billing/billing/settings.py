@@ -16,6 +16,24 @@ STATE_DIR_VAR = "BILLING_STATE_DIR"
 DEFAULT_PACKS = "500:500,2000:2000,10000:10000"  # credits (cents of balance) : price in US cents
 
 
+# Sign-in with Google and Apple (identity.py): each provider is on when its client ids are set.
+# Issuers and JWKS URLs are settings so tests and `make local` can stand a local issuer in.
+OIDC_PROVIDERS = {
+    "google": ("https://accounts.google.com,accounts.google.com", "https://www.googleapis.com/oauth2/v3/certs"),
+    "apple": ("https://appleid.apple.com", "https://appleid.apple.com/auth/keys"),
+}
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256")  # asymmetric only: never none or HS*
+
+
+@dataclass(frozen=True)
+class Issuer:
+    provider: str
+    issuers: tuple[str, ...]  # accepted `iss` values
+    jwks_url: str
+    client_ids: tuple[str, ...]  # accepted `aud` values
+    algorithm: str = "RS256"
+
+
 class SettingsError(ValueError):
     def __init__(self, var: str, problem: str):
         super().__init__(f"{var} {problem}")
@@ -51,6 +69,8 @@ class Settings:
     # verify-ledger in the background for the metrics (ledger_check.py): the next run this many
     # seconds after the last ended. About 6 s of one core per 100,000 transactions (measured).
     ledger_verify_interval: float = 300.0
+    oidc_issuers: tuple[Issuer, ...] = ()
+    oidc_ca_file: str | None = None  # a CA bundle for JWKS fetches instead of the system's (local issuer)
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
         return f"Settings(host={self.host!r}, port={self.port}, price={self.price_per_interaction_cents})"
@@ -125,6 +145,28 @@ def _packs(env: Mapping[str, str]) -> dict[int, int]:
     return packs
 
 
+def _list(env: Mapping[str, str], var: str, default: str = "") -> tuple[str, ...]:
+    return tuple(x.strip() for x in (env.get(var, "").strip() or default).split(",") if x.strip())
+
+
+def _issuers(env: Mapping[str, str]) -> tuple[Issuer, ...]:
+    """OIDC_<PROVIDER>_CLIENT_IDS (on when set), _ISSUERS, _JWKS_URL, _ALGORITHM."""
+    found = []
+    for provider, (issuers, jwks_url) in OIDC_PROVIDERS.items():
+        prefix = f"OIDC_{provider.upper()}_"
+        client_ids = _list(env, prefix + "CLIENT_IDS")
+        if not client_ids:
+            continue
+        url = env.get(prefix + "JWKS_URL", "").strip() or jwks_url
+        if not url.startswith("https://"):
+            raise SettingsError(prefix + "JWKS_URL", "must be an https:// URL")
+        algorithm = env.get(prefix + "ALGORITHM", "").strip() or "RS256"
+        if algorithm not in OIDC_ALGORITHMS:
+            raise SettingsError(prefix + "ALGORITHM", f"must be one of {', '.join(OIDC_ALGORITHMS)}")
+        found.append(Issuer(provider, _list(env, prefix + "ISSUERS", issuers), url, client_ids, algorithm))
+    return tuple(found)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     url = _required(env, "DATABASE_URL")
@@ -149,4 +191,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         workers=_int(env, "WORKERS", 1, 1, 32),
         drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
         ledger_verify_interval=_seconds(env, "LEDGER_VERIFY_INTERVAL_SECONDS", Settings.ledger_verify_interval, 1, 86_400),
+        oidc_issuers=_issuers(env),
+        oidc_ca_file=env.get("OIDC_CA_FILE", "").strip() or None,
     )
