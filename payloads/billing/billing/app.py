@@ -24,35 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, batches, db, hotpath, identity, ledger, ledger_check, metrics, payments
+from billing import agent_api, api_keys, auth, batches, db, hotpath, identity, ledger, ledger_check, metrics, payments
+from billing.bodies import MAX_AMOUNT, Amount, Body, Description, Key, Ttl, storable
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
 
 log = logging.getLogger("billing")
 
 MAX_BODY_BYTES = 16 * 1024
-MAX_AMOUNT = 1_000_000
-
-
-def storable(text: str) -> str:
-    """PostgreSQL text cannot hold NUL, which JSON can carry (as \\u0000): refuse it here, naming the
-    field, rather than fail in the database. A validator, so the OpenAPI schema is unchanged.
-    (Unpaired surrogates never get this far: pydantic refuses them as strings.)"""
-    if "\x00" in text:
-        raise ValueError("must not contain the NUL character")
-    return text
-
-
-Key = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")]
-Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
-Ttl = Annotated[StrictInt, Field(ge=1, le=86_400)]
-Description = Annotated[str, Field(max_length=200), AfterValidator(storable)]
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class NewUser(Body):
     email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), AfterValidator(storable)]
 
@@ -120,6 +99,10 @@ class Purchase(Body):
     credits: StrictInt
 
 
+class NewApiKey(Body):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[\x20-\x7e]+$")]
+
+
 def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
@@ -161,17 +144,22 @@ def create_app(settings: Settings) -> FastAPI:
     verified = auth.TokenCache(public_key)
     identities = identity.Verifier(settings.oidc_issuers, settings.oidc_ca_file)
 
-    async def sign_in(id_token: str) -> tuple[uuid.UUID, int]:
-        """The user of a verified ID token (made on first sight) and the token's expiry."""
+    async def verify_id_token(id_token: str) -> identity.Identity:
         try:
-            who = await identities.verify(id_token)
+            return await identities.verify(id_token)
         except identity.IdentityError as e:
             log.info("ID token refused: %s", e.reason)
             raise Problem(401, "unauthorized", f"id_token: {ID_TOKEN_REFUSED.get(e.reason, 'invalid')}") from None
-        user_id = await database.read(ledger.identity_user, who.provider, who.subject)
-        if user_id is None:
-            user_id = await in_tx(ledger.user_for_identity, who.provider, who.subject, settings.signup_credits)
-        return user_id, who.exp
+
+    async def user_of(provider: str, subject: str) -> uuid.UUID:
+        """The identity's user, made with the signup credits on first sight."""
+        return (await database.read(ledger.identity_user, provider, subject)
+                or await in_tx(ledger.user_for_identity, provider, subject, settings.signup_credits))
+
+    async def sign_in(id_token: str) -> tuple[uuid.UUID, int]:
+        """The user of a verified ID token and the token's expiry."""
+        who = await verify_id_token(id_token)
+        return await user_of(who.provider, who.subject), who.exp
 
     def check_token(token: str | None) -> auth.Principal:
         if not token:
@@ -192,6 +180,28 @@ def create_app(settings: Settings) -> FastAPI:
         return check_token(credentials if scheme.lower() == "bearer" else None)
 
     Caller = Annotated[auth.Principal, Depends(principal)]
+
+    async def account(request: Request, provider: str, external_id: str) -> uuid.UUID:
+        """The user a CIRISBilling-shaped request acts for (agent_api.py), named by (provider,
+        external id): an API key or a service acts for whom it names (made on first sight, with
+        the signup credits); a user, by ID token or our token, only for themself."""
+        key = request.headers.get("x-api-key")
+        if key is not None:
+            if len(key) > api_keys.MAX_KEY_CHARS or await database.write(api_keys.check, key) is None:
+                raise Problem(401, "unauthorized", "X-API-Key: unknown or revoked key")
+        else:
+            scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+            token = credentials if scheme.lower() == "bearer" else None
+            if token and identity.is_id_token(token):
+                who = await verify_id_token(token)
+                if (who.provider, who.subject) != (provider, external_id):
+                    raise Problem(403, "forbidden", "a user may act only on their own account")
+            elif (p := check_token(token)).role == "user":
+                user_id = await database.read(ledger.identity_user, provider, external_id)
+                if user_id is None or str(user_id) != p.sub:
+                    raise Problem(403, "forbidden", "a user may act only on their own account")
+                return user_id
+        return await user_of(provider, external_id)
 
     def require(p: auth.Principal, *roles: str) -> None:
         if p.role not in roles:
@@ -362,6 +372,27 @@ def create_app(settings: Settings) -> FastAPI:
                 raise Problem(422, "invalid_request", "cursor: not a cursor from this API")
             before = int(cursor)
         return await database.read(ledger.usage, uid, limit, before)
+
+    @app.post("/v1/admin/api-keys", status_code=201)
+    async def mint_api_key(body: NewApiKey, p: Caller):
+        """A new key for a server agent: the answer is the only time the key is shown."""
+        require(p, "admin")
+        return await in_tx(api_keys.mint, body.name)
+
+    @app.get("/v1/admin/api-keys")
+    async def list_api_keys(p: Caller):
+        require(p, "admin")
+        return await database.read(api_keys.listing)
+
+    @app.delete("/v1/admin/api-keys/{key_id}")
+    async def revoke_api_key(key_id: uuid.UUID, p: Caller):
+        require(p, "admin")
+        revoked = await once(api_keys.revoke, key_id)
+        if revoked is None:
+            raise not_found("api key")
+        return revoked
+
+    agent_api.add_routes(app, settings, database, consumes, account)
 
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)

@@ -382,3 +382,16 @@ async def usage(conn, user_id: uuid.UUID, limit: int, before: int | None) -> dic
         for r in rows[:limit]
     ]
     return {"items": items, "next_cursor": str(items[-1]["id"]) if len(rows) > limit else None}
+
+
+async def transactions_page(conn, user_id: uuid.UUID, limit: int, offset: int) -> tuple[list[dict], int]:
+    """A page of the user's transactions, newest first, by offset, and how many there are."""
+    cur = await conn.execute(
+        """SELECT id, type, amount, balance_after, description, ref, created_at, count(*) OVER () FROM transactions
+           WHERE user_id = %s ORDER BY id DESC LIMIT %s OFFSET %s""", (user_id, limit, offset))
+    rows = await cur.fetchall()
+    if not rows and offset:  # past the end: the count alone
+        cur = await conn.execute("SELECT count(*) FROM transactions WHERE user_id = %s", (user_id,))
+        return [], (await cur.fetchone())[0]
+    return [{"id": r[0], "type": r[1], "amount": r[2], "balance_after": r[3], "description": r[4], "ref": r[5],
+             "created_at": r[6].isoformat()} for r in rows], rows[0][7] if rows else 0

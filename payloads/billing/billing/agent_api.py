@@ -1,0 +1,131 @@
+"""CIRISBilling's API, as the released CIRIS agent calls it (ADR 17), on the same ledger as the
+FSD's /v1/credits routes: a charge is a consume (ledger.consume_many, through the same batches),
+so the hash chain, exactly-once and the non-negative balance hold here exactly as there.
+
+Accounts are named by (oauth_provider, external_id), e.g. ("oauth:google", <Google subject>): the
+same identity as a sign-in with that provider's ID token. Every amount is integer US cents.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Annotated, Awaitable, Callable
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, Field, StrictBool, StrictInt
+
+from billing import batches, db, ledger, metrics
+from billing.bodies import MAX_AMOUNT, Body, Description, Key, storable
+from billing.errors import Problem
+from billing.settings import Settings
+
+Provider = Annotated[str, Field(max_length=38, pattern=r"^oauth:[a-z][a-z0-9_-]{0,31}$")]
+ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")]
+Text = Annotated[str, Field(max_length=255), AfterValidator(storable)]
+# A charge's key is kept under "charge:" (apart from the proxy's consume keys), within 255 characters.
+ChargeKey = Annotated[Key, Field(max_length=248)]
+Currency = Annotated[str, Field(pattern=r"^(USD|usd)$")]  # the ledger is in US cents only
+Account = Callable[[Request, str, str], Awaitable[uuid.UUID]]
+
+
+class Named(Body):
+    """Who a request is for, and what the agent sends along about them (accepted, not stored)."""
+    oauth_provider: Provider
+    external_id: ExternalId
+    wa_id: Text | None = None
+    tenant_id: Text | None = None
+    customer_email: Text | None = None
+    display_name: Text | None = None
+    user_role: Annotated[str, Field(max_length=50), AfterValidator(storable)] | None = None
+    agent_id: Text | None = None
+    marketing_opt_in: StrictBool = False
+    marketing_opt_in_source: Annotated[str, Field(max_length=50), AfterValidator(storable)] | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.oauth_provider.removeprefix("oauth:")
+
+
+class CheckContext(Body):
+    agent_id: Text | None = None
+    channel_id: Text | None = None
+    request_id: Text | None = None
+
+
+class CreditCheck(Named):
+    context: CheckContext | None = None
+
+
+class ChargeMetadata(Body):
+    message_id: Text | None = None
+    agent_id: Text | None = None
+    channel_id: Text | None = None
+    request_id: Text | None = None
+
+
+class Charge(Named):
+    amount_minor: Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
+    currency: Currency
+    description: Description | None = None
+    idempotency_key: ChargeKey | None = None
+    metadata: ChargeMetadata | None = None
+
+
+# Our ledger's transaction types as CIRISBilling names credits (signup credits are a grant).
+CREDIT_TYPES = {"signup": "grant", "grant": "grant", "purchase": "purchase", "refund": "refund"}
+
+
+def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes: batches.Batches, account: Account) -> None:
+    smallest_pack = min(settings.credit_packs.items(), default=(0, 0))
+
+    @app.post("/v1/billing/credits/check")
+    async def check(body: CreditCheck, request: Request):
+        """Whether the account can pay for a call: 200 while it has a balance, 402 once it has none.
+        The signup credits stand in for CIRISBilling's free uses (ADR 17)."""
+        user_id = await account(request, body.provider, body.external_id)
+        balance = (await database.read(ledger.balance, user_id))["balance"]
+        answer = {"has_credit": balance > 0, "credits_remaining": balance, "plan_name": None,
+                  "reason": None if balance > 0 else "no credits left", "free_uses_remaining": 0, "total_uses": 0,
+                  "purchase_required": balance <= 0, "purchase_price_minor": smallest_pack[1],
+                  "purchase_uses": smallest_pack[0], "daily_free_uses_remaining": 0, "daily_free_uses_limit": 0}
+        if balance <= 0:
+            raise Problem(402, "insufficient_credits", "no credits left", **{k: v for k, v in answer.items() if k != "reason"})
+        return answer
+
+    @app.post("/v1/billing/charges", status_code=201)
+    async def charge(body: Charge, request: Request):
+        """A charge under its idempotency key (one is made when the agent sends none). Repeated, it
+        is answered 409 with X-Existing-Charge-ID, which the agent takes as already charged."""
+        user_id = await account(request, body.provider, body.external_id)
+        key = f"charge:{body.idempotency_key or uuid.uuid4()}"
+        description = body.description or "charge"
+        try:
+            outcome, tx, balance = await consumes.submit((user_id, body.amount_minor, key, description))
+            result = ledger.consumed(outcome, tx, balance, body.amount_minor)
+        except Problem as e:
+            metrics.consumed(e.code)
+            raise
+        metrics.consumed("replayed" if result["replayed"] else "debited")
+        if result["replayed"]:
+            return JSONResponse(Problem(409, "already_charged", "a charge under this idempotency_key was already made",
+                                        charge_id=str(tx), balance_after=balance).body(),
+                                status_code=409, headers={"X-Existing-Charge-ID": str(tx)})
+        return {"charge_id": str(tx), "account_id": str(user_id), "amount_minor": body.amount_minor, "currency": "USD",
+                "balance_after": balance, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "description": description, "metadata": (body.metadata or ChargeMetadata()).model_dump()}
+
+    @app.get("/v1/billing/transactions")
+    async def transactions(request: Request, oauth_provider: Annotated[Provider, Query()],
+                           external_id: Annotated[ExternalId, Query()], wa_id: Annotated[Text | None, Query()] = None,
+                           tenant_id: Annotated[Text | None, Query()] = None,
+                           limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0):
+        """The account's movements, newest first, by offset (CIRISBilling's paging)."""
+        user_id = await account(request, oauth_provider.removeprefix("oauth:"), external_id)
+        rows, total = await database.read(ledger.transactions_page, user_id, limit, offset)
+        items = [{"transaction_id": str(r["id"]), "type": "charge" if r["amount"] < 0 else "credit",
+                  "amount_minor": r["amount"], "currency": "USD", "description": r["description"] or r["type"],
+                  "created_at": r["created_at"], "balance_after": r["balance_after"],
+                  "transaction_type": CREDIT_TYPES.get(r["type"]), "external_transaction_id": r["ref"]} for r in rows]
+        return {"transactions": items, "total_count": total, "has_more": offset + len(items) < total}
