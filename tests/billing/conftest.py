@@ -36,11 +36,13 @@ KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).d
 
 
 class FakeStripe:
-    """Stripe's API as far as billing uses it: POST /v1/checkout/sessions. Records each request's
-    form parameters; `fail = True` answers 500."""
+    """Stripe's API as far as billing uses it: POST /v1/checkout/sessions, POST and GET
+    /v1/payment_intents. Records each request's form parameters; `fail = True` answers 500.
+    PaymentIntents are kept in `intents` by id: a test sets one's "status" to "succeeded"."""
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.intents: dict[str, dict] = {}
         self.fail = False
         outer = self
 
@@ -49,12 +51,29 @@ class FakeStripe:
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 params = dict(urllib.parse.parse_qsl(body))
                 outer.requests.append({"path": self.path, "params": params, "auth": self.headers.get("authorization")})
-                if outer.fail or self.path != "/v1/checkout/sessions":
-                    self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
-                    return
-                sid = f"cs_test_{uuid.uuid4().hex}"
-                self._reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
-                                  "mode": "payment", "client_reference_id": params.get("client_reference_id")})
+                if outer.fail:
+                    return self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                if self.path == "/v1/checkout/sessions":
+                    sid = f"cs_test_{uuid.uuid4().hex}"
+                    return self._reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
+                                             "mode": "payment", "client_reference_id": params.get("client_reference_id")})
+                if self.path == "/v1/payment_intents":
+                    pid = f"pi_test_{uuid.uuid4().hex}"
+                    metadata = {k[len("metadata["):-1]: v for k, v in params.items() if k.startswith("metadata[")}
+                    outer.intents[pid] = {"id": pid, "object": "payment_intent", "amount": int(params["amount"]),
+                                          "amount_received": 0, "currency": params["currency"], "metadata": metadata,
+                                          "client_secret": f"{pid}_secret_{uuid.uuid4().hex}", "status": "requires_payment_method"}
+                    return self._reply(200, outer.intents[pid])
+                self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+
+            def do_GET(self):
+                outer.requests.append({"path": self.path, "params": {}, "auth": self.headers.get("authorization")})
+                found = outer.intents.get(self.path.removeprefix("/v1/payment_intents/"))
+                if outer.fail:
+                    return self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                if found is None:
+                    return self._reply(404, {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such payment_intent"}})
+                self._reply(200, found)
 
             def _reply(self, status, doc):
                 data = json.dumps(doc).encode()
@@ -70,6 +89,12 @@ class FakeStripe:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def pay(self, payment_id: str) -> dict:
+        """The customer paid: the PaymentIntent succeeds (as Stripe then reports it)."""
+        pi = self.intents[payment_id]
+        pi.update(status="succeeded", amount_received=pi["amount"])
+        return pi
 
 
 class Billing:
@@ -155,6 +180,7 @@ def billing(cluster, stripe_api, oidc, tmp_path_factory):
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "STRIPE_API_BASE": stripe_api.url,
+        "STRIPE_PUBLISHABLE_KEY": "pk_test_ciris",
         # Bursts of hundreds of requests on one worker queue for the pool longer than production's
         # budget on this shared machine; these tests are about exactly-once answers, test_failover
         # about the budget.

@@ -140,3 +140,58 @@ def test_odd_charges_are_422_naming_the_field_and_charge_nothing(api, key, odd):
     assert r.json()["error"]["message"].startswith(field if field != "admin" else "admin"), r.json()
     if "oauth_provider" not in odd and "external_id" not in odd:
         assert remaining(api, key, who) == 15
+
+
+def test_a_purchase_is_a_payment_intent_whose_credits_come_once(api, key, stripe_api):
+    from tests.billing.test_stripe import deliver
+
+    who = account()
+    r = api.post("/v1/billing/purchases", json={**who, "customer_email": "buyer@example.org", "return_url": "https://x.test/r",
+                                                "wa_id": "google:1", "tenant_id": None, "marketing_opt_in": False,
+                                                "user_role": "observer"}, headers=key)
+    assert r.status_code == 201, r.text
+    bought = r.json()
+    assert (bought["amount_minor"], bought["uses_purchased"], bought["currency"], bought["publishable_key"]) == (500, 500, "USD", "pk_test_ciris")
+    assert bought["client_secret"].startswith(bought["payment_id"]) and bought["status"] == "requires_payment_method"
+    sent = stripe_api.requests[-1]["params"]
+    assert sent["metadata[flow]"] == "in_app" and sent["receipt_email"] == "buyer@example.org"
+    status = f"/v1/billing/purchases/{bought['payment_id']}/status"
+    r = api.get(status, params={**who, "wa_id": "google:1", "user_role": "observer"}, headers=key)
+    assert (r.status_code, r.json()["status"], r.json()["credits_added"]) == (200, "requires_payment_method", 0)
+    assert "client_secret" not in r.json()
+    pi = stripe_api.pay(bought["payment_id"])
+    # The status route and the webhook both grant it; once between them, whichever is first.
+    assert api.get(status, params=who, headers=key).json()["credits_added"] == 500
+    event = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "payment_intent.succeeded", "data": {"object": pi}}
+    assert deliver(api, event).json()["outcome"] == "already_credited"
+    assert api.get(status, params=who, headers=key).json()["credits_added"] == 500
+    assert remaining(api, key, who) == 515
+    # Someone else cannot look at it, nor at a payment that does not exist.
+    assert api.get(status, params=account(), headers=key).status_code == 404
+    assert api.get("/v1/billing/purchases/pi_nope/status", params=who, headers=key).status_code == 404
+    assert api.get("/v1/billing/purchases/..%2Fx/status", params=who, headers=key).status_code in (404, 422)
+
+
+def test_a_succeeded_payment_intent_webhook_grants_once_and_checkout_intents_are_left_to_their_session(api, key, stripe_api):
+    from tests.billing.test_stripe import deliver
+
+    who = account()
+    bought = api.post("/v1/billing/purchases", json={**who, "customer_email": "b@example.org"}, headers=key).json()
+    pi = stripe_api.pay(bought["payment_id"])
+    event = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "payment_intent.succeeded", "data": {"object": pi}}
+    assert deliver(api, event).json()["outcome"] == "credited"
+    assert deliver(api, {**event, "id": f"evt_{uuid.uuid4().hex}"}).json()["outcome"] == "already_credited"
+    assert remaining(api, key, who) == 515
+    checkout_pi = {**pi, "id": f"pi_{uuid.uuid4().hex}", "metadata": {"user_id": pi["metadata"]["user_id"], "credits": "500"}}
+    event = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": "payment_intent.succeeded", "data": {"object": checkout_pi}}
+    assert deliver(api, event).json()["outcome"] == "ignored"
+    assert remaining(api, key, who) == 515
+
+
+def test_a_purchase_when_stripe_fails_is_502_and_says_nothing_secret(api, key, stripe_api):
+    stripe_api.fail = True
+    try:
+        r = api.post("/v1/billing/purchases", json={**account(), "customer_email": "c@example.org"}, headers=key)
+        assert r.status_code == 502 and "sk_test" not in r.text
+    finally:
+        stripe_api.fail = False

@@ -12,16 +12,19 @@ import datetime
 import uuid
 from typing import Annotated, Awaitable, Callable
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, Field, StrictBool, StrictInt
 
-from billing import batches, db, ledger, metrics
+import stripe
+
+from billing import batches, db, ledger, metrics, payments
 from billing.bodies import MAX_AMOUNT, Body, Description, Key, storable
 from billing.errors import Problem
 from billing.settings import Settings
 
-Provider = Annotated[str, Field(max_length=38, pattern=r"^oauth:[a-z][a-z0-9_-]{0,31}$")]
+# The agent names users without a sign-in "oauth:api:internal".
+Provider = Annotated[str, Field(max_length=38, pattern=r"^oauth:[a-z][a-z0-9_:.-]{0,31}$")]
 ExternalId = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")]
 Text = Annotated[str, Field(max_length=255), AfterValidator(storable)]
 # A charge's key is kept under "charge:" (apart from the proxy's consume keys), within 255 characters.
@@ -49,6 +52,7 @@ class Named(Body):
 
 
 class CheckContext(Body):
+    source: Text | None = None  # "purchase_status_check", from the agent's purchase status route
     agent_id: Text | None = None
     channel_id: Text | None = None
     request_id: Text | None = None
@@ -73,12 +77,26 @@ class Charge(Named):
     metadata: ChargeMetadata | None = None
 
 
+class PurchaseRequest(Named):
+    return_url: Annotated[str, Field(max_length=2048), AfterValidator(storable)] | None = None
+
+
 # Our ledger's transaction types as CIRISBilling names credits (signup credits are a grant).
 CREDIT_TYPES = {"signup": "grant", "grant": "grant", "purchase": "purchase", "refund": "refund"}
 
 
-def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes: batches.Batches, account: Account) -> None:
+def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes: batches.Batches, account: Account,
+               stripe_client: stripe.StripeClient | None) -> None:
+    # CIRISBilling sells one product; here it is the smallest of the credit packs (ADR 17).
     smallest_pack = min(settings.credit_packs.items(), default=(0, 0))
+
+    def purchase(pi, credits_added: int | None = None) -> dict:
+        credits = int((pi.get("metadata") or {}).get("credits") or 0)
+        answer = {"payment_id": pi["id"], "amount_minor": pi["amount"], "currency": "USD", "uses_purchased": credits,
+                  "status": pi["status"], "publishable_key": settings.stripe_publishable_key}
+        if credits_added is None:  # a new payment: the app needs its client secret
+            return {**answer, "client_secret": pi["client_secret"]}
+        return {**answer, "credits_added": credits_added}
 
     @app.post("/v1/billing/credits/check")
     async def check(body: CreditCheck, request: Request):
@@ -129,3 +147,29 @@ def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes
                   "created_at": r["created_at"], "balance_after": r["balance_after"],
                   "transaction_type": CREDIT_TYPES.get(r["type"]), "external_transaction_id": r["ref"]} for r in rows]
         return {"transactions": items, "total_count": total, "has_more": offset + len(items) < total}
+
+    @app.post("/v1/billing/purchases", status_code=201)
+    async def create_purchase(body: PurchaseRequest, request: Request):
+        """A Stripe PaymentIntent for the app's payment sheet; its credits come when it succeeds
+        (the payment_intent.succeeded webhook, or the status route, whichever is first)."""
+        if stripe_client is None:
+            raise payments.unavailable("STRIPE_SECRET_KEY")
+        user_id = await account(request, body.provider, body.external_id)
+        credits, price = smallest_pack
+        pi = await payments.create_intent(stripe_client, str(user_id), credits, price, body.customer_email)
+        return purchase(pi)
+
+    @app.get("/v1/billing/purchases/{payment_id}/status")
+    async def purchase_status(request: Request, payment_id: Annotated[str, Path(max_length=255, pattern=r"^pi_[A-Za-z0-9_]+$")],
+                              oauth_provider: Annotated[Provider, Query()], external_id: Annotated[ExternalId, Query()]):
+        """The payment's status; a succeeded one's credits are granted here if the webhook has not
+        yet (once: both go through ledger.credit_purchase under the PaymentIntent's id)."""
+        if stripe_client is None:
+            raise payments.unavailable("STRIPE_SECRET_KEY")
+        user_id = await account(request, oauth_provider.removeprefix("oauth:"), external_id)
+        pi = await payments.intent(stripe_client, payment_id)
+        found = payments.intent_credits(pi) if pi is not None else None
+        if found is None or found[0] != user_id:  # someone else's payment is as unknown as none
+            raise Problem(404, "not_found", "payment not found")
+        credited = pi["status"] == "succeeded" and await database.write(payments.credit_intent, pi, transaction=True) != "not_paid"
+        return purchase(pi, found[1] if credited else 0)

@@ -392,7 +392,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise not_found("api key")
         return revoked
 
-    agent_api.add_routes(app, settings, database, consumes, account)
+    agent_api.add_routes(app, settings, database, consumes, account, stripe_client)
 
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)

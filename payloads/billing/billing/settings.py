@@ -47,6 +47,7 @@ class Settings:
     stripe_secret_key: str | None = field(default=None, repr=False)  # None: purchases answer 503
     stripe_webhook_secret: str | None = field(default=None, repr=False)  # None: webhooks answer 503
     stripe_api_base: str | None = None
+    stripe_publishable_key: str = ""  # handed to the app with a PaymentIntent (agent_api.py); not secret
     price_per_interaction_cents: int = 5
     signup_credits: int = 15
     credit_packs: dict[int, int] = field(default_factory=dict)  # credits -> price in cents
@@ -178,6 +179,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip() or None,
         stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip() or None,
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
+        stripe_publishable_key=env.get("STRIPE_PUBLISHABLE_KEY", "").strip(),
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         signup_credits=_int(env, "SIGNUP_CREDITS", 15, 0, 1_000_000),
         credit_packs=_packs(env),

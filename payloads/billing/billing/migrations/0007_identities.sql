@@ -3,7 +3,7 @@
 -- at once; the foreign key is checked at commit so the identity row can be claimed first
 -- (ledger.user_for_identity) and the user created only by the transaction that claimed it.
 CREATE TABLE identities (
-    provider    text NOT NULL CHECK (provider ~ '^[a-z][a-z0-9_-]{0,31}$'),
+    provider    text NOT NULL CHECK (provider ~ '^[a-z][a-z0-9_:.-]{0,31}$'),
     subject     text NOT NULL CHECK (length(subject) BETWEEN 1 AND 255),
     user_id     uuid NOT NULL UNIQUE REFERENCES users (id) DEFERRABLE INITIALLY DEFERRED,
     created_at  timestamptz NOT NULL DEFAULT now(),
