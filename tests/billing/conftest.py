@@ -97,6 +97,78 @@ class FakeStripe:
         return pi
 
 
+class FakePlay:
+    """The Google Play Developer API as far as billing uses it: a service account's token at
+    /token (its JWT assertion verified with the account's key), a product purchase by token, and
+    :consume. `sell()` makes a purchase; `purchases` holds each by (package, product, token)."""
+
+    PATH = "/androidpublisher/v3/applications/"
+
+    def __init__(self, directory: Path):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key = key.public_key()
+        self.access_token = f"ya29.{uuid.uuid4().hex}"
+        self.purchases: dict[tuple[str, str, str], dict] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                if self.path == "/token":
+                    assertion = dict(urllib.parse.parse_qsl(body)).get("assertion", "")
+                    try:
+                        jwt.decode(assertion, outer.public_key, algorithms=["RS256"], audience=f"{outer.url}/token")
+                    except jwt.PyJWTError:
+                        return self._reply(400, {"error": "invalid_grant"})
+                    return self._reply(200, {"access_token": outer.access_token, "expires_in": 3600, "token_type": "Bearer"})
+                found = self._purchase(self.path.removesuffix(":consume"))
+                if found is None or not self.path.endswith(":consume"):
+                    return self._reply(404 if found is None else 400, {"error": {"code": 404}})
+                found["consumptionState"] = 1
+                self._reply(200, {})
+
+            def do_GET(self):
+                found = self._purchase(self.path)
+                self._reply(404, {"error": {"code": 404, "message": "not found"}}) if found is None else self._reply(200, found)
+
+            def _purchase(self, path):
+                if self.headers.get("authorization") != f"Bearer {outer.access_token}" or not path.startswith(FakePlay.PATH):
+                    return None
+                parts = [urllib.parse.unquote(p) for p in path[len(FakePlay.PATH):].split("/")]
+                if len(parts) != 6 or parts[1:3] != ["purchases", "products"] or parts[4] != "tokens":
+                    return None
+                return outer.purchases.get((parts[0], parts[3], parts[5]))
+
+            def _reply(self, status, doc):
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.account_file = directory / "play-service-account.json"
+        self.account_file.write_text(json.dumps({
+            "type": "service_account", "client_email": "billing@ciris-test.iam.gserviceaccount.com", "token_uri": f"{self.url}/token",
+            "private_key": key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()}))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def sell(self, product: str, package: str = "ai.ciris.mobile", state: int = 0) -> str:
+        """A purchase of `product` (purchaseState `state`: 0 paid, 1 cancelled, 2 pending); its token."""
+        token = f"play-token-{uuid.uuid4().hex}.AO-J1O{uuid.uuid4().hex}"
+        self.purchases[(package, product, token)] = {
+            "kind": "androidpublisher#productPurchase", "orderId": f"GPA.{uuid.uuid4().hex[:16]}", "purchaseState": state,
+            "consumptionState": 0, "acknowledgementState": 0, "purchaseTimeMillis": str(int(time.time() * 1000)), "purchaseType": 0}
+        return token
+
+
 class Billing:
     def __init__(self, env: dict, log: Path):
         self.env, self.log = env, log
@@ -171,10 +243,19 @@ def oidc(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def billing(cluster, stripe_api, oidc, tmp_path_factory):
+def play_api(tmp_path_factory):
+    fake = FakePlay(tmp_path_factory.mktemp("play"))
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def billing(cluster, stripe_api, oidc, play_api, tmp_path_factory):
     env = {
         **os.environ,
         **oidc.env(),
+        "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE": str(play_api.account_file),
+        "GOOGLE_PLAY_API_BASE": play_api.url,
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",

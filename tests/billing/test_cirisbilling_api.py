@@ -195,3 +195,71 @@ def test_a_purchase_when_stripe_fails_is_502_and_says_nothing_secret(api, key, s
         assert r.status_code == 502 and "sk_test" not in r.text
     finally:
         stripe_api.fail = False
+
+
+PLAY = "/v1/billing/google-play/verify"
+
+
+def play_body(who: dict, token: str, product: str = "credits_100", package: str = "ai.ciris.mobile") -> dict:
+    return {**who, "email": None, "display_name": None, "purchase_token": token, "product_id": product, "package_name": package}
+
+
+def test_a_play_purchase_grants_its_credits_once_ever_and_is_consumed(api, key, play_api, billing):
+    who = account()
+    token = play_api.sell("credits_100")
+    r = api.post(PLAY, json=play_body(who, token), headers=key)
+    assert r.status_code == 200, r.text
+    assert {k: r.json()[k] for k in ("success", "credits_added", "new_balance", "already_processed")} == \
+        {"success": True, "credits_added": 999, "new_balance": 1014, "already_processed": False}
+    assert play_api.purchases[("ai.ciris.mobile", "credits_100", token)]["consumptionState"] == 1  # so acknowledged
+    assert token not in billing.log.read_text()
+    again = api.post(PLAY, json=play_body(who, token), headers=key).json()
+    assert (again["already_processed"], again["credits_added"], again["new_balance"]) == (True, 999, 1014)
+    # The same token from another account: refused, nothing granted.
+    other = account()
+    r = api.post(PLAY, json=play_body(other, token), headers=key)
+    assert r.status_code == 409 and r.json()["error"]["message"].startswith("purchase_token"), r.text
+    assert remaining(api, key, other) == 15 and remaining(api, key, who) == 1014
+
+
+def test_concurrent_verifies_of_one_play_token_grant_once(api, key, play_api, billing):
+    import asyncio
+
+    who = account()
+    token = play_api.sell("credits_250")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=billing.url, timeout=60) as client:
+            return await asyncio.gather(*[client.post(PLAY, json=play_body(who, token, "credits_250"), headers=key) for _ in range(8)])
+
+    answers = run(burst())
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert sorted(r.json()["already_processed"] for r in answers) == [False] + [True] * 7
+    assert remaining(api, key, who) == 15 + 2499
+
+
+@pytest.mark.parametrize("case", ["other_package", "other_product", "unknown_product", "unknown_token", "pending", "cancelled",
+                                  "consumed_elsewhere", "odd_token"])
+def test_hostile_play_tokens_grant_nothing(api, key, play_api, case):
+    who = account()
+    if case == "other_package":  # a real purchase, but of another app
+        body = play_body(who, play_api.sell("credits_100", package="com.evil.app"), package="com.evil.app")
+    elif case == "other_product":  # bought credits_100, claimed as credits_600
+        body = play_body(who, play_api.sell("credits_100"), product="credits_600")
+    elif case == "unknown_product":
+        body = play_body(who, play_api.sell("credits_9999"), product="credits_9999")
+    elif case == "unknown_token":
+        body = play_body(who, f"forged-{uuid.uuid4().hex}")
+    elif case in ("pending", "cancelled"):
+        body = play_body(who, play_api.sell("credits_100", state=2 if case == "pending" else 1))
+    elif case == "consumed_elsewhere":
+        token = play_api.sell("credits_100")
+        next(p for k, p in play_api.purchases.items() if k[2] == token)["consumptionState"] = 1
+        body = play_body(who, token)
+    else:
+        body = play_body(who, "short")
+    r = api.post(PLAY, json=body, headers=key)
+    assert r.status_code in (409, 422) and r.json()["error"]["code"] in ("invalid_request", "invalid_purchase", "conflict"), r.text
+    field = r.json()["error"]["message"].split(":")[0]
+    assert field in ("package_name", "product_id", "purchase_token"), r.text
+    assert remaining(api, key, who) == 15

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field, StrictBool, StrictInt
 
 import stripe
 
-from billing import batches, db, ledger, metrics, payments
+from billing import batches, db, google_play, ledger, metrics, payments
 from billing.bodies import MAX_AMOUNT, Body, Description, Key, storable
 from billing.errors import Problem
 from billing.settings import Settings
@@ -81,12 +81,19 @@ class PurchaseRequest(Named):
     return_url: Annotated[str, Field(max_length=2048), AfterValidator(storable)] | None = None
 
 
+class PlayVerify(Named):
+    purchase_token: Annotated[str, Field(min_length=10, max_length=4096, pattern=r"^[\x21-\x7e]+$")]
+    product_id: Annotated[str, Field(min_length=1, max_length=150, pattern=r"^[a-z0-9][a-z0-9_.]*$")]
+    package_name: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.]+$")]
+    email: Text | None = None
+
+
 # Our ledger's transaction types as CIRISBilling names credits (signup credits are a grant).
 CREDIT_TYPES = {"signup": "grant", "grant": "grant", "purchase": "purchase", "refund": "refund"}
 
 
 def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes: batches.Batches, account: Account,
-               stripe_client: stripe.StripeClient | None) -> None:
+               stripe_client: stripe.StripeClient | None, play: google_play.PlayApi | None) -> None:
     # CIRISBilling sells one product; here it is the smallest of the credit packs (ADR 17).
     smallest_pack = min(settings.credit_packs.items(), default=(0, 0))
 
@@ -173,3 +180,38 @@ def add_routes(app: FastAPI, settings: Settings, database: db.Database, consumes
             raise Problem(404, "not_found", "payment not found")
         credited = pi["status"] == "succeeded" and await database.write(payments.credit_intent, pi, transaction=True) != "not_paid"
         return purchase(pi, found[1] if credited else 0)
+
+    @app.post("/v1/billing/google-play/verify")
+    async def verify_play_purchase(body: PlayVerify, request: Request):
+        """Grant a Google Play purchase's credits: once ever per purchase token. The same account
+        sending the token again is answered already_processed; another account, 409."""
+        if play is None:
+            raise google_play.unavailable()
+        if body.package_name != settings.google_play_package:
+            raise Problem(422, "invalid_request", "package_name: not this app's package")
+        credits = settings.google_play_products.get(body.product_id)
+        if credits is None:
+            raise Problem(422, "invalid_request", "product_id: not a product of this app")
+        user_id = await account(request, body.provider, body.external_id)
+        purchase_id = google_play.token_id(body.purchase_token)
+        earlier = await database.read(ledger.purchase_owner, purchase_id) or await redeem(body, user_id, purchase_id, credits)
+        if earlier is not None and earlier[0] != user_id:
+            raise Problem(409, "conflict", "purchase_token: already redeemed by another account")
+        balance = (await database.read(ledger.balance, user_id))["balance"]
+        return {"success": True, "credits_added": earlier[1] if earlier else credits, "new_balance": balance,
+                "already_processed": earlier is not None}
+
+    async def redeem(body: PlayVerify, user_id: uuid.UUID, purchase_id: str, credits: int) -> tuple[uuid.UUID, int] | None:
+        """Verify with Google, grant, consume: None when this request granted it; else who was
+        granted it by a concurrent twin of this request, and how much."""
+        try:
+            await play.verify(body.package_name, body.product_id, body.purchase_token)
+        except Problem as e:  # consumed: by a concurrent twin that granted it meanwhile, or never here
+            earlier = e.status == 409 and await database.read(ledger.purchase_owner, purchase_id)
+            if earlier:
+                return earlier
+            raise
+        if not await database.write(ledger.credit_purchase, user_id, purchase_id, credits, 0, None, "play", transaction=True):
+            return await database.read(ledger.purchase_owner, purchase_id)
+        await play.consume(body.package_name, body.product_id, body.purchase_token)
+        return None

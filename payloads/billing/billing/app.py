@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import agent_api, api_keys, auth, batches, db, hotpath, identity, ledger, ledger_check, metrics, payments
+from billing import agent_api, api_keys, auth, batches, db, google_play, hotpath, identity, ledger, ledger_check, metrics, payments
 from billing.bodies import MAX_AMOUNT, Amount, Body, Description, Key, Ttl, storable
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
@@ -107,6 +107,8 @@ def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
+    play = (google_play.PlayApi(settings.google_play_service_account_file, settings.google_play_api_base)
+            if settings.google_play_service_account_file else None)
     # python -m billing makes this directory fresh for each start, shared by its workers.
     state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
     consumes = batches.Batches(lambda items, seconds: database.write(ledger.consume_many, items, within=seconds),
@@ -122,6 +124,8 @@ def create_app(settings: Settings) -> FastAPI:
         for task in background:
             task.cancel()
         await identities.close()
+        if play:
+            await play.close()
         await database.close()
 
     async def sweep_holds():
@@ -392,7 +396,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise not_found("api key")
         return revoked
 
-    agent_api.add_routes(app, settings, database, consumes, account, stripe_client)
+    agent_api.add_routes(app, settings, database, consumes, account, stripe_client, play)
 
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)

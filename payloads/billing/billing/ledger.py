@@ -306,8 +306,10 @@ async def record_event(conn, event_id: str, event_type: str) -> bool:
     return await cur.fetchone() is not None
 
 
-async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: int, amount_paid: int, payment_intent: str | None) -> bool:
-    """Grant a paid Checkout Session's credits, once per session. False when already granted."""
+async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: int, amount_paid: int, payment_intent: str | None,
+                          source: str = "stripe") -> bool:
+    """Grant a paid purchase's credits, once per id (a Checkout Session's, a PaymentIntent's, a
+    Google Play purchase token's hash). False when already granted."""
     head = await lock_head(conn, user_id)
     cur = await conn.execute(
         """INSERT INTO purchases (session_id, user_id, credits, amount_paid, payment_intent) VALUES (%s, %s, %s, %s, %s)
@@ -316,10 +318,16 @@ async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: in
     )
     if await cur.fetchone() is None:
         return False
-    await append(conn, head, type="purchase", amount=credits, key=f"stripe:{session_id}",
+    await append(conn, head, type="purchase", amount=credits, key=f"{source}:{session_id}",
                  req=chain.request_hash("purchase", session=session_id, credits=credits), ref=session_id,
                  description=f"purchase of {credits} credits")
     return True
+
+
+async def purchase_owner(conn, session_id: str) -> tuple[uuid.UUID, int] | None:
+    """Who a purchase's credits went to, and how many; None if never granted."""
+    cur = await conn.execute("SELECT user_id, credits FROM purchases WHERE session_id = %s", (session_id,))
+    return await cur.fetchone()
 
 
 async def refund_purchase(conn, payment_intent: str, amount_refunded: int, charge_amount: int, charge_id: str) -> tuple[int, int] | None:

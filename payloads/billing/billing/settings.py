@@ -3,6 +3,7 @@ naming the variable (SettingsError), never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -14,6 +15,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 # each start, holding what the workers share (ledger_check.py, metrics.py).
 STATE_DIR_VAR = "BILLING_STATE_DIR"
 DEFAULT_PACKS = "500:500,2000:2000,10000:10000"  # credits (cents of balance) : price in US cents
+# Google Play products (the app's, as in CIRISBilling) : credits granted, the product's price in cents.
+DEFAULT_PLAY_PRODUCTS = "credits_100:999,credits_250:2499,credits_600:5999"
 
 
 # Sign-in with Google and Apple (identity.py): each provider is on when its client ids are set.
@@ -70,6 +73,10 @@ class Settings:
     # verify-ledger in the background for the metrics (ledger_check.py): the next run this many
     # seconds after the last ended. About 6 s of one core per 100,000 transactions (measured).
     ledger_verify_interval: float = 300.0
+    google_play_service_account_file: str | None = None  # None: google-play/verify answers 503
+    google_play_api_base: str = "https://androidpublisher.googleapis.com"
+    google_play_package: str = "ai.ciris.mobile"
+    google_play_products: dict[str, int] = field(default_factory=dict)  # product id -> credits
     oidc_issuers: tuple[Issuer, ...] = ()
     oidc_ca_file: str | None = None  # a CA bundle for JWKS fetches instead of the system's (local issuer)
 
@@ -130,6 +137,34 @@ def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SettingsError(var, "must be an Ed25519 key (EdDSA tokens)")
     return key
+
+
+def _play_account(env: Mapping[str, str]) -> str | None:
+    """The service account file's path, once it reads as one (google_play.py reads it again)."""
+    var = "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE"
+    path = env.get(var, "").strip()
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            account = json.load(f)
+        if not all(isinstance(account.get(k), str) for k in ("client_email", "private_key", "token_uri")):
+            raise ValueError
+    except OSError as e:
+        raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+    except (ValueError, AttributeError):
+        raise SettingsError(var, "is not a service account key (client_email, private_key, token_uri)") from None
+    return path
+
+
+def _play_products(env: Mapping[str, str]) -> dict[str, int]:
+    products = {}
+    for item in (env.get("GOOGLE_PLAY_PRODUCTS", "").strip() or DEFAULT_PLAY_PRODUCTS).split(","):
+        product, _, credits = item.strip().partition(":")
+        if not product or not credits.isdigit() or int(credits) <= 0:
+            raise SettingsError("GOOGLE_PLAY_PRODUCTS", f"must be product_id:credits pairs separated by commas, got {item!r}")
+        products[product] = int(credits)
+    return products
 
 
 def _packs(env: Mapping[str, str]) -> dict[int, int]:
@@ -193,6 +228,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         workers=_int(env, "WORKERS", 1, 1, 32),
         drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
         ledger_verify_interval=_seconds(env, "LEDGER_VERIFY_INTERVAL_SECONDS", Settings.ledger_verify_interval, 1, 86_400),
+        google_play_service_account_file=_play_account(env),
+        google_play_api_base=env.get("GOOGLE_PLAY_API_BASE", "").strip() or Settings.google_play_api_base,
+        google_play_package=env.get("GOOGLE_PLAY_PACKAGE_NAME", "").strip() or Settings.google_play_package,
+        google_play_products=_play_products(env),
         oidc_issuers=_issuers(env),
         oidc_ca_file=env.get("OIDC_CA_FILE", "").strip() or None,
     )
