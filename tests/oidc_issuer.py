@@ -8,18 +8,16 @@ discovery document per provider over HTTPS (its own CA), and ID tokens signed li
 
 from __future__ import annotations
 
-import json
 import ssl
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.json_server import JsonHandler, serve
 from tests.postgres.conftest import make_ca
 
 PROVIDERS = ("google", "apple")
@@ -40,36 +38,22 @@ class LocalIssuer:
         self.down = False  # True: every request answers 503 (an issuer outage)
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self):
                 provider, _, rest = self.path.strip("/").partition("/")
                 if outer.down or provider not in PROVIDERS:
-                    return self._reply(503 if outer.down else 404, {"error": "unavailable" if outer.down else "not found"})
+                    return self.reply(503 if outer.down else 404, {"error": "unavailable" if outer.down else "not found"})
                 if rest == "jwks":
                     outer.jwks_requests[provider] += 1
-                    return self._reply(200, outer.jwks(provider))
+                    return self.reply(200, outer.jwks(provider))
                 if rest == ".well-known/openid-configuration":
-                    return self._reply(200, {"issuer": outer.issuer(provider), "jwks_uri": outer.jwks_url(provider),
+                    return self.reply(200, {"issuer": outer.issuer(provider), "jwks_uri": outer.jwks_url(provider),
                                              "id_token_signing_alg_values_supported": ["RS256"]})
-                self._reply(404, {"error": "not found"})
-
-            def _reply(self, status, doc):
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                self.reply(404, {"error": "not found"})
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(crt, key)
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.base = f"https://{host}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.base = serve(Handler, host, port, tls=context)
 
     def issuer(self, provider: str) -> str:
         return f"{self.base}/{provider}"

@@ -9,11 +9,9 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
+from tests.json_server import JsonHandler, serve
 from tests.oidc_issuer import LocalIssuer
 from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_primary, workspace
 
@@ -46,16 +45,16 @@ class FakeStripe:
         self.fail = False
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 params = dict(urllib.parse.parse_qsl(body))
                 outer.requests.append({"path": self.path, "params": params, "auth": self.headers.get("authorization")})
                 if outer.fail:
-                    return self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                    return self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
                 if self.path == "/v1/checkout/sessions":
                     sid = f"cs_test_{uuid.uuid4().hex}"
-                    return self._reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
+                    return self.reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
                                              "mode": "payment", "client_reference_id": params.get("client_reference_id")})
                 if self.path == "/v1/payment_intents":
                     pid = f"pi_test_{uuid.uuid4().hex}"
@@ -63,32 +62,19 @@ class FakeStripe:
                     outer.intents[pid] = {"id": pid, "object": "payment_intent", "amount": int(params["amount"]),
                                           "amount_received": 0, "currency": params["currency"], "metadata": metadata,
                                           "client_secret": f"{pid}_secret_{uuid.uuid4().hex}", "status": "requires_payment_method"}
-                    return self._reply(200, outer.intents[pid])
-                self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                    return self.reply(200, outer.intents[pid])
+                self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
 
             def do_GET(self):
                 outer.requests.append({"path": self.path, "params": {}, "auth": self.headers.get("authorization")})
                 found = outer.intents.get(self.path.removeprefix("/v1/payment_intents/"))
                 if outer.fail:
-                    return self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                    return self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
                 if found is None:
-                    return self._reply(404, {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such payment_intent"}})
-                self._reply(200, found)
+                    return self.reply(404, {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such payment_intent"}})
+                self.reply(200, found)
 
-            def _reply(self, status, doc):
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def pay(self, payment_id: str) -> dict:
         """The customer paid: the PaymentIntent succeeds (as Stripe then reports it)."""
@@ -113,7 +99,7 @@ class FakePlay:
         self.purchases: dict[tuple[str, str, str], dict] = {}
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 if self.path == "/token":
@@ -121,17 +107,17 @@ class FakePlay:
                     try:
                         jwt.decode(assertion, outer.public_key, algorithms=["RS256"], audience=f"{outer.url}/token")
                     except jwt.PyJWTError:
-                        return self._reply(400, {"error": "invalid_grant"})
-                    return self._reply(200, {"access_token": outer.access_token, "expires_in": 3600, "token_type": "Bearer"})
+                        return self.reply(400, {"error": "invalid_grant"})
+                    return self.reply(200, {"access_token": outer.access_token, "expires_in": 3600, "token_type": "Bearer"})
                 found = self._purchase(self.path.removesuffix(":consume"))
                 if found is None or not self.path.endswith(":consume"):
-                    return self._reply(404 if found is None else 400, {"error": {"code": 404}})
+                    return self.reply(404 if found is None else 400, {"error": {"code": 404}})
                 found["consumptionState"] = 1
-                self._reply(200, {})
+                self.reply(200, {})
 
             def do_GET(self):
                 found = self._purchase(self.path)
-                self._reply(404, {"error": {"code": 404, "message": "not found"}}) if found is None else self._reply(200, found)
+                self.reply(404, {"error": {"code": 404, "message": "not found"}}) if found is None else self.reply(200, found)
 
             def _purchase(self, path):
                 if self.headers.get("authorization") != f"Bearer {outer.access_token}" or not path.startswith(FakePlay.PATH):
@@ -141,24 +127,11 @@ class FakePlay:
                     return None
                 return outer.purchases.get((parts[0], parts[3], parts[5]))
 
-            def _reply(self, status, doc):
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server, self.url = serve(Handler)
         self.account_file = directory / "play-service-account.json"
         self.account_file.write_text(json.dumps({
             "type": "service_account", "client_email": "billing@ciris-test.iam.gserviceaccount.com", "token_uri": f"{self.url}/token",
             "private_key": key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()}))
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def sell(self, product: str, package: str = "ai.ciris.mobile", state: int = 0) -> str:
         """A purchase of `product` (purchaseState `state`: 0 paid, 1 cancelled, 2 pending); its token."""
