@@ -191,3 +191,19 @@ def test_oidc_settings_are_checked():
     for alg in ("none", "HS256"):
         with pytest.raises(SettingsError, match="OIDC_GOOGLE_ALGORITHM"):
             _issuers({"OIDC_GOOGLE_CLIENT_IDS": "x", "OIDC_GOOGLE_ALGORITHM": alg})
+
+
+def test_google_play_settings_are_checked(tmp_path):
+    from billing.settings import SettingsError, _play_account, _play_products
+
+    assert _play_products({})["credits_100"] == 999
+    assert _play_products({"GOOGLE_PLAY_PRODUCTS": "a:1, b.c:20"}) == {"a": 1, "b.c": 20}
+    for bad in ("a", "a:0", "a:-1", ":5", "a:x"):
+        with pytest.raises(SettingsError, match="GOOGLE_PLAY_PRODUCTS"):
+            _play_products({"GOOGLE_PLAY_PRODUCTS": bad})
+    assert _play_account({}) is None
+    missing, junk = tmp_path / "missing.json", tmp_path / "junk.json"
+    junk.write_text('{"client_email": 1}')
+    for path in (missing, junk):
+        with pytest.raises(SettingsError, match="GOOGLE_PLAY_SERVICE_ACCOUNT_FILE"):
+            _play_account({"GOOGLE_PLAY_SERVICE_ACCOUNT_FILE": str(path)})

@@ -155,10 +155,18 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("ID token refused: %s", e.reason)
             raise Problem(401, "unauthorized", f"id_token: {ID_TOKEN_REFUSED.get(e.reason, 'invalid')}") from None
 
+    users_of: dict[tuple[str, str], uuid.UUID] = {}  # an identity's user never changes: no lookup per call
+
     async def user_of(provider: str, subject: str) -> uuid.UUID:
         """The identity's user, made with the signup credits on first sight."""
-        return (await database.read(ledger.identity_user, provider, subject)
-                or await in_tx(ledger.user_for_identity, provider, subject, settings.signup_credits))
+        user_id = users_of.get((provider, subject))
+        if user_id is None:
+            user_id = (await database.read(ledger.identity_user, provider, subject)
+                       or await in_tx(ledger.user_for_identity, provider, subject, settings.signup_credits))
+            if len(users_of) >= 10_000:
+                users_of.clear()
+            users_of[(provider, subject)] = user_id
+        return user_id
 
     async def sign_in(id_token: str) -> tuple[uuid.UUID, int]:
         """The user of a verified ID token and the token's expiry."""
@@ -201,7 +209,7 @@ def create_app(settings: Settings) -> FastAPI:
                 if (who.provider, who.subject) != (provider, external_id):
                     raise Problem(403, "forbidden", "a user may act only on their own account")
             elif (p := check_token(token)).role == "user":
-                user_id = await database.read(ledger.identity_user, provider, external_id)
+                user_id = users_of.get((provider, external_id)) or await database.read(ledger.identity_user, provider, external_id)
                 if user_id is None or str(user_id) != p.sub:
                     raise Problem(403, "forbidden", "a user may act only on their own account")
                 return user_id
