@@ -4,11 +4,14 @@ role, the project's rendered configs), with Stripe's HTTP API faked at STRIPE_AP
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -207,28 +210,42 @@ def stripe_api():
     fake.server.shutdown()
 
 
-@pytest.fixture(scope="session")
-def oidc(tmp_path_factory):
+def scratch(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+# Made once per session and reached through these functions, not only as fixtures: suites that
+# import just the `billing` fixture (tests/proxy) get the billing these fakes configure.
+@functools.cache
+def local_issuer() -> LocalIssuer:
     """The local stand-in for Google's and Apple's sign-in (tests/oidc_issuer.py)."""
-    issuer = LocalIssuer(tmp_path_factory.mktemp("oidc"))
-    yield issuer
-    issuer.stop()
+    return LocalIssuer(scratch("ciris-oidc-"))
+
+
+@functools.cache
+def fake_play() -> FakePlay:
+    return FakePlay(scratch("ciris-play-"))
 
 
 @pytest.fixture(scope="session")
-def play_api(tmp_path_factory):
-    fake = FakePlay(tmp_path_factory.mktemp("play"))
-    yield fake
-    fake.server.shutdown()
+def oidc() -> LocalIssuer:
+    return local_issuer()
 
 
 @pytest.fixture(scope="session")
-def billing(cluster, stripe_api, oidc, play_api, tmp_path_factory):
+def play_api() -> FakePlay:
+    return fake_play()
+
+
+@pytest.fixture(scope="session")
+def billing(cluster, stripe_api, tmp_path_factory):
     env = {
         **os.environ,
-        **oidc.env(),
-        "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE": str(play_api.account_file),
-        "GOOGLE_PLAY_API_BASE": play_api.url,
+        **local_issuer().env(),
+        "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE": str(fake_play().account_file),
+        "GOOGLE_PLAY_API_BASE": fake_play().url,
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
