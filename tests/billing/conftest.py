@@ -4,16 +4,17 @@ role, the project's rendered configs), with Stripe's HTTP API faked at STRIPE_AP
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
+from tests.json_server import JsonHandler, serve
+from tests.oidc_issuer import LocalIssuer
 from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_primary, workspace
 
 PAYLOAD = REPO / "payloads" / "billing"
@@ -35,40 +38,111 @@ KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).d
 
 
 class FakeStripe:
-    """Stripe's API as far as billing uses it: POST /v1/checkout/sessions. Records each request's
-    form parameters; `fail = True` answers 500."""
+    """Stripe's API as far as billing uses it: POST /v1/checkout/sessions, POST and GET
+    /v1/payment_intents. Records each request's form parameters; `fail = True` answers 500.
+    PaymentIntents are kept in `intents` by id: a test sets one's "status" to "succeeded"."""
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.intents: dict[str, dict] = {}
         self.fail = False
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
                 params = dict(urllib.parse.parse_qsl(body))
                 outer.requests.append({"path": self.path, "params": params, "auth": self.headers.get("authorization")})
-                if outer.fail or self.path != "/v1/checkout/sessions":
-                    self._reply(500, {"error": {"type": "api_error", "message": "boom"}})
-                    return
-                sid = f"cs_test_{uuid.uuid4().hex}"
-                self._reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
-                                  "mode": "payment", "client_reference_id": params.get("client_reference_id")})
+                if outer.fail:
+                    return self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                if self.path == "/v1/checkout/sessions":
+                    sid = f"cs_test_{uuid.uuid4().hex}"
+                    return self.reply(200, {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/{sid}",
+                                             "mode": "payment", "client_reference_id": params.get("client_reference_id")})
+                if self.path == "/v1/payment_intents":
+                    pid = f"pi_test_{uuid.uuid4().hex}"
+                    metadata = {k[len("metadata["):-1]: v for k, v in params.items() if k.startswith("metadata[")}
+                    outer.intents[pid] = {"id": pid, "object": "payment_intent", "amount": int(params["amount"]),
+                                          "amount_received": 0, "currency": params["currency"], "metadata": metadata,
+                                          "client_secret": f"{pid}_secret_{uuid.uuid4().hex}", "status": "requires_payment_method"}
+                    return self.reply(200, outer.intents[pid])
+                self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
 
-            def _reply(self, status, doc):
-                data = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            def do_GET(self):
+                outer.requests.append({"path": self.path, "params": {}, "auth": self.headers.get("authorization")})
+                found = outer.intents.get(self.path.removeprefix("/v1/payment_intents/"))
+                if outer.fail:
+                    return self.reply(500, {"error": {"type": "api_error", "message": "boom"}})
+                if found is None:
+                    return self.reply(404, {"error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such payment_intent"}})
+                self.reply(200, found)
 
-            def log_message(self, *args):
-                pass
+        self.server, self.url = serve(Handler)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def pay(self, payment_id: str) -> dict:
+        """The customer paid: the PaymentIntent succeeds (as Stripe then reports it)."""
+        pi = self.intents[payment_id]
+        pi.update(status="succeeded", amount_received=pi["amount"])
+        return pi
+
+
+class FakePlay:
+    """The Google Play Developer API as far as billing uses it: a service account's token at
+    /token (its JWT assertion verified with the account's key), a product purchase by token, and
+    :consume. `sell()` makes a purchase; `purchases` holds each by (package, product, token)."""
+
+    PATH = "/androidpublisher/v3/applications/"
+
+    def __init__(self, directory: Path):
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.public_key = key.public_key()
+        self.access_token = f"ya29.{uuid.uuid4().hex}"
+        self.purchases: dict[tuple[str, str, str], dict] = {}
+        outer = self
+
+        class Handler(JsonHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                if self.path == "/token":
+                    assertion = dict(urllib.parse.parse_qsl(body)).get("assertion", "")
+                    try:
+                        jwt.decode(assertion, outer.public_key, algorithms=["RS256"], audience=f"{outer.url}/token")
+                    except jwt.PyJWTError:
+                        return self.reply(400, {"error": "invalid_grant"})
+                    return self.reply(200, {"access_token": outer.access_token, "expires_in": 3600, "token_type": "Bearer"})
+                found = self._purchase(self.path.removesuffix(":consume"))
+                if found is None or not self.path.endswith(":consume"):
+                    return self.reply(404 if found is None else 400, {"error": {"code": 404}})
+                found["consumptionState"] = 1
+                self.reply(200, {})
+
+            def do_GET(self):
+                found = self._purchase(self.path)
+                self.reply(404, {"error": {"code": 404, "message": "not found"}}) if found is None else self.reply(200, found)
+
+            def _purchase(self, path):
+                if self.headers.get("authorization") != f"Bearer {outer.access_token}" or not path.startswith(FakePlay.PATH):
+                    return None
+                parts = [urllib.parse.unquote(p) for p in path[len(FakePlay.PATH):].split("/")]
+                if len(parts) != 6 or parts[1:3] != ["purchases", "products"] or parts[4] != "tokens":
+                    return None
+                return outer.purchases.get((parts[0], parts[3], parts[5]))
+
+        self.server, self.url = serve(Handler)
+        self.account_file = directory / "play-service-account.json"
+        self.account_file.write_text(json.dumps({
+            "type": "service_account", "client_email": "billing@ciris-test.iam.gserviceaccount.com", "token_uri": f"{self.url}/token",
+            "private_key": key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()}))
+
+    def sell(self, product: str, package: str = "ai.ciris.mobile", state: int = 0) -> str:
+        """A purchase of `product` (purchaseState `state`: 0 paid, 1 cancelled, 2 pending); its token."""
+        token = f"play-token-{uuid.uuid4().hex}.AO-J1O{uuid.uuid4().hex}"
+        self.purchases[(package, product, token)] = {
+            "kind": "androidpublisher#productPurchase", "orderId": f"GPA.{uuid.uuid4().hex[:16]}", "purchaseState": state,
+            "consumptionState": 0, "acknowledgementState": 0, "purchaseTimeMillis": str(int(time.time() * 1000)), "purchaseType": 0}
+        return token
 
 
 class Billing:
@@ -136,15 +210,48 @@ def stripe_api():
     fake.server.shutdown()
 
 
+def scratch(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+# Made once per session and reached through these functions, not only as fixtures: suites that
+# import just the `billing` fixture (tests/proxy) get the billing these fakes configure.
+@functools.cache
+def local_issuer() -> LocalIssuer:
+    """The local stand-in for Google's and Apple's sign-in (tests/oidc_issuer.py)."""
+    return LocalIssuer(scratch("ciris-oidc-"))
+
+
+@functools.cache
+def fake_play() -> FakePlay:
+    return FakePlay(scratch("ciris-play-"))
+
+
+@pytest.fixture(scope="session")
+def oidc() -> LocalIssuer:
+    return local_issuer()
+
+
+@pytest.fixture(scope="session")
+def play_api() -> FakePlay:
+    return fake_play()
+
+
 @pytest.fixture(scope="session")
 def billing(cluster, stripe_api, tmp_path_factory):
     env = {
         **os.environ,
+        **local_issuer().env(),
+        "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE": str(fake_play().account_file),
+        "GOOGLE_PLAY_API_BASE": fake_play().url,
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "STRIPE_API_BASE": stripe_api.url,
+        "STRIPE_PUBLISHABLE_KEY": "pk_test_ciris",
         # Bursts of hundreds of requests on one worker queue for the pool longer than production's
         # budget on this shared machine; these tests are about exactly-once answers, test_failover
         # about the budget.

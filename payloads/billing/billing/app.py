@@ -24,41 +24,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import auth, batches, db, hotpath, ledger, ledger_check, metrics, payments
+from billing import agent_api, api_keys, auth, batches, db, google_play, hotpath, identity, ledger, ledger_check, metrics, payments
+from billing.bodies import MAX_AMOUNT, Amount, Body, Description, Key, Ttl, storable
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
 
 log = logging.getLogger("billing")
 
 MAX_BODY_BYTES = 16 * 1024
-MAX_AMOUNT = 1_000_000
-
-
-def storable(text: str) -> str:
-    """PostgreSQL text cannot hold NUL, which JSON can carry (as \\u0000): refuse it here, naming the
-    field, rather than fail in the database. A validator, so the OpenAPI schema is unchanged.
-    (Unpaired surrogates never get this far: pydantic refuses them as strings.)"""
-    if "\x00" in text:
-        raise ValueError("must not contain the NUL character")
-    return text
-
-
-Key = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")]
-Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
-Ttl = Annotated[StrictInt, Field(ge=1, le=86_400)]
-Description = Annotated[str, Field(max_length=200), AfterValidator(storable)]
-
-
-class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class NewUser(Body):
     email: Annotated[str, Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), AfterValidator(storable)]
 
 
+IdToken = Annotated[str, Field(min_length=1, max_length=identity.MAX_TOKEN_CHARS, pattern=r"^[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*$")]
+
+
 class TokenRequest(Body):
-    user_id: uuid.UUID
+    """Either an admin or service names a user, or anyone brings a Google or Apple ID token."""
+    user_id: uuid.UUID | None = None
+    id_token: IdToken | None = None
     ttl_seconds: Annotated[StrictInt, Field(ge=60, le=30 * 86_400)] = 3600
 
 
@@ -115,10 +99,16 @@ class Purchase(Body):
     credits: StrictInt
 
 
+class NewApiKey(Body):
+    name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[\x20-\x7e]+$")]
+
+
 def create_app(settings: Settings) -> FastAPI:
     public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
+    play = (google_play.PlayApi(settings.google_play_service_account_file, settings.google_play_api_base)
+            if settings.google_play_service_account_file else None)
     # python -m billing makes this directory fresh for each start, shared by its workers.
     state_dir = Path(os.environ.get(STATE_DIR_VAR) or tempfile.mkdtemp(prefix="ciris-billing-"))
     consumes = batches.Batches(lambda items, seconds: database.write(ledger.consume_many, items, within=seconds),
@@ -133,6 +123,9 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         for task in background:
             task.cancel()
+        await identities.close()
+        if play:
+            await play.close()
         await database.close()
 
     async def sweep_holds():
@@ -153,6 +146,32 @@ def create_app(settings: Settings) -> FastAPI:
 
     bearer = HTTPBearer(auto_error=False)
     verified = auth.TokenCache(public_key)
+    identities = identity.Verifier(settings.oidc_issuers, settings.oidc_ca_file)
+
+    async def verify_id_token(id_token: str) -> identity.Identity:
+        try:
+            return await identities.verify(id_token)
+        except identity.IdentityError as e:
+            log.info("ID token refused: %s", e.reason)
+            raise Problem(401, "unauthorized", f"id_token: {ID_TOKEN_REFUSED.get(e.reason, 'invalid')}") from None
+
+    users_of: dict[tuple[str, str], uuid.UUID] = {}  # an identity's user never changes: no lookup per call
+
+    async def user_of(provider: str, subject: str) -> uuid.UUID:
+        """The identity's user, made with the signup credits on first sight."""
+        user_id = users_of.get((provider, subject))
+        if user_id is None:
+            user_id = (await database.read(ledger.identity_user, provider, subject)
+                       or await in_tx(ledger.user_for_identity, provider, subject, settings.signup_credits))
+            if len(users_of) >= 10_000:
+                users_of.clear()
+            users_of[(provider, subject)] = user_id
+        return user_id
+
+    async def sign_in(id_token: str) -> tuple[uuid.UUID, int]:
+        """The user of a verified ID token and the token's expiry."""
+        who = await verify_id_token(id_token)
+        return await user_of(who.provider, who.subject), who.exp
 
     def check_token(token: str | None) -> auth.Principal:
         if not token:
@@ -163,6 +182,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise Problem(401, "unauthorized", "invalid or expired token") from None
 
     async def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
+        if creds and identity.is_id_token(creds.credentials):  # a Google or Apple ID token, sent as it is
+            user_id, exp = await sign_in(creds.credentials)
+            return auth.Principal(sub=str(user_id), role="user", exp=exp)
         return check_token(creds.credentials if creds else None)
 
     def authenticate(header: str | None) -> auth.Principal:  # HTTPBearer's parsing, for the lean path
@@ -170,6 +192,28 @@ def create_app(settings: Settings) -> FastAPI:
         return check_token(credentials if scheme.lower() == "bearer" else None)
 
     Caller = Annotated[auth.Principal, Depends(principal)]
+
+    async def account(request: Request, provider: str, external_id: str) -> uuid.UUID:
+        """The user a CIRISBilling-shaped request acts for (agent_api.py), named by (provider,
+        external id): an API key or a service acts for whom it names (made on first sight, with
+        the signup credits); a user, by ID token or our token, only for themself."""
+        key = request.headers.get("x-api-key")
+        if key is not None:
+            if len(key) > api_keys.MAX_KEY_CHARS or await database.write(api_keys.check, key) is None:
+                raise Problem(401, "unauthorized", "X-API-Key: unknown or revoked key")
+        else:
+            scheme, credentials = get_authorization_scheme_param(request.headers.get("authorization"))
+            token = credentials if scheme.lower() == "bearer" else None
+            if token and identity.is_id_token(token):
+                who = await verify_id_token(token)
+                if (who.provider, who.subject) != (provider, external_id):
+                    raise Problem(403, "forbidden", "a user may act only on their own account")
+            elif (p := check_token(token)).role == "user":
+                user_id = users_of.get((provider, external_id)) or await database.read(ledger.identity_user, provider, external_id)
+                if user_id is None or str(user_id) != p.sub:
+                    raise Problem(403, "forbidden", "a user may act only on their own account")
+                return user_id
+        return await user_of(provider, external_id)
 
     def require(p: auth.Principal, *roles: str) -> None:
         if p.role not in roles:
@@ -228,12 +272,19 @@ def create_app(settings: Settings) -> FastAPI:
         return await in_tx(ledger.create_user, body.email, settings.signup_credits)
 
     @app.post("/v1/auth/token")
-    async def token(body: TokenRequest, p: Caller):
-        require(p, "admin", "service")
-        if not await database.read(ledger.user_exists, body.user_id):
-            raise not_found("user")
-        access, exp = auth.mint(settings.jwt_private_key, str(body.user_id), "user", body.ttl_seconds)
-        return {"access_token": access, "token_type": "bearer", "expires_at": exp}
+    async def token(body: TokenRequest, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+        """Our user token for a user an admin or service names, or for a verified ID token (sign-in)."""
+        if (body.user_id is None) == (body.id_token is None):
+            raise Problem(422, "invalid_request", "body: give exactly one of user_id and id_token")
+        if body.id_token is not None:
+            user_id, _ = await sign_in(body.id_token)
+        else:
+            require(await principal(creds), "admin", "service")
+            user_id = body.user_id
+            if not await database.read(ledger.user_exists, user_id):
+                raise not_found("user")
+        access, exp = auth.mint(settings.jwt_private_key, str(user_id), "user", body.ttl_seconds)
+        return {"access_token": access, "token_type": "bearer", "expires_at": exp, "user_id": str(user_id)}
 
     @app.get("/v1/credits/{user_id}")
     async def credits(user_id: str, p: Caller):
@@ -334,9 +385,35 @@ def create_app(settings: Settings) -> FastAPI:
             before = int(cursor)
         return await database.read(ledger.usage, uid, limit, before)
 
+    @app.post("/v1/admin/api-keys", status_code=201)
+    async def mint_api_key(body: NewApiKey, p: Caller):
+        """A new key for a server agent: the answer is the only time the key is shown."""
+        require(p, "admin")
+        return await in_tx(api_keys.mint, body.name)
+
+    @app.get("/v1/admin/api-keys")
+    async def list_api_keys(p: Caller):
+        require(p, "admin")
+        return await database.read(api_keys.listing)
+
+    @app.delete("/v1/admin/api-keys/{key_id}")
+    async def revoke_api_key(key_id: uuid.UUID, p: Caller):
+        require(p, "admin")
+        revoked = await once(api_keys.revoke, key_id)
+        if revoked is None:
+            raise not_found("api key")
+        return revoked
+
+    agent_api.add_routes(app, settings, database, consumes, account, stripe_client, play)
+
     lean = hotpath.LeanRoutes(app, LEAN_PATHS, principal, authenticate, MAX_BODY_BYTES)
     return LimitsAndMetrics(app, lean)
 
+
+# Why an ID token was refused, as the 401 says it (identity.IdentityError reasons).
+ID_TOKEN_REFUSED = {"expired": "expired", "audience": "not issued for this app (aud)", "issuer": "unknown issuer (iss)",
+                    "algorithm": "algorithm not accepted", "unknown_key": "signed with an unknown key (kid)",
+                    "too_long": "too long", "malformed": "not a JWT"}
 
 # The routes the proxy calls around every paid request: served without FastAPI's per-request work.
 LEAN_PATHS = ("/v1/credits/consume", "/v1/credits/holds", "/v1/credits/holds/{hold_id}/capture",

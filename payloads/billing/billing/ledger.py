@@ -92,6 +92,12 @@ async def create_user(conn: AsyncConnection, email: str, signup_credits: int) ->
         await conn.execute("INSERT INTO users (id, email) VALUES (%s, %s)", (user_id, email))
     except errors.UniqueViolation:
         raise conflict("a user with this email already exists") from None
+    head = await _open_account(conn, user_id, signup_credits)
+    return {"id": str(user_id), "email": email, "balance": head.balance}
+
+
+async def _open_account(conn, user_id: uuid.UUID, signup_credits: int) -> Head:
+    """A new user's balance row and signup credits (the user row is the caller's)."""
     await conn.execute(
         "INSERT INTO credit_balances (user_id, balance, settled, last_seq, last_hash) VALUES (%s, 0, 0, 0, %s)",
         (user_id, chain.GENESIS),
@@ -100,7 +106,31 @@ async def create_user(conn: AsyncConnection, email: str, signup_credits: int) ->
     if signup_credits:
         await append(conn, head, type="signup", amount=signup_credits, key="signup",
                      req=chain.request_hash("signup", amount=signup_credits), description="signup credits")
-    return {"id": str(user_id), "email": email, "balance": head.balance}
+    return head
+
+
+IDENTITY_USER = "SELECT user_id FROM identities WHERE provider = %s AND subject = %s"
+
+
+async def identity_user(conn, provider: str, subject: str) -> uuid.UUID | None:
+    cur = await conn.execute(IDENTITY_USER, (provider, subject))
+    row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def user_for_identity(conn, provider: str, subject: str, signup_credits: int) -> uuid.UUID:
+    """The identity's user, made with the signup credits the first time (in a transaction). The
+    identity row is claimed first: of two concurrent first calls (two regions), the second's insert
+    waits for the first's commit and then does nothing, and it answers the first one's user."""
+    user_id = uuid.uuid4()
+    cur = await conn.execute(
+        "INSERT INTO identities (provider, subject, user_id) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING user_id",
+        (provider, subject, user_id))
+    if await cur.fetchone() is None:
+        return await identity_user(conn, provider, subject)
+    await conn.execute("INSERT INTO users (id) VALUES (%s)", (user_id,))
+    await _open_account(conn, user_id, signup_credits)
+    return user_id
 
 
 async def balance(conn: AsyncConnection, user_id: uuid.UUID) -> dict:
@@ -276,8 +306,10 @@ async def record_event(conn, event_id: str, event_type: str) -> bool:
     return await cur.fetchone() is not None
 
 
-async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: int, amount_paid: int, payment_intent: str | None) -> bool:
-    """Grant a paid Checkout Session's credits, once per session. False when already granted."""
+async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: int, amount_paid: int, payment_intent: str | None,
+                          source: str = "stripe") -> bool:
+    """Grant a paid purchase's credits, once per id (a Checkout Session's, a PaymentIntent's, a
+    Google Play purchase token's hash). False when already granted."""
     head = await lock_head(conn, user_id)
     cur = await conn.execute(
         """INSERT INTO purchases (session_id, user_id, credits, amount_paid, payment_intent) VALUES (%s, %s, %s, %s, %s)
@@ -286,10 +318,16 @@ async def credit_purchase(conn, user_id: uuid.UUID, session_id: str, credits: in
     )
     if await cur.fetchone() is None:
         return False
-    await append(conn, head, type="purchase", amount=credits, key=f"stripe:{session_id}",
+    await append(conn, head, type="purchase", amount=credits, key=f"{source}:{session_id}",
                  req=chain.request_hash("purchase", session=session_id, credits=credits), ref=session_id,
                  description=f"purchase of {credits} credits")
     return True
+
+
+async def purchase_owner(conn, session_id: str) -> tuple[uuid.UUID, int] | None:
+    """Who a purchase's credits went to, and how many; None if never granted."""
+    cur = await conn.execute("SELECT user_id, credits FROM purchases WHERE session_id = %s", (session_id,))
+    return await cur.fetchone()
 
 
 async def refund_purchase(conn, payment_intent: str, amount_refunded: int, charge_amount: int, charge_id: str) -> tuple[int, int] | None:
@@ -352,3 +390,16 @@ async def usage(conn, user_id: uuid.UUID, limit: int, before: int | None) -> dic
         for r in rows[:limit]
     ]
     return {"items": items, "next_cursor": str(items[-1]["id"]) if len(rows) > limit else None}
+
+
+async def transactions_page(conn, user_id: uuid.UUID, limit: int, offset: int) -> tuple[list[dict], int]:
+    """A page of the user's transactions, newest first, by offset, and how many there are."""
+    cur = await conn.execute(
+        """SELECT id, type, amount, balance_after, description, ref, created_at, count(*) OVER () FROM transactions
+           WHERE user_id = %s ORDER BY id DESC LIMIT %s OFFSET %s""", (user_id, limit, offset))
+    rows = await cur.fetchall()
+    if not rows and offset:  # past the end: the count alone
+        cur = await conn.execute("SELECT count(*) FROM transactions WHERE user_id = %s", (user_id,))
+        return [], (await cur.fetchone())[0]
+    return [{"id": r[0], "type": r[1], "amount": r[2], "balance_after": r[3], "description": r[4], "ref": r[5],
+             "created_at": r[6].isoformat()} for r in rows], rows[0][7] if rows else 0

@@ -18,7 +18,11 @@ from billing.settings import Settings
 
 log = logging.getLogger("billing.payments")
 PAID = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
-HANDLED = (*PAID, "charge.refunded")
+INTENT_PAID = "payment_intent.succeeded"
+HANDLED = (*PAID, INTENT_PAID, "charge.refunded")
+# Marks the PaymentIntents made for CIRISBilling's purchases (agent_api.py): a Checkout Session's
+# own PaymentIntent also succeeds, and its credits come with the session's event, not its intent's.
+INTENT_FLOW = "in_app"
 
 
 def client(settings: Settings) -> stripe.StripeClient | None:
@@ -57,6 +61,54 @@ async def checkout(sc: stripe.StripeClient, settings: Settings, user_id: str, cr
     return {"checkout_url": session.url, "session_id": session.id}
 
 
+async def create_intent(sc: stripe.StripeClient, user_id: str, credits: int, price: int, email: str | None) -> dict:
+    """A PaymentIntent for `credits` at `price` cents, paid in the app (Stripe's payment sheet)."""
+    params = {"amount": price, "currency": "usd", "automatic_payment_methods": {"enabled": True},
+              "description": f"{credits} CIRIS credits",
+              "metadata": {"user_id": user_id, "credits": str(credits), "flow": INTENT_FLOW}}
+    if email:
+        params["receipt_email"] = email
+    try:
+        return (await sc.v1.payment_intents.create_async(params=params)).to_dict()
+    except stripe.StripeError as e:
+        log.warning("stripe payment intent failed: %s", type(e).__name__)
+        raise Problem(502, "payment_provider_error", "could not create a payment; try again") from None
+
+
+async def intent(sc: stripe.StripeClient, payment_id: str) -> dict | None:
+    """The PaymentIntent, or None when Stripe does not know it."""
+    try:
+        return (await sc.v1.payment_intents.retrieve_async(payment_id)).to_dict()
+    except stripe.InvalidRequestError:
+        return None
+    except stripe.StripeError as e:
+        log.warning("stripe payment intent lookup failed: %s", type(e).__name__)
+        raise Problem(502, "payment_provider_error", "could not look the payment up; try again") from None
+
+
+def intent_credits(pi: dict) -> tuple[uuid.UUID, int] | None:
+    """The user and credits of one of our in-app PaymentIntents; None for any other."""
+    metadata = pi.get("metadata") or {}
+    if metadata.get("flow") != INTENT_FLOW:
+        return None
+    try:
+        return uuid.UUID(metadata["user_id"]), int(metadata["credits"])
+    except (KeyError, TypeError, ValueError):
+        raise Problem(400, "bad_event", "payment intent without user or credits metadata") from None
+
+
+async def credit_intent(conn, pi: dict) -> str:
+    """Grant a succeeded in-app PaymentIntent's credits, once (by its id, as a purchase)."""
+    found = intent_credits(pi)
+    if found is None:
+        return "ignored"
+    if pi.get("status") != "succeeded":
+        return "not_paid"
+    user_id, credits = found
+    granted = await ledger.credit_purchase(conn, user_id, pi["id"], credits, int(pi.get("amount_received") or 0), pi["id"])
+    return "credited" if granted else "already_credited"
+
+
 async def handle_event(conn, payload: bytes) -> str:
     """Apply one verified event inside the caller's transaction; each event id only once."""
     event = json.loads(payload)
@@ -73,6 +125,8 @@ async def handle_event(conn, payload: bytes) -> str:
             raise Problem(400, "bad_event", "checkout session without user or credits metadata") from None
         granted = await ledger.credit_purchase(conn, user_id, obj["id"], credits, int(obj.get("amount_total") or 0), obj.get("payment_intent"))
         return "credited" if granted else "already_credited"
+    if event["type"] == INTENT_PAID:
+        return await credit_intent(conn, obj)
     if event["type"] == "charge.refunded":
         result = await ledger.refund_purchase(conn, obj.get("payment_intent") or "", int(obj["amount_refunded"]), int(obj["amount"]), obj["id"])
         if result is None:

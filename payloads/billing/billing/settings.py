@@ -3,6 +3,7 @@ naming the variable (SettingsError), never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -14,6 +15,26 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 # each start, holding what the workers share (ledger_check.py, metrics.py).
 STATE_DIR_VAR = "BILLING_STATE_DIR"
 DEFAULT_PACKS = "500:500,2000:2000,10000:10000"  # credits (cents of balance) : price in US cents
+# Google Play products (the app's, as in CIRISBilling) : credits granted, the product's price in cents.
+DEFAULT_PLAY_PRODUCTS = "credits_100:999,credits_250:2499,credits_600:5999"
+
+
+# Sign-in with Google and Apple (identity.py): each provider is on when its client ids are set.
+# Issuers and JWKS URLs are settings so tests and `make local` can stand a local issuer in.
+OIDC_PROVIDERS = {
+    "google": ("https://accounts.google.com,accounts.google.com", "https://www.googleapis.com/oauth2/v3/certs"),
+    "apple": ("https://appleid.apple.com", "https://appleid.apple.com/auth/keys"),
+}
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256")  # asymmetric only: never none or HS*
+
+
+@dataclass(frozen=True)
+class Issuer:
+    provider: str
+    issuers: tuple[str, ...]  # accepted `iss` values
+    jwks_url: str
+    client_ids: tuple[str, ...]  # accepted `aud` values
+    algorithm: str = "RS256"
 
 
 class SettingsError(ValueError):
@@ -29,6 +50,7 @@ class Settings:
     stripe_secret_key: str | None = field(default=None, repr=False)  # None: purchases answer 503
     stripe_webhook_secret: str | None = field(default=None, repr=False)  # None: webhooks answer 503
     stripe_api_base: str | None = None
+    stripe_publishable_key: str = ""  # handed to the app with a PaymentIntent (agent_api.py); not secret
     price_per_interaction_cents: int = 5
     signup_credits: int = 15
     credit_packs: dict[int, int] = field(default_factory=dict)  # credits -> price in cents
@@ -51,6 +73,12 @@ class Settings:
     # verify-ledger in the background for the metrics (ledger_check.py): the next run this many
     # seconds after the last ended. About 6 s of one core per 100,000 transactions (measured).
     ledger_verify_interval: float = 300.0
+    google_play_service_account_file: str | None = None  # None: google-play/verify answers 503
+    google_play_api_base: str = "https://androidpublisher.googleapis.com"
+    google_play_package: str = "ai.ciris.mobile"
+    google_play_products: dict[str, int] = field(default_factory=dict)  # product id -> credits
+    oidc_issuers: tuple[Issuer, ...] = ()
+    oidc_ca_file: str | None = None  # a CA bundle for JWKS fetches instead of the system's (local issuer)
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
         return f"Settings(host={self.host!r}, port={self.port}, price={self.price_per_interaction_cents})"
@@ -111,6 +139,34 @@ def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
     return key
 
 
+def _play_account(env: Mapping[str, str]) -> str | None:
+    """The service account file's path, once it reads as one (google_play.py reads it again)."""
+    var = "GOOGLE_PLAY_SERVICE_ACCOUNT_FILE"
+    path = env.get(var, "").strip()
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            account = json.load(f)
+        if not all(isinstance(account.get(k), str) for k in ("client_email", "private_key", "token_uri")):
+            raise ValueError
+    except OSError as e:
+        raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+    except (ValueError, AttributeError):
+        raise SettingsError(var, "is not a service account key (client_email, private_key, token_uri)") from None
+    return path
+
+
+def _play_products(env: Mapping[str, str]) -> dict[str, int]:
+    products = {}
+    for item in (env.get("GOOGLE_PLAY_PRODUCTS", "").strip() or DEFAULT_PLAY_PRODUCTS).split(","):
+        product, _, credits = item.strip().partition(":")
+        if not product or not credits.isdigit() or int(credits) <= 0:
+            raise SettingsError("GOOGLE_PLAY_PRODUCTS", f"must be product_id:credits pairs separated by commas, got {item!r}")
+        products[product] = int(credits)
+    return products
+
+
 def _packs(env: Mapping[str, str]) -> dict[int, int]:
     raw = env.get("CREDIT_PACKS", "").strip() or DEFAULT_PACKS
     packs = {}
@@ -125,6 +181,28 @@ def _packs(env: Mapping[str, str]) -> dict[int, int]:
     return packs
 
 
+def _list(env: Mapping[str, str], var: str, default: str = "") -> tuple[str, ...]:
+    return tuple(x.strip() for x in (env.get(var, "").strip() or default).split(",") if x.strip())
+
+
+def _issuers(env: Mapping[str, str]) -> tuple[Issuer, ...]:
+    """OIDC_<PROVIDER>_CLIENT_IDS (on when set), _ISSUERS, _JWKS_URL, _ALGORITHM."""
+    found = []
+    for provider, (issuers, jwks_url) in OIDC_PROVIDERS.items():
+        prefix = f"OIDC_{provider.upper()}_"
+        client_ids = _list(env, prefix + "CLIENT_IDS")
+        if not client_ids:
+            continue
+        url = env.get(prefix + "JWKS_URL", "").strip() or jwks_url
+        if not url.startswith("https://"):
+            raise SettingsError(prefix + "JWKS_URL", "must be an https:// URL")
+        algorithm = env.get(prefix + "ALGORITHM", "").strip() or "RS256"
+        if algorithm not in OIDC_ALGORITHMS:
+            raise SettingsError(prefix + "ALGORITHM", f"must be one of {', '.join(OIDC_ALGORITHMS)}")
+        found.append(Issuer(provider, _list(env, prefix + "ISSUERS", issuers), url, client_ids, algorithm))
+    return tuple(found)
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     url = _required(env, "DATABASE_URL")
@@ -136,6 +214,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip() or None,
         stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip() or None,
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
+        stripe_publishable_key=env.get("STRIPE_PUBLISHABLE_KEY", "").strip(),
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         signup_credits=_int(env, "SIGNUP_CREDITS", 15, 0, 1_000_000),
         credit_packs=_packs(env),
@@ -149,4 +228,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         workers=_int(env, "WORKERS", 1, 1, 32),
         drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
         ledger_verify_interval=_seconds(env, "LEDGER_VERIFY_INTERVAL_SECONDS", Settings.ledger_verify_interval, 1, 86_400),
+        google_play_service_account_file=_play_account(env),
+        google_play_api_base=env.get("GOOGLE_PLAY_API_BASE", "").strip() or Settings.google_play_api_base,
+        google_play_package=env.get("GOOGLE_PLAY_PACKAGE_NAME", "").strip() or Settings.google_play_package,
+        google_play_products=_play_products(env),
+        oidc_issuers=_issuers(env),
+        oidc_ca_file=env.get("OIDC_CA_FILE", "").strip() or None,
     )
