@@ -18,12 +18,14 @@ import pulumi
 import pulumi_tls as tls
 
 from components import postgres_config as pgc
+from components.config import SignIn
 from components.postgres import PORT as PG_PORT, ReplicatedPostgres
 from components.region import Region
 from components.services import BILLING_ADDRESS_SUFFIX, BILLING_TWIN_ADDRESS_SUFFIX, SERVICE_UID, ContainerSpec, env_file, payload_files
 
 PORT = 8000
 CA_PATH = "/etc/ciris-billing/ca.crt"
+OIDC_CA_PATH = "/etc/ciris-billing/oidc-ca.crt"  # sign_in's private CA (the local issuer's), when set
 LOCAL_HOST = "postgres"  # this region's member, on the container network
 CONNECT_TIMEOUT = 3  # seconds per member: a dead or cut-off member costs a new connection this long
 
@@ -51,6 +53,30 @@ class BillingArgs:
     # stripe_secret_key, stripe_webhook_secret (from config secrets; None when unset)
     secrets: dict[str, str | None] = field(default_factory=dict)
     primary: Region | None = None  # unused: billing no longer depends on which member is primary
+    sign_in: SignIn = SignIn()
+
+
+def sign_in_env(sign_in: SignIn) -> dict[str, str]:
+    """Billing's OIDC_* settings (payloads/billing/billing/settings.py): a provider is on when it has client ids."""
+    env = {}
+    for name in ("google", "apple"):
+        provider = getattr(sign_in, name)
+        if provider is None:
+            continue
+        prefix = f"OIDC_{name.upper()}_"
+        env[prefix + "CLIENT_IDS"] = ",".join(provider.client_ids)
+        if provider.issuer:
+            env[prefix + "ISSUERS"] = provider.issuer
+        if provider.jwks_url:
+            env[prefix + "JWKS_URL"] = provider.jwks_url
+    if sign_in_ca(sign_in):
+        env["OIDC_CA_FILE"] = OIDC_CA_PATH
+    return env
+
+
+def sign_in_ca(sign_in: SignIn) -> str:
+    """The private CAs the providers' JWKS URLs are from (none for Google's and Apple's own)."""
+    return "".join(dict.fromkeys(p.ca_cert for p in (sign_in.google, sign_in.apple) if p and p.ca_cert))
 
 
 class Billing(pulumi.ComponentResource):
@@ -68,6 +94,7 @@ class Billing(pulumi.ComponentResource):
                             "and Stripe webhooks answer 503 payments_unavailable "
                             f"(pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
         source = payload_files("billing")
+        oidc_ca = sign_in_ca(args.sign_in)
         members = [r for r in args.regions if r.spec.postgres != "none"]
         for region in args.regions:
             hosts = pulumi.Output.all(*members_for(region, members))
@@ -84,6 +111,7 @@ class Billing(pulumi.ComponentResource):
                     "HOST": "0.0.0.0",
                     "PORT": PORT,
                     "WORKERS": 2,  # one per vCPU; bench/billing measures 2
+                    **sign_in_env(args.sign_in),
                 })
 
             env = pulumi.Output.all(hosts, args.database.app_password).apply(render)
@@ -93,7 +121,8 @@ class Billing(pulumi.ComponentResource):
                     image="ciris-billing:local",
                     build="./billing",
                     env_file="./billing/env",
-                    volumes=(f"./billing/ca.crt:{CA_PATH}:ro", "./billing/jwt.pem:/run/secrets/billing-jwt.pem:ro"),
+                    volumes=(f"./billing/ca.crt:{CA_PATH}:ro", "./billing/jwt.pem:/run/secrets/billing-jwt.pem:ro",
+                             *([f"./billing/oidc-ca.crt:{OIDC_CA_PATH}:ro"] if oidc_ca else [])),
                     address_suffix=BILLING_ADDRESS_SUFFIX,  # pg_hba lets this address in
                     rolling=True, twin_address_suffix=BILLING_TWIN_ADDRESS_SUFFIX, stop_grace_seconds=30,
                 ),
@@ -102,11 +131,13 @@ class Billing(pulumi.ComponentResource):
                     "billing/env": pulumi.Output.secret(env),
                     "billing/ca.crt": args.database.ca_cert,
                     "billing/jwt.pem": self.private_key_pem,
+                    **({"billing/oidc-ca.crt": oidc_ca} if oidc_ca else {}),
                 },
                 private={"billing/env": 0, "billing/jwt.pem": SERVICE_UID},
                 shown={
                     "billing/env": hosts.apply(lambda hs: f"[secret: DATABASE_URL -> {', '.join(f'{h}:{PG_PORT}' for h in hs)} "
-                                               "(verify-full, the read-write one), Stripe keys, price, signup credits]\n"),
+                                               "(verify-full, the read-write one), Stripe keys, price, signup credits, "
+                                               f"sign-in: {', '.join(k for k in ('google', 'apple') if getattr(args.sign_in, k)) or 'none'}]\n"),
                     "billing/jwt.pem": "[secret: Ed25519 token signing key]\n",
                 },
             )

@@ -73,6 +73,7 @@ def build(config: BridgeConfig) -> Bridge:
             price_per_interaction_cents=config.services.price_per_interaction_cents,
             signup_credits=config.services.signup_credits,
             secrets={k: config.secret(k) for k in ("stripe_secret_key", "stripe_webhook_secret")},
+            sign_in=config.sign_in,
         ),
     )
     fake_upstream = None

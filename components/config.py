@@ -159,6 +159,25 @@ class BackupSettings(_Model):
 _EMAIL = r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$"
 
 
+class SignInProvider(_Model):
+    """One OpenID Connect provider users sign in with (ADR 17): billing accepts its ID tokens for
+    these client ids. `issuer`, `jwks_url` and `ca_cert` default to the provider's own; `make local`
+    sets them to its local issuer (components/local_oidc.py)."""
+
+    client_ids: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,200}$")]] = Field(min_length=1)
+    issuer: str | None = Field(default=None, pattern=r"^https://\S+$")
+    jwks_url: str | None = Field(default=None, pattern=r"^https://\S+$")
+    ca_cert: str | None = Field(default=None, pattern=r"^-----BEGIN CERTIFICATE-----",
+                                description="PEM of a private CA the JWKS URL's certificate is from")
+
+
+class SignIn(_Model):
+    """Sign-in with Google and Apple ID tokens; a provider left out is refused."""
+
+    google: SignInProvider | None = None
+    apple: SignInProvider | None = None
+
+
 class EmailAlerts(_Model):
     """Where Alertmanager sends e-mail; the password is the secret ciris-bridge:alert_smtp_password
     (optional: a relay that takes mail without login needs none)."""
@@ -190,6 +209,7 @@ class BridgeConfig(_Model):
     backup: BackupSettings | None = None
     witness: Witness | None = None
     alerts: Alerts = Alerts()
+    sign_in: SignIn = SignIn()
     zones_file: str = Field(default="records/zones.yaml", description="DNS records, relative to the project")
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
     releases_file: str = Field(default="", description="the stack's releases (components/release.py), relative "
