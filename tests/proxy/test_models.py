@@ -76,7 +76,8 @@ def test_aliases_caps_and_the_vision_route_come_from_config(configured_proxy, ap
         models = {m["id"]: m for m in c.get("/v1/models", headers={"Authorization": f"Bearer {user_token(user)}"}).json()["data"]}
         assert models["small"]["alias_of"] == "llama-3.1-8b" and "default" not in models
         assert models["llama-3.1-8b"]["limits"]["max_output_tokens"] == 1000
-        assert models[MODEL]["limits"]["max_output_tokens"] == 2000  # no cap of its own: MAX_OUTPUT_TOKENS
+        assert models[MODEL]["limits"]["max_output_tokens"] == 8192  # its default cap, kept
+        assert models["openai/*"]["limits"]["max_output_tokens"] == 2000  # a model without one: MAX_OUTPUT_TOKENS
         assert "images_go_to" not in models[MODEL]
         assert chat(c, user_token(user), model="small", max_tokens=8192).status_code == 200
         assert upstreams["together"].stats()["last_body"]["max_tokens"] == 1000

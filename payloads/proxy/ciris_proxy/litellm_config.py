@@ -94,15 +94,17 @@ def render(
     cooldown_seconds: int = 30,
     allowed_fails: int = 3,
 ) -> str:
-    """The config text; aliases and output caps replace (or, when None, take) the defaults above.
-    An alias, vision model or cap naming no model is a ValueError."""
+    """The config text. Aliases replace the defaults above (None: take them); output caps override
+    them model by model. An alias, vision model or cap naming no model is a ValueError."""
     aliases = ALIASES if aliases is None else aliases
-    output_caps = OUTPUT_CAPS if output_caps is None else output_caps
+    output_caps = {**OUTPUT_CAPS, **(output_caps or {})}
     for what, names in (("alias", aliases.values()), ("vision model", [vision_model] if vision_model else []),
                         ("output cap", output_caps)):
         unknown = sorted(set(names) - set(models))
         if unknown:
             raise ValueError(f"proxy {what} names no model: {', '.join(unknown)} (models: {', '.join(models)})")
+    if set(aliases) & set(models):
+        raise ValueError(f"proxy alias is a model's own name: {', '.join(sorted(set(aliases) & set(models)))}")
     if vision_model and vision_model not in VISION:
         raise ValueError(f"proxy vision model {vision_model} does not take images (those that do: {', '.join(sorted(VISION))})")
     doc = {
