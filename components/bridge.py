@@ -91,6 +91,9 @@ def build(config: BridgeConfig) -> Bridge:
             token_expires=config.services.proxy_token_expires,
             secrets={k: config.secret(k) for k in PROVIDER_SECRETS},
             fake_upstream=fake_upstream,
+            aliases=config.services.proxy_model_aliases,
+            vision_model=config.services.proxy_vision_model,
+            output_caps=config.services.proxy_output_caps,
         ),
     )
     nodes = [*([witness] if witness else []), *regions]

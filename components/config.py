@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from components import cost, dns, release as release_mod
 
@@ -141,6 +143,25 @@ class Services(_Model):
     fake_llm_upstream: bool = Field(
         default=False, description="environment local only: every provider is the stack's fake upstream (payloads/fake-llm)"
     )
+    # The proxy's models (payloads/proxy/ciris_proxy/litellm_config.py; README "Proxy", ADR 18). None: its defaults.
+    proxy_model_aliases: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")], str] | None = Field(
+        default=None, description="names clients may ask for, by proxy model (default: default and fast -> llama-4-maverick)"
+    )
+    proxy_vision_model: str | None = Field(
+        default=None, description="the proxy model that answers requests with images (default: llama-4-maverick)"
+    )
+    proxy_output_caps: dict[str, Annotated[int, Field(ge=1, le=1_000_000)]] | None = Field(
+        default=None, description="most output tokens one request buys, by proxy model; more asked is lowered to it"
+    )
+
+    @model_validator(mode="after")
+    def _proxy_models_exist(self) -> "Services":
+        if self.proxy_model_aliases is self.proxy_vision_model is self.proxy_output_caps is None:
+            return self  # the payload's defaults (and no import while this module is still loading)
+        from components.proxy import config_text  # the payload's renderer: a name that is no model is a ValueError
+
+        config_text(self.proxy_model_aliases, self.proxy_vision_model, self.proxy_output_caps)
+        return self
 
 
 class BackupSettings(_Model):

@@ -37,6 +37,13 @@ TOKEN_WARN_DAYS = 60
 PROVIDER_SECRETS = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
 
 
+def config_text(aliases: dict[str, str] | None = None, vision_model: str | None = None,
+                output_caps: dict[str, int] | None = None) -> str:
+    """The proxy's rendered config; None takes the payload's default (a ValueError names what is no model)."""
+    return litellm_config.render(aliases=aliases, vision_model=vision_model or litellm_config.VISION_MODEL,
+                                 output_caps=output_caps)
+
+
 def service_token(private_key_pem: str, sub: str, expires: datetime.date) -> str:
     """Billing's service token for one region's proxy; the same inputs always give the same token."""
     exp = int(datetime.datetime.combine(expires, datetime.time(), datetime.timezone.utc).timestamp())
@@ -55,6 +62,10 @@ class ProxyArgs:
     secrets: dict[str, str | None] = field(default_factory=dict)
     # `make local` without provider keys: every provider is this fake upstream (base URL).
     fake_upstream: str | None = None
+    # services.proxy_model_aliases, proxy_vision_model, proxy_output_caps (None: the payload's defaults).
+    aliases: dict[str, str] | None = None
+    vision_model: str | None = None
+    output_caps: dict[str, int] | None = None
 
 
 class Proxy(pulumi.ComponentResource):
@@ -76,7 +87,7 @@ class Proxy(pulumi.ComponentResource):
             pulumi.log.warn(f"proxy: its billing service token expires on {args.token_expires} ({days_left} days); "
                             "move ciris-bridge:services.proxy_token_expires later and run pulumi up", self)
         source = payload_files("proxy")
-        config_text = litellm_config.render()
+        rendered = config_text(args.aliases, args.vision_model, args.output_caps)
         for region in args.regions:
             token = args.billing.private_key_pem.apply(
                 lambda pem, r=region.spec.name: service_token(pem, f"proxy-{r}", args.token_expires))
@@ -108,7 +119,7 @@ class Proxy(pulumi.ComponentResource):
                 ),
                 {
                     **source,
-                    "proxy/config.yaml": config_text,
+                    "proxy/config.yaml": rendered,
                     "proxy/billing-public.pem": args.billing.public_key_pem,
                     "proxy/env": pulumi.Output.secret(token.apply(render)),
                 },

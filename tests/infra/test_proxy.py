@@ -108,3 +108,37 @@ def test_the_edge_refuses_bodies_the_proxy_would_refuse():
     assert edge.PROXY_MAX_BODY == proxy.MAX_BODY_BYTES
     caddyfile = edge.render_caddyfile(edge.sites("example.ai"))
     assert f"max_size {edge.PROXY_MAX_BODY}" in caddyfile and "request>headers>X-Provider-Key delete" in caddyfile
+
+
+def test_the_proxys_models_are_config(production):
+    """Aliases, the model for images and output caps flow from services.* into the shipped config; by
+    default the CIRIS agent's names (default, fast) and caps that fit it (ADR 18)."""
+    import yaml
+
+    default = yaml.safe_load(production.artifacts["us-east/proxy/config.yaml"])
+    assert default["router_settings"]["model_group_alias"] == {"default": "llama-4-maverick", "fast": "llama-4-maverick"}
+    assert default["ciris_settings"] == {"vision_model": "llama-4-maverick"}
+    assert {d["model_info"]["max_output_tokens"] for d in default["model_list"] if "max_output_tokens" in d["model_info"]} >= {8192}
+    raw, secret_keys = stack_raw("staging")
+    raw["ciris-bridge:services"] = {**raw.get("ciris-bridge:services", {}), "proxy_model_aliases": {"small": "llama-3.1-8b"},
+                                    "proxy_output_caps": {"llama-3.1-8b": 1000}}
+    files = deployed_bundle(plan.run("staging", raw, secret_keys), "us-east")
+    doc = yaml.safe_load(files["proxy/config.yaml"][1])
+    assert doc["router_settings"]["model_group_alias"] == {"small": "llama-3.1-8b"}
+    caps = {d["model_name"]: d["model_info"].get("max_output_tokens") for d in doc["model_list"]}
+    assert caps["llama-3.1-8b"] == 1000 and caps["llama-3.3-70b"] == 8192  # the others keep theirs
+
+
+@pytest.mark.parametrize("setting, text", [
+    ({"proxy_model_aliases": {"default": "gpt-9"}}, "names no model: gpt-9"),
+    ({"proxy_vision_model": "llama-3.3-70b"}, "does not take images"),
+    ({"proxy_output_caps": {"llama-3.3-70b": 0}}, "greater than or equal to 1"),
+])
+def test_a_proxy_model_setting_naming_no_model_is_one_clear_error(setting, text):
+    from components import config
+
+    raw, secret_keys = stack_raw("staging")
+    raw["ciris-bridge:services"] = {**raw.get("ciris-bridge:services", {}), **setting}
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(raw, secret_keys)
+    assert info.value.key.startswith("ciris-bridge:services") and text in info.value.message

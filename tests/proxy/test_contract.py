@@ -14,7 +14,7 @@ from tests.proxy.conftest import MODEL, balance, chat, holds, new_user, total_re
 
 CANARY = "CANARY-value-4b9e"
 PRICE = 5
-CAPS = {"max_output_tokens": 4096, "max_n": 4, "max_messages": 256, "max_body_bytes": 512 * 1024}  # the defaults
+CAPS = {"max_output_tokens": 8192, "max_n": 4, "max_messages": 256, "max_body_bytes": 512 * 1024}  # the defaults
 
 
 def refused(r: httpx.Response, status: int, param: str | None, code: str) -> dict:
@@ -33,7 +33,7 @@ def refused(r: httpx.Response, status: int, param: str | None, code: str) -> dic
     ("api_base", f"http://{CANARY}.example"), ("base_url", f"http://{CANARY}.example"),
     ("api_key", CANARY), ("api_version", "2024-02-01"),  # LiteLLM's Azure client, our key to a chosen path
     ("custom_llm_provider", "azure"), ("deployment_id", CANARY), ("model_list", [CANARY]),
-    ("metadata", {"x": CANARY}), ("fallbacks", [CANARY]), ("litellm_params", {}), ("mock_response", CANARY),
+    ("fallbacks", [CANARY]), ("litellm_params", {}), ("mock_response", CANARY),
     ("extra_headers", {"x": CANARY}), ("logit_bias", {"1": 1}), ("functions", []), ("input_cost_per_token", 0),
 ])
 def test_a_field_outside_the_contract_is_refused_before_any_hold_or_upstream(client, api, cluster, upstreams, field, value):
@@ -48,6 +48,22 @@ def test_a_field_outside_the_contract_is_refused_before_any_hold_or_upstream(cli
 
 @pytest.mark.parametrize("body, param", [
     ({"messages": [{"role": "user", "content": "hi", "api_base": CANARY}]}, "messages[0].api_base"),
+    # An unknown field that shares a known field's name (tool_call_id is a tool message's) is named once.
+    ({"messages": [{"role": "user", "content": "hi", "tool_call_id": CANARY}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c", "name": {"name": CANARY}}]}, "messages[0].name"),
+    # metadata: only the CIRIS agent's keys, bounded; nothing else in it.
+    ({"metadata": {"x": CANARY}}, "metadata.x"),
+    ({"metadata": {"interaction_id": "i", "provider": {"order": [CANARY]}}}, "metadata.provider"),
+    ({"metadata": {"interaction_id": "i", "interaction_id2": CANARY}}, "metadata.interaction_id2"),
+    ({"metadata": {"retry_count": 1}}, "metadata.interaction_id"),
+    ({"metadata": {"interaction_id": f"{CANARY} with spaces"}}, "metadata.interaction_id"),
+    ({"metadata": {"interaction_id": "i" * 129}}, "metadata.interaction_id"),
+    ({"metadata": {"interaction_id": "i", "retry_count": -1}}, "metadata.retry_count"),
+    ({"metadata": {"interaction_id": "i", "retry_count": "1"}}, "metadata.retry_count"),
+    ({"metadata": {"interaction_id": "i", "previous_error": CANARY * 20}}, "metadata.previous_error"),
+    ({"metadata": {"interaction_id": "i", "original_request_id": f"../{CANARY}/"}}, "metadata.original_request_id"),
+    ({"metadata": CANARY}, "metadata"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": CANARY}]}]},
      "messages[0].content[0].cache_control"),
     ({"stream": "yes"}, "stream"),                   # a non-boolean stream once got full answers for free
@@ -119,19 +135,19 @@ def test_models_lists_the_caps_and_the_price(client, api):
     r = client.get("/v1/models", headers={"Authorization": f"Bearer {user_token(new_user(api))}"})
     models = {m["id"]: m for m in r.json()["data"]}
     assert models[MODEL]["limits"] == CAPS and models[MODEL]["price_cents"] == PRICE
+    assert models["llama-4-maverick"]["limits"]["max_output_tokens"] == 16384 and models["llama-4-maverick"]["vision"]
+    assert not models[MODEL]["vision"] and models[MODEL]["images_go_to"] == "llama-4-maverick"
+    for alias in ("default", "fast"):  # what the CIRIS agent and its mobile app ask for
+        assert models[alias]["alias_of"] == "llama-4-maverick" and models[alias]["limits"]["max_output_tokens"] == 16384
     assert models[MODEL]["providers"] == ["together_ai", "groq", "openrouter"]
     assert models["openai/*"]["requires"] == "X-Provider-Key"
     assert client.get("/v1/models").status_code == 401
 
 
 @pytest.mark.parametrize("extra, param, code", [
-    ({"max_tokens": 1_000_000_000}, "max_tokens", "above_limit"),
-    ({"max_completion_tokens": CAPS["max_output_tokens"] + 1}, "max_completion_tokens", "above_limit"),
     ({"max_tokens": 10, "max_completion_tokens": 10}, "max_completion_tokens", "invalid_value"),
     ({"n": 128}, "n", "above_limit"),
     ({"messages": [{"role": "user", "content": "hi"}] * (CAPS["max_messages"] + 1)}, "messages", "too_many_messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-     "messages", "images_not_supported"),
 ])
 def test_caps_are_400_before_any_hold(client, api, cluster, upstreams, extra, param, code):
     user = new_user(api, 15)
@@ -204,3 +220,42 @@ def test_every_provider_rate_limited_is_429_with_retry_after(second_proxy, billi
     refused(r, 429, None, "rate_limit_exceeded")
     assert 1 <= int(r.headers["retry-after"]) <= 30
     assert holds(cluster, user) == [("captured", PRICE), ("released", PRICE)]
+
+
+def agent_metadata(**retry) -> dict:
+    """The body field the CIRIS agent adds for a CIRIS proxy (`LLMRequestMetadata.model_dump()`)."""
+    return {"interaction_id": "4f1c" * 8, "retry_count": None, "previous_error": None,
+            "original_request_id": "0a1b2c3d4e5f", **retry}
+
+
+@pytest.mark.parametrize("metadata", [
+    agent_metadata(),
+    agent_metadata(retry_count=2, previous_error="TIMEOUT"),
+    {"interaction_id": "no-retry-fields"},
+])
+def test_the_agents_metadata_is_accepted_and_never_reaches_a_provider(client, api, upstreams, metadata):
+    metadata = {**metadata, "previous_error": CANARY} if "previous_error" in metadata else metadata
+    r = chat(client, user_token(new_user(api, 15)), metadata=metadata)
+    assert r.status_code == 200, r.text
+    sent = upstreams["together"].stats()["last_body"]
+    assert "metadata" not in sent and CANARY not in json.dumps(sent)
+    assert metadata["interaction_id"] not in json.dumps(sent)
+
+
+def test_instructors_tools_mode_retry_is_accepted(client, api, upstreams):
+    """instructor's TOOLS-mode reask: the assistant's tool call, then a tool message with `name`."""
+    messages = [
+        {"role": "system", "content": "answer with the tool"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "Answer", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "Answer", "content": "Validation Error found: ..."},
+    ]
+    tools = [{"type": "function", "function": {"name": "Answer", "description": "d", "parameters": {"type": "object"}}}]
+    r = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {user_token(new_user(api, 15))}"},
+                    json={"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 100,
+                          "tool_choice": {"type": "function", "function": {"name": "Answer"}},
+                          "metadata": agent_metadata(retry_count=1, previous_error="VALIDATION")})
+    assert r.status_code == 200, r.text
+    sent = upstreams["together"].stats()["last_body"]
+    assert sent["messages"][3]["name"] == "Answer" and "metadata" not in sent

@@ -23,6 +23,12 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
     user = new_user(api, 50)
     prompt = f"please repeat {CANARY}"
     assert chat(client, user_token(user), prompt).status_code == 200
+    # The agent's metadata is ours (billing), never logged, stored as text or sent to a provider.
+    metadata = {"interaction_id": "CANARY-interaction-7f3a9c", "retry_count": 1, "previous_error": CANARY}
+    assert chat(client, user_token(user), prompt, metadata=metadata).status_code == 200
+    assert "metadata" not in upstreams["together"].stats()["last_body"]
+    bad = chat(client, user_token(user), prompt, metadata={**metadata, "retry_count": CANARY})
+    assert bad.status_code == 400 and CANARY not in bad.text
     with client.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {user_token(user)}"},
                        json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": prompt}]}) as r:
         assert r.status_code == 200 and CANARY not in r.read().decode()
@@ -41,7 +47,7 @@ def test_canary_prompt_reaches_no_log_row_or_error(client, api, cluster, proxy, 
     holds(cluster, user)  # every hold settled, so every log line about them is written
     for log in (proxy.log, billing.log):
         text = log.read_text()
-        assert CANARY not in text and REPLY not in text, log
+        assert CANARY not in text and REPLY not in text and "CANARY-interaction" not in text, log
     assert CANARY not in stored_text(cluster) and REPLY not in stored_text(cluster)
     assert CANARY not in client.get("/metrics").text
 

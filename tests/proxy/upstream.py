@@ -1,6 +1,7 @@
 """A small OpenAI-compatible upstream standing in for Together, Groq or OpenRouter (and OpenAI for
 bring-your-own-key): POST .../chat/completions, streamed or not; POST .../v1/messages answers as
-Anthropic's API does (not streamed), for bring-your-own-key Anthropic calls.
+Anthropic's API does (not streamed), for bring-your-own-key Anthropic calls. A forced tool or a JSON
+response format is answered as `make local`'s fake upstream answers it (payloads/fake-llm).
 
     python -m tests.proxy.upstream --name together --port 9001
 
@@ -21,9 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 
 import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "payloads" / "fake-llm"))
+from fake_llm import structured  # noqa: E402  (`make local`'s fake answers forced tools and JSON the same way)
 
 
 class Upstream:
@@ -85,10 +91,11 @@ class Upstream:
         return await self._json(send, 404, {"error": {"message": "not found"}})
 
     def _completion(self, request: dict) -> dict:
+        message = structured(request) or {"role": "assistant", "content": f"hello from {self.name}"}
         return {
             "id": f"chatcmpl-{self.name}-{self.requests}", "object": "chat.completion", "created": int(time.time()),
             "model": request.get("model"), "service_tier": "on_demand",  # as real providers send (LiteLLM's Groq path needs it)
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {self.name}"}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
         }
 

@@ -1,7 +1,8 @@
 """The request contract: the OpenAI chat-completions parameters the proxy accepts, as strict pydantic
 models. Anything else is a 400 naming the field (never its value); nothing a client sends reaches
 LiteLLM or a provider unless it is named here. Provider routing, keys, base URLs, deployment ids,
-fallbacks, metadata and `extra_body` are never among them.
+fallbacks and `extra_body` are never among them. `metadata` is taken only in the shape the CIRIS agent
+sends it (its interaction id and retry fields) and is ours: kept for billing, never forwarded.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ToolMessage(Strict):
     role: Literal["tool"]
     content: Text | list[TextPart]
     tool_call_id: Name
+    name: Name | None = None  # the function's name: instructor's TOOLS-mode retry sends it
 
 
 Message = Annotated[Union[Annotated[SystemMessage, Tag("role=system")], Annotated[UserMessage, Tag("role=user")],
@@ -130,6 +132,16 @@ class StreamOptions(Strict):
 
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
+class Metadata(Strict):
+    """What the CIRIS agent sends to a CIRIS proxy (its `LLMRequestMetadata`; unset fields as null):
+    one id for every LLM call of an agent interaction, and its retry bookkeeping. For billing only."""
+    interaction_id: Id
+    retry_count: Annotated[int, Field(ge=0, le=1000)] | None = None
+    previous_error: Annotated[str, Field(max_length=256)] | None = None  # an error category, e.g. TIMEOUT
+    original_request_id: Id | None = None
 
 
 class ChatRequest(Strict):
@@ -150,14 +162,15 @@ class ChatRequest(Strict):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     user: Annotated[str, Field(max_length=256)] | None = None  # accepted for compatibility, not forwarded
+    metadata: Metadata | None = None  # ours (billing), not forwarded
 
     def has_images(self) -> bool:
         return any(isinstance(m, UserMessage) and isinstance(m.content, list)
                    and any(isinstance(p, ImagePart) for p in m.content) for m in self.messages)
 
     def upstream_params(self) -> dict[str, Any]:
-        """What goes to LiteLLM: the parameters the client set, minus model, stream and user (ours to set)."""
-        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "user"}, by_alias=True)
+        """What goes to LiteLLM: the parameters the client set, minus model, stream, user and metadata (ours)."""
+        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "user", "metadata"}, by_alias=True)
 
 
 class ContractError(ValueError):
@@ -190,14 +203,14 @@ def parse(body: bytes) -> ChatRequest:
     except ValidationError as e:
         errors = e.errors(include_input=False, include_url=False)
         # The deepest error is the one that says what is wrong (a union reports each member's; among
-        # equals, a bound broken says more than a type that did not fit).
-        err = max(errors, key=lambda x: (len(x["loc"]), not x["type"].endswith("_type")))
+        # equals, a bound broken says more than a type that did not fit, and an unknown field most).
+        err = max(errors, key=lambda x: (len(x["loc"]), not x["type"].endswith("_type"), x["type"] == "extra_forbidden"))
         param, kind = _param(err["loc"]), err["type"]
         if kind == "json_invalid" or (kind in ("model_type", "model_attributes_type") and not param):
             raise ContractError("the request body must be a JSON object (OpenAI's chat-completions request)") from None
-        if kind == "extra_forbidden":
-            name = str(err["loc"][-1])[:64]
-            param = f"{param}.{name}" if param else name
+        if kind == "extra_forbidden":  # the unknown field's own name, once (it may share a known field's)
+            name, parent = str(err["loc"][-1])[:64], _param(err["loc"][:-1])
+            param = f"{parent}.{name}" if parent else name
             raise ContractError(f"unrecognized request argument: {param}", param, code="unknown_parameter") from None
         if kind == "missing":
             raise ContractError(f"missing required parameter: {param}", param, code="missing_parameter") from None

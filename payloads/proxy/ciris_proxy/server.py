@@ -152,9 +152,17 @@ class App:
     async def models(self, scope, receive, send):
         self.tokens.user(dict(scope["headers"]).get(b"authorization"))
         caps = dataclasses.asdict(self.settings.caps)
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "ciris-bridge",
-                 "providers": [p for _, p in t.groups], "price_cents": self.settings.price_per_interaction_cents,
-                 "limits": caps} for name, t in self.upstreams.models.items()]
+        vision = self.upstreams.vision
+
+        def entry(name: str, t: Target) -> dict:
+            return {"id": name, "object": "model", "created": 0, "owned_by": "ciris-bridge",
+                    "providers": [p for _, p in t.groups], "price_cents": self.settings.price_per_interaction_cents,
+                    "limits": {**caps, "max_output_tokens": self.output_cap(t)},
+                    "vision": t.vision, **({"images_go_to": vision.name} if vision and not t.vision else {})}
+
+        data = [entry(name, t) for name, t in self.upstreams.models.items()]
+        data += [{**entry(alias, self.upstreams.models[model]), "alias_of": model}
+                 for alias, model in self.upstreams.aliases.items()]
         data += [{"id": f"{p}/*", "object": "model", "created": 0, "owned_by": p, "providers": [p], "price_cents": 0,
                   "limits": caps, "requires": "X-Provider-Key"} for p in self.upstreams.byok_bases]
         await send_json(send, 200, json.dumps({"object": "list", "data": data}).encode())
@@ -170,6 +178,8 @@ class App:
         except ContractError as e:
             raise ApiError(e.status, e.message, param=e.param, code=e.code) from None
         target = self.upstreams.target(req.model)
+        if req.has_images() and not target.vision:
+            target = self.vision_target(req.model)
         params = self.within_caps(req, target)
         key = headers.get(b"x-provider-key", b"").decode("latin-1").strip() or None
         auth = None
@@ -187,6 +197,16 @@ class App:
         serve = self.stream if req.stream else self.answer
         await self.until_client_leaves(serve(send, target, params, key, auth), receive)
 
+    def vision_target(self, model: str) -> Target:
+        """A text-only model was asked about images: the configured model that can see answers."""
+        if self.upstreams.vision is None:
+            raise ApiError(400, f"{model} takes text only and no model here takes images: send no image_url parts",
+                           param="messages", code="images_not_supported")
+        return self.upstreams.vision
+
+    def output_cap(self, target: Target) -> int:
+        return target.max_output_tokens or self.settings.caps.max_output_tokens
+
     def within_caps(self, req: ChatRequest, target: Target) -> dict:
         caps = self.settings.caps
         if len(req.messages) > caps.max_messages:
@@ -197,15 +217,12 @@ class App:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise ApiError(400, "send max_tokens or max_completion_tokens, not both", param="max_completion_tokens",
                            code="invalid_value")
-        for name in ("max_tokens", "max_completion_tokens"):
-            if (getattr(req, name) or 0) > caps.max_output_tokens:
-                raise ApiError(400, f"{name}: at most {caps.max_output_tokens}", param=name, code="above_limit")
-        if req.has_images() and not target.vision:
-            raise ApiError(400, f"{req.model} takes text only: send no image_url parts", param="messages",
-                           code="images_not_supported")
         params = req.upstream_params()
-        if req.max_tokens is None and req.max_completion_tokens is None:
-            params["max_tokens"] = caps.max_output_tokens  # a flat price buys a bounded answer
+        # A flat price buys a bounded answer: more than the model's cap is lowered to it (an answer
+        # that reaches it ends with finish_reason "length"), none asked means the cap (ADR 18).
+        cap = self.output_cap(target)
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params[name] = min(params.get(name) or cap, cap)
         return params
 
     async def until_client_leaves(self, work, receive) -> None:

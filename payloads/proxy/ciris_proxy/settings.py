@@ -30,7 +30,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Caps:
     """What one flat-priced request may ask for (shown in GET /v1/models); beyond them a 400."""
-    max_output_tokens: int = 4096  # max_tokens / max_completion_tokens; absent means this
+    max_output_tokens: int = 8192  # for a model whose config names no cap of its own (ADR 18)
     max_n: int = 4                 # choices per request
     max_messages: int = 256
     max_body_bytes: int = 512 * 1024  # the edge enforces the same limit

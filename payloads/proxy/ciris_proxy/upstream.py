@@ -60,6 +60,7 @@ class Target:
     groups: list[tuple[str, str]] = field(default_factory=list)  # (router group, LiteLLM provider), in order
     byok: str | None = None                                     # "openai" | "anthropic"
     vision: bool = False
+    max_output_tokens: int | None = None                        # None: the proxy's MAX_OUTPUT_TOKENS
 
 
 def _resolve(value: Any, env: Mapping[str, str]) -> Any:
@@ -88,12 +89,20 @@ class Upstreams:
                 log.warning("no key for %s: it is skipped", group)
                 continue
             deployments.append({"model_name": group, "litellm_params": params, "model_info": {"id": group}})
-            self.models.setdefault(d["model_name"], Target(d["model_name"])).groups.append((group, provider))
+            info = d["model_info"]
+            target = self.models.setdefault(d["model_name"], Target(
+                d["model_name"], vision=bool(info.get("supports_vision")), max_output_tokens=info.get("max_output_tokens")))
+            target.groups.append((group, provider))
+        # Other names for a model (LiteLLM's model_group_alias), and where a request with images goes.
+        self.aliases = {a: m for a, m in rs.get("model_group_alias", {}).items() if m in self.models}
+        vision = doc.get("ciris_settings", {}).get("vision_model")
+        self.vision = self.models.get(vision) if vision else None
         self.router = litellm.Router(
             model_list=deployments, num_retries=0, timeout=self.timeout, cooldown_time=self.cooldown,
             allowed_fails=int(rs.get("allowed_fails", 3)), routing_strategy="simple-shuffle")
 
     def target(self, model: str) -> Target:
+        model = self.aliases.get(model, model)
         if model in self.models:
             return self.models[model]
         provider, _, model_id = model.partition("/")
