@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: local local-down plan test venv system-deps engine lock clean
+.PHONY: local local-down plan id-token test venv system-deps engine lock clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt $(wildcard payloads/*/requirements.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ local-down: venv
 
 plan: venv
 	$(PY) -m components.plan staging
+
+# An ID token the local bridge trusts (its stand-in Google or Apple): make -s id-token PROVIDER=google SUB=alice [EMAIL=...]
+id-token: venv
+	@$(PY) -m components.local_oidc $(or $(PROVIDER),google) $(or $(SUB),$(error SUB= is required)) $(EMAIL)
 
 test: venv system-deps engine
 	$(PY) -m pytest

@@ -37,7 +37,7 @@ from pathlib import Path
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components import config, deploy, local_s3, plan as plan_mod, postgres_config, services, witness as witness_mod
+from components import config, deploy, local_oidc, local_s3, plan as plan_mod, postgres_config, services, witness as witness_mod
 from components import release as release_mod
 from components.mocks import unwrap
 
@@ -81,6 +81,8 @@ def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.
         raw[f"{config.PROJECT}:backup"] = {
             "s3_endpoint": local_s3.ENDPOINT, "region": local_s3.REGION, "ca_cert": s3_ca,
             "bucket": local_s3.bucket(keys["backup_s3_access_key"], keys["backup_s3_secret_key"])}
+        # Sign-in with this machine's Google and Apple, behind the same address (components/local_oidc.py).
+        raw[f"{config.PROJECT}:sign_in"] = local_oidc.sign_in(s3_ca)
     for key, value in keys.items():
         raw[f"{config.PROJECT}:{key}"] = value
         secret_keys.add(f"{config.PROJECT}:{key}")
@@ -413,6 +415,7 @@ def deploy_current(stack_file: Path, env: dict[str, str]) -> dict:
     keys = local_secrets()
     s3_ca = local_s3.up(LOCAL / "s3", str(Path(sys.executable).parent / "moto_server"), shutil.which("caddy") or "caddy",
                         keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
+    local_oidc.up(LOCAL / "oidc", shutil.which("caddy") or "caddy")
     plan = render(stack_file, s3_ca)
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
@@ -502,6 +505,7 @@ def down() -> None:
     if anchors:
         subprocess.run(["podman", "rm", "-f", "-t", "0", *anchors], env=env, check=False, capture_output=True)
     local_s3.down(LOCAL / "s3")
+    local_oidc.down(LOCAL / "oidc")
     subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
     remove_iptables_rules()
     remove_stale_port_rules(env)

@@ -52,7 +52,7 @@ def certificates(root: Path) -> tuple[str, Path, Path]:
     return ca, root / "server.crt", root / "server.key"
 
 
-def _alive(pidfile: Path) -> bool:
+def daemon_alive(pidfile: Path) -> bool:
     try:
         os.kill(int(pidfile.read_text()), 0)
         return True
@@ -60,25 +60,33 @@ def _alive(pidfile: Path) -> bool:
         return False
 
 
-def _start(root: Path, name: str, argv: list[str], env: dict | None = None) -> None:
+def start_daemon(root: Path, name: str, argv: list[str], env: dict | None = None) -> None:
+    """Start `argv` in its own session, logging to root/<name>.log, unless it runs already."""
     pidfile = root / f"{name}.pid"
-    if _alive(pidfile):
+    if daemon_alive(pidfile):
         return
     with open(root / f"{name}.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     pidfile.write_text(str(proc.pid))
 
 
+def stop_daemon(root: Path, name: str) -> None:
+    pidfile = root / f"{name}.pid"
+    if daemon_alive(pidfile):
+        os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+    pidfile.unlink(missing_ok=True)
+
+
 def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: str) -> str:
     """Start (or keep) the endpoint and the keys' bucket; returns the CA PEM the stack must trust."""
     ca, cert, key = certificates(root)
     backend = PORT + 1
-    _start(root, "moto", [moto_server, "-H", "127.0.0.1", "-p", str(backend)])
+    start_daemon(root, "moto", [moto_server, "-H", "127.0.0.1", "-p", str(backend)])
     caddyfile = root / "Caddyfile"
     caddyfile.write_text(
         f"{{\n  admin off\n  auto_https off\n  default_sni {ADDRESS}\n}}\n"
         f"https://{ADDRESS}:{PORT} {{\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n}}\n")
-    _start(root, "caddy", [caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+    start_daemon(root, "caddy", [caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
            env={**os.environ, "XDG_DATA_HOME": str(root / "caddy-data"), "XDG_CONFIG_HOME": str(root / "caddy-config")})
     ca_file = root / "ca.crt"
     ca_file.write_text(ca)
@@ -99,7 +107,4 @@ def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: st
 
 def down(root: Path) -> None:
     for name in ("caddy", "moto"):
-        pidfile = root / f"{name}.pid"
-        if _alive(pidfile):
-            os.killpg(int(pidfile.read_text()), signal.SIGTERM)
-        pidfile.unlink(missing_ok=True)
+        stop_daemon(root, name)

@@ -15,7 +15,9 @@ import dns.query
 import dns.rdatatype
 import boto3
 import httpx
+import jwt
 import stripe
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from components import local_s3
 from tests.conftest import REPO
@@ -122,6 +124,40 @@ def test_the_money_path_end_to_end(stack):
         assert [(i["type"], i["amount"]) for i in items][1:] == [("purchase", 500), ("signup", signup)], items
         assert items[0]["amount"] == -5 and items[0]["balance_after"] == signup + 500 - 5, items
         assert billing.get(f"/v1/credits/{user}", headers=user_auth).json()["balance"] == signup + 500 - 5
+
+
+def id_token(provider: str, sub: str) -> str:
+    """As the README shows it: `make -s id-token` prints only the token."""
+    out = subprocess.run(["make", "-s", "id-token", f"PROVIDER={provider}", f"SUB={sub}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.count(".") == 2, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_user_signs_in_with_google_or_apple_in_either_region(stack):
+    """The local issuer stands in for Google and Apple (components/local_oidc.py): an ID token from
+    `make id-token` is exchanged for billing's token in us-east and used directly in eu-west (the
+    agent's own surface); one identity is one user with its signup credits once; a token signed
+    with any other key is refused."""
+    us, eu = stack.regions
+    for provider in ("google", "apple"):
+        sub = f"e2e-{provider}-{uuid.uuid4().hex[:8]}"
+        token = id_token(provider, sub)
+        with stack.edge(us, "billing") as billing:
+            r = billing.post("/v1/auth/token", json={"id_token": token})
+            assert r.status_code == 200, r.text
+            user, ours = r.json()["user_id"], r.json()["access_token"]
+            assert billing.get(f"/v1/credits/{user}", headers={"Authorization": f"Bearer {ours}"}).json()["balance"] == 15
+        with stack.edge(eu, "billing") as billing:
+            r = billing.post("/v1/billing/credits/check", headers={"Authorization": f"Bearer {token}"},
+                             json={"oauth_provider": f"oauth:{provider}", "external_id": sub})
+            assert r.status_code == 200 and r.json()["credits_remaining"] == 15, r.text
+            assert billing.post("/v1/auth/token", json={"id_token": token}).json()["user_id"] == user
+            forged = jwt.encode(jwt.decode(token, options={"verify_signature": False}),
+                                rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256",
+                                headers={"kid": jwt.get_unverified_header(token)["kid"]})
+            r = billing.post("/v1/auth/token", json={"id_token": forged})
+            assert r.status_code == 401 and forged not in r.text, r.text
 
 
 def test_eu_west_is_a_synchronous_streaming_replica(stack):

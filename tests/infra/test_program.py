@@ -405,3 +405,31 @@ def test_hetzner_regions_share_one_ssh_key():
     assert len(keys) == 1
     servers = [mocks.unwrap(r.inputs) for r in regs if r.type == "hcloud:index/server:Server"]
     assert len(servers) == 2 and len({tuple(s["sshKeys"]) for s in servers}) == 1
+
+
+def test_sign_in_reaches_billing_with_its_issuers_and_ca():
+    """sign_in (config) -> billing's OIDC_* settings and the CA file it mounts; without it, none."""
+    from components import billing
+
+    raw, secret_keys = stack_raw("staging")
+    assert billing.sign_in_env(config.parse(raw, secret_keys).sign_in) == {}
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    raw[f"{config.PROJECT}:sign_in"] = {
+        "google": {"client_ids": ["app.apps.googleusercontent.com", "web.apps.googleusercontent.com"]},
+        "apple": {"client_ids": ["ai.ciris.mobile"], "issuer": "https://issuer.test/apple",
+                  "jwks_url": "https://issuer.test/apple/jwks", "ca_cert": ca}}
+    p = run("staging", raw, secret_keys)
+    env = billing.sign_in_env(config.parse(raw, secret_keys).sign_in)
+    assert env == {"OIDC_GOOGLE_CLIENT_IDS": "app.apps.googleusercontent.com,web.apps.googleusercontent.com",
+                   "OIDC_APPLE_CLIENT_IDS": "ai.ciris.mobile", "OIDC_APPLE_ISSUERS": "https://issuer.test/apple",
+                   "OIDC_APPLE_JWKS_URL": "https://issuer.test/apple/jwks", "OIDC_CA_FILE": billing.OIDC_CA_PATH}
+    for region in ("us-east", "eu-west"):
+        assert p.artifacts[f"{region}/billing/oidc-ca.crt"] == ca
+        compose = yaml.safe_load(p.artifacts[f"{region}/compose.yaml"].split("\n", 2)[-1])
+        assert f"./billing/oidc-ca.crt:{billing.OIDC_CA_PATH}:ro" in compose["services"]["billing"]["volumes"]
+    # A JWKS over plain HTTP, or a client id with spaces, is refused naming the key.
+    for bad, key in (({"client_ids": ["x"], "jwks_url": "http://issuer.test/jwks"}, "sign_in.google.jwks_url"),
+                     ({"client_ids": ["a b"]}, "sign_in.google.client_ids[0]")):
+        raw[f"{config.PROJECT}:sign_in"] = {"google": bad}
+        with pytest.raises(config.ConfigError, match=re.escape(key)):
+            config.parse(raw, secret_keys)
