@@ -75,6 +75,24 @@ def _known_provider(v: str) -> str:
 Provider = Annotated[str, AfterValidator(_known_provider)]
 
 
+def _host_name(v: str) -> str:
+    if not _DOMAIN_RE.match(v) or len(v) > 253:
+        raise ValueError(f"{v!r} is not a host name: lower-case letters, digits and '-' in dot-separated labels, "
+                         "no wildcard (e.g. llm01.ciris-services-1.ai)")
+    return v
+
+
+HostName = Annotated[str, AfterValidator(_host_name)]
+
+
+class ServiceNames(_Model):
+    """Host names a region's edge serves for each service besides its default (billing1.<domain>,
+    proxy1.<domain>): the names clients already have, e.g. the released agent's (ADR 19)."""
+
+    billing: list[HostName] = []
+    proxy: list[HostName] = []
+
+
 class Region(_Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")
     provider: Provider
@@ -84,6 +102,7 @@ class Region(_Model):
     nameserver: str = Field(pattern=rf"^{_LABEL}$", description="label of this region's nameserver, e.g. ns1")
     volume_gb: int = Field(default=0, description="block storage for Postgres data; 0 = none")
     postgres: Literal["primary", "replica", "none"] = "none"
+    names: ServiceNames = ServiceNames()
 
     @field_validator("domain")
     @classmethod
@@ -102,6 +121,11 @@ class Region(_Model):
     @property
     def nameserver_fqdn(self) -> str:
         return f"{self.nameserver}.{self.domain}"
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """Every service's extra names (DNS gives each the region's addresses, as a default name)."""
+        return (*self.names.billing, *self.names.proxy)
 
 
 class Witness(_Model):
@@ -448,6 +472,23 @@ def _check_topology(config: BridgeConfig) -> None:
     if config.budget.ceiling_usd < config.budget.target_usd:
         raise ConfigError(f"{PROJECT}:budget.ceiling_usd", "is below budget.target_usd")
     _check_witness(config)
+    _check_names(config)
+
+
+def _check_names(config: BridgeConfig) -> None:
+    """A host name belongs to one service in one region: the edge that serves it is the one DNS points it at."""
+    taken: dict[str, str] = {}
+    for i, r in enumerate(config.regions):
+        for service, label in dns.SERVICE_LABELS.items():
+            taken[f"{label}.{r.domain}"] = f"regions[{i}]'s default {service} name"
+        taken[r.nameserver_fqdn] = f"regions[{i}]'s nameserver"
+    for i, r in enumerate(config.regions):
+        for service in dns.SERVICE_LABELS:
+            for j, name in enumerate(getattr(r.names, service)):
+                key = f"regions[{i}].names.{service}[{j}]"
+                if name in taken:
+                    raise ConfigError(f"{PROJECT}:{key}", f"{name!r} is already {taken[name]}")
+                taken[name] = key
 
 
 def _check_alerts(config: BridgeConfig) -> None:

@@ -23,7 +23,8 @@ TTL_RANGE = (30, 604_800)
 SOA_TIMERS = {"refresh": 3600, "retry": 600, "expire": 604_800, "minimum": 300}
 SOA_TTL = 3600
 CAA = ('0 issue "letsencrypt.org"', '0 issuewild ";"')
-SERVICE_LABELS = ("billing1", "proxy1")
+# Each service's default host name in its region's zone: billing1.<domain>, proxy1.<domain>.
+SERVICE_LABELS = {"billing": "billing1", "proxy": "proxy1"}
 
 _LABEL = r"(\*|[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)"
 _NAME_RE = re.compile(rf"^(@|{_LABEL}(\.[a-z0-9_]([a-z0-9_-]{{0,61}}[a-z0-9])?)*)$")
@@ -77,6 +78,7 @@ class RegionAddress:
     nameserver: str  # FQDN without the trailing dot
     ipv4: str
     ipv6: str
+    extra_names: tuple[str, ...] = ()  # host names its edge serves besides the defaults (config `names`)
 
 
 @dataclass(frozen=True)
@@ -156,10 +158,12 @@ def _where(zone_name: str, zone_raw: Any, e: ValidationError) -> str:
 def _check(zones: ZonesFile, regions: Sequence[Any], label: str) -> None:
     region_names = {r.name for r in regions}
     domains = {r.domain for r in regions}
-    generated = {"@", *SERVICE_LABELS} | {r.nameserver.removesuffix("." + r.domain) for r in regions}
+    generated = {"@", *SERVICE_LABELS.values()} | {r.nameserver.removesuffix("." + r.domain) for r in regions}
     for zone_name, zone in zones.zones.items():
         if zone_name not in domains:
             raise ZonesError(f"{label}: zone {zone_name}: not the domain of any region ({', '.join(sorted(domains))})")
+        served = {name: r.name for r in regions for name in r.extra_names if zone_of(name, domains) == zone_name}
+        here = generated | {_relative(name, zone_name) for name in served}
         seen: dict[tuple, Record] = {}
         ttls: dict[tuple[str, str], int] = {}
         types_by_name: dict[str, set[str]] = {}
@@ -194,6 +198,11 @@ def _check(zones: ZonesFile, regions: Sequence[Any], label: str) -> None:
                 fail("CNAME is not allowed at the zone apex")
             if rec.type == "NS" and rec.name == "@":
                 fail("the apex NS set is generated from the regions; NS records here delegate subzones")
+            if rec.type == "NS":  # below a delegation the other zone's servers answer, not our record
+                delegated = _fqdn(rec.name, zone_name).rstrip(".")
+                for name in served:
+                    if zone_of(name, [delegated]):
+                        fail(f"delegates {name}, which {served[name]} serves (its `names`): our record for it would never be answered")
             key = (rec.name, rec.type, rec.value, rec.region, rec.health_check)
             if key in seen:
                 fail("duplicate record")
@@ -203,7 +212,7 @@ def _check(zones: ZonesFile, regions: Sequence[Any], label: str) -> None:
             types_by_name.setdefault(rec.name, set()).add(rec.type)
         for rec in zone.records:
             others = types_by_name[rec.name] - {"CNAME"}
-            if rec.type == "CNAME" and (others or rec.name in generated or sum(1 for r in zone.records if r.name == rec.name) > 1):
+            if rec.type == "CNAME" and (others or rec.name in here or sum(1 for r in zone.records if r.name == rec.name) > 1):
                 raise ZonesError(f"{label}: zone {zone_name}, {rec.label()}: CNAME beside other data at {rec.name!r}")
             if rec.health_check and sum(1 for r in zone.records if (r.name, r.type) == (rec.name, rec.type)) > 1:
                 raise ZonesError(f"{label}: zone {zone_name}, {rec.label()}: a health-checked record must be alone in its RRset")
@@ -241,6 +250,27 @@ def _fqdn(name: str, zone: str) -> str:
     return f"{zone}." if name == "@" else f"{name}.{zone}."
 
 
+def _relative(name: str, zone: str) -> str:
+    return "@" if name == zone else name.removesuffix("." + zone)
+
+
+def zone_of(name: str, zones: Iterable[str]) -> str | None:
+    """The most specific of `zones` that holds `name`; None when it is in none of them."""
+    return max((z for z in zones if name == z or name.endswith("." + z)), key=len, default=None)
+
+
+def foreign_names_warning(region: RegionAddress, zones: Iterable[str]) -> str | None:
+    """The region's extra names outside every zone we serve: no record of ours points them at the
+    region, so whoever serves their zone must, or neither clients nor Let's Encrypt reach them."""
+    zones = sorted(zones)
+    names = [n for n in region.extra_names if zone_of(n, zones) is None]
+    if not names:
+        return None
+    return (f"dns: {region.name} serves {', '.join(names)}, outside the bridge's zones ({', '.join(zones)}), so we make no "
+            f"record for it: point each such name at {region.name} (A {region.ipv4}, AAAA {region.ipv6}) in its own zone, or "
+            f"clients miss it and Let's Encrypt cannot issue its certificate (TLS-ALPN-01 on {region.name}'s 443; ADR 2, ADR 19)")
+
+
 def _dot(host: str) -> str:
     return host if host.endswith(".") else host + "."
 
@@ -275,10 +305,12 @@ def render(
     serial: int | None = None,
 ) -> list[RenderedZone]:
     """Every region's domain as a full zone (FSD §5.4): SOA at that region's nameserver, NS for all
-    nameservers, in-zone glue, billing1/proxy1 at that region, CAA for Let's Encrypt only, then the
-    zones.yaml records (which replace a generated RRset of the same name and type)."""
+    nameservers, in-zone glue, billing1/proxy1 at that region, each region's extra names that fall in
+    this zone at that region, CAA for Let's Encrypt only, then the zones.yaml records (which replace
+    a generated RRset of the same name and type)."""
     serial = serial or initial_serial()
     by_name = {r.name: r for r in regions}
+    domains = [r.domain for r in regions]
     out = []
     for region in regions:
         zone = region.domain
@@ -298,9 +330,15 @@ def render(
             if r.nameserver.endswith("." + zone):
                 put(_dot(r.nameserver), "A", DEFAULT_TTL, [r.ipv4])
                 put(_dot(r.nameserver), "AAAA", DEFAULT_TTL, [_content("AAAA", r.ipv6)])
-        for label in SERVICE_LABELS:
+        for label in SERVICE_LABELS.values():
             put(f"{label}.{zone}.", "A", DEFAULT_TTL, [region.ipv4])
             put(f"{label}.{zone}.", "AAAA", DEFAULT_TTL, [_content("AAAA", region.ipv6)])
+        # An extra name is a default name's twin: the same records, at the region that serves it.
+        for r in regions:
+            for name in r.extra_names:
+                if zone_of(name, domains) == zone:
+                    put(f"{name}.", "A", DEFAULT_TTL, [r.ipv4])
+                    put(f"{name}.", "AAAA", DEFAULT_TTL, [_content("AAAA", r.ipv6)])
 
         spec = zones.zones.get(zone, Zone())
         user: dict[tuple[str, str], list[Record]] = {}

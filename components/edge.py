@@ -1,4 +1,5 @@
-"""The public edge: one Caddy per region terminating TLS for billing1.<domain> and proxy1.<domain>.
+"""The public edge: one Caddy per region terminating TLS for billing1.<domain> and proxy1.<domain>,
+and for the extra names the region's config gives each service (ADR 19).
 
 Certificates come from Let's Encrypt over TLS-ALPN-01 only, so port 80 stays closed. Only each
 service's public paths are routed (an allow-list); /metrics and everything else answers 404 at the
@@ -8,8 +9,9 @@ edge. Access logs are Caddy's JSON lines: no bodies, and Authorization/Cookie he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
+from components.dns import SERVICE_LABELS
 from components.services import ContainerSpec, main_name, twin_name
 
 CA_DIR = "/etc/caddy/ca"  # `make local`: the stack's own CA, which signs every region's certificates
@@ -24,6 +26,11 @@ class Site:
     upstreams: tuple[str, ...]  # host:port on the container network, the first healthy one serves
     public_paths: tuple[str, ...]
     max_body: int = 64 * 1024  # bytes: larger bodies get 413 at the edge, before any service reads them
+    aliases: tuple[str, ...] = ()  # more names for the same site, each with its own certificate
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.host, *self.aliases)
 
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
@@ -38,11 +45,14 @@ def rolling(service: str, port: int) -> tuple[str, ...]:
 
 
 def sites(domain: str, billing: str | tuple[str, ...] = rolling("billing", 8000),
-          proxy: str | tuple[str, ...] = rolling("proxy", 4000)) -> list[Site]:
+          proxy: str | tuple[str, ...] = rolling("proxy", 4000), names: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
+    """Each service at its default name in `domain` and at its extra `names` (service -> host names)."""
     as_tuple = lambda u: (u,) if isinstance(u, str) else tuple(u)  # noqa: E731
+    host = lambda service: f"{SERVICE_LABELS[service]}.{domain}"  # noqa: E731
+    extra = lambda service: tuple((names or {}).get(service, ()))  # noqa: E731
     return [
-        Site(f"billing1.{domain}", as_tuple(billing), BILLING_PATHS),
-        Site(f"proxy1.{domain}", as_tuple(proxy), PROXY_PATHS, PROXY_MAX_BODY),
+        Site(host("billing"), as_tuple(billing), BILLING_PATHS, aliases=extra("billing")),
+        Site(host("proxy"), as_tuple(proxy), PROXY_PATHS, PROXY_MAX_BODY, aliases=extra("proxy")),
     ]
 
 
@@ -94,7 +104,7 @@ def render_caddyfile(
         tls_block = "\ttls {\n\t\tissuer acme {\n\t\t\tdisable_http_challenge\n\t\t}\n\t}"
     for site in site_list:
         out += [
-            f"{site.host} {{",
+            f"{', '.join(site.names)} {{",
             tls_block,
             f'\theader Strict-Transport-Security "max-age={hsts_max_age}; includeSubDomains"',
             "\theader -Server",

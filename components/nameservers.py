@@ -37,12 +37,20 @@ class Nameservers(pulumi.ComponentResource):
         super().__init__("ciris:bridge:Nameservers", name, None, opts)
         addresses = pulumi.Output.all(*[pulumi.Output.all(r.ipv4, r.ipv6) for r in args.regions])
 
+        def region_addresses(addrs: list) -> list[dns.RegionAddress]:
+            return [dns.RegionAddress(r.spec.name, r.domain, r.nameserver, ipv4, ipv6, r.spec.extra_names)
+                    for r, (ipv4, ipv6) in zip(args.regions, addrs)]
+
         def render(addrs: list, serial: int | None = None) -> list[dns.RenderedZone]:
-            regions = [
-                dns.RegionAddress(r.spec.name, r.domain, r.nameserver, ipv4, ipv6)
-                for r, (ipv4, ipv6) in zip(args.regions, addrs)
-            ]
-            return dns.render(args.zones, regions, hostmaster=args.hostmaster, geo=args.geo, serial=serial)
+            return dns.render(args.zones, region_addresses(addrs), hostmaster=args.hostmaster, geo=args.geo, serial=serial)
+
+        def warn_foreign_names(addrs: list) -> None:
+            for region in region_addresses(addrs):
+                warning = dns.foreign_names_warning(region, [r.domain for r in args.regions])
+                if warning:
+                    pulumi.log.warn(warning, self)
+
+        addresses.apply(warn_foreign_names)
 
         self.zone_files = addresses.apply(render).apply(lambda zs: {z.name.rstrip("."): dns.to_rfc1035(z) for z in zs})
         # The server keeps its own serial (pdns_sync): what it is sent carries a fixed one, so the

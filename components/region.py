@@ -60,7 +60,7 @@ class Region(Node):
 
         # Edge and DNS here; postgres, billing and proxy add theirs (add_service).
         caddyfile = edge.render_caddyfile(
-            edge.sites(r.domain), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age,
+            edge.sites(r.domain, names=r.names.model_dump()), acme_email=cfg.services.acme_email, hsts_max_age=cfg.services.hsts_max_age,
             **({"tls": "internal", "ca_dir": edge.CA_DIR} if args.edge_ca else {}),
         )
         ca_files = dict(zip(["edge/ca/root.crt", "edge/ca/root.key", "edge/ca/intermediate.crt", "edge/ca/intermediate.key"],
