@@ -3,6 +3,7 @@ dnspython over UDP and TCP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -122,6 +123,17 @@ def test_a_region_address_change_moves_its_records(pdns):
     assert f"ns2.{Z2}. A" in summary[f"{Z2}."]["changed"]
     assert answers(ask(pdns, f"proxy1.{Z2}", "A"), "A") == {"203.0.113.99"}
     assert summary[f"{Z1}."]["changed"] == []  # zone 1 only names ns2, whose glue lives in zone 2
+
+
+def test_extra_names_are_answered_with_the_serving_regions_addresses(pdns):
+    """regions[].names (ADR 19): in our zones, at the region that serves the name; outside, nothing."""
+    extra = {"us-east": (f"llm01.{Z1}", f"api.{Z2}"), "eu-west": ("llm01.ciris-services-eu-1.com",)}
+    regions = [dataclasses.replace(r, extra_names=extra[r.name]) for r in region_addresses()]
+    pdns.sync(zones_mod.render(STAGING.zones, regions, hostmaster=STAGING.services.hostmaster))
+    assert answers(ask(pdns, f"llm01.{Z1}", "A"), "A") == {"192.0.2.10"}
+    assert answers(ask(pdns, f"llm01.{Z1}", "AAAA", tcp=True), "AAAA") == {"2001:db8:1::10"}
+    assert answers(ask(pdns, f"api.{Z2}", "A"), "A") == {"192.0.2.10"}  # eu-west's zone, us-east's name
+    assert ask(pdns, "llm01.ciris-services-eu-1.com", "A").rcode() == dns.rcode.REFUSED
 
 
 class Health:

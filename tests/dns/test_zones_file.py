@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -123,3 +125,56 @@ def test_api_key_never_in_plan_output():
     assert sync["inputs"]["stdin"] == "[secret]"
     key = next(r for r in doc["resources"] if r["name"] == "us-east-dns-api-key")
     assert key["inputs"]["length"] == 40
+
+
+# --- extra host names (regions[].names, ADR 19) ---------------------------------------------------
+
+
+def with_names(regions: list[dns.RegionAddress], names: dict[str, tuple[str, ...]]) -> list[dns.RegionAddress]:
+    """`regions` with these extra names, by region name."""
+    return [dataclasses.replace(r, extra_names=names.get(r.name, ())) for r in regions]
+
+
+def test_an_extra_name_in_our_zones_gets_the_serving_regions_records():
+    regions = with_names(addresses(PROD), {"us-east": ("llm01.ciris-services-1.ai", "api.ciris-services-2.ai", "ciris-services-1.ai"),
+                                           "eu-west": ("llm01.ciris-services-eu-1.com",)})
+    z1, z2 = dns.render(PROD.zones, regions)
+    assert z1.rrset("llm01.ciris-services-1.ai.", "A").records == ("192.0.2.1",)
+    assert z1.rrset("llm01.ciris-services-1.ai.", "AAAA").records == ("2001:db8::1",)
+    assert z1.rrset("ciris-services-1.ai.", "A").records == ("192.0.2.1",)  # the apex too
+    # In the other region's zone, it still points at the region that serves it.
+    assert z2.rrset("api.ciris-services-2.ai.", "A").records == ("192.0.2.1",)
+    assert z1.rrset("api.ciris-services-2.ai.", "A") is None
+    # Outside our zones: no record anywhere; the plan warns, with the addresses to point it at.
+    assert not any("eu-1.com" in r.name for z in (z1, z2) for r in z.rrsets)
+    warning = dns.foreign_names_warning(regions[1], [r.domain for r in regions])
+    assert warning.startswith("dns: eu-west serves llm01.ciris-services-eu-1.com, outside the bridge's zones "
+                              "(ciris-services-1.ai, ciris-services-2.ai)")
+    assert "(A 192.0.2.2, AAAA 2001:db8::2)" in warning
+    assert dns.foreign_names_warning(regions[0], [r.domain for r in regions]) is None
+
+
+def test_a_listed_record_replaces_an_extra_names_as_it_does_a_default_names():
+    regions = with_names(addresses(PROD), {"us-east": ("llm01.ciris-services-1.ai",)})
+    zf = dns.load(zones("{name: llm01, type: A, health_check: 'https://llm01.ciris-services-1.ai/health'}"), regions)
+    z1 = dns.render(zf, regions)[0]
+    assert z1.rrset("llm01.ciris-services-1.ai.", "A") is None and z1.rrset("llm01.ciris-services-1.ai.", "LUA")
+    assert z1.rrset("llm01.ciris-services-1.ai.", "AAAA").records == ("2001:db8::1",)
+
+
+@pytest.mark.parametrize("records,message", [
+    ("{name: llm01, type: CNAME, value: other.example.org}", "record 'llm01' CNAME: CNAME beside other data at 'llm01'"),
+    ("{name: eu, type: NS, value: ns.example.org}",
+     "record 'eu' NS: delegates llm01.eu.ciris-services-1.ai, which eu-west serves (its `names`)"),
+])
+def test_zones_file_cannot_hide_an_extra_name(records, message):
+    regions = with_names(addresses(PROD), {"us-east": ("llm01.ciris-services-1.ai",),
+                                           "eu-west": ("llm01.eu.ciris-services-1.ai",)})
+    with pytest.raises(dns.ZonesError, match=re.escape(message)):
+        dns.load(zones(records), regions)
+
+
+def test_the_most_specific_zone_holds_a_name():
+    assert dns.zone_of("a.staging.x.ai", ["x.ai", "staging.x.ai"]) == "staging.x.ai"
+    assert dns.zone_of("x.ai", ["x.ai"]) == "x.ai"
+    assert dns.zone_of("notx.ai", ["x.ai"]) is None

@@ -21,6 +21,8 @@ DOMAIN = "ciris-services-1.ai"
 CANARY_BODY = "CANARY-prompt-text-6b1f"
 CANARY_PROVIDER_KEY = "sk-CANARY-provider-key-77"
 CANARY_TOKEN = "CANARY-bearer-token-0c9e"
+# Extra names (regions[].names, ADR 19), in this domain and in others, as the released agent has them.
+NAMES = {"billing": ["billing1.ciris-services-2.ai"], "proxy": [f"llm01.{DOMAIN}", "llm01.ciris-services-eu-1.com"]}
 
 
 class Upstream:
@@ -55,7 +57,7 @@ class Upstream:
 @pytest.fixture(scope="module")
 def running_edge(tmp_path_factory):
     billing, proxy = Upstream("billing"), Upstream("proxy")
-    e = Edge(tmp_path_factory.mktemp("edge"), edge.sites(DOMAIN, f"127.0.0.1:{billing.port}", f"127.0.0.1:{proxy.port}"))
+    e = Edge(tmp_path_factory.mktemp("edge"), edge.sites(DOMAIN, f"127.0.0.1:{billing.port}", f"127.0.0.1:{proxy.port}", NAMES))
     e.start()
     billing.seen.clear()
     yield e, billing, proxy
@@ -75,6 +77,32 @@ def test_routes_each_host_to_its_service_with_hsts(running_edge):
     assert e.request(f"billing1.{DOMAIN}", "/ready")[0].status == 404  # billing's readiness is its /health
     resp, data = e.request(f"billing1.{DOMAIN}", "/v1/credits/u1")
     assert json.loads(data) == {"upstream": "billing", "path": "/v1/credits/u1"}
+
+
+@pytest.mark.parametrize("service,host", [(service, host) for service, hosts in NAMES.items() for host in hosts])
+def test_an_extra_name_reaches_its_service(running_edge, service, host):
+    """The name as SNI and Host: its own certificate, the same site as the default name."""
+    e, billing, proxy = running_edge
+    deadline = time.time() + 15  # the site's other certificates are issued beside the first one's
+    while True:
+        try:
+            resp, data = e.request(host, "/health")
+            break
+        except (OSError, ssl.SSLError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    assert resp.status == 200 and json.loads(data) == {"upstream": service, "path": "/health"}
+    assert resp.getheader("Strict-Transport-Security") == "max-age=31536000; includeSubDomains"
+    assert e.request(host, "/metrics")[0].status == 404
+
+
+def test_a_name_not_configured_gets_no_certificate(running_edge):
+    e, billing, proxy = running_edge
+    before = len(billing.seen) + len(proxy.seen)
+    with pytest.raises((OSError, ssl.SSLError)):
+        e.request(f"llm02.{DOMAIN}", "/health")
+    assert len(billing.seen) + len(proxy.seen) == before
 
 
 @pytest.mark.parametrize(
@@ -138,7 +166,7 @@ def test_port_80_stays_closed(running_edge):
 
 def test_production_caddyfile_uses_tls_alpn_only():
     caddy = require_binary("caddy")
-    text = edge.render_caddyfile(edge.sites(DOMAIN), acme_email="ops@ciris.ai")
+    text = edge.render_caddyfile(edge.sites(DOMAIN, names=NAMES), acme_email="ops@ciris.ai")
     result = subprocess.run([caddy, "adapt", "--adapter", "caddyfile", "--config", "/dev/stdin"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     cfg = json.loads(result.stdout)
@@ -146,6 +174,10 @@ def test_production_caddyfile_uses_tls_alpn_only():
     issuers = [i for p in policies for i in p.get("issuers", [])]
     assert issuers and all(i["module"] == "acme" and i["challenges"]["http"]["disabled"] for i in issuers)
     assert all(i["email"] == "ops@ciris.ai" for i in issuers)
+    # Every name, the extra ones too, gets its certificate the same way (TLS-ALPN at this edge).
+    names = {f"billing1.{DOMAIN}", f"proxy1.{DOMAIN}", *NAMES["billing"], *NAMES["proxy"]}
+    assert {s for p in policies for s in p.get("subjects", [])} == names
+    assert all(p.get("issuers") for p in policies if p.get("subjects"))
     server = next(iter(cfg["apps"]["http"]["servers"].values()))
     assert server["listen"] == [":443"]
     assert server["automatic_https"]["disable_redirects"] is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import tarfile
 
 from components import mocks, plan
@@ -74,3 +75,31 @@ def bundle(p: plan.Plan, host: str) -> dict[str, tuple[str, int, int]]:
     data = base64.b64decode(mocks.unwrap(deploy.inputs)["stdin"])
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         return {m.name: (tar.extractfile(m).read().decode(), m.mode, m.uid) for m in tar.getmembers()}
+
+
+DEFAULT_LABELS = {"billing": "billing1", "proxy": "proxy1"}  # each service's default name in its region's domain
+
+
+def host_names(raw: dict) -> dict[str, dict[str, list[str]]]:
+    """Region -> service -> the names its edge answers: the default name, then the region's `names`."""
+    return {r["name"]: {service: [f"{label}.{r['domain']}", *r.get("names", {}).get(service, [])]
+                        for service, label in DEFAULT_LABELS.items()}
+            for r in raw["ciris-bridge:regions"]}
+
+
+def name_records(p: plan.Plan, raw: dict) -> tuple[dict[str, set[tuple[str, str, str]]], list[str]]:
+    """(zone -> the A/AAAA records of the extra names in it, the extra names in no zone of ours).
+    A name is in the most specific region domain it ends with; its records are the serving region's."""
+    ips = addresses(p)
+    domains = [r["domain"] for r in raw["ciris-bridge:regions"]]
+    zones: dict[str, set[tuple[str, str, str]]] = {d: set() for d in domains}
+    outside = []
+    for r in raw["ciris-bridge:regions"]:
+        for name in (n for names in r.get("names", {}).values() for n in names):
+            holders = [d for d in domains if name == d or name.endswith(f".{d}")]
+            if not holders:
+                outside.append(name)
+                continue
+            ipv4, ipv6 = ips[r["name"]]
+            zones[max(holders, key=len)] |= {(f"{name}.", "A", ipv4), (f"{name}.", "AAAA", ipaddress.IPv6Address(ipv6).compressed)}
+    return zones, outside
