@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import io
 import json
 import os
@@ -448,6 +449,7 @@ def deploy_current(stack_file: Path, env: dict[str, str]) -> dict:
     token = LOCAL / "admin.token"
     token.write_text(admin_token(bundle_file(payload, "billing/jwt.pem")) + "\n")
     token.chmod(0o600)
+    write_agent_env(regions[0], LOCAL / "ca.crt", token.read_text().strip())
     print(f"local: the bridge is up in {time.monotonic() - started:.0f} s (release {history_current()}); "
           "see local/client_config.json",
           file=sys.stderr, flush=True)
@@ -458,13 +460,81 @@ def history_current() -> str | None:
     return release_mod.History.load(RELEASES).current
 
 
+class EdgeConnection(http.client.HTTPSConnection):
+    """HTTPS to `address` for the name `host` (SNI, certificate and Host), verified against `ca`:
+    the local names resolve through the bridge's own DNS only."""
+
+    def __init__(self, address: str, host: str, ca: Path, timeout: float = 10):
+        super().__init__(host, 443, context=ssl.create_default_context(cafile=str(ca)), timeout=timeout)
+        self.address = address
+
+    def connect(self) -> None:
+        self.sock = self._context.wrap_socket(socket.create_connection((self.address, self.port), self.timeout),
+                                              server_hostname=self.host)
+
+
+def edge_call(address: str, host: str, ca: Path, method: str, path: str, body: dict | None = None,
+              token: str | None = None) -> tuple[int, dict]:
+    conn = EdgeConnection(address, host, ca)
+    try:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, (json.loads(data) if data.startswith(b"{") else {})
+    finally:
+        conn.close()
+
+
 def edge_health(address: str, host: str, ca: Path, timeout: float = 5) -> str:
     """The status line of `GET https://<host>/health` sent to `address`, verified against `ca`."""
-    tls = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection((address, 443), timeout=timeout) as raw, \
-            tls.wrap_socket(raw, server_hostname=host) as conn:
-        conn.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        return conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace")
+    conn = EdgeConnection(address, host, ca, timeout)
+    try:
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        return f"HTTP/1.1 {r.status} {r.reason}"
+    finally:
+        conn.close()
+
+
+AGENT_ENV = LOCAL / "agent.env"
+AGENT_CREDITS = 10_000  # cents granted once to the local agent's own account (its LLM calls)
+
+
+def write_agent_env(region: dict, ca: Path, admin: str) -> None:
+    """local/agent.env: the environment a server-mode CIRIS agent needs to use this bridge. Its
+    billing API key is made once (again when the database no longer knows it); its LLM calls go as
+    the account of the local Google user `local-agent` (the proxy takes no API key yet: issue #24)."""
+    billing, proxy = f"billing1.{region['domain']}", f"proxy1.{region['domain']}"
+    call = lambda *a, **kw: edge_call(region["ipv4"], billing, ca, *a, token=admin, **kw)  # noqa: E731
+    old = dict(line.split("=", 1) for line in AGENT_ENV.read_text().splitlines()
+               if "=" in line and not line.startswith("#")) if AGENT_ENV.exists() else {}
+    key = old.get("CIRIS_BILLING_API_KEY", "")
+    status, listed = call("GET", "/v1/admin/api-keys")
+    if status != 200:
+        raise LocalError(f"listing billing's API keys answered {status}: {listed}")
+    if not any(k["prefix"] == key[:len(k["prefix"])] and not k["revoked_at"] for k in listed["items"] if key):
+        status, made = call("POST", "/v1/admin/api-keys", {"name": "local agent (make local)"})
+        if status != 201:
+            raise LocalError(f"making the local agent's API key answered {status}: {made}")
+        key = made["api_key"]
+    status, signed = edge_call(region["ipv4"], billing, ca, "POST", "/v1/auth/token",
+                               {"id_token": local_oidc.id_token(local_oidc.ROOT, "google", "local-agent"),
+                                "ttl_seconds": 7 * 86_400})
+    if status != 200:
+        raise LocalError(f"signing the local agent in answered {status}: {signed}")
+    status, granted = call("POST", "/v1/credits/grant", {"user_id": signed["user_id"], "amount": AGENT_CREDITS,
+                                                          "idempotency_key": f"local-agent-credits-{signed['user_id']}",
+                                                          "reason": "make local: the local agent's LLM calls"})
+    if status not in (200, 201):
+        raise LocalError(f"granting the local agent's credits answered {status}: {granted}")
+    AGENT_ENV.write_text(
+        "# What a server-mode CIRIS agent needs to use this local bridge (make local writes it; valid 7 days).\n"
+        "# The names resolve through the bridge's DNS only: map them to the regions' addresses (README).\n"
+        f"CIRIS_BILLING_API_URL=https://{billing}\nCIRIS_BILLING_API_KEY={key}\n"
+        f"OPENAI_API_BASE=https://{proxy}/v1\nOPENAI_API_KEY={signed['access_token']}\nOPENAI_MODEL_NAME=default\n"
+        f"CIRIS_PROXY_URL=https://{proxy}\nSSL_CERT_FILE={ca.resolve()}\n")
+    AGENT_ENV.chmod(0o600)
 
 
 def wait_for_edges(regions: list[dict], ca: Path, budget: float = 120) -> None:

@@ -1,11 +1,15 @@
 """Run inside a venv holding the released `ciris-agent`: drives its own CIRISBillingProvider
 against a billing URL and prints what the agent made of each answer, as JSON.
 
-    python agent_driver.py '{"url", "api_key" | "id_token", "provider", "account_id", "key"}'
+    python agent_driver.py '{"url", "api_key" | "id_token", "provider", "account_id", "key", "hosts"?}'
+
+`hosts` ({name: address}) stands in for DNS: the local stack's names (and the agent's packaged
+fallback name) resolve through the bridge's own nameservers only.
 """
 
 import asyncio
 import json
+import socket
 import sys
 
 from ciris_engine.logic.services.infrastructure.resource_monitor.ciris_billing_provider import CIRISBillingProvider
@@ -28,5 +32,12 @@ async def main(args: dict) -> dict:
     return out
 
 
+def resolve_as(hosts: dict) -> None:
+    lookup = socket.getaddrinfo
+    socket.getaddrinfo = lambda host, *a, **kw: lookup(hosts.get(host, host), *a, **kw)
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(json.loads(sys.argv[1])))))
+    given = json.loads(sys.argv[1])
+    resolve_as(given.get("hosts") or {})
+    print(json.dumps(asyncio.run(main(given))))

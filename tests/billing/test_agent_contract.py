@@ -51,8 +51,8 @@ def agent_python() -> str:
     return str(python)
 
 
-def drive(agent_python: str, tmp_path: Path, **args) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRIS_")} | {"CIRIS_HOME": str(tmp_path)}
+def drive(agent_python: str, tmp_path: Path, env_extra: dict | None = None, **args) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRIS_")} | {"CIRIS_HOME": str(tmp_path)} | (env_extra or {})
     r = subprocess.run([agent_python, str(DRIVER), json.dumps(args)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
