@@ -50,7 +50,7 @@ class Nameservers(pulumi.ComponentResource):
                 if warning:
                     pulumi.log.warn(warning, self)
 
-        addresses.apply(warn_foreign_names)
+        addresses.apply(warn_foreign_names)  # needs the addresses: a first preview, before the hosts exist, cannot say it
 
         self.zone_files = addresses.apply(render).apply(lambda zs: {z.name.rstrip("."): dns.to_rfc1035(z) for z in zs})
         # The server keeps its own serial (pdns_sync): what it is sent carries a fixed one, so the
