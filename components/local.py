@@ -564,7 +564,14 @@ def write_agent_env(region: dict, ca: Path, admin: str) -> None:
     billing API key is made once (again when the database no longer knows it); its LLM calls go as
     the account of the local Google user `local-agent` (the proxy takes no API key yet: issue #24)."""
     billing, proxy = f"billing1.{region['domain']}", f"proxy1.{region['domain']}"
-    call = lambda *a, **kw: edge_call(region["ipv4"], billing, ca, *a, token=admin, **kw)  # noqa: E731
+    def call(method: str, path: str, body: dict | None = None, token: str | None = admin) -> tuple[int, dict]:
+        for _ in range(5):  # billing answers 503 for a moment while its database settles after a deploy
+            status, answer = edge_call(region["ipv4"], billing, ca, method, path, body, token)
+            if status != 503:
+                break
+            time.sleep(2)
+        return status, answer
+
     old = dict(line.split("=", 1) for line in AGENT_ENV.read_text().splitlines()
                if "=" in line and not line.startswith("#")) if AGENT_ENV.exists() else {}
     key = old.get("CIRIS_BILLING_API_KEY", "")
@@ -576,9 +583,8 @@ def write_agent_env(region: dict, ca: Path, admin: str) -> None:
         if status != 201:
             raise LocalError(f"making the local agent's API key answered {status}: {made}")
         key = made["api_key"]
-    status, signed = edge_call(region["ipv4"], billing, ca, "POST", "/v1/auth/token",
-                               {"id_token": local_oidc.id_token("google", "local-agent"),
-                                "ttl_seconds": 7 * 86_400})
+    status, signed = call("POST", "/v1/auth/token", {"id_token": local_oidc.id_token("google", "local-agent"),
+                                                      "ttl_seconds": 7 * 86_400}, token=None)
     if status != 200:
         raise LocalError(f"signing the local agent in answered {status}: {signed}")
     status, granted = call("POST", "/v1/credits/grant", {"user_id": signed["user_id"], "amount": AGENT_CREDITS,
