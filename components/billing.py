@@ -65,6 +65,8 @@ def sign_in_env(sign_in: SignIn) -> dict[str, str]:
             continue
         prefix = f"OIDC_{name.upper()}_"
         env[prefix + "CLIENT_IDS"] = ",".join(provider.client_ids)
+        if provider.algorithm != "RS256":
+            env[prefix + "ALGORITHM"] = provider.algorithm
         if provider.issuer:
             env[prefix + "ISSUERS"] = provider.issuer
         if provider.jwks_url:

@@ -210,6 +210,7 @@ class SignInProvider(_Model):
     sets them to its local issuer (components/local_oidc.py)."""
 
     client_ids: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,200}$")]] = Field(min_length=1)
+    algorithm: Literal["RS256", "ES256"] = "RS256"  # the issuer's signing algorithm (Google's and Apple's: RS256)
     issuer: str | None = Field(default=None, pattern=r"^https://\S+$")
     jwks_url: str | None = Field(default=None, pattern=r"^https://\S+$")
     ca_cert: str | None = Field(default=None, pattern=r"^-----BEGIN CERTIFICATE-----",

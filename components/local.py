@@ -380,6 +380,63 @@ def remove_dead(env: dict[str, str], label: str = "ciris.region") -> list[str]:
     return dead
 
 
+def kill_orphans(env: dict[str, str]) -> list[str]:
+    """Kill the processes of our containers that Podman no longer knows, and drop their network
+    namespaces. Seen after a teardown on this machine: the containers were removed from Podman's
+    records while their conmon and processes ran on, holding the published ports (the next deploy:
+    "address already in use") and the containers' addresses on the bridge."""
+    known = set(subprocess.run(["podman", "ps", "-aq", "--no-trunc"], env=env, capture_output=True,
+                               text=True).stdout.split())
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    killed = []
+    for conmon in children.get(1, []) + [p for ps in children.values() for p in ps]:
+        try:
+            args = Path(f"/proc/{conmon}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args[0].endswith(b"conmon") or b"-c" not in args or b"-n" not in args:
+            continue
+        cid, name = args[args.index(b"-c") + 1].decode(), args[args.index(b"-n") + 1].decode()
+        if cid in known or not name.startswith("ciris-") or name in killed:
+            continue
+        tree, i = [conmon], 0
+        while i < len(tree):
+            tree += children.get(tree[i], [])
+            i += 1
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        killed.append(name)
+    if killed:
+        say(f"local: killed the processes of {len(killed)} container(s) Podman no longer knows: {', '.join(sorted(set(killed)))}")
+        time.sleep(1)
+    # Their network namespaces (the veth on our bridge with the container's address): those no
+    # known container and no process uses.
+    used = {subprocess.run(["podman", "inspect", "--format", "{{.NetworkSettings.SandboxKey}}", c], env=env,
+                           capture_output=True, text=True).stdout.strip() for c in known}
+    inodes = set()
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            inodes.add(ns.stat().st_ino)
+        except OSError:
+            pass
+    for path in Path("/run/netns").glob("netns-*"):
+        try:
+            if str(path) not in used and path.stat().st_ino not in inodes:
+                subprocess.run(["ip", "netns", "delete", path.name], capture_output=True)
+        except OSError:
+            pass
+    return killed
+
+
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -390,6 +447,7 @@ def up(stack_file: Path = STACK_FILE, cold: bool = False, labels: dict[str, dict
     test's way to ship changed code."""
     env = engine_env()
     remove_dead(env)
+    kill_orphans(env)
     if cold:
         release_mod.forget_builds(env, release_mod.LOCAL_PAYLOADS, say)
     made = release_mod.build(release_mod.LOCAL_PAYLOADS, env, base=env["BASE"] or None, cold=cold, labels=labels,
@@ -506,7 +564,14 @@ def write_agent_env(region: dict, ca: Path, admin: str) -> None:
     billing API key is made once (again when the database no longer knows it); its LLM calls go as
     the account of the local Google user `local-agent` (the proxy takes no API key yet: issue #24)."""
     billing, proxy = f"billing1.{region['domain']}", f"proxy1.{region['domain']}"
-    call = lambda *a, **kw: edge_call(region["ipv4"], billing, ca, *a, token=admin, **kw)  # noqa: E731
+    def call(method: str, path: str, body: dict | None = None, token: str | None = admin) -> tuple[int, dict]:
+        for _ in range(5):  # billing answers 503 for a moment while its database settles after a deploy
+            status, answer = edge_call(region["ipv4"], billing, ca, method, path, body, token)
+            if status != 503:
+                break
+            time.sleep(2)
+        return status, answer
+
     old = dict(line.split("=", 1) for line in AGENT_ENV.read_text().splitlines()
                if "=" in line and not line.startswith("#")) if AGENT_ENV.exists() else {}
     key = old.get("CIRIS_BILLING_API_KEY", "")
@@ -518,9 +583,8 @@ def write_agent_env(region: dict, ca: Path, admin: str) -> None:
         if status != 201:
             raise LocalError(f"making the local agent's API key answered {status}: {made}")
         key = made["api_key"]
-    status, signed = edge_call(region["ipv4"], billing, ca, "POST", "/v1/auth/token",
-                               {"id_token": local_oidc.id_token(local_oidc.ROOT, "google", "local-agent"),
-                                "ttl_seconds": 7 * 86_400})
+    status, signed = call("POST", "/v1/auth/token", {"id_token": local_oidc.id_token("google", "local-agent"),
+                                                      "ttl_seconds": 7 * 86_400}, token=None)
     if status != 200:
         raise LocalError(f"signing the local agent in answered {status}: {signed}")
     status, granted = call("POST", "/v1/credits/grant", {"user_id": signed["user_id"], "amount": AGENT_CREDITS,
@@ -576,6 +640,7 @@ def down() -> None:
         subprocess.run(["podman", "rm", "-f", "-t", "0", *anchors], env=env, check=False, capture_output=True)
     local_s3.down(LOCAL / "s3")
     local_oidc.down(LOCAL / "oidc")
+    kill_orphans(env)
     subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
     remove_iptables_rules()
     remove_stale_port_rules(env)

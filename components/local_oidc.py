@@ -2,8 +2,9 @@
 
 Google and Apple cannot be reached here, so each is an OpenID Connect issuer at
 `https://10.77.0.1:9002/<provider>` (the local S3's address and certificate, components/local_s3.py):
-a real RSA key per provider (made once, kept in local/oidc/), its JWKS and discovery document served
-by Caddy. The stack config's `sign_in` names these issuers (components/local.py), and
+a real ES256 key per provider (Google and Apple sign RS256; billing's algorithm is config), derived
+from a fixed name like every local key, so every checkout on a machine signs alike (an issuer left
+running by another checkout serves the same keys), its JWKS and discovery document served by Caddy. The stack config's `sign_in` names these issuers (components/local.py), and
 
     make -s id-token PROVIDER=google SUB=alice [EMAIL=alice@example.com]
 
@@ -21,33 +22,27 @@ import time
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from jwt.algorithms import ECAlgorithm
 
-from components import local_s3
+from components import local_s3, mock_tls
 
 PORT = 9002
 BASE = f"https://{local_s3.ADDRESS}:{PORT}"
 PROVIDERS = ("google", "apple")
 # The client ids the local bridge accepts (the app's, in production: sign_in.<provider>.client_ids).
 CLIENT_IDS = {"google": "ciris-local.apps.googleusercontent.com", "apple": "ai.ciris.local"}
-ROOT = Path(__file__).resolve().parent.parent / "local" / "oidc"
 
 
 def issuer(provider: str) -> str:
     return f"{BASE}/{provider}"
 
 
-def key(root: Path, provider: str) -> rsa.RSAPrivateKey:
-    """The provider's signing key, made on first use and kept (tokens stay valid across `make local`)."""
-    path = root / f"{provider}.pem"
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        made = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        path.write_bytes(made.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-        path.chmod(0o600)
-    return load_pem_private_key(path.read_bytes(), password=None)
+def key(provider: str) -> ec.EllipticCurvePrivateKey:
+    """The provider's signing key: the same on every `make local` (and checkout) of this machine."""
+    pem = mock_tls.private_key(f"local-oidc-{provider}", {"algorithm": "ECDSA", "ecdsaCurve": "P256"})["privateKeyPem"]
+    return load_pem_private_key(pem.encode(), password=None)
 
 
 def kid(provider: str) -> str:
@@ -56,8 +51,8 @@ def kid(provider: str) -> str:
 
 def sign_in(ca: str) -> dict:
     """The stack config's `sign_in`: both providers at this issuer, trusted through the local CA."""
-    return {p: {"client_ids": [CLIENT_IDS[p]], "issuer": issuer(p), "jwks_url": f"{issuer(p)}/jwks", "ca_cert": ca}
-            for p in PROVIDERS}
+    return {p: {"client_ids": [CLIENT_IDS[p]], "algorithm": "ES256", "issuer": issuer(p), "jwks_url": f"{issuer(p)}/jwks",
+                "ca_cert": ca} for p in PROVIDERS}
 
 
 def up(root: Path, caddy: str) -> None:
@@ -65,11 +60,11 @@ def up(root: Path, caddy: str) -> None:
     _, cert, server_key = local_s3.certificates(root.parent / "s3")
     www = root / "www"
     for p in PROVIDERS:
-        public = {**RSAAlgorithm.to_jwk(key(root, p).public_key(), as_dict=True), "kid": kid(p), "use": "sig", "alg": "RS256"}
+        public = {**ECAlgorithm.to_jwk(key(p).public_key(), as_dict=True), "kid": kid(p), "use": "sig", "alg": "ES256"}
         (www / p / ".well-known").mkdir(parents=True, exist_ok=True)
         (www / p / "jwks").write_text(json.dumps({"keys": [public]}))
         (www / p / ".well-known" / "openid-configuration").write_text(json.dumps(
-            {"issuer": issuer(p), "jwks_uri": f"{issuer(p)}/jwks", "id_token_signing_alg_values_supported": ["RS256"]}))
+            {"issuer": issuer(p), "jwks_uri": f"{issuer(p)}/jwks", "id_token_signing_alg_values_supported": ["ES256"]}))
     caddyfile = root / "Caddyfile"
     caddyfile.write_text(
         f"{{\n  admin off\n  auto_https off\n  default_sni {local_s3.ADDRESS}\n}}\n"
@@ -84,11 +79,11 @@ def down(root: Path) -> None:
     local_s3.stop_daemon(root, "caddy")
 
 
-def id_token(root: Path, provider: str, sub: str, email: str | None = None, ttl: int = 3600) -> str:
+def id_token(provider: str, sub: str, email: str | None = None, ttl: int = 3600) -> str:
     now = int(time.time())
     claims = {"iss": issuer(provider), "aud": CLIENT_IDS[provider], "sub": sub, "iat": now, "exp": now + ttl,
               **({"email": email, "email_verified": True} if email else {})}
-    return jwt.encode(claims, key(root, provider), algorithm="RS256", headers={"kid": kid(provider)})
+    return jwt.encode(claims, key(provider), algorithm="ES256", headers={"kid": kid(provider)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= len(args.sub) <= 255:
         parser.error(f"SUB must be 1-255 characters, got {len(args.sub)}")
-    if not (ROOT / f"{args.provider}.pem").exists():
-        print("local_oidc: the local bridge has no issuer yet: run `make local` first", file=sys.stderr)
-        return 1
-    print(id_token(ROOT, args.provider, args.sub, args.email or None))
+    print(id_token(args.provider, args.sub, args.email or None))
     return 0
 
 

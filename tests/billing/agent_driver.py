@@ -34,7 +34,11 @@ async def main(args: dict) -> dict:
 
 def resolve_as(hosts: dict) -> None:
     lookup = socket.getaddrinfo
-    socket.getaddrinfo = lambda host, *a, **kw: lookup(hosts.get(host, host), *a, **kw)
+    def mapped(host, *args, **kwargs):  # anyio passes the name as IDNA bytes
+        name = host.decode() if isinstance(host, bytes) else host
+        return lookup(hosts.get(name, host), *args, **kwargs)
+
+    socket.getaddrinfo = mapped
 
 
 if __name__ == "__main__":

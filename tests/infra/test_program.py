@@ -416,12 +416,13 @@ def test_sign_in_reaches_billing_with_its_issuers_and_ca():
     ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     raw[f"{config.PROJECT}:sign_in"] = {
         "google": {"client_ids": ["app.apps.googleusercontent.com", "web.apps.googleusercontent.com"]},
-        "apple": {"client_ids": ["ai.ciris.mobile"], "issuer": "https://issuer.test/apple",
+        "apple": {"client_ids": ["ai.ciris.mobile"], "algorithm": "ES256", "issuer": "https://issuer.test/apple",
                   "jwks_url": "https://issuer.test/apple/jwks", "ca_cert": ca}}
     p = run("staging", raw, secret_keys)
     env = billing.sign_in_env(config.parse(raw, secret_keys).sign_in)
     assert env == {"OIDC_GOOGLE_CLIENT_IDS": "app.apps.googleusercontent.com,web.apps.googleusercontent.com",
-                   "OIDC_APPLE_CLIENT_IDS": "ai.ciris.mobile", "OIDC_APPLE_ISSUERS": "https://issuer.test/apple",
+                   "OIDC_APPLE_CLIENT_IDS": "ai.ciris.mobile", "OIDC_APPLE_ALGORITHM": "ES256",
+                   "OIDC_APPLE_ISSUERS": "https://issuer.test/apple",
                    "OIDC_APPLE_JWKS_URL": "https://issuer.test/apple/jwks", "OIDC_CA_FILE": billing.OIDC_CA_PATH}
     for region in ("us-east", "eu-west"):
         assert p.artifacts[f"{region}/billing/oidc-ca.crt"] == ca
