@@ -1,8 +1,8 @@
 """The released CIRIS agent's own billing client (`ciris-agent` from PyPI, tests/billing/
 test_agent_contract.py builds its venv) against `make local`, through the regions' edges: server
 mode with the API key `make local` wrote to local/agent.env, mobile mode with an ID token from the
-local stand-in for Google (`make id-token`). (Its fallback from a dead first URL to its packaged
-second one, `billing1.ciris-services-2.ai`, needs eu-west's edge to serve that name: not yet.)"""
+local stand-in for Google (`make id-token`), and the agent's own fallback from a dead first URL to
+its packaged second one (`billing1.ciris-services-2.ai`, which eu-west's edge serves: ADR 19)."""
 
 from __future__ import annotations
 
@@ -37,12 +37,16 @@ def test_the_agents_billing_client_in_server_mode_with_the_local_api_key(stack, 
     assert out["again"]["reason"] == "ALREADY_CHARGED:idempotency" and out["after"]["credits_remaining"] == 14, out
 
 
-def test_the_agents_billing_client_in_mobile_mode_with_an_id_token(stack, agent_python, tmp_path):  # noqa: F811
+def test_the_agents_billing_client_in_mobile_mode_fails_over_to_its_second_url(stack, agent_python, tmp_path):  # noqa: F811
+    """Mobile mode (a Google ID token) with the first URL dead (nothing listens where it points):
+    the agent moves to its packaged fallback, eu-west's edge, which serves that name."""
     env = agent_env()
     sub = f"e2e-mobile-{uuid.uuid4().hex[:8]}"
     token = id_token("google", sub)
-    out = drive(agent_python, tmp_path, {"SSL_CERT_FILE": env["SSL_CERT_FILE"]}, url=env["CIRIS_BILLING_API_URL"],
-                id_token=token, provider="google", account_id=sub, key="m-1", hosts=hosts(stack))
+    dead = f"billing1.{stack.regions[0]['domain']}"
+    names = hosts(stack) | {dead: "127.0.0.1"}  # connection refused: the first region is gone
+    out = drive(agent_python, tmp_path, {"SSL_CERT_FILE": env["SSL_CERT_FILE"]}, url=f"https://{dead}", id_token=token,
+                provider="google", account_id=sub, key="m-1", hosts=names)
     assert out["check"]["has_credit"] is True and out["check"]["credits_remaining"] == 15, out
     assert out["spend"]["succeeded"] is True and out["again"]["reason"] == "ALREADY_CHARGED:idempotency", out
     # The one charge is in the ledger, as either region reads it.
