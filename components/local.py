@@ -395,7 +395,7 @@ def kill_orphans(env: dict[str, str]) -> list[str]:
             continue
         children.setdefault(ppid, []).append(pid)
     killed = []
-    for conmon in children.get(1, []) + [p for ps in children.values() for p in ps]:
+    for conmon in sorted({p for ps in children.values() for p in ps}):
         try:
             args = Path(f"/proc/{conmon}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -420,8 +420,8 @@ def kill_orphans(env: dict[str, str]) -> list[str]:
         time.sleep(1)
     # Their network namespaces (the veth on our bridge with the container's address): those no
     # known container and no process uses.
-    used = {subprocess.run(["podman", "inspect", "--format", "{{.NetworkSettings.SandboxKey}}", c], env=env,
-                           capture_output=True, text=True).stdout.strip() for c in known}
+    used = set(subprocess.run(["podman", "inspect", "--format", "{{.NetworkSettings.SandboxKey}}", *known], env=env,
+                              capture_output=True, text=True).stdout.split()) if known else set()
     inodes = set()
     for ns in Path("/proc").glob("[0-9]*/ns/net"):
         try:
