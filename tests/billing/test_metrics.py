@@ -47,13 +47,14 @@ def scrape(service) -> dict[str, float]:
 
 
 def settled(service, after: float, timeout: float = 60) -> dict[str, float]:
-    """The gauges of the first check that finished (or failed) after `after`, as every worker serves them."""
+    """The gauges of the first check that started after `after` (or failed after it), as every worker
+    serves them: a check already running at `after` read the ledger as it was before."""
     deadline = time.time() + timeout
     while True:
         got = scrape(service)
-        last = max(got.get("billing_ledger_verify_last_run_timestamp_seconds", 0),
-                   got.get("billing_ledger_verify_last_error_timestamp_seconds", 0))
-        if last > after:
+        started = (got.get("billing_ledger_verify_last_run_timestamp_seconds", 0)
+                   - got.get("billing_ledger_verify_duration_seconds", 0))
+        if max(started, got.get("billing_ledger_verify_last_error_timestamp_seconds", 0)) > after:
             return got
         assert time.time() < deadline, f"no check finished after {after}: {got}"
         time.sleep(0.5)
