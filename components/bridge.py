@@ -98,7 +98,7 @@ def build(config: BridgeConfig) -> Bridge:
     )
     nodes = [*([witness] if witness else []), *regions]
     monitors = Monitors("monitoring", MonitorsArgs(
-        nodes, regions, config, [config.primary.name, *(r.name for r in config.replicas)],
+        nodes, regions, config, [config.primary.name, *(r.name for r in config.replicas)], database.consensus_hosts,
         edge_ca=edge_ca[0] if edge_ca else None))
     # Every component has added its containers and files. The witness first: the consensus needs
     # two of its three members before the primary's database can start. Then the primary's

@@ -20,6 +20,9 @@ from components.services import ContainerSpec
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
+# Plain HTTP /metrics and /health for the host's own Prometheus and the container's health check:
+# inside the container network only (not published, so the firewall never sees it).
+METRICS_PORT = 2381
 CONFIG_DIR = "/etc/ciris-etcd"  # the bundle's files, root's
 RUN_DIR = "/run/ciris-etcd"  # where start.sh copies them, owned by etcd (the key must be private)
 DATA_DIR = "/var/lib/etcd/data"
@@ -64,6 +67,7 @@ def etcd_conf(me: Member, members: Sequence[Member], *, tls_dir: str = RUN_DIR, 
         "listen-client-urls": f"https://{listen}:{CLIENT_PORT}",
         "advertise-client-urls": me.client_url,
         "listen-peer-urls": f"https://{listen}:{PEER_PORT}",
+        "listen-metrics-urls": f"http://{listen}:{METRICS_PORT}",
         "initial-advertise-peer-urls": me.peer_url,
         "initial-cluster": ",".join(f"{m.name}={m.peer_url}" for m in members),
         "initial-cluster-state": "new",

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import yaml
 
-from components import cost, postgres_config as pgc
+from components import consensus, cost, postgres_config as pgc
 from components.cloud_init import DEPLOY_USER
 from components.services import PROMETHEUS_ADDRESS_SUFFIX, ContainerSpec
 
@@ -44,6 +44,7 @@ SERVICES = {
 # The database member's own exporter (payloads/postgres/pg_exporter.py): replication, archiving,
 # backups. Plain HTTP on the container network only; its port is never published.
 POSTGRES = (f"postgres:{pgc.EXPORTER_PORT}", "/metrics")
+ETCD = f"etcd:{consensus.METRICS_PORT}"  # the consensus member on this host (its metrics listener)
 
 
 # Readiness, not liveness: billing's /health is "a write commits"; the proxy's /ready is "a paid call
@@ -101,6 +102,7 @@ def prometheus_yml(
     zones: Sequence[str],
     *,
     database: bool = False,
+    etcd: bool = False,
     alertmanagers: Sequence[str] = (f"alertmanager:{ALERTMANAGER_PORT}",),
     rules_dir: str = RULES_DIR,
     services: dict[str, tuple[str, str]] | None = None,
@@ -112,7 +114,7 @@ def prometheus_yml(
 ) -> str:
     """Prometheus's config on one vantage point (a region's name, or "witness"). `services`
     defaults to a region's own (SERVICES; the witness passes {}); `database`: this host runs a
-    database member (its exporter's metrics). Every region in `regions` is probed, so a region added to
+    database member (its exporter's metrics); `etcd`: this host runs a consensus member. Every region in `regions` is probed, so a region added to
     the config is monitored by every vantage point with no other edit. Tests pass local addresses
     and short intervals."""
     services = SERVICES if services is None else services
@@ -124,6 +126,8 @@ def prometheus_yml(
     if database:
         address, path = POSTGRES
         jobs.append({"job_name": "postgres", "metrics_path": path, "static_configs": [{"targets": [address]}]})
+    if etcd:
+        jobs.append({"job_name": "etcd", "static_configs": [{"targets": [ETCD]}]})
     if node:
         jobs.append({"job_name": "node", "static_configs": [{"targets": [node]}]})
     # Every scraped own-service series carries this host's region (the witness: "witness").

@@ -30,6 +30,7 @@ class MonitorsArgs:
     regions: list[Region]
     config: BridgeConfig
     database_hosts: list[str]  # the hosts that run a database member
+    consensus_hosts: list[str]  # the hosts that run an etcd member
     edge_ca: pulumi.Input[str] | None = None  # `make local`: the edges' CA, which the probes trust
 
 
@@ -60,6 +61,7 @@ class Monitors(pulumi.ComponentResource):
             is_region = isinstance(node, Region)
             prometheus = targets.apply(lambda ts, vantage=node.spec.name, region=is_region: monitoring.prometheus_yml(
                 vantage, ts, zones, database=vantage in args.database_hosts,
+                etcd=vantage in args.consensus_hosts,
                 services=None if region else {}))
             others = [n for n in args.nodes if n is not node]
             am_args = pulumi.Output.all(node.ipv4, *[n.ipv4 for n in others]).apply(

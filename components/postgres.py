@@ -130,7 +130,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             "primary": args.primary.spec.name,  # where the cluster was created; Patroni moves it
             "replicas": [r.spec.name for r in args.replicas],
             "members": [pgc.member_name(m.spec.name) for m in members],
-            "consensus": [n.spec.name for n in self._consensus],
+            "consensus": self.consensus_hosts,
             "failover": "automatic" if args.witness else "degrade only (no witness: promotion is manual)",
             "mode": "synchronous" if args.replicas else "standalone",
             "port": PORT,
@@ -141,6 +141,11 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             ),
         }
         self.register_outputs({"summary": self.summary})
+
+    @property
+    def consensus_hosts(self) -> list[str]:
+        """The hosts that run an etcd member."""
+        return [n.spec.name for n in self._consensus]
 
     def declare_primary(self, after: list[pulumi.Resource]) -> command.remote.Command:
         """After the deploys: hand the primary role to the region config declares, when that changed

@@ -206,6 +206,10 @@ def patroni_yml(
                 "maximum_lag_on_failover": 0,
                 "synchronous_mode": True,
                 "synchronous_mode_strict": False,
+                # etcd unreachable from the leader (every member lost, or cut off from them): the
+                # leader stays primary while it still reaches every member's Patroni, which then
+                # cannot be promoted -- billing keeps writing through a consensus outage.
+                "failsafe_mode": True,
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,

@@ -1,12 +1,21 @@
 #!/bin/sh
-# Start the etcd member (its key must be private to etcd; the bundle is root's), or `health`: is
-# it listening for its peers (port 2380 = 0x094C). Not: does the cluster have quorum -- etcd serves
-# clients only once a majority is up, and the first host deployed is alone for a while; nor an
-# HTTPS request -- etcd accepts a peer's certificate only from the address the certificate names.
+# Start the etcd member (its key must be private to etcd; the bundle is root's), or `health`.
+#
+# health: the member serves HTTP (its metrics listener, 2381, inside the container network only).
+# Once the member has been part of a cluster with a leader (remembered in its volume), it must also
+# pass etcd's own /health (a leader and a read through it). Before that it is alone by design -- the
+# first host deployed waits for its peers -- and the deploy must not stop on it. A member without
+# quorum later is an alert (EtcdNoLeader, EtcdMemberMissing) as well as an unhealthy container.
 set -eu
 RUN=/run/ciris-etcd
+JOINED=/var/lib/etcd/joined  # written the first time /health passes
 if [ "${1:-}" = health ]; then
-  exec grep -Eq ':094C 0+:0000 0A' /proc/net/tcp /proc/net/tcp6
+  if curl -fsS --max-time 4 -o /dev/null http://127.0.0.1:2381/health; then
+    [ -e "$JOINED" ] || touch "$JOINED"
+    exit 0
+  fi
+  [ ! -e "$JOINED" ] && exec curl -fsS --max-time 4 -o /dev/null http://127.0.0.1:2381/metrics
+  exit 1
 fi
 install -d -o etcd -g etcd -m 700 "$RUN" /var/lib/etcd/data
 chown etcd:etcd /var/lib/etcd

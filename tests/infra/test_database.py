@@ -71,6 +71,7 @@ def test_every_member_runs_patroni_with_its_rendered_configuration(stack, witnes
         dcs = doc["bootstrap"]["dcs"]
         # Synchronous without strict: a lost standby is dropped, only a synchronous one is promoted.
         assert dcs["synchronous_mode"] is True and dcs["synchronous_mode_strict"] is False
+        assert dcs["failsafe_mode"] is True  # a consensus outage does not stop writes (tests/postgres drill)
         assert dcs["maximum_lag_on_failover"] == 0
         assert dcs["postgresql"]["use_pg_rewind"] is True and dcs["postgresql"]["use_slots"] is True
         assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (20, 4, 8)
@@ -168,6 +169,8 @@ def test_etcd_runs_on_every_consensus_host_and_nowhere_else(witness):
         assert conf["advertise-client-urls"] == f"https://{ipv4}:2379"
         assert conf["initial-advertise-peer-urls"] == f"https://{ipv4}:2380"
         assert (conf["listen-client-urls"], conf["listen-peer-urls"]) == ("https://0.0.0.0:2379", "https://0.0.0.0:2380")
+        # Metrics and /health over plain HTTP, for the host's Prometheus and the health check: not published.
+        assert conf["listen-metrics-urls"] == "http://0.0.0.0:2381"
         assert conf["initial-cluster-state"] == "new" and conf["initial-cluster-token"] == "ciris-bridge-dcs"
         tls = {"cert-file": "/run/ciris-etcd/server.crt", "key-file": "/run/ciris-etcd/server.key",
                "trusted-ca-file": "/run/ciris-etcd/ca.crt", "client-cert-auth": True}

@@ -34,8 +34,11 @@ def vantage_files(tmp: Path, cfg: config.BridgeConfig) -> list[Path]:
     out = []
     for vantage in [*[r.name for r in cfg.regions], "witness"]:
         region = next((r for r in cfg.regions if r.name == vantage), None)
+        database = bool(region and region.postgres != "none")
+        # etcd: on the witness and every database region, or beside the primary alone without a witness.
+        etcd = (database or region is None) if cfg.witness else vantage == cfg.primary.name
         text = monitoring.prometheus_yml(
-            vantage, targets, list(cfg.zones.zones), database=bool(region and region.postgres != "none"),
+            vantage, targets, list(cfg.zones.zones), database=database, etcd=etcd,
             services=None if region else {}, rules_dir=str(RULES))
         path = tmp / f"prometheus-{vantage}.yml"
         path.write_text(text)
@@ -75,8 +78,10 @@ def test_witness_scrapes_no_region_service_and_regions_scrape_their_own(tmp_path
     by_vantage = {p.stem.removeprefix("prometheus-"): yaml.safe_load(p.read_text()) for p in vantage_files(tmp_path, cfg)}
     jobs = {v: {j["job_name"] for j in doc["scrape_configs"]} for v, doc in by_vantage.items()}
     probes = {"health", *(f"dns_soa_{z}" for z in cfg.zones.zones)}
-    assert jobs["witness"] == probes | {"node"}
-    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "postgres", "node"}
+    assert jobs["witness"] == probes | {"node", "etcd"}  # every host of production runs an etcd member
+    assert jobs["us-east"] == probes | {"billing", "proxy", "powerdns", "postgres", "node", "etcd"}
+    etcd = next(j for j in by_vantage["witness"]["scrape_configs"] if j["job_name"] == "etcd")
+    assert etcd["static_configs"] == [{"targets": ["etcd:2381"], "labels": {"region": "witness"}}]  # plain HTTP, unpublished
     # Probe jobs are what the ServiceMetricsDown rule leaves out (a probe's own `up` is the exporter's).
     excluded = re.search(r'job!~"([^"]+)"', next(r for r in rules() if r["alert"] == "ServiceMetricsDown")["expr"]).group(1)
     assert all(re.fullmatch(excluded, j) for j in probes) and not any(re.fullmatch(excluded, j) for j in jobs["us-east"] - probes)
@@ -106,8 +111,8 @@ def test_every_series_the_rules_read_is_exported():
     exported = set()
     for source in [*(REPO / "payloads").glob("*/*.py"), *(REPO / "payloads").glob("*/*/*.py"), REPO / "components" / "monitoring.py"]:
         exported |= set(re.findall(r"\b((?:ciris|billing)_[a-z0-9_]+)", source.read_text()))
-    # Prometheus's own and the exporters' from Debian: probe_*, node_*, up.
-    outside = re.compile(r"(probe_|node_)[a-z0-9_]+|up")
+    # Prometheus's own, the exporters' from Debian and etcd's: probe_*, node_*, etcd_*, up.
+    outside = re.compile(r"(probe_|node_|etcd_)[a-z0-9_]+|up")
     read = set()
     for r in rules():
         expr = re.sub(r'"[^"]*"', "", r["expr"])  # label values are not names

@@ -205,6 +205,9 @@ SCENARIOS = [
     Scenario("replica killed", lambda c, p, r: r.kill(), lambda c, p, r: _restart(c, r)),
     Scenario("replica cut off", lambda c, p, r: r.cut(), lambda c, p, r: r.reconnect()),
     Scenario("witness killed", lambda c, p, r: _witness(c).kill(), lambda c, p, r: _restart(c, _witness(c))),
+    # Every etcd member gone at once: Patroni's failsafe mode keeps the primary writing.
+    Scenario("consensus lost", lambda c, p, r: [h.kill_etcd() for h in c.consensus],
+             lambda c, p, r: [c.start_etcd(h) for h in c.consensus]),
     Scenario("primary-replica link cut", lambda c, p, r: _cut_link(p, r, True), lambda c, p, r: _cut_link(p, r, False)),
 ]
 

@@ -86,6 +86,18 @@ class Host:
             p.wait(timeout=10)
         self.procs.clear()
 
+    def kill_etcd(self) -> None:
+        """SIGKILL this host's etcd member only (Patroni and PostgreSQL go on)."""
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "etcd":
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        for p in [p for p in self.procs if "etcd" in p.args]:
+            p.wait(timeout=10)
+            self.procs.remove(p)
+
     def freeze(self) -> None:
         self.signal(signal.SIGSTOP)
 
@@ -178,16 +190,20 @@ class Cluster:
 
     def start(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")
-        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir),
-               "LANG": "C.UTF-8", "ETCD_UNSUPPORTED_ARCH": ""}
+        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir), "LANG": "C.UTF-8"}
         if h in self.consensus:
-            h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
-                                            stderr=subprocess.STDOUT, env=env))
+            self.start_etcd(h)
         if h.database:
             h.procs.append(subprocess.Popen(h.exec("patroni", str(h.dir / "patroni.yml")), stdout=log,
                                             stderr=subprocess.STDOUT, env=env))
             if self.billing_key_pem and (h.dir / "billing.log").exists():  # a restart: billing was running
                 self.start_billing(h)
+
+    def start_etcd(self, h: Host) -> None:
+        log = open(h.dir / "processes.log", "ab")
+        env = {"PATH": os.environ["PATH"], "HOME": str(h.dir), "LANG": "C.UTF-8", "ETCD_UNSUPPORTED_ARCH": ""}
+        h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
+                                        stderr=subprocess.STDOUT, env=env))
 
     def start_all(self) -> None:
         for h in self.hosts:

@@ -62,6 +62,8 @@ def test_writes_survive(cluster, scenario):
     assert result.stale == [], f"{result.line()}: stale balances served: {result.stale[:10]}"
     assert result.resumed_after is not None and result.resumed_after <= RESUME_WITHIN_S, \
         f"{result.line()}; failed attempts: {failed[:40]}\n{cluster.logs()}"
+    if scenario.name == "consensus lost":  # failsafe: the primary is never demoted (without it: ~40 % ok)
+        assert result.success_share >= 0.9, f"{result.line()}; failed attempts: {failed[:40]}\n{cluster.logs()}"
 
 
 def test_the_ledger_verifies_after_every_fault(cluster):
