@@ -67,7 +67,7 @@ def test_every_host_watches_every_region_and_its_alertmanagers_are_one_cluster(s
             return ts if ts and not down else None
         ts = wait(f"{name}: every target up", all_up, budget=240)
         jobs = {t["labels"]["job"] for t in ts}
-        own = {"node"} if name == "witness" else {"billing", "proxy", "powerdns", "node"}
+        own = {"node", "etcd"} if name == "witness" else {"billing", "proxy", "powerdns", "node", "etcd"}
         assert own | {"health"} | {f"dns_soa_{z}" for z in zones} <= jobs, jobs
         if name == "witness":
             assert not jobs & {"billing", "proxy", "powerdns"}
@@ -123,3 +123,30 @@ def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack)
             t["health"] == "up" for t in targets(address)) and not [
             r for r in api(address, 9090, "/api/v1/query?query=" + quote(f'probe_success{{region="{region["name"]}"}} == 0'))["data"]["result"]],
             budget=300)
+
+
+def test_a_lost_etcd_member_pages_from_the_others_and_resolves_when_it_rejoins(stack):
+    """The witness's etcd stops: the regions' members see their peer go (EtcdMemberMissing, critical)
+    and the witness's own Prometheus cannot scrape it (EtcdMemberDown); both end when it is back."""
+    every = hosts()
+    container = "ciris-witness-etcd-1"
+
+    def alerts(address, name):
+        return [a for a in firing(address) if a["labels"]["alertname"] == name]
+
+    stack.podman("stop", "-t", "2", container)
+    try:
+        # Scrapes every 30 s, `for: 2m`, evaluated every 30 s.
+        for region in stack.regions:
+            missing = wait(f"{region['name']} sees EtcdMemberMissing", lambda r=region: alerts(every[r["name"]], "EtcdMemberMissing"),
+                           budget=300)
+            assert [a["labels"]["severity"] for a in missing] == ["critical"], missing
+            assert not alerts(every[region["name"]], "EtcdNoLeader")  # two of three members: still a majority
+        wait("the witness sees EtcdMemberDown", lambda: alerts(every["witness"], "EtcdMemberDown"), budget=120)
+    finally:
+        stack.podman("start", container)
+    for name, address in every.items():
+        wait(f"{name}: the etcd alerts resolve", lambda address=address: not [
+            a for a in firing(address) if a["labels"]["alertname"].startswith("Etcd")], budget=240)
+    wait("the witness's etcd container is healthy again", lambda: stack.podman(
+        "inspect", "--format", "{{.State.Health.Status}}", container).strip() == "healthy", budget=120)
