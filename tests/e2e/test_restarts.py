@@ -55,6 +55,27 @@ def kill_and_start(stack, region: str) -> None:
     stack.podman("start", *ids)
 
 
+def test_a_witness_whose_etcd_lost_its_volume_rejoins_on_the_next_deploy(stack, monkeypatch):
+    """A replaced witness as `pulumi up` meets it: its etcd member gone with its data. The next
+    deploy starts it again; it joins the running cluster by itself (payloads/etcd/join.sh), every
+    host's etcd reaches a quorum, and the regions' restarts below run with it."""
+    for key, value in stack.env.items():  # the engine, as make local runs it
+        monkeypatch.setenv(key, value)
+    wait_reachable(stack)
+    stack.podman("rm", "-f", "-t", "2", "ciris-witness-etcd-1")
+    stack.podman("volume", "rm", "ciris-witness_etcd-data")
+    local.up()
+    logs = stack.podman("logs", "ciris-witness-etcd-1")
+    assert "witness added to the running cluster" in logs, logs
+    wait_reachable(stack)
+    listed = stack.podman("exec", "ciris-us-east-etcd-1", "sh", "-c",
+                          "etcdctl --endpoints=https://10.77.3.1:2379 --cacert=/run/ciris-etcd/ca.crt "
+                          "--cert=/run/ciris-etcd/server.crt --key=/run/ciris-etcd/server.key member list")
+    assert sorted(line.split(", ")[1:3] for line in listed.splitlines()) == [
+        ["started", "eu-west"], ["started", "us-east"], ["started", "witness"]], listed
+    wait_healthy(stack)
+
+
 def test_regions_reach_each_other_after_their_containers_are_killed_and_started_again(stack):
     wait_reachable(stack)
     try:

@@ -32,6 +32,7 @@ PASSWORDS = {"superuser": "su-CANARY", "replication": "repl-CANARY", "rewind": "
 REPO = Path(__file__).resolve().parents[2]
 POST_BOOTSTRAP = REPO / "payloads" / "postgres" / "post-bootstrap.sh"
 BILLING = REPO / "payloads" / "billing"
+ETCD_JOIN = REPO / "payloads" / "etcd" / "join.sh"
 BILLING_PORT = 8000
 
 
@@ -204,6 +205,23 @@ class Cluster:
         env = {"PATH": os.environ["PATH"], "HOME": str(h.dir), "LANG": "C.UTF-8", "ETCD_UNSUPPORTED_ARCH": ""}
         h.procs.append(subprocess.Popen(h.exec("etcd", "--config-file", str(h.dir / "etcd.yml")), stdout=log,
                                         stderr=subprocess.STDOUT, env=env))
+
+    def rebuild_etcd(self, h: Host) -> str:
+        """`h`'s etcd member lost with its data (a replaced host, a lost volume), then started again as
+        the container starts it: payloads/etcd/join.sh first. Returns join.sh's output."""
+        h.kill_etcd()
+        shutil.rmtree(h.dir / "etcd", ignore_errors=True)
+        out = sh("ip", "netns", "exec", h.ns, "sh", str(ETCD_JOIN), str(h.dir / "etcd.yml"))
+        self.start_etcd(h)
+        return out.stdout + out.stderr
+
+    def etcd_members(self) -> list[list[str]]:
+        """`etcdctl member list` as the test process sees it: [id, status, name, peer url, client url, learner]."""
+        h = self.consensus[0]
+        out = sh("etcdctl", f"--endpoints={','.join(f'https://{x.addr}:2379' for x in self.consensus)}",
+                 f"--cacert={self.root / 'ca.crt'}", f"--cert={h.dir / 'server.crt'}", f"--key={h.dir / 'server.key'}",
+                 "--dial-timeout=3s", "--command-timeout=5s", "member", "list", check=False)
+        return [line.split(", ") for line in out.stdout.splitlines()]
 
     def start_all(self) -> None:
         for h in self.hosts:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import require_binary
 from tests.postgres import drill
-from tests.postgres.ha import BILLING, PASSWORDS, Cluster
+from tests.postgres.ha import BILLING, ETCD_JOIN, PASSWORDS, Cluster, sh
 
 RESUME_WITHIN_S = 45
 
@@ -75,6 +75,33 @@ def test_the_ledger_verifies_after_every_fault(cluster):
                          env={**os.environ, "DATABASE_URL": url, "BILLING_JWT_PRIVATE_KEY": cluster.billing_key_pem},
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_witness_rebuilt_with_an_empty_disk_rejoins_and_failover_still_works(cluster):
+    """The witness's etcd member lost with its data (a replaced host): started again as its
+    container starts it, it joins the running cluster by itself (join.sh: the old entry removed, a
+    new one added, `existing`); three healthy members, and the primary's death still fails over."""
+    witness = cluster.by_name["witness"]
+    old = {m[2]: m[0] for m in cluster.etcd_members()}
+    out = cluster.rebuild_etcd(witness)
+    assert "added to the running cluster" in out, out
+    deadline = time.monotonic() + 60
+    while (members := cluster.etcd_members()) and not (
+            len(members) == 3 and all(m[1] == "started" and m[2] for m in members)):
+        assert time.monotonic() < deadline, f"{members}\n{out}\n{cluster.logs()}"
+        time.sleep(1)
+    assert {m[2] for m in members} == {"us-east", "eu-west", "witness"}
+    assert {m[2]: m[0] for m in members}["witness"] != old["witness"], "the witness kept its old identity"
+    # Its data is the truth from now on: a restart does not join again.
+    witness.kill_etcd()
+    out = sh("ip", "netns", "exec", witness.ns, "sh", str(ETCD_JOIN), str(witness.dir / "etcd.yml"))
+    assert out.stdout + out.stderr == ""
+    cluster.start_etcd(witness)
+    primary_killed = next(s for s in drill.SCENARIOS if s.name == "primary killed")
+    result = drill.run(cluster, primary_killed, fault_seconds=10)
+    print(result.line())
+    assert result.lost == [] and result.resumed_after is not None and result.resumed_after <= RESUME_WITHIN_S, \
+        f"{result.line()}\n{cluster.logs()}"
 
 
 def test_without_a_witness_the_replica_loss_degrades_and_the_primary_loss_waits_for_a_person(cluster):
