@@ -350,6 +350,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
         raise ConfigError(f"{PROJECT}:services.fake_llm_upstream", f"is for environment local only, not {config.environment}")
     _check_cost(config)
     _check_alerts(config)
+    _check_webhook_secrets(config)
     try:
         zones = dns.load(ROOT / config.zones_file, config.regions, label=config.zones_file)
     except dns.ZonesError as e:
@@ -503,6 +504,18 @@ def _check_alerts(config: BridgeConfig) -> None:
     if config.secret("alert_smtp_password") is not None and config.alerts.email is None:
         raise ConfigError(f"{PROJECT}:alert_smtp_password", "is set but ciris-bridge:alerts.email is not; "
                                                             "set alerts.email (smtp_host, from, to) or remove the password")
+
+
+def _check_webhook_secrets(config: BridgeConfig) -> None:
+    """stripe_webhook_secret: one Stripe endpoint secret per region's endpoint, comma-separated
+    (Stripe signs each endpoint with its own; every region's billing accepts them all)."""
+    value = config.secret("stripe_webhook_secret")
+    if value in (None, OFFLINE_SECRET):
+        return
+    for i, item in enumerate(value.split(",")):
+        if not item.strip().startswith("whsec_"):
+            raise ConfigError(f"{PROJECT}:stripe_webhook_secret", f"item {i + 1} is not a Stripe endpoint secret "
+                                                                  "(whsec_...; value not shown: it is a secret)")
 
 
 def _check_cost(config: BridgeConfig) -> None:

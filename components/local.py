@@ -61,7 +61,8 @@ def local_secrets() -> dict[str, str]:
     path = LOCAL / "secrets.json"
     made = json.loads(path.read_text()) if path.exists() else {}
     new = {"stripe_secret_key": lambda: f"sk_test_local{secrets.token_hex(12)}",
-           "stripe_webhook_secret": lambda: f"whsec_{secrets.token_hex(16)}",
+           # One endpoint secret per region, as Stripe signs each region's endpoint (README, Stripe).
+           "stripe_webhook_secret": lambda: ",".join(f"whsec_{secrets.token_hex(16)}" for _ in range(2)),
            "backup_s3_access_key": lambda: f"local{secrets.token_hex(8)}",
            "backup_s3_secret_key": lambda: secrets.token_hex(20),
            "backup_encryption_key": lambda: base64.b64encode(secrets.token_bytes(32)).decode()}

@@ -33,6 +33,7 @@ from tests.postgres.conftest import PASSWORDS, PRIMARY_ADDR, free_port, init_pri
 PAYLOAD = REPO / "payloads" / "billing"
 sys.path.insert(0, str(PAYLOAD))  # the payload's own modules (settings, chain) for unit checks
 WEBHOOK_SECRET = "whsec_test_secret"
+OTHER_REGION_WEBHOOK_SECRET = "whsec_test_other_region"  # Stripe signs each region's endpoint with its own
 KEY = Ed25519PrivateKey.generate()
 KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
 
@@ -249,7 +250,7 @@ def billing(cluster, stripe_api, tmp_path_factory):
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_WEBHOOK_SECRET": f"{WEBHOOK_SECRET}, {OTHER_REGION_WEBHOOK_SECRET}",
         "STRIPE_API_BASE": stripe_api.url,
         "STRIPE_PUBLISHABLE_KEY": "pk_test_ciris",
         # Bursts of hundreds of requests on one worker queue for the pool longer than production's

@@ -9,9 +9,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import stripe
 
-from tests.billing.conftest import WEBHOOK_SECRET, Billing, balance, bearer, new_user
+from tests.billing.conftest import OTHER_REGION_WEBHOOK_SECRET, WEBHOOK_SECRET, Billing, balance, bearer, new_user
 from tests.postgres.conftest import free_port
 
 
@@ -120,6 +121,27 @@ def test_bad_or_stale_signature_is_400_and_stores_nothing(api):
     assert balance(api, user) == 15
     # Nothing was recorded: the genuine delivery still credits.
     assert deliver(api, event).json()["outcome"] == "credited"
+
+
+def test_every_regions_endpoint_secret_verifies_and_the_event_counts_once(api):
+    """Stripe sends each event to every registered endpoint (one per region), each signed with that
+    endpoint's secret: billing knows them all, so whichever region is up takes it, and a second
+    delivery of the same event (the other region's) changes nothing."""
+    user = new_user(api)
+    event = completed(user, 500)
+    r = deliver(api, event, secret=OTHER_REGION_WEBHOOK_SECRET)
+    assert r.status_code == 200 and r.json()["outcome"] == "credited"
+    assert deliver(api, event).json()["outcome"] == "duplicate"
+    assert balance(api, user) == 515
+
+
+def test_a_webhook_secret_that_is_not_one_is_refused_at_start_without_its_value():
+    from billing.settings import SettingsError, _webhook_secrets
+
+    assert _webhook_secrets({"STRIPE_WEBHOOK_SECRET": " whsec_a ,whsec_b"}) == ("whsec_a", "whsec_b")
+    with pytest.raises(SettingsError, match="item 2 is not a Stripe endpoint secret") as e:
+        _webhook_secrets({"STRIPE_WEBHOOK_SECRET": "whsec_a,sk_live_CANARY"})
+    assert "CANARY" not in str(e.value)
 
 
 def test_refund_takes_credits_back_down_to_zero_and_counts_the_shortfall(api):

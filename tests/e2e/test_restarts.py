@@ -7,11 +7,13 @@ put netavark's isolation DROP above our exception and the regions lost each othe
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 
 from components import deploy, local, local_s3, postgres_config
 from tests.e2e.conftest import LOCAL, leader, wait_sync
+from tests.e2e.test_stack import endpoint_secret, purchase_event, signed_webhook
 
 HOSTS = ("us-east", "eu-west", "witness")
 ETCD = {"us-east": "10.77.1.1", "eu-west": "10.77.2.1", "witness": "10.77.3.1"}
@@ -51,34 +53,74 @@ def wait_reachable(stack, timeout: float = 120) -> None:
         time.sleep(2)
 
 
-def writes_again(stack, region: dict, budget: float = 120) -> float:
-    """Seconds until `region`'s billing answers /health 200 through its edge (a write commits)."""
-    t0 = time.time()
+def new_user(stack, region: dict) -> tuple[str, int]:
+    admin = {"Authorization": f"Bearer {stack.admin_token}"}
+    with stack.edge(region, "billing") as billing:
+        r = billing.post("/v1/users", json={"email": f"dr-{uuid.uuid4().hex[:8]}@example.com"}, headers=admin)
+        assert r.status_code == 201, r.text
+        return r.json()["id"], r.json()["balance"]
+
+
+def purchase_completes(stack, region: dict, user: str, signup: int, budget: float = 120) -> float:
+    """Seconds until Stripe's delivery to `region`'s own endpoint (signed with that endpoint's secret,
+    sent again while billing cannot write, as Stripe does) is credited: writes resumed there."""
+    payload, headers = signed_webhook(endpoint_secret(stack, region), purchase_event(user, 500))
+    admin = {"Authorization": f"Bearer {stack.admin_token}"}
+    t0, last = time.time(), None
     with stack.edge(region, "billing") as billing:
         while True:
             try:
-                if billing.get("/health", timeout=5).status_code == 200:
-                    return time.time() - t0
-            except httpx.HTTPError:
-                pass
-            assert time.time() - t0 < budget, f"{region['name']}'s billing cannot write {budget:.0f} s after the other region died"
+                r = billing.post("/v1/webhooks/stripe", content=payload, headers=headers, timeout=15)
+                last = f"{r.status_code} {r.text[:200]}"
+                if r.status_code == 200:  # credited, or a duplicate of an attempt whose answer was lost
+                    assert r.json()["outcome"] in ("credited", "duplicate"), r.text
+                    break
+            except httpx.HTTPError as e:
+                last = repr(e)
+            assert time.time() - t0 < budget, f"{region['name']}: no purchase credited {budget:.0f} s after the other region died: {last}"
             time.sleep(1)
+        took = time.time() - t0
+        assert billing.get(f"/v1/credits/{user}", headers=admin).json()["balance"] == signup + 500
+    return took
 
 
 def lose_and_return(stack, name: str) -> None:
     """Every container of `name` SIGKILLed; the other region's billing writes again (a failover
-    when `name` led); then `name` starts again, reaches the other hosts, and the pair is synchronous."""
+    when `name` led): a Stripe purchase completes there; then `name` starts again, reaches the other hosts, and the pair is synchronous."""
     ids = stack.podman("ps", "-q", "--filter", f"label=ciris.region={name}").split()
     assert ids, f"no container of {name} runs"
     survivor = next(r for r in stack.regions if r["name"] != name)
-    leader_before = leader(stack)
+    leader_before = wait_sync(stack)  # only a synchronous standby may be promoted
+    user, signup = new_user(stack, survivor)
     stack.podman("kill", "--signal", "KILL", *ids)
     try:
-        print(f"{name} lost (it led: {name == leader_before}): {survivor['name']} writes after {writes_again(stack, survivor):.0f} s")
+        took = purchase_completes(stack, survivor, user, signup)
+        print(f"{name} lost (it led: {name == leader_before}): a purchase credited in {survivor['name']} after {took:.0f} s")
     finally:
         stack.podman("start", *ids)
     wait_reachable(stack)
     print(f"{name} back: {wait_sync(stack, timeout=180)} leads")  # it rejoined as the synchronous standby
+
+
+def test_a_witness_whose_etcd_lost_its_volume_rejoins_on_the_next_deploy(stack, monkeypatch):
+    """A replaced witness as `pulumi up` meets it: its etcd member gone with its data. The next
+    deploy starts it again; it joins the running cluster by itself (payloads/etcd/join.sh), every
+    host's etcd reaches a quorum, and the regions' restarts below run with it."""
+    for key, value in stack.env.items():  # the engine, as make local runs it
+        monkeypatch.setenv(key, value)
+    wait_reachable(stack)
+    stack.podman("rm", "-f", "-t", "2", "ciris-witness-etcd-1")
+    stack.podman("volume", "rm", "ciris-witness_etcd-data")
+    local.up()
+    logs = stack.podman("logs", "ciris-witness-etcd-1")
+    assert "witness added to the running cluster" in logs, logs
+    wait_reachable(stack)
+    listed = stack.podman("exec", "ciris-us-east-etcd-1", "sh", "-c",
+                          "etcdctl --endpoints=https://10.77.3.1:2379 --cacert=/run/ciris-etcd/ca.crt "
+                          "--cert=/run/ciris-etcd/server.crt --key=/run/ciris-etcd/server.key member list")
+    assert sorted(line.split(", ")[1:3] for line in listed.splitlines()) == [
+        ["started", "eu-west"], ["started", "us-east"], ["started", "witness"]], listed
+    wait_healthy(stack)
 
 
 def test_the_primarys_region_lost_twice_in_a_row_fails_over_and_rejoins_each_time(stack):

@@ -237,3 +237,18 @@ def test_a_real_deploy_refuses_the_committed_placeholders():
         assert config.placeholders(config.parse(raw, secret_keys)) == []
     local_raw, local_secrets = config.read_stack_file(REPO / "Pulumi.local.yaml")
     assert [k for k, _ in config.placeholders(config.parse(local_raw, local_secrets))] == ["ciris-bridge:environment"]
+
+
+def test_stripe_webhook_secrets_are_a_list_checked_without_showing_them():
+    """One endpoint secret per region's Stripe endpoint, comma-separated; a wrong item is named by
+    its position, never shown."""
+    raw, secret_keys = stack_raw("staging")
+    key = f"{P}:stripe_webhook_secret"
+    secret_keys = {*secret_keys, key}
+    raw[key] = "whsec_us, whsec_eu"
+    assert config.parse(raw, secret_keys).secret("stripe_webhook_secret") == "whsec_us, whsec_eu"
+    raw[key] = "whsec_us,sk_live_CANARY"
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(raw, secret_keys)
+    assert info.value.key == key and "item 2 is not a Stripe endpoint secret" in info.value.message
+    assert "CANARY" not in str(info.value)

@@ -37,6 +37,17 @@ def unavailable(var: str) -> Problem:
     return Problem(503, "payments_unavailable", f"payments are not configured on this server ({var} is not set)")
 
 
+def verified_event(payload: bytes, signature: str | None, secrets: tuple[str, ...]):
+    """The event when one of the endpoint secrets verifies its signature (Stripe signs each endpoint
+    with its own: every region's is in the list), else None."""
+    for secret in secrets:
+        try:
+            return stripe.Webhook.construct_event(payload, signature, secret)
+        except (stripe.SignatureVerificationError, ValueError):
+            continue
+    return None
+
+
 async def checkout(sc: stripe.StripeClient, settings: Settings, user_id: str, credits: int) -> dict:
     metadata = {"user_id": user_id, "credits": str(credits)}
     try:

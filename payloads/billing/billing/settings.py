@@ -48,7 +48,9 @@ class Settings:
     database_url: str
     jwt_private_key: Ed25519PrivateKey = field(repr=False)
     stripe_secret_key: str | None = field(default=None, repr=False)  # None: purchases answer 503
-    stripe_webhook_secret: str | None = field(default=None, repr=False)  # None: webhooks answer 503
+    # One signing secret per webhook endpoint Stripe calls (each region's, and a rolled one's old and
+    # new while both sign): an event is accepted when any of them verifies it. Empty: webhooks answer 503.
+    stripe_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     stripe_api_base: str | None = None
     stripe_publishable_key: str = ""  # handed to the app with a PaymentIntent (agent_api.py); not secret
     price_per_interaction_cents: int = 5
@@ -185,6 +187,15 @@ def _list(env: Mapping[str, str], var: str, default: str = "") -> tuple[str, ...
     return tuple(x.strip() for x in (env.get(var, "").strip() or default).split(",") if x.strip())
 
 
+def _webhook_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    """STRIPE_WEBHOOK_SECRET: one endpoint secret, or several separated by commas."""
+    found = _list(env, "STRIPE_WEBHOOK_SECRET")
+    for i, secret in enumerate(found):
+        if not secret.startswith("whsec_"):  # never the value: it is a secret
+            raise SettingsError("STRIPE_WEBHOOK_SECRET", f"item {i + 1} is not a Stripe endpoint secret (whsec_...)")
+    return found
+
+
 def _issuers(env: Mapping[str, str]) -> tuple[Issuer, ...]:
     """OIDC_<PROVIDER>_CLIENT_IDS (on when set), _ISSUERS, _JWKS_URL, _ALGORITHM."""
     found = []
@@ -212,7 +223,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         database_url=url,
         jwt_private_key=_private_key(env),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip() or None,
-        stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", "").strip() or None,
+        stripe_webhook_secrets=_webhook_secrets(env),
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
         stripe_publishable_key=env.get("STRIPE_PUBLISHABLE_KEY", "").strip(),
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
