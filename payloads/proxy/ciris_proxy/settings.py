@@ -58,6 +58,8 @@ class Settings:
     port: int = 4000
     caps: Caps = field(default_factory=Caps)
     stand_in: StandIn = field(default_factory=StandIn)
+    # A server API key billing accepted is asked about again after this: a revoked key stops within it.
+    api_key_ttl_seconds: int = 60
     call_log_days: int = 14  # the answered-calls log reconcile reads (by day, deleted after this)
     # While this file exists, GET /serving answers 503: a deploy drains the container before it
     # stops it, and the edge sends new requests to its twin (ADR 16).
@@ -131,6 +133,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             user_cap_cents=_int(env, "STANDIN_USER_CAP_CENTS", StandIn.user_cap_cents, 0, 1_000_000),
             instance_cap_cents=_int(env, "STANDIN_INSTANCE_CAP_CENTS", StandIn.instance_cap_cents, 0, 100_000_000),
         ),
+        api_key_ttl_seconds=_int(env, "API_KEY_TTL_SECONDS", Settings.api_key_ttl_seconds, 1, 3600),
         call_log_days=_int(env, "CALL_LOG_DAYS", 14, 1, 3650),
     )
 
