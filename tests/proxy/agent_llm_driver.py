@@ -14,27 +14,13 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import List, Literal
 
-from pydantic import BaseModel, Field
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "billing"))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "billing")]
 from agent_driver import resolve_as  # noqa: E402  (the billing driver's stand-in for DNS)
+from agent_shapes import Decision  # noqa: E402
 
 from ciris_engine.logic.runtime.service_initializer import ServiceInitializer  # noqa: E402
-
-
-class Step(BaseModel):
-    reason: str = Field(min_length=1)
-    weight: int = Field(ge=1)
-
-
-class Decision(BaseModel):
-    """Shaped like the agent's action selection."""
-    selected_action: Literal["speak", "ponder", "defer"]
-    rationale: str
-    confidence: float = Field(ge=0, le=1)
-    steps: List[Step] = Field(min_length=1)
 
 
 async def service(mode: str, args: dict):

@@ -87,12 +87,20 @@ def test_revoked_unknown_and_odd_keys_are_401_and_charge_nothing(client, api, pr
     revoked = api.delete(f"/v1/admin/api-keys/{key['id']}", headers=ADMIN)
     assert revoked.status_code == 200
     before = total_requests(upstreams)
-    for bad in (key["api_key"], "cbk_live_" + "A" * 43, "cbk_live_" + "x" * 9000):
+    for bad in (key["api_key"], "cbk_live_" + "A" * 43, "cbk_live_" + "A" * 200, "cbk_live_" + "x" * 9000):
         for r in (chat(client, bad), chat(client, None, headers=key_header(bad))):
             assert r.status_code == 401, r.text
             assert "API key refused" in r.json()["error"]["message"] and bad not in r.text
     assert total_requests(upstreams) == before
     assert key["api_key"] not in proxy.log.read_text()
+
+
+def test_a_bearer_not_in_any_credential_form_is_401_without_asking_billing(client, api, upstreams):
+    before = total_requests(upstreams)
+    for odd in ("eyJhbGciOiJSUzI1NiJ9.e30!.x", "a.b", "cbk-live-x", "eyJhbGciOiJSUzI1NiJ9" * 3):
+        r = chat(client, odd)
+        assert r.status_code == 401 and "invalid token" in r.json()["error"]["message"], (odd, r.text)
+    assert total_requests(upstreams) == before
 
 
 def test_a_key_cannot_pay_for_or_charge_a_user_it_does_not_name(client, api, upstreams):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -33,7 +34,8 @@ ISSUER, AUDIENCE, LEEWAY_SECONDS = "ciris-billing", "ciris-bridge", 60  # billin
 SEND = "send Authorization: Bearer <a token issued by billing, a Google or Apple ID token, or a server API key>"
 MISSING = f"missing credential: {SEND}"
 API_KEY_PREFIX = "cbk_live_"  # billing's keys (payloads/billing/billing/api_keys.py)
-MAX_CREDENTIAL_CHARS = 8192  # billing refuses longer ID tokens; keys are far shorter
+MAX_CHARS = {"id_token": 8192, "api_key": 128}  # billing's own bounds (identity.py, api_keys.py)
+JWT = re.compile(r"[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]+\.[A-Za-z0-9_=-]*")  # billing takes an ID token only in this form
 API_KEY_STALE_SECONDS = 900.0  # while billing is away, a key it accepted this recently still works
 RESOLVE_TIMEOUT_SECONDS = 3.0
 MAX_REMEMBERED = 10_000
@@ -88,9 +90,11 @@ def kind_of(token: str) -> str:
     if token.startswith(API_KEY_PREFIX):
         return "api_key"
     try:
-        alg = jwt.get_unverified_header(token).get("alg")
+        alg = jwt.get_unverified_header(token).get("alg") if JWT.fullmatch(token) else None
     except jwt.PyJWTError:
-        raise ApiError(401, f"invalid token: {SEND}") from None
+        alg = None
+    if alg is None:
+        raise ApiError(401, f"invalid token: {SEND}")
     return "ours" if alg == "EdDSA" else "id_token"
 
 
@@ -122,7 +126,7 @@ class Credentials:
         return self.tokens.verify(token) if kind == "ours" else await self.resolve(kind, token)
 
     async def resolve(self, kind: str, credential: str) -> str:
-        if not credential or len(credential) > MAX_CREDENTIAL_CHARS:
+        if not credential or len(credential) > MAX_CHARS[kind]:
             raise ApiError(401, f"{REFUSED[kind]}: empty or too long; {RETRY[kind]}")
         digest = hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
         hit = self._resolved.get(digest)
@@ -157,7 +161,8 @@ class Credentials:
                 fresh, usable = now + self.api_key_ttl, now + API_KEY_STALE_SECONDS
             self._remember(digest, Resolved(user, fresh, usable))
             return user
-        if status == 401 and error.get("code") == "credential_refused":
+        # 422: billing's bounds on the credential's form (the request carries nothing else).
+        if (status == 401 and error.get("code") == "credential_refused") or status == 422:
             self._resolved.pop(digest, None)
             # Billing's reason names the check that failed (e.g. "id_token: expired"), never the credential.
             raise ApiError(401, f"{REFUSED[kind]} ({str(error.get('message', 'invalid'))[:120]}): {RETRY[kind]}",
@@ -166,7 +171,7 @@ class Credentials:
         if hit and now < hit.usable_until:
             log.warning("billing did not resolve a known %s (status %s): using its last answer", kind, status)
             return hit.user
-        if status in (401, 403, 422):
+        if status in (401, 403):
             log.error("billing refused the proxy's request to resolve a %s (status %s): check its service token", kind, status)
         else:
             log.warning("billing could not resolve a %s (status %s)", kind, status)
