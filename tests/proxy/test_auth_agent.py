@@ -6,6 +6,8 @@ issuer with real keys (tests/oidc_issuer.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 import uuid
 
@@ -63,6 +65,29 @@ def test_a_server_key_pays_from_its_own_account(client, api, how):
     check = api.post("/v1/billing/credits/check", headers=key_header(key),
                      json={"oauth_provider": "oauth:api_key", "external_id": minted["id"]})
     assert check.json()["credits_remaining"] == SIGNUP - PRICE, check.text
+
+
+def resolutions(billing) -> float:
+    """How many credentials billing has resolved (its request metric, all workers)."""
+    text = httpx.get(f"{billing.url}/metrics", timeout=10).text
+    m = re.search(r'^billing_request_seconds_count\{method="POST",route="/v1/auth/resolve",status="200"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_concurrent_first_calls_with_one_credential_ask_billing_once(proxy, billing, api, oidc):
+    token, key = oidc.id_token("google", sub()), mint(api)["api_key"]
+    before = resolutions(billing)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as c:
+            body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+            calls = [c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {credential}"})
+                     for credential in (token, key) for _ in range(8)]
+            return await asyncio.gather(*calls)
+
+    # Every call got past auth: each account's signup credits pay for 3, the rest are 402.
+    assert sorted(r.status_code for r in asyncio.run(burst())) == [200] * 6 + [402] * 10
+    assert resolutions(billing) - before == 2
 
 
 @pytest.mark.parametrize("case", [
