@@ -58,12 +58,12 @@ class Settings:
     port: int = 4000
     caps: Caps = field(default_factory=Caps)
     stand_in: StandIn = field(default_factory=StandIn)
-    # A server API key billing accepted is asked about again after this: a revoked key stops within it.
-    api_key_ttl_seconds: int = 60
     call_log_days: int = 14  # the answered-calls log reconcile reads (by day, deleted after this)
     # While this file exists, GET /serving answers 503: a deploy drains the container before it
     # stops it, and the edge sends new requests to its twin (ADR 16).
     drain_file: str = "/tmp/ciris-draining"
+    # A server API key billing accepted is asked about again after this: a revoked key stops within it.
+    api_key_ttl_seconds: int = 60
 
 
 def _required(env: Mapping[str, str], var: str) -> str:
@@ -121,6 +121,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 4000, 1, 65535),
         drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
+        api_key_ttl_seconds=_int(env, "API_KEY_TTL_SECONDS", Settings.api_key_ttl_seconds, 1, 3600),
         caps=Caps(
             max_output_tokens=_int(env, "MAX_OUTPUT_TOKENS", Caps.max_output_tokens, 1, 1_000_000),
             max_n=_int(env, "MAX_N", Caps.max_n, 1, 128),
@@ -133,7 +134,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             user_cap_cents=_int(env, "STANDIN_USER_CAP_CENTS", StandIn.user_cap_cents, 0, 1_000_000),
             instance_cap_cents=_int(env, "STANDIN_INSTANCE_CAP_CENTS", StandIn.instance_cap_cents, 0, 100_000_000),
         ),
-        api_key_ttl_seconds=_int(env, "API_KEY_TTL_SECONDS", Settings.api_key_ttl_seconds, 1, 3600),
         call_log_days=_int(env, "CALL_LOG_DAYS", 14, 1, 3650),
     )
 
