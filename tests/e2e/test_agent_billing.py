@@ -1,5 +1,5 @@
-"""The released CIRIS agent's own billing client (`ciris-agent` from PyPI, tests/billing/
-test_agent_contract.py builds its venv) against `make local`, through the regions' edges: server
+"""The released CIRIS agent's own billing client (`ciris-agent` from PyPI, tests/agent_venv.py
+builds its venv) against `make local`, through the regions' edges: server
 mode with the API key `make local` wrote to local/agent.env, mobile mode with an ID token from the
 local stand-in for Google (`make id-token`), and the agent's own fallback from a dead first URL to
 its packaged second one (`billing1.ciris-services-2.ai`, which eu-west's edge serves: ADR 19)."""
@@ -9,7 +9,8 @@ from __future__ import annotations
 import uuid
 
 from components import local
-from tests.billing.test_agent_contract import agent_python, drive  # noqa: F401  (the fixture)
+from tests.agent_venv import agent_python  # noqa: F401  (the fixture)
+from tests.billing.test_agent_contract import drive
 from tests.e2e.test_stack import id_token
 
 FALLBACK = "billing1.ciris-services-2.ai"  # the agent's packaged second billing URL (CIRIS_SERVICES.json)

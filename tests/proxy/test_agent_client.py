@@ -6,30 +6,16 @@ not validate. The upstreams answer a forced tool and a JSON format as a model wo
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 import instructor
 import openai
 import pytest
-from pydantic import BaseModel, Field, field_validator
+from pydantic import field_validator
 
+from tests.proxy.agent_shapes import Decision
 from tests.proxy.conftest import holds, new_user, user_token
 
 INTERACTION = "9e107d9d372bb6826bd81d3542a419d6"  # sha256(task_id)[:32], as the agent makes it
-
-
-class Step(BaseModel):
-    reason: str = Field(min_length=1)
-    weight: int = Field(ge=1)
-
-
-class Decision(BaseModel):
-    """Shaped like the agent's action selection: an enum, text, a number, nested models."""
-    selected_action: Literal["speak", "ponder", "defer"]
-    rationale: str
-    confidence: float = Field(ge=0, le=1)
-    steps: list[Step] = Field(min_length=1)
-    note: str | None = None
 
 
 def metadata(retry_count: int | None = None, previous_error: str | None = None) -> dict:

@@ -11,6 +11,9 @@ import uuid
 PREFIX = "cbk_live_"  # CIRISBilling's form, so operators recognise them
 SHOWN_CHARS = 16  # of the key, kept to tell keys apart in listings
 MAX_KEY_CHARS = 128
+# On the proxy a key names no account (the agent's LLM calls carry none): it pays from its own,
+# the identity (ACCOUNT_PROVIDER, key id), made on first sight like any account a key names.
+ACCOUNT_PROVIDER = "api_key"
 
 
 def digest(key: str) -> bytes:

@@ -46,6 +46,12 @@ class TokenRequest(Body):
     ttl_seconds: Annotated[StrictInt, Field(ge=60, le=30 * 86_400)] = 3600
 
 
+class Resolve(Body):
+    """A credential a client sent the proxy, for billing to say whose it is: exactly one."""
+    id_token: IdToken | None = None
+    api_key: Annotated[str, Field(min_length=1, max_length=api_keys.MAX_KEY_CHARS)] | None = None
+
+
 class Consume(Body):
     user_id: uuid.UUID
     amount: Amount | None = None  # default: the price of one interaction
@@ -285,6 +291,27 @@ def create_app(settings: Settings) -> FastAPI:
                 raise not_found("user")
         access, exp = auth.mint(settings.jwt_private_key, str(user_id), "user", body.ttl_seconds)
         return {"access_token": access, "token_type": "bearer", "expires_at": exp, "user_id": str(user_id)}
+
+    @app.post("/v1/auth/resolve")
+    async def resolve(body: Resolve, p: Caller):
+        """Whose credential the proxy was sent (service only, ADR 8): an ID token's user (made on
+        first sight) until the token's expiry, or an API key's own account. A refused credential
+        is a 401 `credential_refused`, apart from the 401 a bad service token gets."""
+        require(p, "service")
+        if (body.id_token is None) == (body.api_key is None):
+            raise Problem(422, "invalid_request", "body: give exactly one of id_token and api_key")
+        try:
+            if body.id_token is not None:
+                user_id, exp = await sign_in(body.id_token)
+            elif (key_id := await database.write(api_keys.check, body.api_key)) is not None:
+                user_id, exp = await user_of(api_keys.ACCOUNT_PROVIDER, str(key_id)), None
+            else:
+                raise Problem(401, "unauthorized", "api_key: unknown or revoked key")
+        except Problem as e:
+            if e.status != 401:
+                raise
+            raise Problem(401, "credential_refused", e.message) from None
+        return {"user_id": str(user_id), "expires_at": exp}
 
     @app.get("/v1/credits/{user_id}")
     async def credits(user_id: str, p: Caller):

@@ -8,7 +8,7 @@
     GET  /v1/models            the exposed models, the price and the caps
     POST /v1/chat/completions  the contract (contract.py), the credit gate (gate.py), the providers (upstream.py)
 
-Everything else is 404. A chat request is checked in order — token (401), body size (413), contract
+Everything else is 404. A chat request is checked in order — credential (401; auth.py), body size (413), contract
 and caps (400), model (404), credit hold (402/503) — before anything is sent to a provider.
 
 When is a request charged? Once a provider has taken on the work: a non-streamed answer that came
@@ -30,7 +30,7 @@ import uuid
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ciris_proxy import metrics
-from ciris_proxy.auth import Tokens
+from ciris_proxy.auth import Credentials, Tokens
 from ciris_proxy.calls import CallLog
 from ciris_proxy.contract import ChatRequest, ContractError, parse
 from ciris_proxy.errors import ApiError
@@ -85,6 +85,8 @@ class App:
         self.settings, self.upstreams = settings, upstreams
         self.tokens = Tokens(settings.billing_public_key)
         self.gate = CreditGate(settings, journal, calls)
+        # Billing resolves ID tokens and API keys over the gate's session (it carries the service token).
+        self.credentials = Credentials(self.tokens, lambda: self.gate.billing, settings.api_key_ttl_seconds)
         self.routes = {
             "/health": ("GET", self.health), "/ready": ("GET", self.ready),
             "/serving": ("GET", self.serving), "/metrics": ("GET", self.metrics),
@@ -150,7 +152,7 @@ class App:
         await send({"type": "http.response.body", "body": generate_latest()})
 
     async def models(self, scope, receive, send):
-        self.tokens.user(dict(scope["headers"]).get(b"authorization"))
+        await self.credentials.user(dict(scope["headers"]))
         caps = dataclasses.asdict(self.settings.caps)
         vision = self.upstreams.vision
 
@@ -171,7 +173,7 @@ class App:
 
     async def chat(self, scope, receive, send):
         headers = dict(scope["headers"])
-        user = self.tokens.user(headers.get(b"authorization"))
+        user = await self.credentials.user(headers)
         body = await read_body(receive, headers, self.settings.caps.max_body_bytes)
         try:
             req = parse(body)

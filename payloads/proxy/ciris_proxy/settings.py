@@ -62,6 +62,8 @@ class Settings:
     # While this file exists, GET /serving answers 503: a deploy drains the container before it
     # stops it, and the edge sends new requests to its twin (ADR 16).
     drain_file: str = "/tmp/ciris-draining"
+    # A server API key billing accepted is asked about again after this: a revoked key stops within it.
+    api_key_ttl_seconds: int = 60
 
 
 def _required(env: Mapping[str, str], var: str) -> str:
@@ -119,6 +121,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=_int(env, "PORT", 4000, 1, 65535),
         drain_file=env.get("DRAIN_FILE", "").strip() or Settings.drain_file,
+        api_key_ttl_seconds=_int(env, "API_KEY_TTL_SECONDS", Settings.api_key_ttl_seconds, 1, 3600),
         caps=Caps(
             max_output_tokens=_int(env, "MAX_OUTPUT_TOKENS", Caps.max_output_tokens, 1, 1_000_000),
             max_n=_int(env, "MAX_N", Caps.max_n, 1, 128),
