@@ -113,7 +113,7 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
     for u in upstreams.values():
         u.control(accept_delay=2.0)
 
-    # (A third caller leaves before any answer: its hold's release is owed, and it pays nothing.)
+    # (A third caller leaves before any answer, after the provider had its prompt: it pays too.)
     async def in_flight():
         body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
         auth = {"Authorization": f"Bearer {tokens[late]}"}
@@ -131,8 +131,8 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
         assert loop.run_until_complete(in_flight()) == [200, 200]
     finally:
         loop.close()
-    spent[late] += 2 * PRICE
-    assert metric(p, "ciris_proxy_owed", 'kind="release"') == 1
+    spent[late] += 3 * PRICE
+    assert metric(p, "ciris_proxy_owed", 'kind="capture"') == 3
     for u in upstreams.values():
         u.control(reset=True)
 

@@ -12,10 +12,11 @@ Everything else is 404. A chat request is checked in order — token (401), body
 and caps (400), model (404), credit hold (402/503) — before anything is sent to a provider.
 
 When is a request charged? Once a provider has taken on the work: a non-streamed answer that came
-back, or a stream the provider opened — then the client pays even if it leaves before the first
-token (the provider's work was done); a stream that ends or breaks before any content was
-delivered to the client is released, as is everything no provider accepted. A client that leaves
-cancels the upstream call at once.
+back, a stream the provider opened, or — should the client leave before either — a request whose
+whole prompt was handed to a provider's connection (its prefill is paid for, whoever waits for the
+answer); a stream that ends or breaks before any content was delivered to the client is released,
+as is everything no provider accepted and a provider's failure. A client that leaves cancels the
+upstream call at once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ciris_proxy.errors import ApiError
 from ciris_proxy.gate import Authorisation, CreditGate
 from ciris_proxy.journal import Journal
 from ciris_proxy.settings import Settings
-from ciris_proxy.upstream import Target, Upstreams
+from ciris_proxy.upstream import Target, Upstreams, delivering
 
 log = logging.getLogger("ciris_proxy")
 JSON = (b"content-type", b"application/json")
@@ -247,22 +248,29 @@ class App:
         if auth is not None:
             self.gate.settle(auth, capture)
 
-    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
+    async def call_upstream(self, target: Target, params: dict, stream: bool, key: str | None,
+                            auth: Authorisation | None):
+        """The provider's answer (or opened stream). Should the client leave first (this task is
+        cancelled), the call is charged if a provider already had the whole prompt — its prefill is
+        done, whoever waits for the answer — and released otherwise; a provider's failure is released."""
+        delivery = delivering()
         try:
-            response = await self.upstreams.complete(target, params, stream=False, key=key)
-        except BaseException:  # no answer (or the client left before it): nothing was delivered
+            return await self.upstreams.complete(target, params, stream=stream, key=key)
+        except asyncio.CancelledError:
+            self.settle(auth, capture=delivery.sent)
+            raise
+        except BaseException:  # no provider did the work
             self.settle(auth, capture=False)
             raise
+
+    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
+        response = await self.call_upstream(target, params, False, key, auth)
         self.settle(auth, capture=True)  # the answer exists: the provider's work is done
         response.model = target.name  # the exposed name, whichever provider answered
         await send_json(send, 200, response.model_dump_json().encode())
 
     async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
-        try:
-            chunks = await self.upstreams.complete(target, params, stream=True, key=key)
-        except BaseException:
-            self.settle(auth, capture=False)
-            raise
+        chunks = await self.call_upstream(target, params, True, key, auth)
         delivered = False  # any content (text or a tool call) went out to the client: charged from then on
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE)})
