@@ -193,10 +193,17 @@ class App:
             if key:
                 raise ApiError(400, "X-Provider-Key is only for openai/<model> and anthropic/<model>",
                                code="provider_key_not_allowed")
-            auth = await self.gate.authorise(user, str(uuid.uuid4()))
+            interaction = req.metadata.interaction_id if req.metadata else None
+            auth = await self.gate.authorise(user, str(uuid.uuid4()), interaction)
             metrics.REQUESTS.labels("paid").inc()
         serve = self.stream if req.stream else self.answer
-        await self.until_client_leaves(serve(send, target, params, key, auth), receive)
+        # Tokens a call used count toward its interaction window's budget: the provider's usage, or
+        # (a stream without it, a client that left) ~4 bytes a token of the body and a token a chunk.
+        used = Usage(auth, len(body) // 4)
+        try:
+            await self.until_client_leaves(serve(send, target, params, key, auth, used), receive)
+        finally:
+            used.count(self.gate)  # a call that failed or was left: counted as far as it got
 
     def vision_target(self, model: str) -> Target:
         """A text-only model was asked about images: the configured model that can see answers."""
@@ -263,19 +270,22 @@ class App:
             self.settle(auth, capture=False)
             raise
 
-    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
+    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None, used: "Usage"):
         response = await self.call_upstream(target, params, False, key, auth)
         self.settle(auth, capture=True)  # the answer exists: the provider's work is done
+        used.reported(response)
+        used.count(self.gate)  # before the client has the answer (and can send its next call)
         response.model = target.name  # the exposed name, whichever provider answered
         await send_json(send, 200, response.model_dump_json().encode())
 
-    async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
+    async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None, used: "Usage"):
         chunks = await self.call_upstream(target, params, True, key, auth)
         delivered = False  # any content (text or a tool call) went out to the client: charged from then on
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE)})
             async for chunk in chunks:
                 chunk.model = target.name
+                used.chunk(chunk)
                 if not delivered and _has_content(chunk):
                     # Charged as the first content goes out, not at the end: a proxy that dies
                     # mid-stream has still answered (and a client that leaves now still pays).
@@ -300,7 +310,31 @@ class App:
                 self.settle(auth, capture=False)  # the stream ended with nothing for the client
         finally:
             await _close(chunks)
+        used.count(self.gate)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+class Usage:
+    """The tokens one call used, for its interaction window's budget (gate.spent)."""
+
+    def __init__(self, auth: Authorisation | None, estimate: int):
+        self.auth, self.tokens, self.exact = auth, estimate, False
+
+    def count(self, gate: CreditGate) -> None:
+        """Once: the tokens go to the window's budget."""
+        if self.auth is not None:
+            gate.spent(self.auth, self.tokens)
+            self.auth = None
+
+    def reported(self, response) -> None:
+        total = getattr(getattr(response, "usage", None), "total_tokens", None)
+        if isinstance(total, int) and total >= 0:
+            self.tokens, self.exact = total, True
+
+    def chunk(self, chunk) -> None:
+        self.reported(chunk)  # the last chunk carries usage when the client asked for it
+        if not self.exact and _has_content(chunk):
+            self.tokens += 1
 
 
 def _has_content(chunk) -> bool:
