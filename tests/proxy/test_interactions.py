@@ -7,6 +7,7 @@ the fake upstreams (whose answers report 8 tokens)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import httpx
 from components import postgres_config as pgc
 from tests.billing.conftest import SERVICE
 from tests.proxy.conftest import MODEL, balance, chat, holds, new_user, total_requests, user_token
-from tests.proxy.test_settling import start_proxy  # noqa: F401  (fixture)
+from tests.proxy.test_settling import in_flight, start_proxy  # noqa: F401  (start_proxy: a fixture)
 from tests.proxy.test_standin import PRICE, burst, metric, own_billing, run, settled_and_reconciled, until  # noqa: F401
 
 
@@ -176,3 +177,30 @@ def test_an_interaction_during_a_billing_outage_is_stood_in_and_settled_once(sta
     own_billing.start()
     settled_and_reconciled(p, own_billing, cluster, api, {user: 100 - 2 * PRICE})
     assert charges(cluster, user) == [("capture", PRICE), ("forced", PRICE)]
+
+
+def test_killed_with_an_interactions_first_call_in_flight_the_restart_releases_it_and_walks_on(
+        start_proxy, billing, api, cluster, upstreams):
+    """The window's placement was in flight when the proxy died: the restart voids it (no call was
+    answered, nothing is charged), and the interaction's next call skips the released key and pays
+    the next window once."""
+    p = start_proxy(billing.url, HOLD_TTL_SECONDS="600")
+    user = new_user(api, 100)
+    tok, ix = user_token(user), f"ix-{uuid.uuid4()}"
+    for u in upstreams.values():
+        u.control(accept_delay=30.0)
+    calls = in_flight(p, tok, 3, metadata={"interaction_id": ix})
+    until(lambda: balance(api, user) == 100 - PRICE, 20, "the window's hold")  # one hold for the three calls
+    p.proc.send_signal(signal.SIGKILL)
+    p.proc.wait(10)
+    assert all(f.result(timeout=30) != 200 for f in calls)
+    for u in upstreams.values():
+        u.control(reset=True)
+    p.start()
+    until(lambda: balance(api, user) == 100, 10, "the void of the in-flight window")
+    with httpx.Client(base_url=p.url, timeout=60) as c:
+        assert [ichat(c, tok, ix).status_code for _ in range(3)] == [200] * 3
+    assert metric(p, "ciris_proxy_interaction_windows_total", 'outcome="skipped"') == 1
+    assert holds(cluster, user) == [("released", PRICE), ("captured", PRICE)]
+    settled_and_reconciled(p, billing, cluster, api, {user: 100 - PRICE})
+

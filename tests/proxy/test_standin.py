@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import Billing
+from tests.billing.conftest import Billing, run
 from tests.postgres.conftest import free_port
 from tests.proxy.conftest import (
     MODEL, PAYLOAD, PROXY_PYTHON, Proxy, balance, chat, new_user, proxy_env, total_requests, user_token,
@@ -54,15 +54,6 @@ def metric(proxy: Proxy, name: str, labels: str = "") -> float:
     text = httpx.get(f"{proxy.url}/metrics", timeout=10).text
     m = re.search(rf"^{re.escape(name)}{re.escape('{' + labels + '}' if labels else '')} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def run(coro):
-    """`coro` to its end on a loop of its own (not asyncio.run: it would leave the thread without a loop)."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def burst(proxy: Proxy, tokens: list[str], **extra) -> list[int]:
