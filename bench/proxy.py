@@ -12,6 +12,12 @@ its rounds, so load that other work puts on the machine meanwhile falls on all t
 Load comes from wrk (Debian package `wrk`); bridge requests rotate over `--users` users (billing
 serialises one user's holds). Everything shares this machine's 2 cores.
 
+The first line also gives an agent-shaped interaction through the bridge: `--interactions`
+interactions of 20 calls sharing one `metadata.interaction_id` (one charge), sent 1 and 16 at a
+time: the median latency added over a direct call to the upstream (at the same concurrency) of an
+interaction's first call (its window's one billing round trip) and of its follow-up calls (no
+billing: straight to the provider).
+
 A second line: the bridge during a billing outage. After the rounds billing is stopped and the
 same bridge (which knows every user's balance from the rounds) serves on stand-in authorisation
 (caps raised for the bench; each call journals its advice, fsync'd twice), next to its normal
@@ -21,6 +27,7 @@ figures from the rounds; then billing comes back and the run checks every advice
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -127,6 +135,43 @@ def owed(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ciris_proxy_owed{"))
 
 
+INTERACTION_CALLS = 20  # an agent interaction's calls (the CIRIS agent makes 12-70)
+
+
+async def interaction_latencies(url: str, tokens: list[str], clients: int, interactions: int,
+                                agent: bool) -> tuple[list[float], list[float]]:
+    """Milliseconds of each interaction's first call and of its follow-ups, `clients` at a time
+    (the first is always sent first). `agent`: with a metadata.interaction_id, as the agent sends."""
+    firsts, follow_ups = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients)) as c:
+        for i in range(interactions):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            if agent:
+                body["metadata"] = {"interaction_id": f"bench-{uuid.uuid4()}"}
+            headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}
+            gate = asyncio.Semaphore(clients)
+
+            async def call(k: int) -> None:
+                async with gate:
+                    started = time.perf_counter()
+                    r = await c.post("/v1/chat/completions", json=body, headers=headers)
+                    (firsts if k == 0 else follow_ups).append((time.perf_counter() - started) * 1000)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"an interaction's call answered HTTP {r.status_code}")
+
+            await asyncio.gather(*(call(k) for k in range(INTERACTION_CALLS)))
+    return firsts, follow_ups
+
+
+def interaction_added(direct: tuple[str, list[str]], bridge: tuple[str, list[str]], clients: int,
+                      interactions: int) -> tuple[float, float]:
+    """The median ms a first call and a follow-up call add over a direct call at this concurrency."""
+    d_first, d_rest = asyncio.run(interaction_latencies(*direct, clients, interactions, agent=False))
+    b_first, b_rest = asyncio.run(interaction_latencies(*bridge, clients, interactions, agent=True))
+    base = statistics.median(d_first + d_rest)
+    return statistics.median(b_first) - base, statistics.median(b_rest) - base
+
+
 def main() -> int:
     # The proxy itself no longer needs LiteLLM's proxy server; its baseline here does.
     if subprocess.run([sys.executable, "-c", "import litellm.proxy.proxy_server"], capture_output=True,
@@ -138,6 +183,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--interactions", type=int, default=30, help="agent interactions of 20 calls, per concurrency")
     args = parser.parse_args()
     root, tls = workspace()
     cluster = init_primary(root, tls[PRIMARY_ADDR], replicas=())
@@ -175,6 +221,9 @@ def main() -> int:
             results[c] = {name: tuple(statistics.median(r[name][i] for r in rounds) for i in range(len(rounds[0][name])))
                           for name in targets}
         rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
+        tokens = [mint("user", u, exp=int(time.time()) + 86_400) for u in users]
+        interaction = {c: interaction_added((upstream.url, ["upstream"]), (bridge.url, tokens), c, args.interactions)
+                       for c in args.clients}
         url, script, _ = targets["bridge"]
         billing.stop()
         outage = {c: measure(url, script, c, args.seconds, (bridge.proc.pid,)) for c in args.clients}
@@ -201,7 +250,9 @@ def main() -> int:
             f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
             f"(+ billing {billing_cpu:.1f}, PostgreSQL {pg_cpu:.1f}) (p50/p99 added), bridge/bare {g_rps / b_rps:.2f} "
             f"in throughput, {g_cpu / b_cpu:.2f} in proxy CPU/req, bare/direct {b_rps / d_rps:.2f}")
-    print("proxy chat completion: " + " | ".join(parts) + f" | {rss}")
+    agent = ", ".join(f"c={c} first +{first:.1f} ms, follow-up +{rest:.1f} ms" for c, (first, rest) in interaction.items())
+    print("proxy chat completion: " + " | ".join(parts) + f" | {rss} | agent interaction of {INTERACTION_CALLS} calls "
+          f"(median added over direct): {agent}")
     parts = []
     for c, (o_rps, o50, o99, o_cpu) in outage.items():
         g_rps, g50, g99, g_cpu = results[c]["bridge"][:4]

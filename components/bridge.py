@@ -94,6 +94,8 @@ def build(config: BridgeConfig) -> Bridge:
             aliases=config.services.proxy_model_aliases,
             vision_model=config.services.proxy_vision_model,
             output_caps=config.services.proxy_output_caps,
+            interactions={name: getattr(config.services, f"proxy_interaction_{name}")
+                          for name in ("window_seconds", "max_calls", "max_tokens")},
         ),
     )
     nodes = [*([witness] if witness else []), *regions]

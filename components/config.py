@@ -178,6 +178,15 @@ class Services(_Model):
         default=None, description="most output tokens one request buys, by proxy model; more asked is lowered to it"
     )
 
+    # One charge per agent interaction (README "Proxy": interactions, ADR 8). None: the payload's defaults
+    # (a window of 300 s, 80 calls and 1,000,000 tokens per region).
+    proxy_interaction_window_seconds: int | None = Field(
+        default=None, ge=1, le=86_400, description="an interaction's calls within this many seconds of its first share one charge")
+    proxy_interaction_max_calls: int | None = Field(
+        default=None, ge=1, le=100_000, description="calls one interaction charge buys per region; the next starts a new charge")
+    proxy_interaction_max_tokens: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="tokens one interaction charge buys per region; past them a new charge")
+
     @model_validator(mode="after")
     def _proxy_models_exist(self) -> "Services":
         if self.proxy_model_aliases is self.proxy_vision_model is self.proxy_output_caps is None:

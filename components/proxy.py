@@ -66,6 +66,13 @@ class ProxyArgs:
     aliases: dict[str, str] | None = None
     vision_model: str | None = None
     output_caps: dict[str, int] | None = None
+    # services.proxy_interaction_*: the proxy's INTERACTION_* environment (None: the payload's defaults).
+    interactions: dict[str, int | None] = field(default_factory=dict)
+
+
+def interaction_env(interactions: dict[str, int | None]) -> dict[str, int]:
+    """INTERACTION_WINDOW_SECONDS, INTERACTION_MAX_CALLS, INTERACTION_MAX_TOKENS, for those set."""
+    return {f"INTERACTION_{name.upper()}": value for name, value in interactions.items() if value is not None}
 
 
 class Proxy(pulumi.ComponentResource):
@@ -100,6 +107,7 @@ class Proxy(pulumi.ComponentResource):
                     **{var: args.secrets.get(key) or "" for key, var in PROVIDER_SECRETS.items()},
                     **fake,
                     "PRICE_PER_INTERACTION_CENTS": args.price_per_interaction_cents,
+                    **interaction_env(args.interactions),
                     "MAX_BODY_BYTES": MAX_BODY_BYTES,  # the edge refuses larger bodies first
                     "PROXY_CONFIG": CONFIG_PATH,
                     "HOST": "0.0.0.0",

@@ -122,6 +122,29 @@ def test_hold_capture_partial_returns_the_rest(api):
     assert items[0]["type"] == "capture" and items[0]["amount"] == -12
 
 
+def test_a_replayed_hold_says_what_became_of_it_and_how_old_it_is(api):
+    """Two proxies placing one interaction window's hold under one key (ADR 8) learn from the
+    replay whether it is still active, captured or released, and its age by billing's clock."""
+    import time
+
+    user = new_user(api, 100)
+    body = {"user_id": user, "amount": 5, "idempotency_key": "ix:w:0", "ttl_seconds": 600}
+    first = api.post("/v1/credits/holds", json=body, headers=SERVICE).json()
+    assert (first["status"], first["age_seconds"], first["replayed"]) == ("active", 0.0, False)
+    time.sleep(0.3)
+    again = api.post("/v1/credits/holds", json=body, headers=SERVICE)
+    assert again.status_code == 201
+    doc = again.json()
+    assert (doc["hold_id"], doc["status"], doc["replayed"]) == (first["hold_id"], "active", True)
+    assert 0.25 <= doc["age_seconds"] < 10
+    assert api.post(f"/v1/credits/holds/{first['hold_id']}/capture", headers=SERVICE).status_code == 200
+    assert api.post("/v1/credits/holds", json=body, headers=SERVICE).json()["status"] == "captured"
+    other = api.post("/v1/credits/holds", json={**body, "idempotency_key": "ix:w:1"}, headers=SERVICE).json()
+    api.post(f"/v1/credits/holds/{other['hold_id']}/release", headers=SERVICE)
+    assert api.post("/v1/credits/holds", json={**body, "idempotency_key": "ix:w:1"}, headers=SERVICE).json()["status"] == "released"
+    assert balance(api, user) == 95
+
+
 def test_hold_release_is_idempotent_and_not_capturable_after(api):
     user = new_user(api, 50)
     hold = api.post("/v1/credits/holds", json={"user_id": user, "amount": 50, "idempotency_key": "h"}, headers=SERVICE).json()["hold_id"]

@@ -129,7 +129,18 @@ def test_the_proxys_models_are_config(production):
     assert caps["llama-3.1-8b"] == 1000 and caps["llama-3.3-70b"] == 8192  # the others keep theirs
 
 
+def test_the_interaction_window_and_budgets_are_config(production):
+    """services.proxy_interaction_* reach the proxy's environment; unset, the payload's defaults."""
+    assert not any(k.startswith("INTERACTION_") for k in env_of(deployed_bundle(production, "us-east")["proxy/env"][1]))
+    raw, secret_keys = stack_raw("staging")
+    raw["ciris-bridge:services"] = {**raw.get("ciris-bridge:services", {}), "proxy_interaction_window_seconds": 600,
+                                    "proxy_interaction_max_calls": 40, "proxy_interaction_max_tokens": 500000}
+    env = env_of(deployed_bundle(plan.run("staging", raw, secret_keys), "us-east")["proxy/env"][1])
+    assert (env["INTERACTION_WINDOW_SECONDS"], env["INTERACTION_MAX_CALLS"], env["INTERACTION_MAX_TOKENS"]) == ("600", "40", "500000")
+
+
 @pytest.mark.parametrize("setting, text", [
+    ({"proxy_interaction_max_calls": 0}, "greater than or equal to 1"),
     ({"proxy_model_aliases": {"default": "gpt-9"}}, "names no model: gpt-9"),
     ({"proxy_vision_model": "llama-3.3-70b"}, "does not take images"),
     ({"proxy_output_caps": {"llama-3.3-70b": 0}}, "greater than or equal to 1"),

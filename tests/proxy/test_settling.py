@@ -94,14 +94,15 @@ def test_entries_billing_keeps_refusing_hold_up_no_other(start_proxy, billing, a
     assert metric(p, "ciris_proxy_capture_retries_total") >= 128
 
 
-def in_flight(proxy: Proxy, token: str, n: int, stream: bool = False) -> list:
-    """`n` paid calls sent in threads; their futures (the proxy may die under them)."""
+def in_flight(proxy: Proxy, token: str, n: int, **extra) -> list:
+    """`n` paid calls sent in threads; their futures (the proxy may die under them). `extra`: more
+    of the request body (an interaction's metadata)."""
     pool = ThreadPoolExecutor(n)
 
     def call():
         try:
             with httpx.Client(base_url=proxy.url, timeout=60) as c:
-                return chat(c, token, stream=stream).status_code
+                return chat(c, token, **extra).status_code
         except httpx.TransportError as e:
             return type(e).__name__
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from components import postgres_config as pgc
-from tests.billing.conftest import Billing
+from tests.billing.conftest import Billing, run
 from tests.postgres.conftest import free_port
 from tests.proxy.conftest import (
     MODEL, PAYLOAD, PROXY_PYTHON, Proxy, balance, chat, new_user, proxy_env, total_requests, user_token,
@@ -56,19 +56,16 @@ def metric(proxy: Proxy, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def burst(proxy: Proxy, tokens: list[str]) -> list[int]:
+def burst(proxy: Proxy, tokens: list[str], **extra) -> list[int]:
+    """One call per token, all at once; `extra`: more of the request body (an interaction's metadata)."""
     async def go():
         async with httpx.AsyncClient(base_url=proxy.url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
             rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {t}"})
                                         for t in tokens))
             return [r.status_code for r in rs]
 
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(go())
-    finally:
-        loop.close()
+    return run(go())
 
 
 def until(predicate, timeout: float, what: str) -> None:
@@ -113,7 +110,7 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
     for u in upstreams.values():
         u.control(accept_delay=2.0)
 
-    # (A third caller leaves before any answer: its hold's release is owed, and it pays nothing.)
+    # (A third caller leaves before any answer, after the provider had its prompt: it pays too.)
     async def in_flight():
         body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
         auth = {"Authorization": f"Bearer {tokens[late]}"}
@@ -126,13 +123,9 @@ def test_billing_stopped_past_the_hold_ttl_and_the_proxy_killed(standin_proxy, o
                 await left
             return [(await t).status_code for t in tasks]
 
-    loop = asyncio.new_event_loop()
-    try:
-        assert loop.run_until_complete(in_flight()) == [200, 200]
-    finally:
-        loop.close()
-    spent[late] += 2 * PRICE
-    assert metric(p, "ciris_proxy_owed", 'kind="release"') == 1
+    assert run(in_flight()) == [200, 200]
+    spent[late] += 3 * PRICE
+    assert metric(p, "ciris_proxy_owed", 'kind="capture"') == 3
     for u in upstreams.values():
         u.control(reset=True)
 

@@ -1,7 +1,7 @@
 """Streamed completions and when a request is charged (server.py's rule): once a provider has taken
-the work on — an answer returned, or a stream opened — the client pays, even if it leaves before the
-first token; a stream that breaks before any content, and anything no provider accepted, is released.
-A client that leaves cancels the upstream call."""
+the work on — an answer returned, a stream opened, or the whole prompt handed to it — the client pays,
+even if it leaves before the first token; a stream that breaks before any content, and anything no
+provider accepted, is released. A client that leaves cancels the upstream call."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def read_stream(client, user: str, body: dict) -> list[dict]:
     return events
 
 
-def leave_early(proxy, upstream, user: str, body: dict) -> None:
+def leave_early(proxy, upstream, user: str, body: dict, wait: float = 0.3) -> None:
     """Send the request on a raw socket and hang up once it has reached the upstream."""
     data = json.dumps(body).encode()
     url = urlsplit(proxy.url)
@@ -43,7 +43,7 @@ def leave_early(proxy, upstream, user: str, body: dict) -> None:
         while upstream.requests == before:
             assert time.time() < deadline, "the request never reached the upstream"
             time.sleep(0.05)
-        time.sleep(0.3)
+        time.sleep(wait)
 
 
 def wait_cancelled(upstream, before: int) -> None:
@@ -75,14 +75,19 @@ def test_client_leaving_after_the_provider_opened_the_stream_pays_and_cancels_it
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_leaving_before_any_provider_answered_costs_nothing_and_cancels_the_call(proxy, api, cluster, upstreams, stream):
+def test_client_leaving_once_a_provider_has_the_prompt_pays_and_cancels_the_call(proxy, api, cluster, upstreams, stream):
+    """A 200 kB prompt handed to the provider and abandoned 0.7 s later, before any answer: the
+    provider did the prefill, so the price is due (issue #24); the upstream call is cancelled."""
     upstream = upstreams["together"]
     upstream.control(accept_delay=5.0)
     user, cancelled = new_user(api, 15), upstream.stats()["cancelled"]
-    leave_early(proxy, upstream, user, stream_body(stream=stream))
+    body = stream_body(stream=stream, messages=[{"role": "user", "content": "x" * 200_000}])
+    started = time.time()
+    leave_early(proxy, upstream, user, body, wait=0.7)
+    assert time.time() - started < 5  # the client left long before any answer
     wait_cancelled(upstream, cancelled)
-    assert holds(cluster, user, timeout=15) == [("released", PRICE)]
-    assert balance(api, user) == 15
+    assert holds(cluster, user, timeout=15) == [("captured", PRICE)]
+    assert balance(api, user) == 15 - PRICE
 
 
 def test_stream_that_breaks_after_content_is_charged(client, api, cluster, upstreams):

@@ -159,6 +159,9 @@ CAPTURE = "SELECT outcome, transaction_id, balance, detail FROM billing_capture(
 RELEASE = "SELECT outcome, status, balance FROM billing_release(%s)"
 FORCE = "SELECT outcome, transaction_id, balance, taken, shortfall FROM billing_force(%s, %s, %s, %s, %s, %s)"
 VOID = "SELECT outcome, status, balance FROM billing_void(%s, %s, %s)"
+# A hold's status as reads see it (active past its expiry: expired) and its age by the database's clock.
+HOLD_STATE = """SELECT CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END,
+                       extract(epoch FROM now() - created_at) FROM holds WHERE id = %s"""
 REUSED = "idempotency_key was already used with a different request"
 
 
@@ -210,7 +213,14 @@ def _keyed(outcome: str, balance: int, amount: int, answer: dict) -> dict:
 async def place_hold(conn, user_id: uuid.UUID, amount: int, key: str, ttl_seconds: int) -> dict:
     req = chain.request_hash("hold", amount=amount, ttl_seconds=ttl_seconds)
     outcome, hold_id, balance = await call(conn, HOLD, (user_id, amount, key, req, ttl_seconds, uuid.uuid4()))
-    return _keyed(outcome, balance, amount, {"hold_id": str(hold_id)})
+    answer = _keyed(outcome, balance, amount, {"hold_id": str(hold_id)})
+    if outcome == "replayed":  # what became of it since: a caller sharing one hold under a key needs to know
+        cur = await conn.execute(HOLD_STATE, (hold_id,))
+        answer["status"], age = await cur.fetchone()
+        answer["age_seconds"] = float(age)
+    else:
+        answer["status"], answer["age_seconds"] = "active", 0.0
+    return answer
 
 
 async def capture(conn, hold_id: uuid.UUID, amount: int | None, force: bool = False) -> dict:

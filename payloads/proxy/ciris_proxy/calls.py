@@ -2,6 +2,7 @@
 (`python -m ciris_proxy reconcile`). Ids, the user and the outcome only, never request content:
 
     {"call": c, "user": u, "at": unix seconds, "via": "hold" | "standin" | "none", "hold": id | null, "answered": bool}
+    ... and "window": <key> for a call of an agent interaction (its window's charge is under that key)
 
 One file per UTC day beside the journal (calls-YYYY-MM-DD.jsonl); files older than `days` are
 deleted when a new day's file is opened. Not fsync'd, and best effort: it is an audit aid, the journal
@@ -30,9 +31,11 @@ class CallLog:
         os.makedirs(directory, exist_ok=True)
         self.day, self.fd = "", -1
 
-    def record(self, call: str, user: str, via: str, hold: str | None, answered: bool) -> None:
+    def record(self, call: str, user: str, via: str, hold: str | None, answered: bool, window: str | None = None) -> None:
         now = time.time()
         line = {"call": call, "user": user, "at": round(now, 3), "via": via, "hold": hold, "answered": answered}
+        if window:
+            line["window"] = window
         try:
             day = dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%d")
             if day != self.day:

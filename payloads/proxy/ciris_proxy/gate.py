@@ -36,13 +36,52 @@ SETTLED, KEPT, AWAY = "settled", "kept", "away"  # what posting one journal entr
 UNAVAILABLE = "billing is unavailable, so nothing was sent upstream and nothing charged; retry shortly or use the other region"
 
 
+WALK = 1000  # window keys one call may look at before giving up (a 503): ~1000 windows of one interaction id
+KEEP_SECONDS = 3600  # an interaction idle this long is forgotten (its next call walks billing's keys again)
+FORCED_WINDOW = "an interaction window answered after its hold was released"
+
+
+class KeyTaken(ApiError):
+    """Billing answered 409 to a hold placement: the key holds a void row or another request's hold."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "billing refused the credit check (HTTP 409); nothing was sent upstream",
+                         code="billing_unavailable")
+
+
 @dataclass
 class Authorisation:
-    """How one paid call was authorised: a hold billing placed, or (hold_id None) a stand-in advice."""
+    """How one paid call was authorised: a hold billing placed, or (hold_id None) a stand-in advice;
+    `window` for a call of an agent interaction (its window's charge authorises it)."""
     call: str
     user: str
     amount: int
     hold_id: str | None = None
+    window: "Window | None" = None
+    replayed: bool = False  # billing had the hold's key already: its status and age say what became of it
+    status: str = "active"
+    age: float = 0.0
+
+
+@dataclass
+class Window:
+    """One charge of an agent interaction, as this process knows it (README "Proxy": interactions).
+    `key` names the charge at billing (`ix:<user>:<interaction>:<n>`); `placed`: this process placed
+    it (or stood in for it), so it releases it should none of its calls here be answered."""
+    user: str
+    interaction: str
+    n: int
+    key: str
+    auth: Authorisation  # the window's hold (or stand-in advice): call = key
+    started: float  # time.monotonic() of the window's start, as billing recorded it
+    placed: bool
+    answered: bool = False  # a call of it was answered (here, or -- captured -- in another region)
+    calls: int = 0
+    tokens: int = 0
+    inflight: int = 0
+    closed: bool = False  # released (nothing answered): the next call looks at `resume` onwards
+    resume: int = 0
+    used: float = 0.0  # monotonic time of its last call
 
 
 class CreditGate:
@@ -55,6 +94,9 @@ class CreditGate:
                 self._expose(entry["user"], entry["amount"])
         for e in journal.abandoned:  # calls the last process never finished: not answered, so not charged
             calls.record(e["call"], e["user"], "hold" if e["op"] == "inflight" else "standin", e.get("hold"), False)
+        # (user, interaction id) -> its current window, or a future while a call places it
+        self.windows: dict[tuple[str, str], Window | asyncio.Future] = {}
+        self._pruned = time.monotonic()
         self.tasks: set[asyncio.Task] = set()
         self.failing = False  # the last hold placement failed: billing cannot write
         self._ready: tuple[float, bool] = (float("-inf"), False)  # (when billing's health was asked, its answer)
@@ -121,10 +163,18 @@ class CreditGate:
 
     # --- authorising a paid call ---
 
-    async def authorise(self, user: str, call: str) -> Authorisation:
-        """A hold for one paid call (`call` is its idempotency key), or a stand-in authorisation
-        while billing cannot place one; otherwise the error to answer (402, 401, 503)."""
-        price, key = self.settings.price_per_interaction_cents, f"proxy:{call}"
+    async def authorise(self, user: str, call: str, interaction: str | None = None) -> Authorisation:
+        """What lets one paid call (`call`: its id, made by the proxy) go upstream: its own hold, or
+        for a call of an agent interaction its window's; a stand-in authorisation while billing cannot
+        place one; otherwise the error to answer (402, 401, 503)."""
+        if interaction is None:
+            metrics.INTERACTION_CALLS.labels("single").inc()
+            return await self._authorise(user, call, f"proxy:{call}")
+        return await self._in_window(user, call, interaction)
+
+    async def _authorise(self, user: str, call: str, key: str) -> Authorisation:
+        """A hold under `key` (idempotent), or a stand-in advice for `call`."""
+        price = self.settings.price_per_interaction_cents
         # In flight until settle() writes the outcome: should the process die first, the next start
         # voids the placement by its key, which releases the hold at once instead of locking the
         # user's credit for the hold's TTL. Marked before placing, as billing may commit the hold
@@ -142,9 +192,101 @@ class CreditGate:
             self._void(user, key, price)
             self.journal.settled(mark)
             raise
-        if auth.hold_id is None:
-            self.journal.settled(mark)  # stood in: the advice now stands for the call
+        if auth.hold_id is None or auth.replayed:
+            # Stood in (the advice now stands for the call), or the key's hold existed already (it is
+            # not this call's to void should the process die: whoever placed it settles it).
+            self.journal.settled(mark)
         return auth
+
+    # --- agent interactions: one charge per window ---
+
+    def _current(self, w: Window, now: float) -> bool:
+        s = self.settings.interactions
+        return (not w.closed and now - w.started < s.window_seconds and w.calls < s.max_calls
+                and w.tokens < s.max_tokens)
+
+    async def _in_window(self, user: str, call: str, interaction: str) -> Authorisation:
+        """A call of an interaction: straight through on its current window (no billing call), or,
+        for the first call of a window, the window's charge -- one billing round trip, or a walk over
+        the keys another region or an earlier process placed. Calls arriving meanwhile wait for it."""
+        ikey = (user, interaction)
+        while True:
+            now = time.monotonic()
+            entry = self.windows.get(ikey)
+            if isinstance(entry, asyncio.Future):  # another call of it is placing the window's charge
+                await asyncio.shield(entry)
+                continue
+            if entry is not None and self._current(entry, now):
+                metrics.INTERACTION_CALLS.labels("followup").inc()
+                return self._join(entry, call, now)
+            break
+        start = 0 if entry is None else (entry.resume if entry.closed else entry.n + 1)
+        placing = asyncio.get_running_loop().create_future()
+        self.windows[ikey] = placing
+        try:
+            w = await self._open_window(user, interaction, start, call)
+        except BaseException:
+            if entry is None:
+                self.windows.pop(ikey, None)
+            else:
+                self.windows[ikey] = entry
+            raise
+        finally:
+            placing.set_result(None)
+        self.windows[ikey] = w
+        self._prune(now)
+        metrics.INTERACTION_CALLS.labels("first").inc()
+        return self._join(w, call, time.monotonic())
+
+    def _join(self, w: Window, call: str, now: float) -> Authorisation:
+        w.calls += 1
+        w.inflight += 1
+        w.used = now
+        return Authorisation(call, w.user, w.auth.amount, w.auth.hold_id, window=w)
+
+    async def _open_window(self, user: str, interaction: str, n: int, call: str) -> Window:
+        """The window's charge: walk the keys from `n`. A key billing has not seen is placed here (the
+        window starts now); one whose hold is active or captured and younger than the window is the
+        current window (another region's, or an earlier process's: paid, no new charge); one
+        released, expired, void or past its window is skipped."""
+        window = self.settings.interactions.window_seconds
+        for n in range(n, n + WALK):
+            key = f"ix:{user}:{interaction}:{n}"
+            try:
+                auth = await self._authorise(user, key, key)
+            except KeyTaken:
+                metrics.WINDOWS.labels("skipped").inc()
+                continue
+            if auth.hold_id is None:
+                metrics.WINDOWS.labels("stood_in").inc()
+            elif not auth.replayed:
+                metrics.WINDOWS.labels("placed").inc()
+            elif auth.status in ("active", "captured") and auth.age < window:
+                metrics.WINDOWS.labels("joined").inc()
+            else:
+                metrics.WINDOWS.labels("skipped").inc()
+                continue
+            w = Window(user, interaction, n, key, auth, time.monotonic() - auth.age,
+                       placed=not auth.replayed, answered=auth.status == "captured")
+            return w
+        log.error("an interaction has more than %d windows to walk; refused", WALK)
+        self.calls.record(call, user, "none", None, False)
+        raise ApiError(503, "this interaction_id has been used for too long: start a new interaction",
+                       code="billing_unavailable")
+
+    def _prune(self, now: float) -> None:
+        """Forget interactions idle past KEEP_SECONDS (every minute at most)."""
+        if now - self._pruned < 60:
+            return
+        self._pruned = now
+        for k, w in list(self.windows.items()):
+            if isinstance(w, Window) and w.inflight == 0 and now - w.used > KEEP_SECONDS:
+                del self.windows[k]
+
+    def spent(self, auth: Authorisation | None, tokens: int) -> None:
+        """A finished call's tokens (prompt and completion) count toward its window's budget."""
+        if auth is not None and auth.window is not None:
+            auth.window.tokens += max(tokens, 0)
 
     async def _place(self, user: str, call: str, price: int, key: str) -> Authorisation:
         s = self.settings
@@ -160,10 +302,15 @@ class CreditGate:
             self._void(user, key, price)
             return self._stand_in(user, call, type(e).__name__)
         if status == 201:
-            metrics.HOLDS.labels("placed").inc()
+            metrics.HOLDS.labels("replayed" if doc.get("replayed") else "placed").inc()
             self._billing_failing(False)
             self._known(user, doc.get("balance"))
-            return Authorisation(call, user, price, doc["hold_id"])
+            return Authorisation(call, user, price, doc["hold_id"], replayed=bool(doc.get("replayed")),
+                                 status=doc.get("status", "active"), age=float(doc.get("age_seconds") or 0.0))
+        if status == 409:
+            metrics.HOLDS.labels("key_taken").inc()
+            self._billing_failing(False)
+            raise KeyTaken()
         if status == 402:
             metrics.HOLDS.labels("insufficient").inc()
             self._billing_failing(False)
@@ -231,6 +378,32 @@ class CreditGate:
     def settle(self, auth: Authorisation, answered: bool) -> None:
         """The call's one outcome: charged if answered, otherwise nothing. Journaled first (the money);
         the call log after it is best effort (calls.py)."""
+        if auth.window is not None:
+            return self._settle_in_window(auth, answered)
+        self._settle(auth, answered)
+        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered)
+
+    def _settle_in_window(self, auth: Authorisation, answered: bool) -> None:
+        """A window is charged once, when the first of its calls here is answered (a capture under
+        `hold:<id>` is idempotent, so a second region capturing the same hold is harmless); it is
+        settled as unanswered -- released, or its advice dropped -- only by the process that placed
+        it, once none of its calls is in flight and none was answered."""
+        w = auth.window
+        w.inflight -= 1
+        if answered and not w.answered:
+            w.answered = True
+            self._settle(w.auth, True, mark=w.placed)
+        elif not w.answered and w.inflight == 0 and not w.closed:
+            w.closed = True
+            w.resume = w.n + 1 if w.placed else w.n  # a joined window's hold may still be answered elsewhere
+            if w.placed:
+                self._settle(w.auth, False)
+        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered,
+                          window=w.key)
+
+    def _settle(self, auth: Authorisation, answered: bool, mark: bool = True) -> None:
+        """Journal a hold's capture or release, or settle a stand-in advice; `mark`: the in-flight
+        mark of its placement is this process's to drop."""
         if auth.hold_id is None:  # stand-in: the advice is in the journal already
             entry = f"advice:{auth.call}"
             if answered:
@@ -240,12 +413,15 @@ class CreditGate:
                 self._expose(auth.user, -auth.amount)
         else:  # the outcome (naming the call) first, then the in-flight mark: a crash between leaves the outcome
             if answered:
-                self.journal.add({"op": "capture", "id": auth.hold_id, "hold": auth.hold_id, "user": auth.user, "call": auth.call})
+                capture = {"op": "capture", "id": auth.hold_id, "hold": auth.hold_id, "user": auth.user, "call": auth.call}
+                if auth.call.startswith("ix:"):  # a window's hold: another region may release it first (_post_entry)
+                    capture["amount"] = auth.amount
+                self.journal.add(capture)
             else:
                 self.journal.add({"op": "release", "id": f"release:{auth.hold_id}", "hold": auth.hold_id, "call": auth.call})
-            self.journal.settled(f"call:{auth.call}")
+            if mark:
+                self.journal.settled(f"call:{auth.call}")
         self.wake.set()
-        self.calls.record(auth.call, auth.user, "standin" if auth.hold_id is None else "hold", auth.hold_id, answered)
 
     async def _settle_forever(self) -> None:
         """Post what the journal owes, a batch at a time. An entry billing did not settle waits out a
@@ -301,6 +477,13 @@ class CreditGate:
         try:
             if op == "capture":
                 status, doc = await self._post(f"v1/credits/holds/{e['hold']}/capture", {"force": True})
+                if status == 409 and e.get("amount"):
+                    # An interaction window's hold, released (by the region that placed it, or a
+                    # restart's void) although a call of the window was answered here: charged as a
+                    # forced debit under the key its capture would have used, once across regions.
+                    status, doc = await self._post("v1/credits/forced-debits", {
+                        "user_id": e["user"], "amount": e["amount"], "idempotency_key": f"hold:{e['hold']}",
+                        "description": FORCED_WINDOW})
             elif op == "release":
                 status, doc = await self._post(f"v1/credits/holds/{e['hold']}/release")
             elif op == "void":

@@ -2,7 +2,9 @@
 nor a crash loses or doubles a charge. JSON lines, appended (O_APPEND), compacted at start
 (and when it grows large):
 
-    {"op": "capture", "id": <hold>, "hold": <hold>, "user": u}    a hold to capture (its call was answered)
+    {"op": "capture", "id": <hold>, "hold": <hold>, "user": u}    a hold to capture (its call was answered);
+                                                                  an interaction window's carries "amount": a
+                                                                  refused (released) one is force-debited instead
     {"op": "release", "id": "release:<hold>", "hold": <hold>}     a hold to release (no answer)
     {"op": "void", "id": "void:<call>", "user": u, "key": k, "amount": n}
                                                                   a placement whose outcome is unknown: undo it
@@ -12,6 +14,9 @@ nor a crash loses or doubles a charge. JSON lines, appended (O_APPEND), compacte
                                                                   a paid call in flight (not owed yet)
     {"answered": <id>}                                            ... its call was answered: charge it
     {"done": <id>}                                                settled with billing (or superseded)
+
+An interaction window's entries name the window's key (`ix:<user>:<interaction>:<n>`) where a
+call's name the call: its placement's in-flight mark, its advice, its capture or release.
 
 An advice is written (and fsync'd) before the upstream call; only an answered one is charged. One
 whose call never ended (the process died meanwhile) is dropped at the next start. A paid call is

@@ -19,3 +19,9 @@ STANDIN_EXPOSURE = Gauge("ciris_proxy_standin_exposure_cents", "Cents authorised
 OWED = Gauge("ciris_proxy_owed", "Journal entries billing has not confirmed yet, by kind", ["kind"])  # capture | advice | release
 FORCED_SHORTFALL = Counter("ciris_proxy_forced_debit_shortfall_cents_total",
                            "Cents of answered calls billing could not take (the balance had reached zero)")
+
+# One charge per agent interaction (gate.py, README "Proxy": interactions).
+INTERACTION_CALLS = Counter("ciris_proxy_interaction_calls_total", "Paid calls by how billing was involved",
+                            ["kind"])  # single (no interaction_id) | first (its window's charge) | followup (no billing)
+WINDOWS = Counter("ciris_proxy_interaction_windows_total", "Interaction window keys met at billing by outcome",
+                  ["outcome"])  # placed | joined (another region's or process's) | skipped (released, past, void) | stood_in

@@ -19,15 +19,25 @@ from ciris_proxy.settings import Settings
 BATCH = 500  # billing's lookup limit
 
 
+def keys(call: dict) -> tuple[str, str, str]:
+    """Billing's keys for a logged call: its hold's (a window's, for a call of an interaction), its
+    stand-in debit's, and its hold's capture's (a window's hold released elsewhere is debited there)."""
+    charge = call.get("window") or call["call"]
+    return call.get("window") or f"proxy:{charge}", f"standin:{charge}", f"hold:{call.get('hold')}"
+
+
 def verdict(call: dict, owed: set[str], ledger: dict[str, dict]) -> tuple[str, str]:
     """("ok" | "owed" | "problem", why) for one logged call, given billing's entries by key."""
     c, hold_id = call["call"], call.get("hold")
-    held = ledger[f"proxy:{c}"]["hold"]
+    hold_key, standin_key, capture_key = keys(call)
+    held = ledger[hold_key]["hold"]
     status = held["status"] if held else None
-    forced = ledger[f"standin:{c}"]
+    forced = ledger[standin_key]
+    if call.get("window") and not call["answered"]:
+        return "ok", ""  # its window is charged by its answered calls, released by the process that placed it
     if call["answered"]:
         if call["via"] == "hold":
-            if status == "captured":
+            if status == "captured" or ledger[capture_key]["forced"]:
                 return "ok", ""
             if hold_id in owed:
                 return "owed", "capture"
@@ -54,10 +64,10 @@ async def check(settings: Settings, since: str) -> tuple[dict[str, int], list[st
     counts, problems = {"ok": 0, "owed": 0, "problem": 0}, []
     async with aiohttp.ClientSession(base_url=settings.billing_url + "/", timeout=aiohttp.ClientTimeout(total=30),
                                      headers={"Authorization": f"Bearer {settings.billing_service_token}"}) as s:
-        for i in range(0, len(logged), BATCH // 2):
-            batch = logged[i:i + BATCH // 2]
-            keys = [{"user_id": c["user"], "idempotency_key": f"{kind}:{c['call']}"} for c in batch for kind in ("proxy", "standin")]
-            async with s.post("v1/credits/lookup", json={"keys": keys}) as r:
+        for i in range(0, len(logged), BATCH // 3):
+            batch = logged[i:i + BATCH // 3]
+            asked = [{"user_id": c["user"], "idempotency_key": k} for c in batch for k in keys(c)]
+            async with s.post("v1/credits/lookup", json={"keys": asked}) as r:
                 if r.status != 200:
                     raise RuntimeError(f"billing's lookup answered HTTP {r.status}")
                 items = (await r.json())["items"]

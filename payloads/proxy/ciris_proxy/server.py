@@ -12,10 +12,11 @@ Everything else is 404. A chat request is checked in order — credential (401; 
 and caps (400), model (404), credit hold (402/503) — before anything is sent to a provider.
 
 When is a request charged? Once a provider has taken on the work: a non-streamed answer that came
-back, or a stream the provider opened — then the client pays even if it leaves before the first
-token (the provider's work was done); a stream that ends or breaks before any content was
-delivered to the client is released, as is everything no provider accepted. A client that leaves
-cancels the upstream call at once.
+back, a stream the provider opened, or — should the client leave before either — a request whose
+whole prompt was handed to a provider's connection (its prefill is paid for, whoever waits for the
+answer); a stream that ends or breaks before any content was delivered to the client is released,
+as is everything no provider accepted and a provider's failure. A client that leaves cancels the
+upstream call at once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ciris_proxy.errors import ApiError
 from ciris_proxy.gate import Authorisation, CreditGate
 from ciris_proxy.journal import Journal
 from ciris_proxy.settings import Settings
-from ciris_proxy.upstream import Target, Upstreams
+from ciris_proxy.upstream import Target, Upstreams, delivering
 
 log = logging.getLogger("ciris_proxy")
 JSON = (b"content-type", b"application/json")
@@ -194,10 +195,17 @@ class App:
             if key:
                 raise ApiError(400, "X-Provider-Key is only for openai/<model> and anthropic/<model>",
                                code="provider_key_not_allowed")
-            auth = await self.gate.authorise(user, str(uuid.uuid4()))
+            interaction = req.metadata.interaction_id if req.metadata else None
+            auth = await self.gate.authorise(user, str(uuid.uuid4()), interaction)
             metrics.REQUESTS.labels("paid").inc()
         serve = self.stream if req.stream else self.answer
-        await self.until_client_leaves(serve(send, target, params, key, auth), receive)
+        # Tokens a call used count toward its interaction window's budget: the provider's usage, or
+        # (a stream without it, a client that left) ~4 bytes a token of the body and a token a chunk.
+        used = Usage(auth, len(body) // 4)
+        try:
+            await self.until_client_leaves(serve(send, target, params, key, auth, used), receive)
+        finally:
+            used.count(self.gate)  # a call that failed or was left: counted as far as it got
 
     def vision_target(self, model: str) -> Target:
         """A text-only model was asked about images: the configured model that can see answers."""
@@ -249,27 +257,37 @@ class App:
         if auth is not None:
             self.gate.settle(auth, capture)
 
-    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
+    async def call_upstream(self, target: Target, params: dict, stream: bool, key: str | None,
+                            auth: Authorisation | None):
+        """The provider's answer (or opened stream). Should the client leave first (this task is
+        cancelled), the call is charged if a provider already had the whole prompt — its prefill is
+        done, whoever waits for the answer — and released otherwise; a provider's failure is released."""
+        delivery = delivering()
         try:
-            response = await self.upstreams.complete(target, params, stream=False, key=key)
-        except BaseException:  # no answer (or the client left before it): nothing was delivered
+            return await self.upstreams.complete(target, params, stream=stream, key=key)
+        except asyncio.CancelledError:
+            self.settle(auth, capture=delivery.sent)
+            raise
+        except BaseException:  # no provider did the work
             self.settle(auth, capture=False)
             raise
+
+    async def answer(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None, used: "Usage"):
+        response = await self.call_upstream(target, params, False, key, auth)
         self.settle(auth, capture=True)  # the answer exists: the provider's work is done
+        used.reported(response)
+        used.count(self.gate)  # before the client has the answer (and can send its next call)
         response.model = target.name  # the exposed name, whichever provider answered
         await send_json(send, 200, response.model_dump_json().encode())
 
-    async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None):
-        try:
-            chunks = await self.upstreams.complete(target, params, stream=True, key=key)
-        except BaseException:
-            self.settle(auth, capture=False)
-            raise
+    async def stream(self, send, target: Target, params: dict, key: str | None, auth: Authorisation | None, used: "Usage"):
+        chunks = await self.call_upstream(target, params, True, key, auth)
         delivered = False  # any content (text or a tool call) went out to the client: charged from then on
         try:
             await send({"type": "http.response.start", "status": 200, "headers": list(SSE)})
             async for chunk in chunks:
                 chunk.model = target.name
+                used.chunk(chunk)
                 if not delivered and _has_content(chunk):
                     # Charged as the first content goes out, not at the end: a proxy that dies
                     # mid-stream has still answered (and a client that leaves now still pays).
@@ -294,7 +312,31 @@ class App:
                 self.settle(auth, capture=False)  # the stream ended with nothing for the client
         finally:
             await _close(chunks)
+        used.count(self.gate)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+class Usage:
+    """The tokens one call used, for its interaction window's budget (gate.spent)."""
+
+    def __init__(self, auth: Authorisation | None, estimate: int):
+        self.auth, self.tokens, self.exact = auth, estimate, False
+
+    def count(self, gate: CreditGate) -> None:
+        """Once: the tokens go to the window's budget."""
+        if self.auth is not None:
+            gate.spent(self.auth, self.tokens)
+            self.auth = None
+
+    def reported(self, response) -> None:
+        total = getattr(getattr(response, "usage", None), "total_tokens", None)
+        if isinstance(total, int) and total >= 0:
+            self.tokens, self.exact = total, True
+
+    def chunk(self, chunk) -> None:
+        self.reported(chunk)  # the last chunk carries usage when the client asked for it
+        if not self.exact and _has_content(chunk):
+            self.tokens += 1
 
 
 def _has_content(chunk) -> bool:

@@ -47,6 +47,16 @@ class StandIn:
 
 
 @dataclass(frozen=True)
+class Interactions:
+    """One charge per agent interaction (ADR 8, README "Proxy": interactions): the calls of one user's
+    `metadata.interaction_id` share a window's charge while the window lasts; the call past it, or
+    past its calls or tokens (counted per region), starts the next window and its charge."""
+    window_seconds: int = 300  # from the window's first call, as billing recorded it (CIRISProxy's 5 minutes)
+    max_calls: int = 80        # calls per window and region (CIRISProxy's 80)
+    max_tokens: int = 1_000_000  # prompt + completion tokens per window and region: a charge buys bounded work
+
+
+@dataclass(frozen=True)
 class Settings:
     billing_url: str
     billing_service_token: str = field(repr=False)
@@ -58,6 +68,7 @@ class Settings:
     port: int = 4000
     caps: Caps = field(default_factory=Caps)
     stand_in: StandIn = field(default_factory=StandIn)
+    interactions: Interactions = field(default_factory=Interactions)
     call_log_days: int = 14  # the answered-calls log reconcile reads (by day, deleted after this)
     # While this file exists, GET /serving answers 503: a deploy drains the container before it
     # stops it, and the edge sends new requests to its twin (ADR 16).
@@ -133,6 +144,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             balance_max_age_seconds=_int(env, "STANDIN_BALANCE_MAX_AGE_SECONDS", StandIn.balance_max_age_seconds, 0, 86_400),
             user_cap_cents=_int(env, "STANDIN_USER_CAP_CENTS", StandIn.user_cap_cents, 0, 1_000_000),
             instance_cap_cents=_int(env, "STANDIN_INSTANCE_CAP_CENTS", StandIn.instance_cap_cents, 0, 100_000_000),
+        ),
+        interactions=Interactions(
+            window_seconds=_int(env, "INTERACTION_WINDOW_SECONDS", Interactions.window_seconds, 1, 86_400),
+            max_calls=_int(env, "INTERACTION_MAX_CALLS", Interactions.max_calls, 1, 100_000),
+            max_tokens=_int(env, "INTERACTION_MAX_TOKENS", Interactions.max_tokens, 1, 1_000_000_000),
         ),
         call_log_days=_int(env, "CALL_LOG_DAYS", 14, 1, 3650),
     )

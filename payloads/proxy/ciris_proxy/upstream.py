@@ -14,6 +14,8 @@ Nothing from a provider's error body reaches a client or a log: errors are re-ma
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import logging
 import math
 import os
@@ -22,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import aiohttp
+import httpcore
 import litellm
 from litellm.litellm_core_utils.exception_mapping_utils import _get_response_headers
 from litellm.types.router import RouterRateLimitError, RouterRateLimitErrorBasic
@@ -53,6 +57,48 @@ def quiet_litellm() -> None:
         logger.setLevel(logging.CRITICAL + 1)
 
 
+class Delivery:
+    """Whether the current provider attempt's request — the whole prompt — has been handed to the
+    provider's connection: from then on the provider has the prompt, and a client that leaves pays
+    for it (ADR 8, "when a request is charged"). Set by `delivering()` for one upstream call."""
+    sent = False
+
+
+DELIVERY: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar("ciris_delivery", default=None)
+
+
+def _marks_sent(write):
+    """Wrap a client library's "write the request body" step to mark the current Delivery once it
+    returns. The writer may run in a task of its own (aiohttp's): it copies our context, so it sees
+    the same Delivery object."""
+    @functools.wraps(write)
+    async def wrapper(*args, **kwargs):
+        result = await write(*args, **kwargs)
+        delivery = DELIVERY.get()
+        if delivery is not None:
+            delivery.sent = True
+        return result
+    wrapper.ciris_marks_sent = True
+    return wrapper
+
+
+def observe_delivery() -> None:
+    """LiteLLM sends through httpx over aiohttp (its default transport) or over httpcore: both
+    libraries' body writers mark the call's Delivery. Idempotent."""
+    for cls, name in ((aiohttp.ClientRequest, "write_bytes"), (httpcore.AsyncHTTP11Connection, "_send_request_body"),
+                      (httpcore.AsyncHTTP2Connection, "_send_request_body")):
+        method = getattr(cls, name, None)
+        if method is not None and not getattr(method, "ciris_marks_sent", False):
+            setattr(cls, name, _marks_sent(method))
+
+
+def delivering() -> Delivery:
+    """A Delivery for the upstream call about to be made in this task."""
+    delivery = Delivery()
+    DELIVERY.set(delivery)
+    return delivery
+
+
 @dataclass
 class Target:
     """What an exposed model name means: Router groups in order, or a bring-your-own-key provider."""
@@ -72,6 +118,7 @@ def _resolve(value: Any, env: Mapping[str, str]) -> Any:
 class Upstreams:
     def __init__(self, doc: dict, env: Mapping[str, str] | None = None):
         env = os.environ if env is None else env
+        observe_delivery()
         rs = doc.get("router_settings", {})
         self.timeout = float(rs.get("timeout", 60))
         self.cooldown = float(rs.get("cooldown_time", 30))
@@ -117,8 +164,10 @@ class Upstreams:
         if target.byok:
             return await self._byok(target, params, stream, key)
         failures: list[tuple[str, BaseException]] = []
+        delivery = DELIVERY.get() or Delivery()
         for group, provider in target.groups:
             started = time.monotonic()
+            delivery.sent = False  # a provider that failed had the prompt, but did no work we charge for
             try:
                 response = await self.router.acompletion(model=group, stream=stream, **params, **NO_MCP)
             except Exception as e:  # noqa: BLE001  (every failure is classified below)
