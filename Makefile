@@ -43,6 +43,13 @@ lock: venv
 	for p in billing proxy; do (cd payloads/$$p && ../../$(VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe \
 	  --strip-extras --no-emit-find-links --no-emit-index-url -o requirements.lock requirements.txt \
 	  && sed -i '/^--extra-index-url/d' requirements.lock); done
+	# The released agent the contract tests drive: its requirements, then the agent itself (--no-deps).
+	cd tests/agent_lock && ../../$(VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-find-links --no-emit-index-url -o requirements.lock requirements.in \
+	  && sed -i '/^--extra-index-url/d' requirements.lock && rm -rf .wheel \
+	  && ../../$(VENV)/bin/pip download -q --no-deps -d .wheel "$$(cat ciris-agent.txt)" \
+	  && printf '%s \\\n    %s\n' "$$(cat ciris-agent.txt)" "$$(../../$(VENV)/bin/pip hash .wheel/*.whl | tail -1)" >> requirements.lock \
+	  && rm -rf .wheel
 
 clean:
 	rm -rf $(VENV) .pytest_cache plan-out local

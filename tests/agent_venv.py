@@ -2,13 +2,14 @@
 that drive its own clients against our real processes (tests/billing/test_agent_contract.py: its
 billing client; tests/proxy/test_agent_llm_contract.py: its LLM service).
 
-The venv is built once at $CIRIS_AGENT_VENV (default ~/.cache/ciris-bridge/agent-venv-<version>):
-the agent with --no-deps plus its requirements, without `ciris-server` (no wheel for this glibc;
-the clients driven here do not use it). Without network it skips, except under CI=true: it fails.
+The venv is built once at $CIRIS_AGENT_VENV (default ~/.cache/ciris-bridge/agent-venv-<version>-<lock>)
+from tests/agent_lock/requirements.lock, by hash and --no-deps: the agent and its requirements but
+`ciris-server` (no wheel for this glibc; the clients driven here do not use it). Without network it skips, except under CI=true: it fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,27 +18,31 @@ from pathlib import Path
 
 import pytest
 
-AGENT_VERSION = "2.16.5"
-# Not in the agent's own requirements (its ciris-server brings it), but its engine imports it.
-EXTRA = ["ciris-persist==22.0.0"]
+LOCK = Path(__file__).parent / "agent_lock"  # requirements.lock: every package, by hash (`make lock`)
+AGENT_VERSION = (LOCK / "ciris-agent.txt").read_text().strip().removeprefix("ciris-agent==")
 # What the drivers import: a venv that cannot is rebuilt.
 PROBES = ("ciris_engine.logic.services.infrastructure.resource_monitor.ciris_billing_provider",
           "ciris_engine.logic.services.runtime.llm_service.service")
 
 
 def build(venv: Path) -> None:
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([*pip, "--no-deps", f"ciris-agent=={AGENT_VERSION}"], check=True, timeout=600)
-    metadata = next(venv.glob("lib/python*/site-packages/ciris_agent-*.dist-info/METADATA")).read_text()
-    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines()
-                if line.startswith("Requires-Dist: ") and "extra ==" not in line and not line.startswith("Requires-Dist: ciris-server")]
-    subprocess.run([*pip, *requires, *EXTRA], check=True, timeout=1800)
+    """The locked set, nothing resolved: no later upstream release changes what the tests drive.
+    `pip check` may miss only ciris-server (left out on purpose)."""
+    python = str(venv / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r",
+                    str(LOCK / "requirements.lock")], check=True, timeout=1800)
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    problems = [line for line in check.stdout.splitlines() if line.strip() and "ciris-server" not in line]
+    if problems:
+        raise subprocess.SubprocessError(f"the agent venv's locked set is incomplete: {problems[:5]}")
 
 
 @pytest.fixture(scope="module")
 def agent_python() -> str:
-    venv = Path(os.environ.get("CIRIS_AGENT_VENV") or Path.home() / ".cache" / "ciris-bridge" / f"agent-venv-{AGENT_VERSION}")
+    digest = hashlib.sha256((LOCK / "requirements.lock").read_bytes()).hexdigest()[:12]  # a new lock, a new venv
+    venv = Path(os.environ.get("CIRIS_AGENT_VENV") or
+                Path.home() / ".cache" / "ciris-bridge" / f"agent-venv-{AGENT_VERSION}-{digest}")
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "; ".join(f"import {m}" for m in PROBES)]
     if not python.exists() or subprocess.run(probe, capture_output=True).returncode:
