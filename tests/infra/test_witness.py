@@ -182,7 +182,7 @@ def test_the_witness_runs_nothing_of_the_regions():
     assert compose["name"] == "ciris-witness" and set(compose["services"]) == {"etcd", *MONITORING}
     assert compose["networks"]["ciris-witness"]["ipam"]["config"][0]["subnet"] == "172.31.0.0/24"
     assert {path for path in p.artifacts if path.startswith("witness/") and "/monitoring/" not in path} == {
-        "witness/cloud-init.yaml", "witness/compose.yaml", "witness/etcd/Dockerfile", "witness/etcd/start.sh",
+        "witness/cloud-init.yaml", "witness/compose.yaml", "witness/etcd/Dockerfile", "witness/etcd/start.sh", "witness/etcd/join.sh",
         "witness/etcd/etc/etcd.conf.yml", "witness/etcd/etc/server.crt", "witness/etcd/etc/server.key", "witness/etcd/etc/ca.crt"}
     # It probes the regions and scrapes only its own host (no billing, proxy or database of its own).
     jobs = {j["job_name"] for j in yaml.safe_load(p.artifacts["witness/monitoring/etc/prometheus.yml"])["scrape_configs"]}

@@ -17,6 +17,7 @@ from tests.proxy.conftest import balance, holds
 DRIVER = Path(__file__).with_name("agent_llm_driver.py")
 HOST = "llm.ciris-services.test"  # the agent attaches its metadata only for a `ciris-services` host
 SIGNUP = 15
+PRICE = 5  # the proxy's default price per interaction
 
 
 def charged(api, cluster, user: str) -> int:
@@ -48,8 +49,8 @@ def test_mobile_mode_with_a_google_id_token(agent_python, proxy, api, cluster, o
     out, interaction = run_agent(agent_python, proxy, tmp_path, token)
     assert_answered(out, interaction)
     user = api.post("/v1/auth/resolve", json={"id_token": token}, headers=SERVICE).json()["user_id"]
-    # Charged today per answered call; per interaction once #24 item 2 lands: assert only "charged".
-    assert charged(api, cluster, user) > 0
+    # Both calls (JSON and TOOLS mode) carry the task's interaction id: one charge (#24 item 2).
+    assert charged(api, cluster, user) == PRICE
 
 
 def test_server_mode_with_an_api_key(agent_python, proxy, api, cluster, tmp_path):  # noqa: F811
@@ -57,5 +58,5 @@ def test_server_mode_with_an_api_key(agent_python, proxy, api, cluster, tmp_path
     out, interaction = run_agent(agent_python, proxy, tmp_path, key)
     assert_answered(out, interaction)
     account = api.post("/v1/auth/resolve", json={"api_key": key}, headers=SERVICE).json()["user_id"]
-    # As above: per call today, per interaction later; the key's own account pays.
-    assert charged(api, cluster, account) > 0
+    # As above: one charge for the interaction; the key's own account pays.
+    assert charged(api, cluster, account) == PRICE
