@@ -322,6 +322,15 @@ def clock_textfile(kept: bool) -> str:
     )
 
 
+def etcd_textfile(members: int) -> str:
+    """How many etcd members the stack declares (EtcdMemberMissing: each should reach the others)."""
+    return (
+        "# HELP ciris_etcd_members The etcd members the stack declares (the witness and the database regions).\n"
+        "# TYPE ciris_etcd_members gauge\n"
+        f"ciris_etcd_members {members}\n"
+    )
+
+
 def no_channel_warning(config) -> str | None:
     """What the plan says of a stack (config.BridgeConfig) whose alerts reach no one."""
     if config.alerts.email is None and config.secret("alert_webhook_url") is None:

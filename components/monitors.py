@@ -79,6 +79,7 @@ class Monitors(pulumi.ComponentResource):
                 "monitoring/etc/textfile/cost.prom": monitoring.cost_textfile(cfg),
                 "monitoring/etc/textfile/backup.prom": monitoring.backup_textfile(cfg),
                 "monitoring/etc/textfile/clock.prom": monitoring.clock_textfile(cfg.environment != "local"),
+                "monitoring/etc/textfile/etcd.prom": monitoring.etcd_textfile(len(args.consensus_hosts)),
                 **({"monitoring/etc/edge-ca.crt": args.edge_ca} if args.edge_ca else {}),
                 **payload_files("monitoring"),  # the image's build context and the rules
             }

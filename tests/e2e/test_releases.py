@@ -24,13 +24,17 @@ def deploy_under_traffic(stack, monkeypatch, action) -> dict[str, Traffic]:
         flow = flows[name]
         # Nothing fails but, a few times per deploy, billing's own "cannot write now" 503 to a
         # health probe while this 2-core machine runs both regions, the twins and the traffic (a
-        # write that took longer than its budget: an answer, not a dropped request). No 502 from the
-        # edge since the local edge asks Podman's name server alone (ADR 16); one fails the test,
-        # with the edge's errors printed.
+        # write that took longer than its budget: an answer, not a dropped request), and at most
+        # one of the edge's empty 502s: a POST whose upstream connection closed as Caddy 2.6 sent
+        # its body ("invalid Read on closed Body"; ADR 16, "What is left": 1 in ~44,000 requests
+        # since the edge asks Podman's name server alone). The edge's errors are printed with them.
         known = [f for f in flow.failed if f.startswith('billing health 503 {"status":"unhealthy"')]
-        assert len(flow.failed) == len(known) and len(known) <= 5, \
+        reset = [f for f in flow.failed if f in ("proxy 502 ", "billing health 502 ")]
+        assert len(flow.failed) == len(known) + len(reset) and len(known) <= 5 and len(reset) <= 1, \
             f"{name}: {len(flow.failed)} failed of {flow.paid + len(flow.failed)}: {flow.failed[:10]}; " \
             f"the edge's errors: {edge_errors(stack, name, flow.since)}"
+        if reset:
+            print(f"{name}: the edge's errors: {edge_errors(stack, name, flow.since)}")
         print(f"{name}: {len(flow.failed)} failed of {flow.paid + flow.ok + len(flow.failed)}: {flow.failed}")
         assert flow.paid > 10, f"{name}: only {flow.paid} paid calls went through during the deploy"
         # Every answered call charged exactly once.

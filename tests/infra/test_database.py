@@ -157,6 +157,8 @@ def test_etcd_runs_on_every_consensus_host_and_nowhere_else(witness):
     ips = expected.addresses(p)
     cluster = {f"{h}=https://{ips[h][0]}:2380" for h in consensus_hosts}
     for host in ips:
+        # Every host's monitoring knows how many members to expect (EtcdMemberMissing).
+        assert p.artifacts[f"{host}/monitoring/etc/textfile/etcd.prom"].endswith(f"ciris_etcd_members {len(consensus_hosts)}\n")
         has_etcd = "etcd" in {c.name for c in p.containers[host]}
         assert has_etcd == (host in consensus_hosts), host
         if not has_etcd:

@@ -127,7 +127,7 @@ def test_every_series_the_rules_read_is_exported():
 
 PROMQL_WORDS = {"max", "min", "sum", "count", "count_values", "by", "without", "and", "or", "unless", "increase", "delta",
                 "rate", "time", "region", "member", "provider", "zone", "serial", "job", "instance", "outcome", "result",
-                "fstype", "mountpoint", "bool", "on", "ignoring", "service"}
+                "fstype", "mountpoint", "bool", "on", "ignoring", "service", "group_left"}
 
 
 def test_region_down_is_held_longer_than_its_checks_take_to_pass_again():

@@ -96,6 +96,7 @@ class Host:
             except (OSError, ProcessLookupError):
                 pass
         for p in [p for p in self.procs if "etcd" in p.args]:
+            p.kill()  # runuser, which waits for etcd: gone with it, or now
             p.wait(timeout=10)
             self.procs.remove(p)
 
