@@ -212,8 +212,13 @@ class Cluster:
         the container starts it: payloads/etcd/join.sh first. Returns join.sh's output."""
         h.kill_etcd()
         shutil.rmtree(h.dir / "etcd", ignore_errors=True)
-        out = sh("ip", "netns", "exec", h.ns, "sh", str(ETCD_JOIN), str(h.dir / "etcd.yml"))
+        out = self.join(h)
         self.start_etcd(h)
+        return out
+
+    def join(self, h: Host) -> str:
+        """payloads/etcd/join.sh on `h`'s config, in its namespace; its output."""
+        out = sh("ip", "netns", "exec", h.ns, "sh", str(ETCD_JOIN), str(h.dir / "etcd.yml"))
         return out.stdout + out.stderr
 
     def etcd_members(self) -> list[list[str]]:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import require_binary
 from tests.postgres import drill
-from tests.postgres.ha import BILLING, ETCD_JOIN, PASSWORDS, Cluster, sh
+from tests.postgres.ha import BILLING, PASSWORDS, Cluster
 
 RESUME_WITHIN_S = 45
 
@@ -94,8 +94,7 @@ def test_a_witness_rebuilt_with_an_empty_disk_rejoins_and_failover_still_works(c
     assert {m[2]: m[0] for m in members}["witness"] != old["witness"], "the witness kept its old identity"
     # Its data is the truth from now on: a restart does not join again.
     witness.kill_etcd()
-    out = sh("ip", "netns", "exec", witness.ns, "sh", str(ETCD_JOIN), str(witness.dir / "etcd.yml"))
-    assert out.stdout + out.stderr == ""
+    assert cluster.join(witness) == ""
     cluster.start_etcd(witness)
     primary_killed = next(s for s in drill.SCENARIOS if s.name == "primary killed")
     result = drill.run(cluster, primary_killed, fault_seconds=10)
