@@ -120,17 +120,28 @@ def leader(stack) -> str:
     return primaries[0]
 
 
+def patroni_roles(stack, region: str) -> dict[str, str]:
+    """Each member's role as Patroni's consensus record says (Leader, Sync Standby, Replica...)."""
+    out = stack.podman("exec", f"ciris-{region}-postgres-1", "gosu", "postgres", "patronictl", "-c",
+                       "/run/ciris-postgres/patroni.yml", "list", "-f", "json")
+    return {m["Member"]: m["Role"] for m in json.loads(out)}
+
+
 def wait_sync(stack, timeout: float = 120) -> str:
-    """Until the leader streams to the other member synchronously; returns the leader's region."""
+    """Until the leader streams to the other member synchronously *and* Patroni's record names that
+    member the synchronous standby (only such a member may be promoted: the record is written a
+    moment after the stream turns synchronous); returns the leader's region."""
     deadline = time.time() + timeout
     while True:
         try:
             primary = leader(stack)
-            other = next(r["name"] for r in stack.regions if r["name"] != primary)
+            other = next(r["name"] for r in stack.regions if r["name"] != primary).replace("-", "_")
             rows = stack.psql(primary, "SELECT application_name, state, sync_state FROM pg_stat_replication")
-            if rows == f"{other.replace('-', '_')}|streaming|sync":
+            roles = patroni_roles(stack, primary)
+            if rows == f"{other}|streaming|sync" and roles.get(other) == "Sync Standby":
                 return primary
-        except AssertionError:
-            rows = "no single leader"
+            rows += f" {roles}"
+        except (AssertionError, ValueError) as e:
+            rows = f"no single leader: {e}"
         assert time.time() < deadline, rows
         time.sleep(1)

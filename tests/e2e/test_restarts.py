@@ -6,6 +6,7 @@ put netavark's isolation DROP above our exception and the regions lost each othe
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 
@@ -77,11 +78,22 @@ def purchase_completes(stack, region: dict, user: str, signup: int, budget: floa
                     break
             except httpx.HTTPError as e:
                 last = repr(e)
-            assert time.time() - t0 < budget, f"{region['name']}: no purchase credited {budget:.0f} s after the other region died: {last}"
+            if time.time() - t0 >= budget:
+                raise AssertionError(f"{region['name']}: no purchase credited {budget:.0f} s after the other region "
+                                     f"died: {last}\n{patroni_view(stack, region['name'])}")
             time.sleep(1)
         took = time.time() - t0
         assert billing.get(f"/v1/credits/{user}", headers=admin).json()["balance"] == signup + 500
     return took
+
+
+def patroni_view(stack, region: str) -> str:
+    """What the surviving member's Patroni says, for a failure's report."""
+    ctl = stack.podman("exec", f"ciris-{region}-postgres-1", "gosu", "postgres", "patronictl", "-c",
+                       "/run/ciris-postgres/patroni.yml", "list", check=False)
+    logs = subprocess.run(["podman", "logs", "--tail", "40", f"ciris-{region}-postgres-1"], capture_output=True,
+                          text=True, env=stack.env)
+    return f"{ctl}\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}"
 
 
 def lose_and_return(stack, name: str) -> None:
