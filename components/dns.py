@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Annotated, Any, Iterable, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "CAA", "MX", "NS")  # NS: delegating a subzone
 DEFAULT_TTL = 300
@@ -56,6 +56,10 @@ class Zone(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dnssec: bool = False
+    # The signing keys' names (components/dnssec.py): a rollover lists the old and the new key,
+    # then only the new one once the registrar's DS names it (docs/runbook-dns.md).
+    dnssec_keys: list[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]] = Field(
+        default=["1"], min_length=1, max_length=2)
     records: list[Record] = []
 
     @model_validator(mode="before")
@@ -63,6 +67,14 @@ class Zone(BaseModel):
     def _fsd_list_form(cls, data: Any) -> Any:
         # FSD §4.1 lists records directly under the zone; the extended form has `records:`.
         return {"records": data} if isinstance(data, list) else data
+
+    @model_validator(mode="after")
+    def _keys_need_signing(self) -> "Zone":
+        if "dnssec_keys" in self.model_fields_set and not self.dnssec:
+            raise ValueError("dnssec_keys: the zone is not signed (dnssec: false)")
+        if len(set(self.dnssec_keys)) != len(self.dnssec_keys):
+            raise ValueError(f"dnssec_keys: a key is listed twice ({', '.join(self.dnssec_keys)})")
+        return self
 
 
 class ZonesFile(BaseModel):
@@ -151,7 +163,7 @@ def _where(zone_name: str, zone_raw: Any, e: ValidationError) -> str:
         where += f", record {name!r}"
         loc = loc[2:]
     field = ".".join(str(p) for p in loc)
-    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     return f"{where}: {field + ': ' if field else ''}{msg}"
 
 
@@ -408,6 +420,9 @@ def pdns_conf(
         "enable-lua-records=yes",
         f"lua-health-checks-interval={health_interval}",
         "log-dns-queries=no",
+        # A synced key set (a rollover's step, ADR 20) is signed with at once, not after the key
+        # cache's 30 s: both regions change within one deploy. Our query rates make the lookup free.
+        "dnssec-key-cache-ttl=0",
         "loglevel=4",
     ]
     if geoip_database:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_command as command
+import pulumi_tls as tls
 
-from components import cloud_init, deploy, dns
+from components import cloud_init, deploy, dns, dnssec
 from components.region import Region
 
 API_URL = "http://127.0.0.1:8081"
@@ -56,27 +57,32 @@ class Nameservers(pulumi.ComponentResource):
         # The server keeps its own serial (pdns_sync): what it is sent carries a fixed one, so the
         # command's input, like its trigger, changes only when a record does -- not every day.
         zones = addresses.apply(lambda a: [z.as_dict() for z in render(a, serial=SYNC_SERIAL)])
-        digest = zones.apply(lambda zs: hashlib.sha256(json.dumps(zs, sort_keys=True).encode()).hexdigest())
+        # One key set per signed zone, the same for every region (ADR 20); a key's resource is
+        # named for the zone and its `dnssec_keys` entry, so a rollover adds one and removes one.
+        child = pulumi.ResourceOptions(parent=self)
+        signed = {z: spec.dnssec_keys for z, spec in args.zones.zones.items() if spec.dnssec}
+        pems = {z: pulumi.Output.all(*[tls.PrivateKey(f"dnssec-{z}-{n}", algorithm="ECDSA", ecdsa_curve="P256",
+                                                      opts=child).private_key_pem for n in names])
+                for z, names in signed.items()}
+        keys = pulumi.Output.all(**pems).apply(
+            lambda got: {z: [dnssec.signing_key(n, pem) for n, pem in zip(signed[z], got[z])] for z in signed})
+        public = pulumi.Output.unsecret(keys.apply(lambda ks: {z: [k.public() for k in v] for z, v in ks.items()}))
+        digest = pulumi.Output.all(zones, public).apply(
+            lambda a: hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest())
 
-        syncs = []
         for region in args.regions:
-            request = pulumi.Output.all(region.dns_api_key, zones).apply(
-                lambda a: json.dumps({"api_url": API_URL, "api_key": a[0], "zones": a[1]})
+            request = pulumi.Output.all(region.dns_api_key, zones, keys).apply(
+                lambda a: json.dumps({"api_url": API_URL, "api_key": a[0], "zones": dnssec.with_keys(a[1], a[2])})
             )
-            syncs.append(
-                command.remote.Command(
-                    f"{region.spec.name}-dns-sync",
-                    connection=region.connection,
-                    create=deploy.remote(deploy.DNS_SYNC, cloud_init.BUNDLE_DIR),
-                    stdin=pulumi.Output.secret(request),
-                    triggers=[digest],
-                    opts=pulumi.ResourceOptions(parent=self, depends_on=[region.deploy]),
-                )
+            command.remote.Command(
+                f"{region.spec.name}-dns-sync",
+                connection=region.connection,
+                create=deploy.remote(deploy.DNS_SYNC, cloud_init.BUNDLE_DIR),
+                stdin=pulumi.Output.secret(request),
+                triggers=[digest],
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[region.deploy]),
             )
-        wants_ds = [z for z, spec in args.zones.zones.items() if spec.dnssec]
-        self.dnssec_ds = (
-            syncs[0].stdout.apply(lambda out: {z.rstrip("."): s["ds"] for z, s in json.loads(out or "{}").items() if s["dnssec"]})
-            if wants_ds
-            else {}
-        )
+        # For the registrar: computed from the keys every server holds, not read back from one.
+        self.dnssec_ds = public.apply(
+            lambda ks: {z: [dnssec.ds_record(z, k["dnskey"]) for k in v] for z, v in ks.items()})
         self.register_outputs({"zone_files": self.zone_files, "dnssec_ds": self.dnssec_ds})

@@ -6,7 +6,8 @@
 Creates missing zones, replaces RRsets whose records or TTL differ, deletes RRsets no longer
 rendered, and leaves everything else alone: an unchanged input changes nothing, and the SOA serial
 moves only when something changed (PowerDNS bumps it, SOA-EDIT-API=DEFAULT: YYYYMMDDnn).
-Prints a JSON summary per zone (changes, serial, DS records when DNSSEC is on); never the key.
+Signed zones carry their keys (components/dnssec.py): the server's key set becomes exactly those.
+Prints a JSON summary per zone (changes, serial, DS records when DNSSEC is on); never a key.
 Standard library only: it runs with the host's python3.
 """
 
@@ -112,24 +113,42 @@ def sync_zone(api: Api, desired: dict) -> dict:
             api.call("PATCH", zone_path(name), {"rrsets": patch})
         changed = sorted(f"{p['name']} {p['type']}" for p in patch)
 
-    ds = _dnssec(api, name, bool(desired.get("dnssec")))
+    ds = _dnssec(api, name, bool(desired.get("dnssec")), desired.get("keys", []))
     soa = api.call("GET", zone_path(name))
     serial = next(int(r["records"][0]["content"].split()[2]) for r in soa["rrsets"] if r["type"] == "SOA")  # type: ignore[index]
     return {"created": created, "changed": changed, "serial": serial, "dnssec": bool(desired.get("dnssec")), "ds": ds}
 
 
-def _dnssec(api: Api, name: str, on: bool) -> list[str]:
+def _dnssec(api: Api, name: str, on: bool, want: list[dict]) -> list[str]:
+    """The zone's keys become exactly `want` (each {name, dnskey, private}: the same in every
+    region, so every server's signatures match the registrar's DS), all published and signing;
+    a key no longer wanted is removed. Returns the SHA-256 DS records of the keys it signs with.
+    Turning signing off removes every key: take the DS records away at the registrar first (README)."""
+    if on and not want:
+        raise ApiError(f"{name}: dnssec is on but no signing key was sent")
     keys = api.call("GET", zone_path(name) + "/cryptokeys") or []
-    if on and not any(k.get("active") for k in keys):  # type: ignore[union-attr]
-        api.call("POST", zone_path(name) + "/cryptokeys", {"keytype": "csk", "active": True, "algorithm": "ECDSAP256SHA256"})
-        api.call("PUT", zone_path(name) + "/rectify")
-        keys = api.call("GET", zone_path(name) + "/cryptokeys") or []
-    if not on:
-        # Turning signing off: take the DS records away at the registrar first (see README).
-        for k in keys:  # type: ignore[union-attr]
+    have = {k["dnskey"]: k for k in keys}  # type: ignore[union-attr]
+    wanted = {key["dnskey"] for key in want} if on else set()
+    changed = False
+    for key in want if on else []:
+        k = have.get(key["dnskey"])
+        if k is None:
+            api.call("POST", zone_path(name) + "/cryptokeys",
+                     {"keytype": "csk", "active": True, "published": True, "privatekey": key["private"]})
+            changed = True
+        elif not k.get("active") or not k.get("published", True):
+            api.call("PUT", f"{zone_path(name)}/cryptokeys/{k['id']}", {"active": True, "published": True})
+            changed = True
+    for dnskey, k in have.items():
+        if dnskey not in wanted:
             api.call("DELETE", f"{zone_path(name)}/cryptokeys/{k['id']}")
-        return []
-    return sorted(ds for k in keys if k.get("active") for ds in k.get("ds", []))  # type: ignore[union-attr]
+            changed = True
+    if changed:
+        api.call("PUT", zone_path(name) + "/rectify")
+        # Answers cached with the old key set's signatures are not served on.
+        api.call("PUT", "/cache/flush?domain=" + urllib.parse.quote(name, safe=""))
+        keys = api.call("GET", zone_path(name) + "/cryptokeys") or []
+    return sorted(ds for k in keys if k.get("active") for ds in k.get("ds", []) if ds.split()[2] == "2")  # type: ignore[union-attr]
 
 
 def sync(api_url: str, api_key: str, zones: list[dict], wait: float = 60) -> dict:

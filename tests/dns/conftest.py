@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from components import dns
+from components import dns, dnssec
 from tests.conftest import REPO, require_binary
 
 SYNC = REPO / "payloads" / "dns" / "pdns_sync.py"
@@ -57,12 +57,15 @@ class Server:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def sync(self, zones: list[dns.RenderedZone]) -> dict:
-        """Through the production code path: the sync script, fed on stdin."""
-        request = {"api_url": self.api_url, "api_key": API_KEY, "zones": [z.as_dict() for z in zones], "wait": 30}
+    def sync(self, zones: list[dns.RenderedZone], keys: dict[str, list[dnssec.SigningKey]] | None = None) -> dict:
+        """Through the production code path: the sync script, fed on stdin (with the signed zones' keys)."""
+        request = {"api_url": self.api_url, "api_key": API_KEY, "wait": 30,
+                   "zones": dnssec.with_keys([z.as_dict() for z in zones], keys or {})}
         result = subprocess.run([sys.executable, str(SYNC)], input=json.dumps(request), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert API_KEY not in result.stdout + result.stderr
+        for key in (k for ks in (keys or {}).values() for k in ks):
+            assert key.private.splitlines()[-1] not in result.stdout + result.stderr
         return json.loads(result.stdout)
 
     def kill(self) -> None:

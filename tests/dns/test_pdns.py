@@ -19,8 +19,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from components import config, dns as zones_mod
-from tests.conftest import REPO
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from components import config, dns as zones_mod, dnssec
+from tests.conftest import REPO, require_binary
 from tests.dns.conftest import API_KEY, SYNC, Server, free_port
 
 Z1, Z2 = "staging.ciris-services-1.ai", "staging.ciris-services-2.ai"
@@ -204,15 +207,54 @@ zones:
                 h.server.server_close()
 
 
-def test_dnssec_switch_signs_the_zone_and_reports_ds(pdns):
-    zones_yaml = f"zones:\n  {Z1}:\n    dnssec: true\n    records: []\n  {Z2}: []\n"
-    summary = pdns.sync(render(zones_yaml))
-    assert summary[f"{Z1}."]["dnssec"] and summary[f"{Z1}."]["ds"]
-    assert all(re.match(r"^\d+ 13 \d ", ds) for ds in summary[f"{Z1}."]["ds"])  # ECDSA P-256
-    assert summary[f"{Z2}."]["ds"] == []
+def new_key(name: str) -> dnssec.SigningKey:
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    return dnssec.signing_key(name, pem.decode())
+
+
+def validated(server: Server, zone: str, ds_records: list[str], tmp_path) -> str:
+    """delv, a validating resolver, asking `server` for a signed name with the registrar's DS
+    records as its trust anchor: '; fully validated' when the chain from the DS holds."""
+    anchors = tmp_path / "anchors.conf"
+    anchors.write_text("trust-anchors {\n" + "".join(
+        '  "{}." static-ds {} {} {} "{}";\n'.format(zone, *ds.split()) for ds in ds_records) + "};\n")
+    out = subprocess.run([require_binary("delv"), f"@{server.address}", "-p", str(server.port), "-a", str(anchors),
+                          f"+root={zone}.", f"billing1.{zone}", "A"], capture_output=True, text=True, timeout=30)
+    return out.stdout + out.stderr
+
+
+def test_one_key_set_validates_from_every_server_before_during_and_after_a_rollover(pdns, tmp_path):
+    """Both regions' servers hold the zone's one key set (ADR 20): a validating resolver trusting the
+    registrar's DS gets secure answers from each, through a double-signature rollover (old and new
+    key signing, then only the new), and an answer signed by a key the DS does not name fails."""
+    (tmp_path / "eu-west").mkdir()
+    other = Server(tmp_path / "eu-west")
+    try:
+        zones_yaml = f"zones:\n  {Z1}:\n    dnssec: true\n    records: []\n  {Z2}: []\n"
+        old, new = new_key("1"), new_key("2")
+        for keys, trusted in (([old], [old]), ([old, new], [old]), ([old, new], [new]), ([new], [new])):
+            ds = [dnssec.ds_record(Z1, k.dnskey) for k in trusted]
+            for server in (pdns, other):
+                summary = server.sync(render(zones_yaml), {Z1: keys})
+                assert summary[f"{Z1}."]["ds"] == sorted(dnssec.ds_record(Z1, k.dnskey) for k in keys)
+                assert summary[f"{Z2}."]["ds"] == []
+                out = validated(server, Z1, ds, tmp_path)
+                assert "; fully validated" in out and "192.0.2.10" in out, (server.address, [k.name for k in keys], out)
+        again = pdns.sync(render(zones_yaml), {Z1: [new]})
+        assert again[f"{Z1}."]["changed"] == []
+        # The retired key's DS left at the registrar: nothing validates (the check can fail).
+        out = validated(pdns, Z1, [dnssec.ds_record(Z1, old.dnskey)], tmp_path)
+        assert "; fully validated" not in out and "resolution failed" in out, out
+    finally:
+        other.stop()
+
+
+def test_signing_switched_off_removes_the_keys(pdns):
+    zones_yaml = f"zones:\n  {Z1}:\n    dnssec: true\n    records: []\n"
+    pdns.sync(render(zones_yaml), {Z1: [new_key("1")]})
     assert answers(ask(pdns, Z1, "DNSKEY"), "DNSKEY")
-    again = pdns.sync(render(zones_yaml))
-    assert again[f"{Z1}."]["ds"] == summary[f"{Z1}."]["ds"] and again[f"{Z1}."]["changed"] == []
+    summary = pdns.sync(render(f"zones:\n  {Z1}:\n    dnssec: false\n    records: []\n"))
+    assert summary[f"{Z1}."]["ds"] == [] and not answers(ask(pdns, Z1, "DNSKEY"), "DNSKEY")
 
 
 def test_sync_fails_clearly_when_the_api_is_down():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from components import config, dns
+from components import config, dns, dnssec, mocks, plan
 from tests.conftest import REPO, stack_raw, third_region
 
 PROD = config.load_stack_file(REPO / "Pulumi.production.yaml")
@@ -178,3 +178,40 @@ def test_the_most_specific_zone_holds_a_name():
     assert dns.zone_of("a.staging.x.ai", ["x.ai", "staging.x.ai"]) == "staging.x.ai"
     assert dns.zone_of("x.ai", ["x.ai"]) == "x.ai"
     assert dns.zone_of("notx.ai", ["x.ai"]) is None
+
+
+# --- DNSSEC: one key set per zone (ADR 20) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,message", [
+    ("dnssec_keys: ['1']", "dnssec_keys: the zone is not signed (dnssec: false)"),
+    ("dnssec: true\n    dnssec_keys: [a, a]", "dnssec_keys: a key is listed twice (a, a)"),
+    ("dnssec: true\n    dnssec_keys: [a, b, c]", "dnssec_keys: List should have at most 2 items"),
+    ("dnssec: true\n    dnssec_keys: []", "dnssec_keys: List should have at least 1 item"),
+    ("dnssec: true\n    dnssec_keys: ['Key 1']", "dnssec_keys.0: String should match pattern"),
+])
+def test_bad_dnssec_keys_name_the_zone_and_the_key(options, message):
+    with pytest.raises(dns.ZonesError) as info:
+        dns.load(f"zones:\n  {Z}:\n    {options}\n    records: []\n", PROD.regions)
+    assert str(info.value).startswith(f"zones.yaml: zone {Z}: {message}"), str(info.value)
+
+
+def test_a_signed_zone_sends_every_region_the_same_keys_and_the_registrar_their_ds(tmp_path):
+    raw, secret_keys = stack_raw("production")
+    signed = tmp_path / "zones.yaml"
+    signed.write_text(f"zones:\n  {Z}:\n    dnssec: true\n    dnssec_keys: ['2026', '2027']\n    records: []\n"
+                      "  ciris-services-2.ai: []\n")
+    raw["ciris-bridge:zones_file"] = str(signed)
+    p = plan.run("production", raw, secret_keys)
+    sent = {}
+    for region in ("us-east", "eu-west"):
+        sync = next(r for r in p.registrations if r.name == f"{region}-dns-sync")
+        zones = {z["name"]: z for z in json.loads(mocks.unwrap(sync.inputs)["stdin"])["zones"]}
+        assert "keys" not in zones["ciris-services-2.ai."]
+        sent[region] = zones[f"{Z}."]["keys"]
+        # The trigger moves with the keys' public halves, never their private ones.
+        assert all(k["private"].split()[-1] not in json.dumps(mocks.unwrap(sync.inputs)["triggers"]) for k in sent[region])
+    assert sent["us-east"] == sent["eu-west"] and [k["name"] for k in sent["us-east"]] == ["2026", "2027"]
+    assert "dnssec_ds" not in p.secret_outputs
+    assert p.outputs["dnssec_ds"] == {Z: [dnssec.ds_record(Z, k["dnskey"]) for k in sent["us-east"]]}
+    assert all(re.fullmatch(r"\d+ 13 2 [0-9a-f]{64}", ds) for ds in p.outputs["dnssec_ds"][Z])
