@@ -46,13 +46,13 @@ PermitEmptyPasswords no
 X11Forwarding no
 """
 
-# Container logs go to journald (the compose files' log driver): kept 14 days by time (FSD §9.4),
-# and never more than 2 GB.
+# Container logs go to journald (the compose files' log driver): kept 14 days by time (FSD §9.4).
+# The size cap fits each host's disk: journald's own, 10 % of the filesystem (at most 4 GB), and
+# it leaves 15 % free -- 1 GB on the witness's 10 GB disk, 4 GB on a region's 40-80 GB one.
 JOURNALD = """\
 [Journal]
 Storage=persistent
 MaxRetentionSec=14day
-SystemMaxUse=2G
 """
 
 # Docker starts only once the data volume is mounted: otherwise Postgres would start on an empty
@@ -101,8 +101,19 @@ case $rc in
 esac
 uuid=$(blkid -s UUID -o value "$dev")
 mkdir -p "$mnt"
-grep -q "UUID=$uuid" /etc/fstab || echo "UUID=$uuid $mnt ext4 defaults,nofail,discard 0 2" >> /etc/fstab
-mountpoint -q "$mnt" || mount "$mnt"
+fstab=${CIRIS_FSTAB:-/etc/fstab}
+grep -q "UUID=$uuid" "$fstab" || echo "UUID=$uuid $mnt ext4 defaults,nofail,discard 0 2" >> "$fstab"
+# A volume grown in config (volume_gb) arrives bigger: the filesystem grows with it, online when
+# mounted (a full disk stops every write: availability first, so a failure here only warns).
+fs_bytes=$(dumpe2fs -h "$dev" 2>/dev/null | awk -F: '/^Block count/ {c = $2} /^Block size/ {s = $2} END {print c * s}')
+if [ "$(blockdev --getsize64 "$dev")" -gt "${fs_bytes:-0}" ]; then
+  if mountpoint -q "$mnt"; then grown=$(resize2fs "$dev" 2>&1) || rc=$?
+  else grown=$(e2fsck -fp "$dev" 2>&1 && resize2fs "$dev" 2>&1) || rc=$?
+  fi
+  [ "${rc:-0}" -eq 0 ] && echo "ciris-prepare-volume: grew the filesystem on $dev to $(blockdev --getsize64 "$dev") bytes" >&2 \
+    || echo "ciris-prepare-volume: could not grow the filesystem on $dev: $grown" >&2
+fi
+mountpoint -q "$mnt" || mount -T "$fstab" "$mnt"
 """
 
 

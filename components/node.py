@@ -157,7 +157,9 @@ class Node(pulumi.ComponentResource):
                 lambda d: deploy.remote(deploy.DEPLOY, cloud_init.BUNDLE_DIR, *([d] if d else []))),
             stdin=payload,
             # The digest of the bundle, not the bundle: a changed file redeploys, no secret shows.
-            triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest())],
+            # A grown volume redeploys too: the deploy grows its filesystem (ciris-prepare-volume).
+            triggers=[payload.apply(lambda b: hashlib.sha256(b.encode()).hexdigest()),
+                      *([f"volume_gb={self.spec.volume_gb}"] if self.spec.volume_gb else [])],
             opts=pulumi.ResourceOptions(parent=self, depends_on=[*self.host.ready, *self.openings, *shipped, *(after or [])]),
         )
         return self.deploy

@@ -221,7 +221,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             return pgc.patroni_yml(
                 name=pgc.member_name(member.spec.name), address=address, etcd_hosts=hosts, tls=TLS_FILES,
                 passwords=shown, data_dir=PGDATA, socket_dir=SOCKET_DIR, hba=hba_text, archive_config=archive,
-                post_bootstrap=POST_BOOTSTRAP, timing=self._timing,
+                post_bootstrap=POST_BOOTSTRAP, timing=self._timing, wal_budget=pgc.wal_budget_mb(member.spec.volume_gb),
                 # Without a witness the consensus lives beside the declared primary: only it may lead.
                 nofailover=self.witness is None and member is not self._members[0])
 
@@ -229,7 +229,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         conf = pulumi.Output.all(*inputs, *[passwords[r] for r in PASSWORD_ROLES]).apply(patroni)
         shown_conf = pulumi.Output.all(*inputs).apply(lambda a: patroni([*a], secret=False))
         env = passwords["app"].apply(lambda pw: env_file({"BILLING_PASSWORD": pw, **self._pgbackrest_env()}))
-        archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf()} if self._backup else {}
+        archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf(member)} if self._backup else {}
         if self._backup and self._backup.ca_cert:
             archive_files["postgres/etc/s3-ca.crt"] = self._backup.ca_cert
         member.add_service(
@@ -304,11 +304,12 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             shown={"postgres/backup.env": "[secret: DATABASE_URL, BACKUP_* settings and keys, pgBackRest keys]\n"},
         )
 
-    def _pgbackrest_conf(self) -> str:
+    def _pgbackrest_conf(self, member: Region) -> str:
         b = self._backup
         return pgc.pgbackrest_conf(
             endpoint=b.s3_endpoint, bucket=b.bucket, region=b.region, retention_days=b.retention_days,
             pg_path=PGDATA, socket_dir=SOCKET_DIR, pg_port=PORT, ca_file=S3_CA_FILE if b.ca_cert else None,
+            queue_max_mb=pgc.wal_budget_mb(member.spec.volume_gb),
         )
 
     def _pgbackrest_env(self) -> dict[str, str]:

@@ -49,12 +49,20 @@ def _unquoted(settings: dict[str, str]) -> dict[str, str]:
     return {k: v[1:-1].replace("''", "'") if v.startswith("'") else v for k, v in settings.items()}
 
 
+def wal_budget_mb(volume_gb: int) -> int:
+    """The WAL a member may keep for what is not done with it (ADR 22): an absent replica's slot
+    (max_slot_wal_keep_size) and, separately, WAL that archiving could not send yet (pgBackRest's
+    archive-push-queue-max). A quarter of the data volume each, 2 GB on a host without one."""
+    return volume_gb * 1024 // 4 if volume_gb else 2048
+
+
 def server_parameters(
     *,
     tls: Tls,
     socket_dir: str = "/var/run/postgresql",
     archive_config: str | None = None,
     sender_timeout_s: int = 10,
+    wal_budget: int = wal_budget_mb(0),
 ) -> dict[str, str]:
     """The settings every member runs with, whichever role it has (a promoted replica is ready as
     it is). `sender_timeout_s`: how soon a primary notices a standby that vanished without closing
@@ -72,6 +80,9 @@ def server_parameters(
         "max_wal_senders": "10",
         "max_replication_slots": "10",
         "wal_log_hints": "on",  # lets pg_rewind turn an old primary into a replica
+        # A replica away longer than this much WAL loses its slot (it catches up from the archive or
+        # is cloned again) instead of filling the primary's disk.
+        "max_slot_wal_keep_size": f"{wal_budget}MB",
         "hot_standby": "on",
         "synchronous_commit": "on",
         "wal_sender_timeout": f"{sender_timeout_s}s",
@@ -161,6 +172,7 @@ def patroni_yml(
     timing: HaTiming = HaTiming(),
     pgpass: str = "/tmp/pgpass-patroni",
     nofailover: bool = False,
+    wal_budget: int = wal_budget_mb(0),
 ) -> str:
     """Patroni's configuration for one member (the same for every member but its name/address).
 
@@ -173,7 +185,7 @@ def patroni_yml(
     Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
     peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
     patroni_parameters = _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
-                                                     sender_timeout_s=timing.sender_timeout_s))
+                                                     sender_timeout_s=timing.sender_timeout_s, wal_budget=wal_budget))
     doc = {
         "scope": SCOPE,
         "namespace": "/ciris/",
@@ -287,6 +299,7 @@ def pgbackrest_conf(
     repo_path: str = "/pgbackrest",
     ca_file: str | None = None,
     spool_path: str = "/tmp/pgbackrest",
+    queue_max_mb: int = wal_budget_mb(0),
 ) -> str:
     """pgBackRest's configuration for the stanza, repository in the same S3 bucket as the dumps.
 
@@ -294,6 +307,9 @@ def pgbackrest_conf(
     cipher passphrase are not in the file: pgBackRest reads PGBACKREST_REPO1_S3_KEY,
     PGBACKREST_REPO1_S3_KEY_SECRET and PGBACKREST_REPO1_CIPHER_PASS from the environment.
     Full backups are kept `retention_days` days, with the WAL needed to recover to any moment since.
+    Archiving is asynchronous so that `queue_max_mb` bounds what waits while the bucket cannot be
+    reached: beyond it pgBackRest drops WAL from the archive (a gap in point-in-time recovery until
+    the next full backup) rather than fill the disk and stop every write (ADR 22).
     """
     url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
     if url.scheme != "https" or not url.hostname:
@@ -314,6 +330,8 @@ def pgbackrest_conf(
         "log-level-file": "off",
         "lock-path": spool_path,
         "spool-path": spool_path,
+        "archive-async": "y",
+        "archive-push-queue-max": f"{queue_max_mb}MiB",
     }
     if url.port:
         repo["repo1-storage-port"] = str(url.port)

@@ -10,6 +10,7 @@ REPLICATION_STATUS_SQL, the query replication_health() reads).
 
     ciris_pg_up                       1 if the local server answered, else 0 (and nothing below)
     ciris_pg_is_primary               1 on the primary, 0 on a replica
+    ciris_pg_wal_bytes                bytes in pg_wal; ciris_pg_wal_budget_bytes: what it may hold (ADR 22)
   on the primary only (a replica reports none of these):
     ciris_pg_replicas_expected        the other members, all of which should stream
     ciris_pg_replicas_streaming       how many of them stream now
@@ -34,7 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 CONFIG = "/etc/ciris-postgres/exporter.json"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATE_SQL = """SELECT json_build_object('primary', NOT pg_is_in_recovery(),
-  'archived', EXTRACT(EPOCH FROM last_archived_time), 'failed', EXTRACT(EPOCH FROM last_failed_time)) FROM pg_stat_archiver"""
+  'archived', EXTRACT(EPOCH FROM last_archived_time), 'failed', EXTRACT(EPOCH FROM last_failed_time),
+  'wal', (SELECT COALESCE(sum(size), 0) FROM pg_ls_waldir()),
+  'wal_budget', pg_size_bytes(current_setting('max_slot_wal_keep_size'))) FROM pg_stat_archiver"""
 
 
 def psql(conf: dict, sql: str):
@@ -80,6 +83,10 @@ def render(state: dict | None, rows: list, replicas: list[str], backup: float | 
     gauge("ciris_pg_up", "1 if the local PostgreSQL answered the exporter", [({}, state is not None)])
     if state is not None:
         gauge("ciris_pg_is_primary", "1 if this member is the primary", [({}, state["primary"])])
+        gauge("ciris_pg_wal_bytes", "Bytes in pg_wal", [({}, state.get("wal") or 0)])
+        if (state.get("wal_budget") or -1) > 0:
+            gauge("ciris_pg_wal_budget_bytes", "The WAL an absent replica or failing archiving may hold "
+                  "(max_slot_wal_keep_size; pgBackRest's archive-push-queue-max is the same)", [({}, state["wal_budget"])])
     if state is not None and state["primary"]:
         mine = [r for r in rows if r[0] in replicas]
         gauge("ciris_pg_replicas_expected", "Replicas that should stream from this primary", [({}, len(replicas))])

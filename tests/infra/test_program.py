@@ -297,6 +297,20 @@ def test_volume_is_prepared_before_services_start():
     assert vultr_deploy.inputs["create"] == deploy_script.remote(deploy_script.DEPLOY, "/srv/ciris")  # no volume there
 
 
+def test_a_grown_volume_redeploys_its_host():
+    """volume_gb raised: the volume grows and its host's deploy runs again (which grows the
+    filesystem: ciris-prepare-volume, tests/infra/test_prepare_volume.py). (The other hosts'
+    bundles change only for the monthly cost monitoring shows.)"""
+    before = {r.name: r for r in run("production").registrations}
+    raw, secret_keys = stack_raw("production")
+    next(r for r in raw["ciris-bridge:regions"] if r["name"] == "eu-west")["volume_gb"] = 40
+    after = {r.name: r for r in run("production", raw, secret_keys).registrations}
+    assert after["eu-west-volume"].inputs["size"] == 40
+    triggers = lambda regs, host: list(mocks.unwrap(regs[f"{host}-deploy"].inputs)["triggers"])
+    assert triggers(before, "eu-west")[1:] == ["volume_gb=20"] and triggers(after, "eu-west")[1:] == ["volume_gb=40"]
+    assert triggers(after, "us-east")[1:] == []  # no volume there
+
+
 def test_firewall_normalize_ignores_non_firewall_resources():
     assert firewall.normalize("hcloud:index/sshKey:SshKey", {"publicKey": "x"}) == []
 

@@ -83,6 +83,10 @@ def test_the_primary_reports_replication_and_the_replica_says_it_is_one(exporter
     assert there["ciris_pg_up"] == 1 and there["ciris_pg_is_primary"] == 0
     assert not [k for k in there if k.startswith(("ciris_pg_replica", "ciris_pg_sync", "ciris_pg_archiver"))], there
     assert "ciris_backup_last_success_timestamp_seconds" not in there  # no backup status written yet
+    # Every member: its WAL and the budget it may hold (max_slot_wal_keep_size, rendered: ADR 22).
+    for scraped in (got, there):
+        assert scraped["ciris_pg_wal_budget_bytes"] == pgc.wal_budget_mb(0) * 1024 * 1024
+        assert 16 * 1024 * 1024 <= scraped["ciris_pg_wal_bytes"] < scraped["ciris_pg_wal_budget_bytes"]
 
 
 def test_a_stopped_replica_drops_streaming_and_sync(exporters):

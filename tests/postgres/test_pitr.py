@@ -132,6 +132,41 @@ def test_point_in_time_recovery_from_archived_wal(archived):
         restored.stop("immediate")
 
 
+def test_archiving_that_fails_for_a_while_keeps_wal_within_its_budget_and_writes_go_on(archived):
+    """The bucket unreachable (ADR 22): WAL waiting to be archived stays within the queue budget
+    (pgBackRest drops it from the archive and says so) instead of growing until the disk is full,
+    and every write commits meanwhile. Without the budget the waiting WAL would grow by a segment per
+    switch below."""
+    root, tls, cluster, pgbackrest, s3 = archived
+    assert pgbackrest("stanza-create").returncode == 0
+    conf = root / "pgbackrest.conf"
+    unreachable = pgc.pgbackrest_conf(
+        endpoint=f"https://{S3_ADDR}:{free_port()}", bucket=BUCKET, region="fsn1", retention_days=30,
+        pg_path=str(cluster.data), socket_dir=str(cluster.socket_dir), pg_port=cluster.port,
+        spool_path=str(root / "pgbackrest-spool"), queue_max_mb=48,  # three 16 MB segments
+    )
+    # Each attempt gives up after seconds, not production's minute, to keep the test short; the
+    # drop does not depend on it (a new push drops the queue once it is over the budget).
+    conf.write_text(unreachable.replace("[global]\n", "[global]\nio-timeout=2\narchive-timeout=4\n"))
+    status = cluster.data / "pg_wal" / "archive_status"
+    with cluster.connect(dbname=pgc.DATABASE) as conn:
+        conn.autocommit = True
+        conn.execute("CREATE TABLE ledger (id serial PRIMARY KEY, note text NOT NULL)")
+        for i in range(12):
+            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (f"written while the bucket is away {i}",))
+            conn.execute("SELECT pg_switch_wal()")
+            time.sleep(1)
+        assert conn.execute("SELECT count(*) FROM ledger").fetchone()[0] == 12
+    deadline = time.time() + 90
+    while True:
+        waiting = len(list(status.glob("*.ready")))
+        dropped = "because archive queue exceeded" in cluster.log.read_text()
+        if dropped and waiting <= 3:  # the budget: three segments
+            break
+        assert time.time() < deadline, f"{waiting} segments wait to be archived (dropped: {dropped})"
+        time.sleep(1)
+
+
 def test_repository_is_encrypted_and_wrong_passphrase_reads_nothing(archived):
     root, tls, cluster, pgbackrest, s3 = archived
     assert pgbackrest("stanza-create").returncode == 0
