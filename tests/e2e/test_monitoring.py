@@ -1,7 +1,7 @@
 """The monitoring stack of `make local` (issue #16): every host (the regions and the witness) runs
 Prometheus, Alertmanager and the exporters from the shipped image and compose files; each probes
 every region; the Alertmanagers form one cluster; a region gone dark becomes one alert, without the
-vantage point that saw it, and it resolves when the region is back."""
+vantage point that saw it, and it resolves when the region is back; so does a lost etcd member."""
 
 from __future__ import annotations
 
@@ -84,38 +84,58 @@ def test_every_host_watches_every_region_and_its_alertmanagers_are_one_cluster(s
         assert [a["labels"] for a in firing(address, heartbeat=True)] == [{"alertname": "Heartbeat", "severity": "heartbeat"}]
 
 
-def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack):
+def test_a_region_gone_dark_and_a_lost_etcd_member_each_page_and_resolve(stack):
+    """Two faults at once (their alerts' waits overlap; each is checked as if alone):
+    - a region's edge and DNS go dark: one RegionDown per Alertmanager, without the vantage point
+      that saw it, what it explains inhibited; it resolves when the region is back;
+    - the witness's etcd stops: the regions' members see their peer go (EtcdMemberMissing,
+      critical) and the witness's own Prometheus cannot scrape it (EtcdMemberDown); both end when
+      it is back."""
     every = hosts()
     region = stack.regions[-1]
     dark = [f"ciris-{region['name']}-{service}-1" for service in ("edge", "dns")]
+    etcd = "ciris-witness-etcd-1"
     observers = {name: address for name, address in every.items() if name != region["name"]}
 
-    def region_down(address):
-        return [a for a in firing(address) if a["labels"]["alertname"] == "RegionDown"
-                and a["labels"]["region"] == region["name"]]
+    def named(address, alertname):
+        return [a for a in firing(address) if a["labels"]["alertname"] == alertname]
 
-    stack.podman("stop", "-t", "2", *dark)
+    def region_down(address):
+        return [a for a in named(address, "RegionDown") if a["labels"]["region"] == region["name"]]
+
+    stack.podman("stop", "-t", "2", *dark, etcd)
     try:
-        # Probes every 60 s, `for: 2m`, evaluated every 30 s.
+        # Probes every 60 s, scrapes every 30 s, `for: 2m`, evaluated every 30 s.
         for name, address in observers.items():
             wait(f"{name} sees RegionDown for {region['name']}", lambda address=address: region_down(address), budget=300)
+        for r in stack.regions:
+            missing = wait(f"{r['name']} sees EtcdMemberMissing", lambda r=r: named(every[r["name"]], "EtcdMemberMissing"),
+                           budget=300)
+            assert [a["labels"]["severity"] for a in missing] == ["critical"], missing
+            assert not named(every[r["name"]], "EtcdNoLeader")  # two of three members: still a majority
+        wait("the witness sees EtcdMemberDown", lambda: named(every["witness"], "EtcdMemberDown"), budget=120)
         for name, address in observers.items():
-            alerts = wait(f"{name}'s Alertmanager has the alert", lambda address=address: [
+            sent = wait(f"{name}'s Alertmanager has the alert", lambda address=address: [
                 a for a in api(address, 9093, "/api/v2/alerts?filter=alertname%3D%22RegionDown%22")
                 if a["labels"].get("region") == region["name"]], budget=90)
             # One alert per Alertmanager however many hosts saw it: the vantage label is dropped.
-            assert len(alerts) == 1 and "vantage" not in alerts[0]["labels"], alerts
-            assert alerts[0]["labels"]["severity"] == "warning"
+            assert len(sent) == 1 and "vantage" not in sent[0]["labels"], sent
+            assert sent[0]["labels"]["severity"] == "warning"
             # What RegionDown explains is inhibited, not sent as well.
             checks = [a for a in api(address, 9093, "/api/v2/alerts?filter=alertname%3D%22RegionCheckFailing%22")
                       if a["labels"].get("region") == region["name"]]
             assert all(a["status"]["state"] == "suppressed" for a in checks), checks
         assert not any(a["labels"]["alertname"] == "AllRegionsDown" for a in firing(every["witness"]))
     finally:
-        stack.podman("start", *dark)
+        stack.podman("start", *dark, etcd)
     for name, address in observers.items():
         # A probe (60 s) and an evaluation (30 s) after it is back, plus RegionDown's keep_firing_for (2 m).
         wait(f"{name}: RegionDown resolves", lambda address=address: not region_down(address), budget=420)
+    for name, address in every.items():
+        wait(f"{name}: the etcd alerts resolve", lambda address=address: not [
+            a for a in firing(address) if a["labels"]["alertname"].startswith("Etcd")], budget=240)
+    wait("the witness's etcd container is healthy again", lambda: stack.podman(
+        "inspect", "--format", "{{.State.Health.Status}}", etcd).strip() == "healthy", budget=120)
     # Every probe of it passes again before the next test (Podman may leave UDP to a restarted
     # container unanswered for a minute).
     for name, address in every.items():
@@ -123,30 +143,3 @@ def test_a_region_gone_dark_is_one_alert_without_its_vantage_and_resolves(stack)
             t["health"] == "up" for t in targets(address)) and not [
             r for r in api(address, 9090, "/api/v1/query?query=" + quote(f'probe_success{{region="{region["name"]}"}} == 0'))["data"]["result"]],
             budget=300)
-
-
-def test_a_lost_etcd_member_pages_from_the_others_and_resolves_when_it_rejoins(stack):
-    """The witness's etcd stops: the regions' members see their peer go (EtcdMemberMissing, critical)
-    and the witness's own Prometheus cannot scrape it (EtcdMemberDown); both end when it is back."""
-    every = hosts()
-    container = "ciris-witness-etcd-1"
-
-    def alerts(address, name):
-        return [a for a in firing(address) if a["labels"]["alertname"] == name]
-
-    stack.podman("stop", "-t", "2", container)
-    try:
-        # Scrapes every 30 s, `for: 2m`, evaluated every 30 s.
-        for region in stack.regions:
-            missing = wait(f"{region['name']} sees EtcdMemberMissing", lambda r=region: alerts(every[r["name"]], "EtcdMemberMissing"),
-                           budget=300)
-            assert [a["labels"]["severity"] for a in missing] == ["critical"], missing
-            assert not alerts(every[region["name"]], "EtcdNoLeader")  # two of three members: still a majority
-        wait("the witness sees EtcdMemberDown", lambda: alerts(every["witness"], "EtcdMemberDown"), budget=120)
-    finally:
-        stack.podman("start", container)
-    for name, address in every.items():
-        wait(f"{name}: the etcd alerts resolve", lambda address=address: not [
-            a for a in firing(address) if a["labels"]["alertname"].startswith("Etcd")], budget=240)
-    wait("the witness's etcd container is healthy again", lambda: stack.podman(
-        "inspect", "--format", "{{.State.Health.Status}}", container).strip() == "healthy", budget=120)
