@@ -74,6 +74,8 @@ def build(config: BridgeConfig) -> Bridge:
             signup_credits=config.services.signup_credits,
             secrets={k: config.secret(k) for k in ("stripe_secret_key", "stripe_webhook_secret")},
             sign_in=config.sign_in,
+            jwt_keys=tuple(config.services.jwt_keys),
+            jwt_signing_key=config.services.signing_key,
         ),
     )
     fake_upstream = None

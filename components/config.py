@@ -178,6 +178,11 @@ class Services(_Model):
         default=None, description="most output tokens one request buys, by proxy model; more asked is lowered to it"
     )
 
+    # Billing's token signing keys by name (ADR 21, docs/runbook-secrets.md): every one verifies, one signs.
+    jwt_keys: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]] = Field(
+        default=["1"], min_length=1, max_length=2, description="billing's token keys; two only while one replaces the other")
+    jwt_signing_key: str | None = Field(default=None, description="the one of jwt_keys billing signs with (default: the first)")
+
     # One charge per agent interaction (README "Proxy": interactions, ADR 8). None: the payload's defaults
     # (a window of 300 s, 80 calls and 1,000,000 tokens per region).
     proxy_interaction_window_seconds: int | None = Field(
@@ -186,6 +191,10 @@ class Services(_Model):
         default=None, ge=1, le=100_000, description="calls one interaction charge buys per region; the next starts a new charge")
     proxy_interaction_max_tokens: int | None = Field(
         default=None, ge=1, le=1_000_000_000, description="tokens one interaction charge buys per region; past them a new charge")
+
+    @property
+    def signing_key(self) -> str:
+        return self.jwt_signing_key or self.jwt_keys[0]
 
     @model_validator(mode="after")
     def _proxy_models_exist(self) -> "Services":
@@ -358,6 +367,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     if config.services.fake_llm_upstream and config.environment != "local":
         raise ConfigError(f"{PROJECT}:services.fake_llm_upstream", f"is for environment local only, not {config.environment}")
     _check_cost(config)
+    _check_jwt_keys(config.services)
     _check_alerts(config)
     _check_webhook_secrets(config)
     try:
@@ -500,6 +510,15 @@ def _check_names(config: BridgeConfig) -> None:
                 if name in taken:
                     raise ConfigError(f"{PROJECT}:{key}", f"{name!r} is already {taken[name]}")
                 taken[name] = key
+
+
+def _check_jwt_keys(services: Services) -> None:
+    for i, name in enumerate(services.jwt_keys):
+        if name in services.jwt_keys[:i]:
+            raise ConfigError(f"{PROJECT}:services.jwt_keys[{i}]", f"duplicate key name {name!r}")
+    if services.signing_key not in services.jwt_keys:
+        raise ConfigError(f"{PROJECT}:services.jwt_signing_key", f"{services.signing_key!r} is not one of services.jwt_keys "
+                                                                 f"({', '.join(services.jwt_keys)}); add it there first")
 
 
 def _check_alerts(config: BridgeConfig) -> None:

@@ -34,7 +34,7 @@ class Site:
 
 
 # What clients may reach; everything else (metrics, admin, docs UIs) is internal.
-BILLING_PATHS = ("/health", "/openapi.json", "/v1/*")
+BILLING_PATHS = ("/health", "/openapi.json", "/.well-known/jwks.json", "/v1/*")  # jwks: its token keys (ADR 21)
 PROXY_PATHS = ("/health", "/ready", "/v1/*")  # /ready: can a paid call be served (monitoring)
 PROXY_MAX_BODY = 512 * 1024  # = components.proxy.MAX_BODY_BYTES, the proxy's own cap (a test checks)
 

@@ -35,11 +35,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
 from components import config, deploy, local_oidc, local_s3, plan as plan_mod, postgres_config, services, witness as witness_mod
 from components import release as release_mod
+from components.billing import mint
 from components.mocks import unwrap
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,10 +338,7 @@ def bundle_file(payload: str, path: str) -> str:
 
 
 def admin_token(jwt_pem: str, hours: int = 24) -> str:
-    now = int(time.time())
-    claims = {"sub": "local-admin", "role": "admin", "iss": "ciris-billing", "aud": "ciris-bridge",
-              "iat": now, "exp": now + hours * 3600}
-    return jwt.encode(claims, load_pem_private_key(jwt_pem.encode(), password=None), algorithm="EdDSA")
+    return mint(jwt_pem, "local-admin", "admin", hours * 3600)
 
 
 def alive(pid: int) -> bool:

@@ -2,10 +2,11 @@
 behind that region's edge, calling that region's billing service (FSD §4.3, ADR 8).
 
 The upstream config is rendered here by the payload's own renderer and shipped in the bundle; it
-holds no secret. The environment file carries the provider keys and the proxy's billing service
-token. That token is signed here with billing's key: Ed25519 signatures
+holds no secret, nor does billing's key set (the JWK Set billing's tokens verify with, the same file
+in every region). The environment file carries the provider keys and the proxy's billing service
+token. That token is signed here with billing's signing key: Ed25519 signatures
 are deterministic, so the same claims give the same token and `pulumi preview` shows no change
-until `services.proxy_token_expires` is moved (ADR 8).
+until `services.proxy_token_expires` or `services.jwt_signing_key` is moved (ADR 8, ADR 21).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import datetime
 import sys
 from dataclasses import dataclass, field
 
-import jwt
 import pulumi
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from components.billing import PORT as BILLING_PORT, Billing
+from components.billing import PORT as BILLING_PORT, Billing, mint
 from components.region import Region
 from components.services import PAYLOADS, ContainerSpec, env_file, payload_files
 
@@ -32,7 +31,7 @@ PORT = 4000
 # SIGTERM to SIGKILL: the longest call it serves (a minute per provider attempt, with fallbacks) ends first.
 STOP_GRACE_SECONDS = 180
 CONFIG_PATH = "/etc/ciris-proxy/config.yaml"
-PUBLIC_KEY_PATH = "/run/secrets/billing-public.pem"
+JWKS_PATH = "/etc/ciris-proxy/billing-jwks.json"  # billing's key set (ADR 21)
 TOKEN_WARN_DAYS = 60
 PROVIDER_SECRETS = {"together_api_key": "TOGETHER_API_KEY", "groq_api_key": "GROQ_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
 
@@ -45,11 +44,11 @@ def config_text(aliases: dict[str, str] | None = None, vision_model: str | None 
 
 
 def service_token(private_key_pem: str, sub: str, expires: datetime.date) -> str:
-    """Billing's service token for one region's proxy; the same inputs always give the same token."""
+    """Billing's service token for one region's proxy, signed (and its kid named) with billing's
+    signing key; the same inputs always give the same token."""
     exp = int(datetime.datetime.combine(expires, datetime.time(), datetime.timezone.utc).timestamp())
-    claims = {"sub": sub, "role": "service", "iss": "ciris-billing", "aud": "ciris-bridge",
-              "iat": exp - 2 * 366 * 86_400, "exp": exp}
-    return jwt.encode(claims, load_pem_private_key(private_key_pem.encode(), password=None), algorithm="EdDSA")
+    lifetime = 2 * 366 * 86_400
+    return mint(private_key_pem, sub, "service", lifetime, now=exp - lifetime)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ class Proxy(pulumi.ComponentResource):
                 return env_file({
                     "BILLING_URL": f"http://billing:{BILLING_PORT}",
                     "BILLING_SERVICE_TOKEN": tok,
-                    "BILLING_PUBLIC_KEY_FILE": PUBLIC_KEY_PATH,
+                    "BILLING_JWKS_FILE": JWKS_PATH,
                     **{var: args.secrets.get(key) or "" for key, var in PROVIDER_SECRETS.items()},
                     **fake,
                     "PRICE_PER_INTERACTION_CENTS": args.price_per_interaction_cents,
@@ -120,7 +119,7 @@ class Proxy(pulumi.ComponentResource):
                     image="ciris-proxy:local",
                     build="./proxy",
                     env_file="./proxy/env",
-                    volumes=(f"./proxy/config.yaml:{CONFIG_PATH}:ro", f"./proxy/billing-public.pem:{PUBLIC_KEY_PATH}:ro",
+                    volumes=(f"./proxy/config.yaml:{CONFIG_PATH}:ro", f"./proxy/billing-jwks.json:{JWKS_PATH}:ro",
                              "proxy-journal:/var/lib/ciris-proxy"),
                     # Its calls (a minute per provider, with fallbacks) finish before it stops.
                     rolling=True, stop_grace_seconds=STOP_GRACE_SECONDS,
@@ -128,7 +127,7 @@ class Proxy(pulumi.ComponentResource):
                 {
                     **source,
                     "proxy/config.yaml": rendered,
-                    "proxy/billing-public.pem": args.billing.public_key_pem,
+                    "proxy/billing-jwks.json": args.billing.jwks,
                     "proxy/env": pulumi.Output.secret(token.apply(render)),
                 },
                 private={"proxy/env": 0},

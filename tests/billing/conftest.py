@@ -34,8 +34,10 @@ PAYLOAD = REPO / "payloads" / "billing"
 sys.path.insert(0, str(PAYLOAD))  # the payload's own modules (settings, chain) for unit checks
 WEBHOOK_SECRET = "whsec_test_secret"
 OTHER_REGION_WEBHOOK_SECRET = "whsec_test_other_region"  # Stripe signs each region's endpoint with its own
-KEY = Ed25519PrivateKey.generate()
+KEY = Ed25519PrivateKey.generate()  # the signing key
 KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+# The key KEY replaced as the signer, still published while its tokens may be in use (ADR 21).
+PREVIOUS_KEY = Ed25519PrivateKey.generate()
 
 
 class FakeStripe:
@@ -240,6 +242,16 @@ def play_api() -> FakePlay:
     return fake_play()
 
 
+@functools.cache
+def jwks_file() -> Path:
+    """The published key set, as the program ships it to every billing and proxy: both keys."""
+    from billing import jwks
+
+    path = scratch("ciris-jwks-") / "jwks.json"
+    path.write_text(jwks.render([PREVIOUS_KEY.public_key(), KEY.public_key()]))
+    return path
+
+
 @pytest.fixture(scope="session")
 def billing(cluster, stripe_api, tmp_path_factory):
     env = {
@@ -249,6 +261,7 @@ def billing(cluster, stripe_api, tmp_path_factory):
         "GOOGLE_PLAY_API_BASE": fake_play().url,
         "DATABASE_URL": database_url(cluster),
         "BILLING_JWT_PRIVATE_KEY": KEY_PEM,
+        "BILLING_JWKS_FILE": str(jwks_file()),
         "STRIPE_SECRET_KEY": "sk_test_CANARY_stripe_key",
         "STRIPE_WEBHOOK_SECRET": f"{WEBHOOK_SECRET}, {OTHER_REGION_WEBHOOK_SECRET}",
         "STRIPE_API_BASE": stripe_api.url,
@@ -268,11 +281,19 @@ def billing(cluster, stripe_api, tmp_path_factory):
     service.stop()
 
 
-def token(role: str = "admin", sub: str = "ops", key=KEY, **claims) -> str:
+def kid(key=KEY) -> str:
+    from billing import jwks
+
+    return jwks.thumbprint(key.public_key())
+
+
+def token(role: str = "admin", sub: str = "ops", key=KEY, headers: dict | None = None, **claims) -> str:
+    """As billing mints it: its key named in the header (kid); `headers={}` for a token from before kids."""
     # Valid 4 h: ADMIN and SERVICE below are made once, at import, and the whole suite runs ~20 min.
     now = int(time.time())
     body = {"sub": sub, "role": role, "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 4 * 3600, **claims}
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="EdDSA")
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="EdDSA",
+                      headers={"kid": kid(key)} if headers is None else headers)
 
 
 def bearer(role: str = "admin", sub: str = "ops", **claims) -> dict:

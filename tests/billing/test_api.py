@@ -8,13 +8,30 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.billing.conftest import ADMIN, SERVICE, balance, bearer, new_user
+from tests.billing.conftest import ADMIN, KEY, PREVIOUS_KEY, SERVICE, balance, bearer, jwks_file, kid, new_user
 
 
 def test_health_and_openapi(api):
     assert api.get("/health").json() == {"status": "healthy"}
     doc = api.get("/openapi.json").json()
     assert {"/v1/credits/consume", "/v1/credits/holds", "/v1/webhooks/stripe", "/v1/usage/{user_id}"} <= set(doc["paths"])
+
+
+def test_the_published_key_set_is_public_and_verifies_billings_tokens(api):
+    """GET /.well-known/jwks.json (ADR 21): every key billing's tokens verify with, as the program
+    ships it, by kid; public keys only; no credential needed; cacheable."""
+    r = api.get("/.well-known/jwks.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.headers["cache-control"] == "public, max-age=300"
+    assert r.text == jwks_file().read_text()
+    entries = r.json()["keys"]
+    assert [e["kid"] for e in entries] == [kid(PREVIOUS_KEY), kid(KEY)]
+    assert all(set(e) == {"kty", "crv", "x", "kid", "alg", "use"} and (e["kty"], e["crv"], e["alg"], e["use"]) == ("OKP", "Ed25519", "EdDSA", "sig")
+               for e in entries)
+    user = new_user(api)
+    access = api.post("/v1/auth/token", json={"user_id": user}, headers=ADMIN).json()["access_token"]
+    key = jwt.PyJWKSet.from_dict(r.json())[jwt.get_unverified_header(access)["kid"]]
+    assert jwt.decode(access, key, algorithms=["EdDSA"], audience="ciris-bridge")["sub"] == user
 
 
 def test_serving_until_a_deploy_drains_it_while_every_route_still_answers(api, billing):

@@ -79,6 +79,8 @@ def test_no_request_values_in_the_log(api, billing):
     ({"DATABASE_URL": "mysql://x"}, "billing: DATABASE_URL must be a postgresql:// URL"),
     ({"BILLING_JWT_PRIVATE_KEY": "not a key"}, "billing: BILLING_JWT_PRIVATE_KEY is not a PEM private key"),
     ({"BILLING_JWT_PRIVATE_KEY": "", "BILLING_JWT_PRIVATE_KEY_FILE": "/nonexistent"}, "billing: BILLING_JWT_PRIVATE_KEY_FILE cannot be read"),
+    ({"BILLING_JWKS_FILE": "/nonexistent"}, "billing: BILLING_JWKS_FILE cannot be read"),
+    ({"BILLING_JWKS": '{"keys": []}'}, "billing: BILLING_JWKS holds no keys"),
     ({"PORT": "eighty"}, "billing: PORT must be an integer, got 'eighty'"),
     ({"PRICE_PER_INTERACTION_CENTS": "0"}, "billing: PRICE_PER_INTERACTION_CENTS must be between 1 and 1000000, got 0"),
     ({"CREDIT_PACKS": "500"}, "billing: CREDIT_PACKS must be credits:price_cents pairs"),

@@ -7,31 +7,47 @@ import json
 import time
 import uuid
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.billing.conftest import ADMIN, KEY, SERVICE, balance, bearer, new_user, token
+from tests.billing.conftest import ADMIN, KEY, PREVIOUS_KEY, SERVICE, balance, bearer, kid, new_user, token
 
 
 def b64(doc: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
 
 
+def signed(header: dict, claims: dict, key=KEY) -> str:
+    """Any header, signed by `key` as EdDSA (PyJWT refuses to make some of them)."""
+    signing_input = b64(header) + "." + b64(claims)
+    return signing_input + "." + base64.urlsafe_b64encode(key.sign(signing_input.encode())).rstrip(b"=").decode()
+
+
 def forged_tokens(user: str) -> dict[str, str]:
     now = int(time.time())
     claims = {"sub": user, "role": "admin", "iss": "ciris-billing", "aud": "ciris-bridge", "iat": now, "exp": now + 600}
     public_pem = KEY.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    hs = b64({"alg": "HS256", "typ": "JWT"}) + "." + b64(claims)
     import hashlib
     import hmac
 
-    hs_sig = base64.urlsafe_b64encode(hmac.new(public_pem, hs.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+    def hs256(header: dict) -> str:  # signed with the public key as an HMAC secret
+        signed = b64({"alg": "HS256", "typ": "JWT", **header}) + "." + b64(claims)
+        return f"{signed}." + base64.urlsafe_b64encode(hmac.new(public_pem, signed.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+
+    other = Ed25519PrivateKey.generate()
     return {
         "alg_none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims) + ".",
-        "hs256_with_public_key": f"{hs}.{hs_sig}",
-        "other_key": token("admin", user, key=Ed25519PrivateKey.generate()),
+        "alg_none_naming_our_key": b64({"alg": "none", "typ": "JWT", "kid": kid()}) + "." + b64(claims) + ".",
+        "hs256_with_public_key": hs256({}),
+        "hs256_naming_our_key": hs256({"kid": kid()}),
+        "other_key": token("admin", user, key=other),  # its own kid: not in the set
+        "other_key_naming_our_key": token("admin", user, key=other, headers={"kid": kid()}),
+        "other_key_without_kid": token("admin", user, key=other, headers={}),  # tried with each key, none fits
+        "our_key_unknown_kid": token("admin", user, headers={"kid": "retired"}),  # the kid decides, not a search
+        "our_key_odd_kid": signed({"alg": "EdDSA", "typ": "JWT", "kid": [kid()]}, claims),
         "wrong_audience": token("admin", user, aud="someone-else"),
         "wrong_issuer": token("admin", user, iss="evil"),
         "expired": token("admin", user, exp=now - 120),  # past the 60 s leeway
@@ -50,6 +66,19 @@ def test_forged_tokens_are_401(api, kind):
     r = api.post("/v1/credits/grant", json={"user_id": user, "amount": 1000, "idempotency_key": "x", "reason": "free"}, headers=headers)
     assert r.status_code == 401
     assert balance(api, user) == 15
+
+
+def test_a_published_key_that_no_longer_signs_still_verifies(api):
+    """After the signer changed (ADR 21): the previous key's tokens, with their kid or from before
+    kids, work until they expire; billing's new tokens name the signing key."""
+    user = new_user(api)
+    for headers in (None, {}):
+        old = token("user", user, key=PREVIOUS_KEY, headers=headers)
+        assert api.get(f"/v1/credits/{user}", headers={"Authorization": f"Bearer {old}"}).status_code == 200
+    r = api.post("/v1/auth/token", json={"user_id": user}, headers=ADMIN)
+    fresh = r.json()["access_token"]
+    assert jwt.get_unverified_header(fresh) == {"alg": "EdDSA", "typ": "JWT", "kid": kid(KEY)}
+    assert api.get(f"/v1/credits/{user}", headers={"Authorization": f"Bearer {fresh}"}).status_code == 200
 
 
 def test_expiry_leeway_is_60_seconds(api):

@@ -77,6 +77,8 @@ def test_routes_each_host_to_its_service_with_hsts(running_edge):
     assert e.request(f"billing1.{DOMAIN}", "/ready")[0].status == 404  # billing's readiness is its /health
     resp, data = e.request(f"billing1.{DOMAIN}", "/v1/credits/u1")
     assert json.loads(data) == {"upstream": "billing", "path": "/v1/credits/u1"}
+    resp, data = e.request(f"billing1.{DOMAIN}", "/.well-known/jwks.json")  # billing's token keys (ADR 21)
+    assert json.loads(data) == {"upstream": "billing", "path": "/.well-known/jwks.json"}
 
 
 @pytest.mark.parametrize("service,host", [(service, host) for service, hosts in NAMES.items() for host in hosts])

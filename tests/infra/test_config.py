@@ -137,6 +137,13 @@ def _witness_over_ceiling(raw):
     witness(raw)["plan"] = "s-1vcpu-2gb"  # $12: staging's $14.32 + 12 > $20
 
 
+def _services(**settings):
+    def mutate(raw):
+        raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), **settings}
+    mutate.__name__ = "_" + "_".join(f"{k}_{v}" for k, v in settings.items()).replace("'", "").replace("[", "").replace("]", "").replace(", ", "_")
+    return mutate
+
+
 CASES = [
     (_unknown_provider, f"{P}:regions[1].provider", "unknown provider 'aws'"),
     (_duplicate_region, f"{P}:regions[1].name", "duplicate name 'us-east'"),
@@ -167,6 +174,13 @@ CASES = [
     (_local_witness_in_staging, f"{P}:witness.provider", "only for environment: local, not staging"),
     (_region_named_witness, f"{P}:regions[1].name", "'witness' is the name of the third host"),
     (_witness_over_ceiling, f"{P}:budget.ceiling_usd", "witness: digitalocean s-1vcpu-2gb in lon1 $12.00"),
+    (_services(jwt_keys=["1", "1"]), f"{P}:services.jwt_keys[1]", "duplicate key name '1'"),
+    (_services(jwt_keys=["1", "2", "3"]), f"{P}:services.jwt_keys", "at most 2 items"),
+    (_services(jwt_keys=[]), f"{P}:services.jwt_keys", "at least 1 item"),
+    (_services(jwt_keys=["1", "Key_2"]), f"{P}:services.jwt_keys[1]", "should match pattern"),
+    (_services(jwt_keys=["1", "-2"]), f"{P}:services.jwt_keys[1]", "(got '-2')"),
+    (_services(jwt_keys=["1", "2"], jwt_signing_key="3"), f"{P}:services.jwt_signing_key", "'3' is not one of services.jwt_keys (1, 2)"),
+    (_services(jwt_signing_key="2"), f"{P}:services.jwt_signing_key", "'2' is not one of services.jwt_keys (1)"),
 ]
 
 

@@ -1,5 +1,5 @@
 """The proxy in the Pulumi program: deployed in every region with its secrets, its config rendered
-by the payload's renderer, its billing service token valid for billing's key."""
+by the payload's renderer, its billing service token valid for billing's key set (ADR 21)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import tarfile
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key, load_pem_public_key
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from components import mocks, plan, proxy
+from components.billing import jwks
 from components.services import SERVICE_UID
 from tests.conftest import stack_raw
 
@@ -54,22 +55,87 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     assert (env["TOGETHER_API_KEY"], env["GROQ_API_KEY"], env["OPENROUTER_API_KEY"]) == ("tg-CANARY-1a", "gq-CANARY-2b", "or-CANARY-3c")
     assert "LITELLM_MASTER_KEY" not in env  # no admin API: the proxy's routes are the public surface (ADR 8)
     assert env["MAX_BODY_BYTES"] == str(proxy.MAX_BODY_BYTES) and env["PROXY_CONFIG"] == "/etc/ciris-proxy/config.yaml"
-    # The service token verifies with the public key the proxy is given, as billing will verify it.
-    public = load_pem_public_key(files["proxy/billing-public.pem"][1].encode())
-    claims = jwt.decode(env["BILLING_SERVICE_TOKEN"], public, algorithms=["EdDSA"], audience="ciris-bridge", issuer="ciris-billing")
+    # The service token verifies with the key its kid names in the set the proxy is given, as billing will verify it.
+    assert env["BILLING_JWKS_FILE"] == proxy.JWKS_PATH and f"./proxy/billing-jwks.json:{proxy.JWKS_PATH}:ro" in files["compose.yaml"][1]
+    keys = jwks.parse(files["proxy/billing-jwks.json"][1])
+    claims = jwt.decode(env["BILLING_SERVICE_TOKEN"], keys[service_kid(files)], algorithms=["EdDSA"], audience="ciris-bridge",
+                        issuer="ciris-billing")
     assert claims["role"] == "service" and claims["sub"] == f"proxy-{region}"
     assert claims["exp"] == int(datetime.datetime(2027, 12, 31, tzinfo=datetime.timezone.utc).timestamp())
-    # Billing signs with the key whose public half the proxy holds.
-    signing = load_pem_private_key(files["billing/jwt.pem"][1].encode(), password=None)
-    assert signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode() == files["proxy/billing-public.pem"][1]
+    # Billing signs with a key of that set, and verifies with the same set.
+    assert service_kid(files) == signing_kid(files) and files["billing/jwks.json"][1] == files["proxy/billing-jwks.json"][1]
+    assert env_of(files["billing/env"][1])["BILLING_JWKS_FILE"] == "/etc/ciris-billing/jwks.json"
     # The non-root containers read their code and public files; secrets are private to their reader.
-    for path in ("proxy/config.yaml", "proxy/billing-public.pem", "proxy/ciris_proxy/server.py", "billing/billing/app.py"):
+    for path in ("proxy/config.yaml", "proxy/billing-jwks.json", "billing/jwks.json", "proxy/ciris_proxy/server.py", "billing/billing/app.py"):
         assert (files[path][0].uid, files[path][0].mode) == (0, 0o644), path
     assert (files["billing/jwt.pem"][0].uid, files["billing/jwt.pem"][0].mode) == (SERVICE_UID, 0o600)
     for path in ("proxy/env", "billing/env"):
         assert (files[path][0].uid, files[path][0].mode) == (0, 0o600), path
     compose = files["compose.yaml"][1]
     assert "./proxy/config.yaml:/etc/ciris-proxy/config.yaml:ro" in compose and "ciris-proxy:local" in compose
+
+
+def signing_kid(files) -> str:
+    """The kid of the key billing signs with (billing/jwt.pem)."""
+    return jwks.thumbprint(load_pem_private_key(files["billing/jwt.pem"][1].encode(), password=None).public_key())
+
+
+def service_kid(files) -> str:
+    return jwt.get_unverified_header(env_of(files["proxy/env"][1])["BILLING_SERVICE_TOKEN"])["kid"]
+
+
+def key_set(files) -> list[str]:
+    return list(jwks.parse(files["billing/jwks.json"][1]))
+
+
+def with_keys(keys: list[str], signing: str | None = None) -> plan.Plan:
+    raw, secret_keys = stack_raw("staging")
+    raw["ciris-bridge:services"] = {**raw.get("ciris-bridge:services", {}), "jwt_keys": keys,
+                                    **({"jwt_signing_key": signing} if signing else {})}
+    return plan.run("staging", raw, secret_keys)
+
+
+def test_one_key_set_ships_to_every_regions_billing_and_proxy(production):
+    """The same JWKS file everywhere (so both regions learn a key in one deploy); by default one key,
+    the existing stack's `billing-jwt-key`, which signs."""
+    sets = {deployed_bundle(production, r)[path][1] for r in ("us-east", "eu-west") for path in ("billing/jwks.json", "proxy/billing-jwks.json")}
+    assert len(sets) == 1
+    assert [r.name for r in production.registrations if r.type == "tls:index/privateKey:PrivateKey" and "jwt" in r.name] == ["billing-jwt-key"]
+    files = deployed_bundle(production, "us-east")
+    assert key_set(files) == [signing_kid(files)] and production.artifacts["us-east/billing/jwks.json"] == files["billing/jwks.json"][1]
+
+
+def test_a_key_rotates_in_three_deploys_with_every_token_verifying_throughout():
+    """docs/runbook-secrets.md: add the new key (verify-only), make it the signer, remove the old.
+    Key "1" keeps its resource name, so an existing stack keeps its key; the service token is
+    re-minted with whichever key signs."""
+    before = {r: deployed_bundle(with_keys(["1"]), r) for r in ("us-east", "eu-west")}
+    old = signing_kid(before["us-east"])
+    added = with_keys(["1", "2"])
+    assert sorted(r.name for r in added.registrations if r.type == "tls:index/privateKey:PrivateKey" and "jwt" in r.name) == [
+        "billing-jwt-key", "billing-jwt-key-2"]
+    steps = [added, with_keys(["1", "2"], "2"), with_keys(["2"])]
+    bundles = [{r: deployed_bundle(p, r) for r in ("us-east", "eu-west")} for p in steps]
+    new = signing_kid(bundles[1]["us-east"])
+    assert new != old
+    expected = [([old, new], old), ([old, new], new), ([new], new)]  # (published set, signer) after each deploy
+    previous = before
+    for (published, signer), files in zip(expected, bundles):
+        for region in ("us-east", "eu-west"):
+            f = files[region]
+            assert key_set(f) == published and f["proxy/billing-jwks.json"][1] == f["billing/jwks.json"][1]
+            assert signing_kid(f) == service_kid(f) == signer
+            # Mid-deploy, one region runs the new bundle and the other the previous one: each side's
+            # tokens verify with the other side's set.
+            for other in ("us-east", "eu-west"):
+                assert signing_kid(previous[other]) in key_set(f) and signing_kid(f) in key_set(previous[other])
+        previous = files
+    # Deploys that change no key change no token: the service token is re-minted only when the signer changes.
+    assert service_token_of(before) == service_token_of(bundles[0]) and service_token_of(bundles[1]) == service_token_of(bundles[2])
+
+
+def service_token_of(files: dict) -> str:
+    return env_of(files["us-east"]["proxy/env"][1])["BILLING_SERVICE_TOKEN"]
 
 
 def test_the_plan_shows_the_config_but_no_secret(production):
@@ -108,6 +174,7 @@ def test_the_edge_refuses_bodies_the_proxy_would_refuse():
     assert edge.PROXY_MAX_BODY == proxy.MAX_BODY_BYTES
     caddyfile = edge.render_caddyfile(edge.sites("example.ai"))
     assert f"max_size {edge.PROXY_MAX_BODY}" in caddyfile and "request>headers>X-Provider-Key delete" in caddyfile
+    assert "/.well-known/jwks.json" in caddyfile  # billing's token keys are public (ADR 21)
 
 
 def test_the_proxys_models_are_config(production):

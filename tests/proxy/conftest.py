@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the billing suite)
-    ADMIN, KEY, SERVICE, api, balance, billing, cluster, new_user, stripe_api, token,
+    ADMIN, KEY, SERVICE, api, balance, billing, cluster, jwks_file, new_user, stripe_api, token,
 )
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
@@ -84,16 +83,12 @@ class Proxy:
                 self.proc.kill()
 
 
-def billing_public_pem() -> str:
-    return KEY.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
-
-
 def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -> dict:
     return {
         **os.environ,
         "BILLING_URL": billing_url,
         "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
-        "BILLING_PUBLIC_KEY": billing_public_pem(),
+        "BILLING_JWKS_FILE": str(jwks_file()),  # billing's published key set, as the program ships it
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
         "CAPTURE_JOURNAL": str(journal),

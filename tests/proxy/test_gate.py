@@ -11,6 +11,7 @@ import pytest
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.billing.conftest import PREVIOUS_KEY, kid
 from tests.proxy.conftest import balance, chat, holds, new_user, token, total_requests, user_token
 
 PRICE = 5
@@ -48,6 +49,14 @@ def test_paid_request_is_charged_once(client, api, cluster, upstreams):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "hello from together"
     assert holds(cluster, user) == [("captured", PRICE)]
+    assert balance(api, user) == 15 - PRICE
+
+
+@pytest.mark.parametrize("headers", [None, {}], ids=["its_kid", "before_kids"])
+def test_a_token_of_billings_previous_key_still_pays(client, api, cluster, headers):
+    """The proxy reads billing's published key set (ADR 21): a key that no longer signs still verifies."""
+    user = new_user(api, 15)
+    assert chat(client, token("user", user, key=PREVIOUS_KEY, headers=headers)).status_code == 200
     assert balance(api, user) == 15 - PRICE
 
 
@@ -100,6 +109,9 @@ def _tokens(user: str) -> dict[str, str | None]:
         "missing": None,
         "garbage": "not-a-jwt",
         "forged": token("user", user, key=forger),
+        "forged naming our key": token("user", user, key=forger, headers={"kid": kid()}),
+        "forged without kid": token("user", user, key=forger, headers={}),
+        "kid not published": token("user", user, headers={"kid": "retired"}),
         "expired": token("user", user, iat=now - 7200, exp=now - 3600),
         "wrong audience": token("user", user, aud="someone-else"),
         "wrong issuer": token("user", user, iss="someone-else"),

@@ -7,20 +7,22 @@ import os
 import subprocess
 import sys
 
+import json
+
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jwt.algorithms import RSAAlgorithm
 
-from tests.proxy.conftest import PAYLOAD, billing_public_pem
+from tests.proxy.conftest import PAYLOAD, jwks_file
 
-RSA_PUBLIC = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
-    Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+RSA_JWKS = json.dumps({"keys": [{**json.loads(RSAAlgorithm.to_jwk(rsa.generate_private_key(65537, 2048).public_key())), "kid": "r"}]})
+OUR_KEY = json.loads(jwks_file().read_text())["keys"][-1]
 GOOD = {
     "CAPTURE_JOURNAL": "/tmp/ciris-proxy-settings-test/captures.jsonl",
     "BILLING_URL": "http://127.0.0.1:8000",
     "BILLING_SERVICE_TOKEN": "svc-token-CANARY",
-    "BILLING_PUBLIC_KEY": billing_public_pem(),
+    "BILLING_JWKS_FILE": str(jwks_file()),
 }
 
 
@@ -33,10 +35,15 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("env, message", [
     ({"BILLING_URL": None}, "proxy: BILLING_URL is not set"),
     ({"BILLING_URL": "billing:8000"}, "proxy: BILLING_URL must be an http(s) URL, got 'billing:8000'"),
-    ({"BILLING_PUBLIC_KEY": "CANARY-not-a-key"}, "proxy: BILLING_PUBLIC_KEY is not a PEM public key"),
-    ({"BILLING_PUBLIC_KEY": RSA_PUBLIC}, "proxy: BILLING_PUBLIC_KEY must be billing's Ed25519 key (EdDSA tokens)"),
-    ({"BILLING_PUBLIC_KEY": None, "BILLING_PUBLIC_KEY_FILE": "/nonexistent/key.pem"},
-     "proxy: BILLING_PUBLIC_KEY_FILE cannot be read (No such file or directory: /nonexistent/key.pem)"),
+    ({"BILLING_JWKS": "CANARY-not-a-key-set"}, 'proxy: BILLING_JWKS is not a JWK Set ({"keys": [...]})'),
+    ({"BILLING_JWKS": RSA_JWKS}, "proxy: BILLING_JWKS key 1 is not billing's: an Ed25519 public key (kty OKP, crv Ed25519, no d)"),
+    ({"BILLING_JWKS": json.dumps({"keys": [{**OUR_KEY, "d": "CANARY"}]})},
+     "proxy: BILLING_JWKS key 1 is not billing's: an Ed25519 public key (kty OKP, crv Ed25519, no d)"),
+    ({"BILLING_JWKS": json.dumps({"keys": [OUR_KEY, OUR_KEY]})}, "proxy: BILLING_JWKS key 2 has no kid of its own"),
+    ({"BILLING_JWKS": json.dumps({"keys": []})}, "proxy: BILLING_JWKS holds no keys"),
+    ({"BILLING_JWKS_FILE": "/nonexistent/jwks.json"},
+     "proxy: BILLING_JWKS_FILE cannot be read (No such file or directory: /nonexistent/jwks.json)"),
+    ({"BILLING_JWKS_FILE": None}, "proxy: BILLING_JWKS is not set (nor BILLING_JWKS_FILE)"),
     ({"BILLING_SERVICE_TOKEN": None}, "proxy: BILLING_SERVICE_TOKEN is not set (nor BILLING_SERVICE_TOKEN_FILE)"),
     ({"MAX_OUTPUT_TOKENS": "lots"}, "proxy: MAX_OUTPUT_TOKENS must be an integer, got 'lots'"),
     ({"MAX_N": "0"}, "proxy: MAX_N must be between 1 and 128, got 0"),

@@ -3,7 +3,8 @@
    python -m billing verify-ledger  check every hash chain and balance (exit 1 on the first break)
                                     [--json: the report as one JSON line, for the metrics' background check]
    python -m billing mint-token --role service --sub proxy [--ttl-seconds N]   (operators)
-   python -m billing public-key     billing's public key (PEM), for the proxy"""
+   python -m billing public-key     the signing key's public half (PEM)
+   python -m billing jwks           the keys billing's tokens verify with (JWK Set), for the proxy"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 
 import psycopg
 
-from billing import auth, migrate, settings as settings_mod
+from billing import auth, jwks, migrate, settings as settings_mod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate")
     sub.add_parser("verify-ledger").add_argument("--json", action="store_true")
     sub.add_parser("public-key")
+    sub.add_parser("jwks")
     mint = sub.add_parser("mint-token")
     mint.add_argument("--role", choices=auth.ROLES, required=True)
     mint.add_argument("--sub", required=True)
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if command == "public-key":
         print(auth.public_pem(settings.jwt_private_key), end="")
+        return 0
+    if command == "jwks":
+        print(jwks.render(settings.jwt_keys.values()), end="")
         return 0
     if command == "mint-token":
         print(auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds)[0])

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import agent_api, api_keys, auth, batches, db, google_play, hotpath, identity, ledger, ledger_check, metrics, payments
+from billing import agent_api, api_keys, auth, batches, db, google_play, hotpath, identity, jwks, ledger, ledger_check, metrics, payments
 from billing.bodies import MAX_AMOUNT, Amount, Body, Description, Key, Ttl, storable
 from billing.errors import Problem, invalid, not_found
 from billing.settings import STATE_DIR_VAR, Settings
@@ -110,7 +110,6 @@ class NewApiKey(Body):
 
 
 def create_app(settings: Settings) -> FastAPI:
-    public_key = settings.jwt_private_key.public_key()
     database = db.Database(settings.database_url, settings.db_pool_size, settings.db_write_timeout)
     stripe_client = payments.client(settings)
     play = (google_play.PlayApi(settings.google_play_service_account_file, settings.google_play_api_base)
@@ -151,7 +150,8 @@ def create_app(settings: Settings) -> FastAPI:
         return await database.write(fn, *args)
 
     bearer = HTTPBearer(auto_error=False)
-    verified = auth.TokenCache(public_key)
+    verified = auth.TokenCache(settings.jwt_keys)
+    published = jwks.render(settings.jwt_keys.values())
     identities = identity.Verifier(settings.oidc_issuers, settings.oidc_ca_file)
 
     async def verify_id_token(id_token: str) -> identity.Identity:
@@ -267,6 +267,10 @@ def create_app(settings: Settings) -> FastAPI:
         if os.path.exists(settings.drain_file):
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "serving"}
+
+    @app.get("/.well-known/jwks.json")
+    async def keys():  # public: whoever verifies billing's tokens (each names its key: kid)
+        return PlainTextResponse(published, media_type="application/json", headers={"Cache-Control": "public, max-age=300"})
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():

@@ -8,8 +8,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from billing import jwks
 
 # Set by `python -m billing` for its workers (not an operator's setting): a directory made fresh for
 # each start, holding what the workers share (ledger_check.py, metrics.py).
@@ -46,7 +48,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str
-    jwt_private_key: Ed25519PrivateKey = field(repr=False)
+    jwt_private_key: Ed25519PrivateKey = field(repr=False)  # the signing key
+    # kid -> public key: every key billing's tokens verify with (the signing key's among them; ADR 21).
+    jwt_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     stripe_secret_key: str | None = field(default=None, repr=False)  # None: purchases answer 503
     # One signing secret per webhook endpoint Stripe calls (each region's, and a rolled one's old and
     # new while both sign): an event is accepted when any of them verifies it. Empty: webhooks answer 503.
@@ -81,6 +85,11 @@ class Settings:
     google_play_products: dict[str, int] = field(default_factory=dict)  # product id -> credits
     oidc_issuers: tuple[Issuer, ...] = ()
     oidc_ca_file: str | None = None  # a CA bundle for JWKS fetches instead of the system's (local issuer)
+
+    def __post_init__(self):
+        if not self.jwt_keys:  # no published set: the signing key alone
+            public = self.jwt_private_key.public_key()
+            object.__setattr__(self, "jwt_keys", {jwks.thumbprint(public): public})
 
     def __repr__(self) -> str:  # never print the DSN's password or the keys
         return f"Settings(host={self.host!r}, port={self.port}, price={self.price_per_interaction_cents})"
@@ -139,6 +148,28 @@ def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise SettingsError(var, "must be an Ed25519 key (EdDSA tokens)")
     return key
+
+
+def _jwt_keys(env: Mapping[str, str], signing: Ed25519PrivateKey) -> dict[str, Ed25519PublicKey]:
+    """BILLING_JWKS[_FILE]: the published key set; unset, the signing key alone."""
+    own = jwks.thumbprint(signing.public_key())
+    var, text = "BILLING_JWKS", env.get("BILLING_JWKS", "").strip()
+    if not text:
+        var, path = "BILLING_JWKS_FILE", env.get("BILLING_JWKS_FILE", "").strip()
+        if not path:
+            return {}  # Settings: the signing key alone
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+    try:
+        keys = jwks.parse(text)
+    except ValueError as e:
+        raise SettingsError(var, str(e)) from None
+    if own not in keys:  # it would sign tokens no one accepts
+        raise SettingsError(var, f"does not hold the signing key (kid {own}) of BILLING_JWT_PRIVATE_KEY")
+    return keys
 
 
 def _play_account(env: Mapping[str, str]) -> str | None:
@@ -219,9 +250,11 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     url = _required(env, "DATABASE_URL")
     if not url.startswith(("postgresql://", "postgres://")):
         raise SettingsError("DATABASE_URL", "must be a postgresql:// URL")
+    signing = _private_key(env)
     return Settings(
         database_url=url,
-        jwt_private_key=_private_key(env),
+        jwt_private_key=signing,
+        jwt_keys=_jwt_keys(env, signing),
         stripe_secret_key=env.get("STRIPE_SECRET_KEY", "").strip() or None,
         stripe_webhook_secrets=_webhook_secrets(env),
         stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,

@@ -1,7 +1,7 @@
 """Who is calling (ADR 8, Auth). Three credentials, as the released CIRIS agent sends them:
 
-- billing's user tokens (EdDSA), verified in-process with billing's public key (iss, aud, exp,
-  role=user): no round trip;
+- billing's user tokens (EdDSA), verified in-process with the key of billing's published set their
+  kid names (iss, aud, exp, role=user; ADR 21): no round trip;
 - a Google or Apple ID token as the bearer (the agent's mobile mode), and
 - a server API key (`cbk_live_…`) as the bearer or in X-API-Key (server mode).
 
@@ -45,8 +45,8 @@ RETRY = {"id_token": "sign in again and send Authorization: Bearer <the new Goog
 
 
 class Tokens:
-    def __init__(self, public_key: Ed25519PublicKey):
-        self.public_key = public_key
+    def __init__(self, keys: dict[str, Ed25519PublicKey]):
+        self.keys = keys  # kid -> billing's public key
         self._verified: dict[str, tuple[str, float]] = {}  # token -> (user id, exp)
 
     def user(self, authorization: bytes | None) -> str:
@@ -60,13 +60,7 @@ class Tokens:
         hit = self._verified.get(token)
         if hit and time.time() < hit[1] + LEEWAY_SECONDS:
             return hit[0]
-        try:
-            claims = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,
-                                leeway=LEEWAY_SECONDS, options={"require": ["exp", "iat", "sub", "iss", "aud"]})
-        except jwt.ExpiredSignatureError:
-            raise ApiError(401, "token expired: ask billing for a new one (POST /v1/auth/token)") from None
-        except jwt.PyJWTError:
-            raise ApiError(401, f"invalid token: {SEND}") from None
+        claims = self.claims(token)
         if claims.get("role") != "user":
             raise ApiError(401, "only user tokens may call the proxy")
         try:
@@ -77,6 +71,30 @@ class Tokens:
             self._verified.clear()
         self._verified[token] = (user_id, float(claims["exp"]))
         return user_id
+
+    def candidates(self, token: str) -> list[Ed25519PublicKey]:
+        """The key the token's kid names (none for a kid not in the set); every key for a token
+        without a kid (minted before kids)."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            return []
+        if kid is None:
+            return list(self.keys.values())
+        return [self.keys[kid]] if isinstance(kid, str) and kid in self.keys else []
+
+    def claims(self, token: str) -> dict:
+        for key in self.candidates(token):
+            try:
+                return jwt.decode(token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=ISSUER,  # never the token's alg
+                                  leeway=LEEWAY_SECONDS, options={"require": ["exp", "iat", "sub", "iss", "aud"]})
+            except jwt.InvalidSignatureError:  # checked before the claims: a kid-less token tries the next key
+                continue
+            except jwt.ExpiredSignatureError:
+                raise ApiError(401, "token expired: ask billing for a new one (POST /v1/auth/token)") from None
+            except jwt.PyJWTError:
+                break
+        raise ApiError(401, f"invalid token: {SEND}")
 
 
 def bearer(authorization: bytes | None) -> str:

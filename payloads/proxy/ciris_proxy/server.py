@@ -84,7 +84,7 @@ async def until_disconnect(receive) -> None:
 class App:
     def __init__(self, settings: Settings, journal: Journal, upstreams: Upstreams, calls: CallLog):
         self.settings, self.upstreams = settings, upstreams
-        self.tokens = Tokens(settings.billing_public_key)
+        self.tokens = Tokens(settings.billing_keys)
         self.gate = CreditGate(settings, journal, calls)
         # Billing resolves ID tokens and API keys over the gate's session (it carries the service token).
         self.credentials = Credentials(self.tokens, lambda: self.gate.billing, settings.api_key_ttl_seconds)

@@ -4,12 +4,13 @@ the variable (SettingsError), never a traceback. No LiteLLM import here: the Pul
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 # Real provider endpoints; each is overridable (`<PROVIDER>_API_BASE`) so tests reach local upstreams.
 DEFAULT_API_BASES = {
@@ -60,7 +61,7 @@ class Interactions:
 class Settings:
     billing_url: str
     billing_service_token: str = field(repr=False)
-    billing_public_key: Ed25519PublicKey = field(repr=False)
+    billing_keys: dict[str, Ed25519PublicKey] = field(repr=False)  # kid -> billing's public key (ADR 21)
     price_per_interaction_cents: int = 5
     hold_ttl_seconds: int = 900
     capture_journal: str = "/var/lib/ciris-proxy/captures.jsonl"
@@ -110,22 +111,38 @@ def _text_or_file(env: Mapping[str, str], var: str) -> str:
         raise SettingsError(f"{var}_FILE", f"cannot be read ({e.strerror}: {path})") from None
 
 
+def _billing_keys(env: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+    """BILLING_JWKS[_FILE]: billing's published key set (RFC 7517), Ed25519 public keys by kid."""
+    var = "BILLING_JWKS" if env.get("BILLING_JWKS", "").strip() else "BILLING_JWKS_FILE"
+    text = _text_or_file(env, "BILLING_JWKS")  # (its SettingsError is a ValueError: not in the try below)
+    try:
+        entries = json.loads(text)["keys"]
+    except (ValueError, TypeError, KeyError):
+        raise SettingsError(var, 'is not a JWK Set ({"keys": [...]})') from None
+    if not isinstance(entries, list) or not entries:
+        raise SettingsError(var, "holds no keys")
+    keys = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or (e.get("kty"), e.get("crv"), e.get("alg", "EdDSA")) != ("OKP", "Ed25519", "EdDSA") or "d" in e:
+            raise SettingsError(var, f"key {i + 1} is not billing's: an Ed25519 public key (kty OKP, crv Ed25519, no d)")
+        if not isinstance(e.get("kid"), str) or not e["kid"] or e["kid"] in keys:
+            raise SettingsError(var, f"key {i + 1} has no kid of its own")
+        try:
+            keys[e["kid"]] = Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(str(e.get("x", "")) + "=="))
+        except ValueError:
+            raise SettingsError(var, f"key {i + 1} has no valid x") from None
+    return keys
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     url = _required(env, "BILLING_URL").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise SettingsError("BILLING_URL", f"must be an http(s) URL, got {url!r}")
-    pem = _text_or_file(env, "BILLING_PUBLIC_KEY")
-    try:
-        key = load_pem_public_key(pem.encode())
-    except (ValueError, TypeError):
-        raise SettingsError("BILLING_PUBLIC_KEY", "is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise SettingsError("BILLING_PUBLIC_KEY", "must be billing's Ed25519 key (EdDSA tokens)")
     return Settings(
         billing_url=url,
         billing_service_token=_text_or_file(env, "BILLING_SERVICE_TOKEN"),
-        billing_public_key=key,
+        billing_keys=_billing_keys(env),
         price_per_interaction_cents=_int(env, "PRICE_PER_INTERACTION_CENTS", 5, 1, 1_000_000),
         hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 900, 5, 86_400),
         capture_journal=env.get("CAPTURE_JOURNAL", "").strip() or Settings.capture_journal,
