@@ -128,6 +128,15 @@ def _seconds(env: Mapping[str, str], var: str, default: float, lo: float, hi: fl
     return value
 
 
+def _read(var: str, path: str) -> str:
+    """The file `var` names; unreadable, a SettingsError naming both."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+
+
 def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
     if env.get("BILLING_JWT_PRIVATE_KEY", "").strip():
         var, pem = "BILLING_JWT_PRIVATE_KEY", env["BILLING_JWT_PRIVATE_KEY"]
@@ -136,11 +145,7 @@ def _private_key(env: Mapping[str, str]) -> Ed25519PrivateKey:
         path = env.get(var, "").strip()
         if not path:
             raise SettingsError("BILLING_JWT_PRIVATE_KEY", "is not set (nor BILLING_JWT_PRIVATE_KEY_FILE)")
-        try:
-            with open(path) as f:
-                pem = f.read()
-        except OSError as e:
-            raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+        pem = _read(var, path)
     try:
         key = load_pem_private_key(pem.strip().encode(), password=None)
     except (ValueError, TypeError):
@@ -158,11 +163,7 @@ def _jwt_keys(env: Mapping[str, str], signing: Ed25519PrivateKey) -> dict[str, E
         var, path = "BILLING_JWKS_FILE", env.get("BILLING_JWKS_FILE", "").strip()
         if not path:
             return {}  # Settings: the signing key alone
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as e:
-            raise SettingsError(var, f"cannot be read ({e.strerror}: {path})") from None
+        text = _read(var, path)
     try:
         keys = jwks.parse(text)
     except ValueError as e:
