@@ -124,7 +124,7 @@ def build(config: BridgeConfig) -> Bridge:
             geo=config.services.dns_geoip_database is not None,
         ),
     )
-    estimate = cost.estimate(config.regions, config.budget, config.witness)
+    estimate = cost.estimate(config.regions, config.budget, config.witness, config.backup)
     outputs = {
         "client_config": client_config(config, regions),
         "glue_records": glue_records(regions),

@@ -366,6 +366,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     _check_topology(config)
     if config.services.fake_llm_upstream and config.environment != "local":
         raise ConfigError(f"{PROJECT}:services.fake_llm_upstream", f"is for environment local only, not {config.environment}")
+    _check_backup_elsewhere(config)
     _check_cost(config)
     _check_jwt_keys(config.services)
     _check_alerts(config)
@@ -546,8 +547,20 @@ def _check_webhook_secrets(config: BridgeConfig) -> None:
                                                                   "(whsec_...; value not shown: it is a secret)")
 
 
+def _check_backup_elsewhere(config: BridgeConfig) -> None:
+    """Backups at a provider that holds none of the database (ADR 23): closing that provider's
+    account, or losing its site, must not take the database's copies and its backups together."""
+    provider = config.backup and cost.backup_provider(config.backup.s3_endpoint)
+    holders = [r.name for r in config.regions if r.postgres != "none" and r.provider == provider]
+    if holders:
+        raise ConfigError(f"{PROJECT}:backup.s3_endpoint",
+                          f"{config.backup.s3_endpoint} is {provider}'s, which also runs {' and '.join(holders)}'s "
+                          "database: losing that provider would take the backups too; use a bucket elsewhere "
+                          "(Backblaze B2 in production, ADR 23)")
+
+
 def _check_cost(config: BridgeConfig) -> None:
-    est = cost.estimate(config.regions, config.budget, config.witness)
+    est = cost.estimate(config.regions, config.budget, config.witness, config.backup)
     if est.total_cents > est.ceiling_cents:
         lines = "; ".join(f"{i.item} ${cost.usd(i.cents):.2f}" for i in est.items)
         raise ConfigError(

@@ -60,6 +60,25 @@ LOCATIONS: dict[str, frozenset[str]] = {
 DOMAIN_USD_PER_YEAR: dict[str, Decimal] = {"ai": Decimal("18.00")}
 
 
+# Object storage for the backups, by the S3 endpoint's domain: provider, currency, price, and
+# whether it is per GB-month (Backblaze B2) or a flat month (the others' smallest tier, 1 TB).
+BACKUP_STORAGE: dict[str, tuple[str, str, Decimal, bool]] = {
+    "backblazeb2.com": ("backblaze", "USD", Decimal("0.006"), True),
+    "your-objectstorage.com": ("hetzner", "EUR", Decimal("4.99"), False),
+    "digitaloceanspaces.com": ("digitalocean", "USD", Decimal("5.00"), False),
+    "vultrobjects.com": ("vultr", "USD", Decimal("6.00"), False),
+}
+# What a month of backups holds: 30 daily dumps and the WAL since the oldest full backup, for a
+# database of a few hundred MB (estimated: bench/backup.py's dump sizes, WAL at our write rate).
+BACKUP_GB = 20
+
+
+def backup_provider(endpoint: str) -> str | None:
+    """The provider an S3 endpoint belongs to, when it is one we know (not a local or private one)."""
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0].lower()
+    return next((v[0] for domain, v in BACKUP_STORAGE.items() if host == domain or host.endswith("." + domain)), None)
+
+
 WITNESS = "witness"  # the witness host's name in the items (config.Witness.name)
 
 
@@ -108,8 +127,9 @@ def registrable(domain: str) -> bool:
     return domain.count(".") == 1
 
 
-def estimate(regions, budget, witness=None) -> Estimate:
-    """Price every region's host and volume, the witness's host, and each registered domain.
+def estimate(regions, budget, witness=None, backup=None) -> Estimate:
+    """Price every region's host and volume, the witness's host, each registered domain, and the
+    backups' object storage (when its endpoint is a provider we know).
 
     `regions`, `budget` and `witness` are the validated config models (see components.config);
     any plan, location or TLD missing from the tables above was already refused there.
@@ -126,6 +146,11 @@ def estimate(regions, budget, witness=None) -> Estimate:
         if registrable(r.domain):
             per_year = DOMAIN_USD_PER_YEAR[r.domain.rsplit(".", 1)[1]]
             items.append(CostItem(f"domain {r.domain} (yearly / 12)", to_cents(per_year / 12, "USD", eur_usd)))
+    if backup is not None and (provider := backup_provider(backup.s3_endpoint)):
+        domain = next(d for d, v in BACKUP_STORAGE.items() if v[0] == provider)
+        _, currency, price, per_gb = BACKUP_STORAGE[domain]
+        what = f"~{BACKUP_GB} GB at {provider}" if per_gb else f"{provider} object storage"
+        items.append(CostItem(f"backups: {what}", to_cents(price * BACKUP_GB if per_gb else price, currency, eur_usd)))
     return Estimate(
         tuple(items),
         target_cents=to_cents(Decimal(str(budget.target_usd)), "USD", eur_usd),

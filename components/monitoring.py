@@ -291,7 +291,7 @@ def alertmanager_args(*, config_file: str, data_dir: str, listen: str, cluster_l
 def cost_textfile(config) -> str:
     """The stack's estimated monthly cost for the node exporter's textfile collector (the
     CostOverCeiling rule reads it; components/cost.py is the one estimate)."""
-    est = cost.estimate(config.regions, config.budget, config.witness)
+    est = cost.estimate(config.regions, config.budget, config.witness, config.backup)
     return (
         "# HELP ciris_estimated_monthly_cost_dollars The stack's estimated monthly cost (components/cost.py).\n"
         "# TYPE ciris_estimated_monthly_cost_dollars gauge\n"

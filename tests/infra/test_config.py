@@ -137,6 +137,13 @@ def _witness_over_ceiling(raw):
     witness(raw)["plan"] = "s-1vcpu-2gb"  # $12: staging's $14.32 + 12 > $20
 
 
+def _backup_at(endpoint):
+    def mutate(raw):
+        raw[f"{P}:backup"] = {"s3_endpoint": endpoint, "bucket": "ciris-bridge-backups"}
+    mutate.__name__ = "_backup_at_" + endpoint.split("//")[1].split(".", 1)[1].split(".")[0]
+    return mutate
+
+
 def _services(**settings):
     def mutate(raw):
         raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), **settings}
@@ -174,6 +181,9 @@ CASES = [
     (_local_witness_in_staging, f"{P}:witness.provider", "only for environment: local, not staging"),
     (_region_named_witness, f"{P}:regions[1].name", "'witness' is the name of the third host"),
     (_witness_over_ceiling, f"{P}:budget.ceiling_usd", "witness: digitalocean s-1vcpu-2gb in lon1 $12.00"),
+    (_backup_at("https://fsn1.your-objectstorage.com"), f"{P}:backup.s3_endpoint",
+     "is hetzner's, which also runs eu-west's database: losing that provider would take the backups too"),
+    (_backup_at("https://ewr1.vultrobjects.com"), f"{P}:backup.s3_endpoint", "is vultr's, which also runs us-east's database"),
     (_services(jwt_keys=["1", "1"]), f"{P}:services.jwt_keys[1]", "duplicate key name '1'"),
     (_services(jwt_keys=["1", "2", "3"]), f"{P}:services.jwt_keys", "at most 2 items"),
     (_services(jwt_keys=[]), f"{P}:services.jwt_keys", "at least 1 item"),

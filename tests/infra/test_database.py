@@ -228,7 +228,7 @@ def test_the_backup_job_runs_beside_every_member():
         data = "/srv/ciris/data/postgres" if host == "eu-west" else "pgdata"  # eu-west's volume
         assert backup["volumes"] == [f"{data}:/var/lib/postgresql/data:ro", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro"]
         repo = p.artifacts[f"{host}/postgres/etc/pgbackrest.conf"]
-        assert "repo1-s3-endpoint=fsn1.your-objectstorage.com\n" in repo and "repo1-retention-full=30\n" in repo
+        assert "repo1-s3-endpoint=s3.eu-central-003.backblazeb2.com\n" in repo and "repo1-retention-full=30\n" in repo
         env = expected.bundle(p, host)["postgres/backup.env"][0]
         assert "host=postgres port=5432 user=billing dbname=cirisbilling sslmode=verify-full" in env
         assert "BACKUP_ENCRYPTION_KEY=Q0FOQVJZ" in env

@@ -248,6 +248,8 @@ def test_production_costs_at_most_the_fsd_target():
     assert cost["total"] <= cost["ceiling"] == 40
     assert round(sum(i["usd"] for i in cost["items"]), 2) == cost["total"]
     assert any("cx23" in i["item"] for i in cost["items"])
+    # The backups' bucket at a fourth provider (ADR 23), priced per GB stored.
+    assert [i for i in cost["items"] if i["item"].startswith("backups:")] == [{"item": "backups: ~20 GB at backblaze", "usd": 0.12}]
 
 
 def test_cloud_init_hardens_the_host():

@@ -224,7 +224,7 @@ def test_textfiles_are_the_estimate_and_whether_backups_are_configured():
     cfg = config.load_stack_file(REPO / "Pulumi.production.yaml")
     from components import cost
 
-    total = cost.usd(cost.estimate(cfg.regions, cfg.budget, cfg.witness).total_cents)
+    total = cost.usd(cost.estimate(cfg.regions, cfg.budget, cfg.witness, cfg.backup).total_cents)
     assert f"ciris_estimated_monthly_cost_dollars {total}\n" in monitoring.cost_textfile(cfg)
     assert cfg.backup and "ciris_backup_configured 1\n" in monitoring.backup_textfile(cfg)
     raw, secret_keys = stack_raw("production")
