@@ -626,10 +626,21 @@ def down() -> None:
                        env=env, check=False, capture_output=True)
     # Anything left with our labels (a region renamed since it was deployed, say; the witness's
     # containers carry ciris.region=witness).
-    left = subprocess.run(["podman", "ps", "-aq", "--filter", "label=ciris.region"], env=env,
-                          capture_output=True, text=True).stdout.split()
-    if left:
-        subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True)
+    # Podman sometimes cannot remove a container at once ("unlinkat .../userdata/shm: device or
+    # resource busy" while its last process exits); one left here would be recreated by the next
+    # `up`, which then fails on it. So: again, a few times, and say which stayed.
+    for attempt in range(4):
+        left = subprocess.run(["podman", "ps", "-aq", "--filter", "label=ciris.region"], env=env,
+                              capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        if attempt:
+            time.sleep(3)
+        removed = subprocess.run(["podman", "rm", "-f", *left], env=env, check=False, capture_output=True, text=True)
+    else:
+        if subprocess.run(["podman", "ps", "-aq", "--filter", "label=ciris.region"], env=env,
+                          capture_output=True, text=True).stdout.split():
+            print(f"local: could not remove container(s) {' '.join(left)}: {removed.stderr.strip()[-500:]}", file=sys.stderr)
     anchors = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={ANCHOR_LABEL}"], env=env,
                              capture_output=True, text=True).stdout.split()
     if anchors:
