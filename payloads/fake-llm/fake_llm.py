@@ -7,18 +7,27 @@ It answers in the shape asked for, as a model would, so structured clients (the 
 `instructor`) work against it: a forced `tool_choice` gets a call of that tool, `response_format`
 `json_schema` an instance of the schema, `json_object` an instance of the JSON schema the prompt
 carries (instructor's JSON mode puts it there) or `{}`, and a prompt carrying a JSON schema alone
-(MD_JSON mode) that instance in a ```json block. Instances are the smallest that validate."""
+(MD_JSON mode) that instance in a ```json block. Instances are the smallest that validate.
+
+A prompt carrying `[fake-llm:reask:<tag>]` is answered once with an empty object instead (for the
+first request carrying that tag), so a structured client's own retry runs (instructor's reask), as
+it does when a real model answers outside the schema."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPLY = "Hello from the local fake upstream."
 SCHEMA_DEPTH = 32  # a recursive schema gets no deeper than this
+REASK = re.compile(r"\[fake-llm:reask:([A-Za-z0-9._-]{1,64})\]")
+_answered_wrong: set[str] = set()  # reask tags already answered with an empty object
+_lock = threading.Lock()
 
 
 def instance(schema: dict, defs: dict | None = None, depth: int = 0) -> object:
@@ -50,12 +59,30 @@ def instance(schema: dict, defs: dict | None = None, depth: int = 0) -> object:
     return {"boolean": False, "null": None}.get(kind, "x" * schema.get("minLength", 1))
 
 
+def texts(messages: list) -> list[str]:
+    """Each message's text (a list of content parts joined)."""
+    out = []
+    for message in messages or []:
+        text = message.get("content") if isinstance(message, dict) else None
+        out.append(" ".join(p.get("text", "") for p in text if isinstance(p, dict)) if isinstance(text, list) else text or "")
+    return out
+
+
+def answer_wrong_once(messages: list) -> bool:
+    """True for the first request whose prompt carries a reask tag not seen before."""
+    tags = {m.group(1) for text in texts(messages) for m in REASK.finditer(text)}
+    with _lock:
+        new = tags - _answered_wrong
+        if len(_answered_wrong) > 10_000:  # a long-lived stand-in forgets rather than grows
+            _answered_wrong.clear()
+        _answered_wrong.update(tags)
+    return bool(new)
+
+
 def schema_in(messages: list) -> dict:
     """The first JSON schema (an object with `properties`) written into the messages, or none."""
     decoder = json.JSONDecoder()
-    for message in messages or []:
-        text = message.get("content") if isinstance(message, dict) else None
-        text = " ".join(p.get("text", "") for p in text if isinstance(p, dict)) if isinstance(text, list) else text or ""
+    for text in texts(messages):
         for start in (i for i, c in enumerate(text) if c == "{"):
             try:
                 doc, _ = decoder.raw_decode(text, start)
@@ -69,22 +96,26 @@ def schema_in(messages: list) -> dict:
 def structured(request: dict) -> dict | None:
     """The assistant message a model would give for a forced tool or a JSON response format (None:
     plain text will do)."""
+    wrong = answer_wrong_once(request.get("messages"))
+
+    def instance_of(schema: dict) -> object:  # a reask tag's first answer leaves the schema out
+        return {} if wrong else instance(schema)
     tools = [t.get("function", {}) for t in request.get("tools") or []]
     choice = request.get("tool_choice")
     forced = choice.get("function", {}).get("name") if isinstance(choice, dict) else (choice == "required" and tools and tools[0].get("name"))
     if forced:
         tool = next((t for t in tools if t.get("name") == forced), {})
         call = {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                "function": {"name": forced, "arguments": json.dumps(instance(tool.get("parameters") or {}))}}
+                "function": {"name": forced, "arguments": json.dumps(instance_of(tool.get("parameters") or {}))}}
         return {"role": "assistant", "content": None, "tool_calls": [call]}
     fmt = request.get("response_format") or {}
     if fmt.get("type") == "json_schema":
-        return {"role": "assistant", "content": json.dumps(instance((fmt.get("json_schema") or {}).get("schema") or {}))}
+        return {"role": "assistant", "content": json.dumps(instance_of((fmt.get("json_schema") or {}).get("schema") or {}))}
     schema = schema_in(request.get("messages"))
     if fmt.get("type") == "json_object":
-        return {"role": "assistant", "content": json.dumps(instance(schema))}
+        return {"role": "assistant", "content": json.dumps(instance_of(schema))}
     if schema:  # asked in the prompt alone (instructor's MD_JSON mode): a fenced block, as models answer
-        return {"role": "assistant", "content": f"```json\n{json.dumps(instance(schema))}\n```"}
+        return {"role": "assistant", "content": f"```json\n{json.dumps(instance_of(schema))}\n```"}
     return None
 
 

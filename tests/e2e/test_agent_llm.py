@@ -1,7 +1,8 @@
 """The released CIRIS agent's own LLM service (`ciris-agent` from PyPI; tests/agent_venv.py builds
 its venv, tests/proxy/agent_llm_driver.py builds the service as the agent's initializer does)
 against `make local`, through the regions' edges under the agent's own proxy names (ADR 19): one
-interaction of a JSON-mode call at max_tokens 8192 and a TOOLS-mode (instructor) call, as the mobile
+interaction of a JSON-mode call at max_tokens 8192 and a TOOLS-mode (instructor) call, each asked
+again once by the agent's instructor (the fake upstream's first answer is outside the schema), as the mobile
 app (a Google ID token from `make id-token`) and as a server agent (an API key); the interaction is
 charged once (#24), also when its calls go to both regions' proxies."""
 
@@ -15,6 +16,7 @@ from tests.agent_venv import agent_python, drive  # noqa: F401  (agent_python: t
 from tests.conftest import REPO
 from tests.e2e.test_agent_billing import agent_env
 from tests.e2e.test_stack import id_token
+from tests.proxy.test_agent_llm_contract import assert_reasked
 
 DRIVER = REPO / "tests" / "proxy" / "agent_llm_driver.py"
 PRICE = 5  # Pulumi.local.yaml leaves services.price_per_interaction_cents at 5
@@ -32,11 +34,12 @@ def run(stack, agent_python, tmp_path, region: str, credential: str, task: str) 
     addresses = {r["name"]: r["ipv4"] for r in stack.regions}
     out = drive(agent_python, DRIVER, tmp_path, {"SSL_CERT_FILE": agent_env()["SSL_CERT_FILE"]}, timeout=240,
                 url=f"https://{names[region]}/v1", api_key=credential, model="default", task_id=task,
-                hosts={name: addresses[r] for r, name in names.items()})
+                hosts={name: addresses[r] for r, name in names.items()}, reask=uuid.uuid4().hex[:12])
     for mode in ("JSON", "TOOLS"):
         sent = out[mode]["sent"]
         assert sent and all(s["metadata"] and s["max_tokens"] == 8192 for s in sent), out
         assert out[mode]["decision"]["selected_action"], out
+    assert_reasked(out)
     return out
 
 
@@ -60,7 +63,7 @@ def test_the_agents_llm_calls_as_the_mobile_app_charged_once_across_both_regions
     with stack.edge(stack.regions[0], "billing") as billing:
         user = billing.post("/v1/auth/token", json={"id_token": token}).json()["user_id"]
         balance = settled(lambda: billing.get(f"/v1/credits/{user}", headers=admin).json()["balance"], SIGNUP - PRICE)
-    assert balance == SIGNUP - PRICE, f"4 calls of one interaction in two regions: charged {SIGNUP - balance}"
+    assert balance == SIGNUP - PRICE, f"8 calls of one interaction in two regions: charged {SIGNUP - balance}"
 
 
 def test_the_agents_llm_calls_as_a_server_agent_with_an_api_key(stack, agent_python, tmp_path):  # noqa: F811

@@ -2,10 +2,12 @@
 service initializer does for a CIRIS proxy URL (OPENAI_API_BASE, OPENAI_API_KEY, INSTRUCTOR_MODE)
 and makes the agent's structured calls, printing what came back as JSON.
 
-    python agent_llm_driver.py '{"url", "api_key", "model", "hosts"?}'
+    python agent_llm_driver.py '{"url", "api_key", "model", "task_id", "hosts"?, "reask"?}'
 
 `url` must name a `ciris-services` host, as the agent's proxies are: only then does the agent attach
-its interaction metadata. `hosts` ({name: address}) maps that name to the local proxy.
+its interaction metadata. `hosts` ({name: address}) maps that name to the local proxy. `reask` (a
+tag) asks the fake upstream to answer each mode's first call outside the schema (payloads/fake-llm),
+so the agent's instructor asks again: a retry within the interaction.
 """
 
 import asyncio
@@ -35,8 +37,9 @@ async def service(mode: str, args: dict):
 
 async def main(args: dict) -> dict:
     out = {}
-    messages = [{"role": "system", "content": "You decide."}, {"role": "user", "content": "What now?"}]
     for mode in ("JSON", "TOOLS"):
+        tag = f" [fake-llm:reask:{args['reask']}-{mode}]" if args.get("reask") else ""
+        messages = [{"role": "system", "content": "You decide."}, {"role": "user", "content": f"What now?{tag}"}]
         llm = await service(mode, args)
         sent: list = []
 
@@ -44,7 +47,8 @@ async def main(args: dict) -> dict:
             body = json.loads(request.content)
             sent.append({"metadata": body.get("metadata"), "max_tokens": body.get("max_tokens"),
                          "tool_choice": body.get("tool_choice"), "response_format": body.get("response_format"),
-                         "auth_scheme": request.headers.get("authorization", "").split(" ")[0]})
+                         "auth_scheme": request.headers.get("authorization", "").split(" ")[0],
+                         "tool_names": [m.get("name") for m in body.get("messages", []) if m.get("role") == "tool"]})
 
         llm.client._client.event_hooks["request"].append(record)
         decision, _ = await llm.call_llm_structured(messages, Decision, max_tokens=8192, temperature=0.0,

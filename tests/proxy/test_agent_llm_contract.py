@@ -1,7 +1,9 @@
 """The released CIRIS agent's own LLM service (`ciris-agent` from PyPI, in its venv:
 tests/agent_venv.py), built as its initializer builds it for a CIRIS proxy URL, against the real
 proxy, billing and PostgreSQL: a JSON-mode call at max_tokens 8192 and a TOOLS-mode (instructor)
-call, once as the mobile app (a Google ID token) and once as a server agent (a billing API key)."""
+call, each answered outside the schema once so the agent's instructor asks again (its TOOLS-mode
+reask names the tool on its tool message), once as the mobile app (a Google ID token) and once as a
+server agent (a billing API key)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def run_agent(agent_python: str, proxy, tmp_path: Path, credential: str) -> tupl
     task = f"task-{uuid.uuid4().hex}"
     url = proxy.url.replace("127.0.0.1", HOST) + "/v1"
     out = drive(agent_python, DRIVER, tmp_path, timeout=180, url=url, api_key=credential, model="default",
-                task_id=task, hosts={HOST: "127.0.0.1"})
+                task_id=task, hosts={HOST: "127.0.0.1"}, reask=uuid.uuid4().hex[:12])
     return out, hashlib.sha256(task.encode()).hexdigest()[:32]
 
 
@@ -42,6 +44,14 @@ def assert_answered(out: dict, interaction: str) -> None:
                             and s["auth_scheme"] == "Bearer" for s in sent), sent
     assert out["JSON"]["sent"][0]["response_format"] == {"type": "json_object"}
     assert out["TOOLS"]["sent"][0]["tool_choice"]["type"] == "function"
+    assert_reasked(out)
+
+
+def assert_reasked(out: dict) -> None:
+    """Each mode's first answer was outside the schema (the driver's reask tag): the agent asked again
+    once, in TOOLS mode with the tool's name on its tool message (issue #24)."""
+    assert [len(out[mode]["sent"]) for mode in ("JSON", "TOOLS")] == [2, 2], out
+    assert out["TOOLS"]["sent"][1]["tool_names"] and all(out["TOOLS"]["sent"][1]["tool_names"]), out
 
 
 def test_mobile_mode_with_a_google_id_token(agent_python, proxy, api, cluster, oidc, tmp_path):  # noqa: F811

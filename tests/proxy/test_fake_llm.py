@@ -52,3 +52,19 @@ def test_json_object_without_a_schema_is_an_object_and_plain_text_stays_text(fak
     assert json.loads(r.choices[0].message.content) == {}
     r = fake_llm.chat.completions.create(model="fake", messages=messages)
     assert r.choices[0].message.content.startswith("Hello from the local fake upstream")
+
+
+@pytest.mark.parametrize("mode", [instructor.Mode.JSON, instructor.Mode.TOOLS])
+def test_a_reask_tag_is_answered_outside_the_schema_once_so_instructor_asks_again(fake_llm, mode):
+    sent = []
+    fake_llm._client.event_hooks["request"] = [lambda request: sent.append(json.loads(request.content))]
+    try:
+        decision = instructor.from_openai(fake_llm, mode=mode).chat.completions.create(
+            model="fake", response_model=Decision, max_retries=2,
+            messages=[{"role": "user", "content": f"What now? [fake-llm:reask:{mode.value}-1]"}])
+    finally:
+        fake_llm._client.event_hooks["request"] = []
+    assert decision.selected_action == "speak"
+    assert len(sent) == 2, "one answer outside the schema, then instructor's reask"
+    if mode is instructor.Mode.TOOLS:  # instructor's TOOLS reask names the tool on its tool message
+        assert any(m.get("role") == "tool" and m.get("name") for m in sent[1]["messages"]), sent[1]["messages"]
