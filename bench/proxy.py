@@ -16,7 +16,8 @@ The first line also gives an agent-shaped interaction through the bridge: `--int
 interactions of 20 calls sharing one `metadata.interaction_id` (one charge), sent 1 and 16 at a
 time: the median latency added over a direct call to the upstream (at the same concurrency) of an
 interaction's first call (its window's one billing round trip) and of its follow-up calls (no
-billing: straight to the provider).
+billing: straight to the provider), and what a follow-up adds over the same calls through bare
+LiteLLM (the goal of issue #24: at most 1 ms, i.e. nothing beyond the router's own cost).
 
 A second line: the bridge during a billing outage. After the rounds billing is stopped and the
 same bridge (which knows every user's balance from the rounds) serves on stand-in authorisation
@@ -163,13 +164,17 @@ async def interaction_latencies(url: str, tokens: list[str], clients: int, inter
     return firsts, follow_ups
 
 
-def interaction_added(direct: tuple[str, list[str]], bridge: tuple[str, list[str]], clients: int,
-                      interactions: int) -> tuple[float, float]:
-    """The median ms a first call and a follow-up call add over a direct call at this concurrency."""
+def interaction_added(direct: tuple[str, list[str]], bare: tuple[str, list[str]], bridge: tuple[str, list[str]],
+                      clients: int, interactions: int) -> tuple[float, float, float]:
+    """The median ms a first call and a follow-up call add over a direct call at this concurrency, and
+    what a follow-up adds over the same calls through bare LiteLLM (the router without our gate:
+    what auth, the window's bookkeeping and the charge cost a follow-up)."""
     d_first, d_rest = asyncio.run(interaction_latencies(*direct, clients, interactions, agent=False))
+    l_first, l_rest = asyncio.run(interaction_latencies(*bare, clients, interactions, agent=False))
     b_first, b_rest = asyncio.run(interaction_latencies(*bridge, clients, interactions, agent=True))
     base = statistics.median(d_first + d_rest)
-    return statistics.median(b_first) - base, statistics.median(b_rest) - base
+    return (statistics.median(b_first) - base, statistics.median(b_rest) - base,
+            statistics.median(b_rest) - statistics.median(l_first + l_rest))
 
 
 def main() -> int:
@@ -222,8 +227,8 @@ def main() -> int:
                           for name in targets}
         rss = f"RSS bare {rss_mb(bare.proc.pid):.0f} MB, bridge {rss_mb(bridge.proc.pid):.0f} MB"
         tokens = [mint("user", u, exp=int(time.time()) + 86_400) for u in users]
-        interaction = {c: interaction_added((upstream.url, ["upstream"]), (bridge.url, tokens), c, args.interactions)
-                       for c in args.clients}
+        interaction = {c: interaction_added((upstream.url, ["upstream"]), (bare.url, [MASTER_KEY]), (bridge.url, tokens), c,
+                                            args.interactions) for c in args.clients}
         url, script, _ = targets["bridge"]
         billing.stop()
         outage = {c: measure(url, script, c, args.seconds, (bridge.proc.pid,)) for c in args.clients}
@@ -250,9 +255,10 @@ def main() -> int:
             f"{b_cpu:.1f} ms CPU/req, bridge {g_rps:.0f}/s +{g50 - d50:.1f}/+{g99 - d99:.1f} ms {g_cpu:.1f} ms CPU/req "
             f"(+ billing {billing_cpu:.1f}, PostgreSQL {pg_cpu:.1f}) (p50/p99 added), bridge/bare {g_rps / b_rps:.2f} "
             f"in throughput, {g_cpu / b_cpu:.2f} in proxy CPU/req, bare/direct {b_rps / d_rps:.2f}")
-    agent = ", ".join(f"c={c} first +{first:.1f} ms, follow-up +{rest:.1f} ms" for c, (first, rest) in interaction.items())
+    agent = ", ".join(f"c={c} first +{first:.1f} ms, follow-up +{rest:.1f} ms ({over_bare:+.1f} ms over bare)"
+                      for c, (first, rest, over_bare) in interaction.items())
     print("proxy chat completion: " + " | ".join(parts) + f" | {rss} | agent interaction of {INTERACTION_CALLS} calls "
-          f"(median added over direct): {agent}")
+          f"(median added over direct; a follow-up over bare LiteLLM's same calls): {agent}")
     parts = []
     for c, (o_rps, o50, o99, o_cpu) in outage.items():
         g_rps, g50, g99, g_cpu = results[c]["bridge"][:4]
