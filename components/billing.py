@@ -164,7 +164,7 @@ class Billing(pulumi.ComponentResource):
                     "billing/jwks.json": self.jwks,
                     **({"billing/oidc-ca.crt": oidc_ca} if oidc_ca else {}),
                 },
-                private={"billing/env": 0, "billing/jwt.pem": SERVICE_UID},
+                private={"billing/env": SERVICE_UID, "billing/jwt.pem": SERVICE_UID},
                 shown={
                     "billing/env": hosts.apply(lambda hs: f"[secret: DATABASE_URL -> {', '.join(f'{h}:{PG_PORT}' for h in hs)} "
                                                "(verify-full, the read-write one), Stripe keys, price, signup credits, "

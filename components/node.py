@@ -118,7 +118,7 @@ class Node(pulumi.ComponentResource):
     def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]],
                     shown: dict[str, pulumi.Input[str]] | None = None, private: dict[str, int] | None = None) -> None:
         """Add (or replace) a container and the files it reads in the bundle. `private` names the
-        files that hold secrets, with the uid that reads them (0: root, e.g. compose's env files);
+        files that hold secrets, with the uid that reads them (0: root, e.g. the postgres image's env file);
         `shown` overrides what the offline plan writes for them."""
         assert self.deploy is None, "add services before build()"
         self.containers = [c for c in self.containers if c.name != container.name] + [container]

@@ -19,7 +19,7 @@ import pulumi
 
 from components.billing import PORT as BILLING_PORT, Billing, mint
 from components.region import Region
-from components.services import PAYLOADS, ContainerSpec, env_file, payload_files
+from components.services import PAYLOADS, SERVICE_UID, ContainerSpec, env_file, payload_files
 
 sys.path.insert(0, str(PAYLOADS / "proxy"))
 from ciris_proxy import litellm_config  # noqa: E402  (the payload's pure renderer, shared with the container)
@@ -130,7 +130,7 @@ class Proxy(pulumi.ComponentResource):
                     "proxy/billing-jwks.json": args.billing.jwks,
                     "proxy/env": pulumi.Output.secret(token.apply(render)),
                 },
-                private={"proxy/env": 0},
+                private={"proxy/env": SERVICE_UID},
                 shown={"proxy/env": "[secret: billing service token, Together/Groq/OpenRouter keys, price, body limit]\n"},
             )
         self.register_outputs({})

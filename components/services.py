@@ -40,7 +40,10 @@ class ContainerSpec(BaseModel):
     loopback_ports: tuple[str, ...] = ()
     volumes: tuple[str, ...] = ()
     environment: dict[str, str] = {}
-    env_file: str | None = None  # secrets, shipped in the bundle (never in compose.yaml)
+    # Settings with secrets, KEY=value lines shipped in the bundle (never in compose.yaml): mounted at
+    # SECRETS_FILE, which the payload reads at start (never the container's environment, which
+    # `docker inspect` shows). The file's owner is the uid the container starts as.
+    env_file: str | None = None
     command: tuple[str, ...] | None = None
     entrypoint: tuple[str, ...] | None = None
     healthcheck: tuple[str, ...] | None = None
@@ -145,10 +148,10 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         if spec.volumes:
             svc["volumes"] = list(spec.volumes)
             named_volumes |= {v.split(":", 1)[0] for v in spec.volumes if not v.startswith(("/", "."))}
-        if spec.environment:
-            svc["environment"] = dict(spec.environment)
         if spec.env_file:
-            svc["env_file"] = [spec.env_file]
+            svc["volumes"] = [*svc.get("volumes", []), f"{spec.env_file}:{SECRETS_FILE}:ro"]
+        if spec.environment or spec.env_file:
+            svc["environment"] = {**spec.environment, **({SECRETS_FILE_VAR: SECRETS_FILE} if spec.env_file else {})}
         if spec.healthcheck:
             svc["healthcheck"] = {"test": list(spec.healthcheck), "interval": "30s", "timeout": "5s", "retries": 3}
         svc["labels"] = {"ciris.region": region, "ciris.service": spec.name,
@@ -194,6 +197,10 @@ def twin_name(service: str) -> str:
 # A rolling service answers 503 on /serving while this file exists (ADR 16); the payloads' own
 # default (billing's and the proxy's settings.py) is the same path.
 DRAIN_FILE = "/tmp/ciris-draining"
+# Where a container finds its secret settings (ContainerSpec.env_file), and the variable naming it
+# (the payloads' settings.load_env_file, payloads/postgres/env-file.sh).
+SECRETS_FILE = "/run/secrets/ciris.env"
+SECRETS_FILE_VAR = "CIRIS_ENV_FILE"
 CONFIG_LABEL = "ciris.config-sha256"  # a service's rendered config; compose.yaml names the rolling ones' too
 
 

@@ -9,6 +9,7 @@ set -u
 # `backup-loop.sh health`: is the loop alive (the container's health check).
 if [ "${1:-}" = health ]; then kill -0 "$(cat /tmp/backup-loop.pid)"; exit; fi
 echo $$ > /tmp/backup-loop.pid
+. /usr/local/lib/ciris/env-file.sh
 hour=${BACKUP_HOUR_UTC:-3}
 pgbr() { gosu postgres pgbackrest --config=/etc/ciris-postgres/pgbackrest.conf --stanza=ciris "$@"; }
 is_primary() {

@@ -143,6 +143,24 @@ def restore(store: Store, name: str, key: bytes, target_dsn: str) -> None:
     restore_into(target_dsn, decrypt(store.get(name), key))  # decrypt first: nothing half-restored
 
 
+def load_env_file() -> None:
+    """The container's secret settings come as a file ($CIRIS_ENV_FILE, as env-file.sh reads it for
+    the shell scripts), so `docker compose exec backup python3 backup.py ...` finds them too."""
+    path = os.environ.get("CIRIS_ENV_FILE", "").strip()
+    if not path:
+        return
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise BackupError(f"CIRIS_ENV_FILE names {path}, which cannot be read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        key, sep, value = line.partition("=")
+        if line.strip() and not line.startswith("#"):
+            if not sep or not key.isidentifier():
+                raise BackupError(f"CIRIS_ENV_FILE: line {n} of {path} is not KEY=value")
+            os.environ[key] = value
+
+
 def _env(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, default)
     if not value:
@@ -182,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--into", required=True, help="DSN of a fresh, empty database")
     args = parser.parse_args(argv)
     try:
+        load_env_file()
         store = store_from_env()
         if args.cmd == "list":
             print("\n".join(store.names()))

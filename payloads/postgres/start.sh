@@ -3,6 +3,7 @@
 # take the lock, clones the others, promotes, rewinds and re-clones by itself). The rendered
 # files are root's in the bundle: copied where postgres owns them, keys and passwords private.
 set -eu
+. /usr/local/lib/ciris/env-file.sh
 RUN_DIR=/run/ciris-postgres
 PGDATA=${PGDATA:-/var/lib/postgresql/data/pgdata}
 SOCKET_DIR=/var/run/postgresql

@@ -104,3 +104,18 @@ def test_an_expired_previous_key_token_is_refused_as_expired():
     old = token("user", "u", key=PREVIOUS_KEY, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600)
     with pytest.raises(auth.AuthError, match="expired"):
         auth.verify(keys(), old)
+
+
+def test_secret_settings_come_from_the_env_file_it_names_and_a_bad_line_is_named_not_shown(tmp_path):
+    """Secrets reach the container as a file it mounts (CIRIS_ENV_FILE), not its environment."""
+    given = tmp_path / "given.env"
+    given.write_text(f"# billing's secrets\n\nDATABASE_URL=postgresql://billing:p%3D1@db/ciris\nBILLING_JWT_PRIVATE_KEY_FILE={tmp_path}/k.pem\n")
+    (tmp_path / "k.pem").write_text(KEY_PEM)
+    env = {settings.ENV_FILE_VAR: str(given), "DATABASE_URL": "postgresql://overridden@x/y"}
+    settings.load_env_file(env)
+    assert settings.from_env(env).database_url == "postgresql://billing:p%3D1@db/ciris"  # the file's, '=' kept
+    given.write_text("DATABASE_URL=postgresql://x@y/z\nCANARY-a-secret-without-a-key\n")
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load_env_file({settings.ENV_FILE_VAR: str(given)})
+    assert str(e.value) == f"CIRIS_ENV_FILE line 2 of {given} is not KEY=value" and "CANARY" not in str(e.value)
+    settings.load_env_file({})  # nothing named: the environment alone, as in the tests

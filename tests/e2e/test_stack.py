@@ -44,6 +44,19 @@ def test_every_container_is_labelled_and_healthy(stack):
     assert all("(healthy)" in r for r in rows), rows
 
 
+
+def test_no_secret_is_in_any_containers_configuration(stack):
+    """Secrets reach containers as files they mount (#26), so what `inspect` shows to anyone with the
+    engine's socket holds none: not the Stripe or bucket keys, not the database password."""
+    names = stack.podman("ps", "-a", "--filter", "label=ciris.region", "--format", "{{.Names}}").split()
+    shown = stack.podman("inspect", *names)
+    assert len(names) > 20 and "/run/secrets/ciris.env" in shown
+    values = {k: v for k, v in stack.secrets.items() if len(v) >= 12}
+    assert values, stack.secrets.keys()
+    assert not [k for k, v in values.items() for part in v.split(",") if part in shown], "a secret in `podman inspect`"
+    env = stack.podman("exec", f"ciris-{stack.regions[0]['name']}-billing-1", "sh", "-c", "env | cut -d= -f1")
+    assert "DATABASE_URL" not in env.split() and "STRIPE_SECRET_KEY" not in env.split(), env
+
 def ask(query, name: str, rdtype, server: str):
     """One question, retried as resolvers do. Under Podman, UDP to a region's just-redeployed port can
     go unanswered for a while (seen up to about a minute; TCP is not affected): retry for 90 s."""

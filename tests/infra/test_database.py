@@ -88,10 +88,11 @@ def test_every_member_runs_patroni_with_its_rendered_configuration(stack, witnes
         pg = yaml.safe_load(p.artifacts[f"{host}/compose.yaml"])["services"]["postgres"]
         assert sorted(pg["ports"]) == sorted(f"{a}:{port}:{port}/tcp" for port in (5432, 8008)
                                              for a in (ipv4, f"[{ips[host][1]}]"))
-        assert (pg["image"], pg["env_file"]) == ("ciris-postgres:local", ["./postgres/env"])
+        assert pg["image"] == "ciris-postgres:local" and pg["environment"] == {"CIRIS_ENV_FILE": "/run/secrets/ciris.env"}
         # The data on the region's volume when it has one, mounted as PGDATA's parent.
         data = "/srv/ciris/data/postgres" if next(r for r in raw[f"{P}:regions"] if r["name"] == host).get("volume_gb") else "pgdata"
-        assert pg["volumes"] == [f"{data}:/var/lib/postgresql/data", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro"]
+        assert pg["volumes"] == [f"{data}:/var/lib/postgresql/data", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro",
+                                 "./postgres/env:/run/secrets/ciris.env:ro"]
     assert {h for h in ips if f"{h}/postgres/etc/patroni.yml" in p.artifacts} == set(members)
 
 
@@ -224,9 +225,10 @@ def test_the_backup_job_runs_beside_every_member():
         assert {c.name for c in p.containers[host]} >= {"postgres", "backup"}
         backup = yaml.safe_load(p.artifacts[f"{host}/compose.yaml"])["services"]["backup"]
         assert backup["entrypoint"] == ["tini", "--", "sh", "/usr/local/lib/ciris/backup-loop.sh"]
-        assert backup["env_file"] == ["./postgres/backup.env"] and "ports" not in backup
+        assert "ports" not in backup
         data = "/srv/ciris/data/postgres" if host == "eu-west" else "pgdata"  # eu-west's volume
-        assert backup["volumes"] == [f"{data}:/var/lib/postgresql/data:ro", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro"]
+        assert backup["volumes"] == [f"{data}:/var/lib/postgresql/data:ro", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro",
+                                     "./postgres/backup.env:/run/secrets/ciris.env:ro"]
         repo = p.artifacts[f"{host}/postgres/etc/pgbackrest.conf"]
         assert "repo1-s3-endpoint=s3.eu-central-003.backblazeb2.com\n" in repo and "repo1-retention-full=30\n" in repo
         env = expected.bundle(p, host)["postgres/backup.env"][0]

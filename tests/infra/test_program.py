@@ -17,7 +17,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from components import bridge, cloud_init, config, firewall, mocks, plan
+from components import bridge, cloud_init, config, firewall, mocks, plan, services
 from components import deploy as deploy_script
 
 from tests.conftest import REPO, stack_raw, third_region
@@ -236,6 +236,31 @@ def test_secrets_stay_secret():
     assert '"[secret]"' in dumped
     assert not p.secret_outputs  # no output carries a secret at all
 
+
+
+def test_secrets_reach_containers_as_files_only_their_user_reads():
+    """Not as their configured environment, which `docker inspect` shows: each container with secret
+    settings mounts its env file (0600, owned by the uid it starts as) and is told where it is."""
+    raw, secret_keys = stack_raw("production")
+    secrets = {"ciris-bridge:stripe_secret_key": "sk_live_CANARY_f1", "ciris-bridge:backup_s3_secret_key": "CANARY_s3_f2"}
+    raw.update(secrets)
+    p = run("production", raw, secret_keys | set(secrets))
+    readers = {"billing": services.SERVICE_UID, "billing-twin": services.SERVICE_UID, "proxy": services.SERVICE_UID,
+               "proxy-twin": services.SERVICE_UID, "postgres": 0, "backup": 0}
+    for host in ("us-east", "eu-west"):
+        files = expected.bundle(p, host)
+        compose = yaml.safe_load(files["compose.yaml"][0])["services"]
+        with_secrets = set()
+        for name, svc in compose.items():
+            assert "env_file" not in svc and "CANARY" not in json.dumps(svc), name
+            mounts = [v.split(":")[0].removeprefix("./") for v in svc.get("volumes", []) if v.split(":")[1] == services.SECRETS_FILE]
+            if mounts:
+                with_secrets.add(name)
+                assert svc["environment"][services.SECRETS_FILE_VAR] == services.SECRETS_FILE
+                text, mode, uid = files[mounts[0]]
+                assert (mode, uid) == (0o600, readers[name]), name
+        assert with_secrets == set(readers), with_secrets
+        assert "sk_live_CANARY_f1" in files["billing/env"][0] and "CANARY_s3_f2" in files["postgres/env"][0]
 
 def test_production_costs_at_most_the_fsd_target():
     """The two regions stay within the FSD's target; the witness (ADR 13) takes the stack past it,

@@ -115,7 +115,8 @@ def test_rolling_services_have_twins_that_only_a_deploy_starts(tmp_path):
     for upstreams in ("billing-main:8000 billing-twin:8000", "proxy-main:4000 proxy-twin:4000"):
         block = caddyfile.split(f"reverse_proxy {upstreams} {{", 1)[1].split("}", 1)[0]
         assert {"lb_policy first", "health_uri /serving", "health_interval 1s"} <= {x.strip() for x in block.splitlines()}
-    assert twin["image"] == billing["image"] and twin["env_file"] == billing["env_file"]
+    assert twin["image"] == billing["image"] and twin["environment"] == billing["environment"]
+    assert "./billing/env:/run/secrets/ciris.env:ro" in twin["volumes"] == billing["volumes"]
     assert billing["stop_grace_period"] == "30s" and twin["stop_grace_period"] == "30s"
     proxy = services["proxy-twin"]
     assert "proxy-journal-twin:/var/lib/ciris-proxy" in proxy["volumes"]  # a journal is one process's

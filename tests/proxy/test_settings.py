@@ -89,3 +89,17 @@ def test_render_prints_the_config_the_program_ships():
     assert config["router_settings"]["num_retries"] == 0  # the next provider is the retry
     openrouter = next(d for d in config["model_list"] if d["model_info"]["id"] == "llama-3.3-70b@openrouter")
     assert openrouter["litellm_params"]["extra_body"] == {"provider": {"data_collection": "deny", "zdr": True}}
+
+
+def test_settings_come_from_the_env_file_and_a_bad_line_is_named_not_shown(tmp_path):
+    """Secrets reach the container as a file it mounts (CIRIS_ENV_FILE), not its environment."""
+    given = tmp_path / "given.env"
+    given.write_text("# the proxy's secret settings\n\nBILLING_URL=billing:8000\n")  # the file's value is the one used
+    r = run("serve", CIRIS_ENV_FILE=str(given))
+    assert r.returncode == 2 and r.stderr.strip() == "proxy: BILLING_URL must be an http(s) URL, got 'billing:8000'", r.stderr
+    given.write_text("BILLING_URL=http://127.0.0.1:8000\nCANARY-secret-without-a-key\n")
+    r = run("serve", CIRIS_ENV_FILE=str(given))
+    assert r.returncode == 2 and r.stderr.strip() == f"proxy: CIRIS_ENV_FILE line 2 of {given} is not KEY=value", r.stderr
+    r = run("serve", CIRIS_ENV_FILE=str(tmp_path / "gone.env"))
+    assert r.stderr.strip() == f"proxy: CIRIS_ENV_FILE names {tmp_path / 'gone.env'}, which cannot be read (No such file or directory)"
+    assert "CANARY" not in r.stderr + r.stdout

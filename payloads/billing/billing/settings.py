@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -244,6 +245,30 @@ def _issuers(env: Mapping[str, str]) -> tuple[Issuer, ...]:
             raise SettingsError(prefix + "ALGORITHM", f"must be one of {', '.join(OIDC_ALGORITHMS)}")
         found.append(Issuer(provider, _list(env, prefix + "ISSUERS", issuers), url, client_ids, algorithm))
     return tuple(found)
+
+
+# Secrets reach the container as a file it mounts (compose.yaml: services.SECRETS_FILE), never as
+# its configured environment, which `docker inspect` shows to anyone with the engine's socket.
+ENV_FILE_VAR = "CIRIS_ENV_FILE"
+
+
+def load_env_file(environ=os.environ) -> None:
+    """Adds the KEY=value lines of the file $CIRIS_ENV_FILE names to this process's environment
+    (which its workers inherit); an error names the line, never a value."""
+    path = environ.get(ENV_FILE_VAR, "").strip()
+    if not path:
+        return
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SettingsError(ENV_FILE_VAR, f"names {path}, which cannot be read ({e.strerror})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.isidentifier():
+            raise SettingsError(ENV_FILE_VAR, f"line {n} of {path} is not KEY=value")
+        environ[key] = value
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        settings_mod.load_env_file()
         settings = settings_mod.from_env()
     except settings_mod.SettingsError as e:
         print(f"proxy: {e}", file=sys.stderr)

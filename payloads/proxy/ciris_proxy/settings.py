@@ -8,6 +8,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -132,6 +133,30 @@ def _billing_keys(env: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
         except ValueError:
             raise SettingsError(var, f"key {i + 1} has no valid x") from None
     return keys
+
+
+# Secrets reach the container as a file it mounts (compose.yaml: services.SECRETS_FILE), never as
+# its configured environment, which `docker inspect` shows to anyone with the engine's socket.
+ENV_FILE_VAR = "CIRIS_ENV_FILE"
+
+
+def load_env_file(environ=os.environ) -> None:
+    """Adds the KEY=value lines of the file $CIRIS_ENV_FILE names to this process's environment
+    (which its workers inherit); an error names the line, never a value."""
+    path = environ.get(ENV_FILE_VAR, "").strip()
+    if not path:
+        return
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SettingsError(ENV_FILE_VAR, f"names {path}, which cannot be read ({e.strerror})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.isidentifier():
+            raise SettingsError(ENV_FILE_VAR, f"line {n} of {path} is not KEY=value")
+        environ[key] = value
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
