@@ -7,7 +7,8 @@ runs over SSH before each deploy whose settings changed:
 - UFW lets SSH in from exactly `admin_ssh_cidrs`: the new ones are opened before any other is closed;
 - the deploy user's `authorized_keys` gets `ssh_public_key`, and loses only the keys listed in
   `ssh_retired_public_keys`: a key is retired once its successor works (README, "Changing SSH
-  settings"), so no step of a key change can lock the operator out.
+  settings"), so no step of a key change can lock the operator out;
+- the clock is kept (CLOCK): a host made before cloud-init installed systemd-timesyncd gets it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ import shlex
 from typing import Sequence
 
 SSH_PORT = 22
+
+# Tokens allow 60 s between regions' clocks (ClockNotSynchronised pages when a clock drifts): a host
+# whose clock nothing keeps gets systemd-timesyncd. Only where systemd runs (SYSTEMD_DIR: not in a
+# container, nor in the e2e test's); a host running chrony instead is left alone.
+SYSTEMD_DIR = "/run/systemd/system"
+CLOCK = f"""\
+if [ -d {SYSTEMD_DIR} ] && ! systemctl is-active --quiet systemd-timesyncd chrony; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \\
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd-timesyncd >/dev/null
+  systemctl enable --now systemd-timesyncd
+  echo "access: the clock is now kept by systemd-timesyncd"
+fi
+"""
 
 
 def key_body(key: str) -> str:
@@ -43,4 +57,4 @@ for body in {retire}; do
   awk -v body="$body" '($1 " " $2) != body' {keys} > {keys}.new && mv {keys}.new {keys}
 done
 chown {user}:{user} {keys} && chmod 600 {keys}
-"""
+""" + CLOCK

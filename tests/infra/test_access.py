@@ -3,9 +3,11 @@ command, before anything else runs over SSH, re-run whenever the admin CIDRs or 
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from components import cloud_init, config, plan
+from components import access as access_script, cloud_init, config, plan
 from tests.conftest import REPO, stack_raw
 
 OLD = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPU/+6BWuZJm0j8ttiTuDSHmj9RskqpHfmrH1CG6NQAY old@ciris"
@@ -49,3 +51,25 @@ def test_retiring_the_key_in_use_is_refused():
     raw["ciris-bridge:ssh_retired_public_keys"] = [raw["ciris-bridge:ssh_public_key"]]
     with pytest.raises(config.ConfigError, match="ssh_retired_public_keys: lists ssh_public_key itself"):
         config.parse(raw, keys)
+
+
+@pytest.mark.parametrize("systemd, active, installs", [(True, "", True), (True, "chrony", False),
+                                                        (True, "systemd-timesyncd", False), (False, "", False)])
+def test_a_host_whose_clock_nothing_keeps_gets_timesyncd(tmp_path, systemd, active, installs):
+    """Hosts made before cloud-init installed systemd-timesyncd get it at the next `pulumi up`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name in ("apt-get", "systemctl"):  # record each call; `systemctl is-active` as the host's units are
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n'
+                                    f'[ "$1" = is-active ] && {{ for u in "$@"; do [ "$u" = "{active or "-"}" ] && exit 0; done; exit 3; }}\n'
+                                    "exit 0\n")
+        (bin_dir / name).chmod(0o755)
+    marker = tmp_path / "systemd"
+    if systemd:
+        marker.mkdir()
+    script = "set -eu\n" + access_script.CLOCK.replace(access_script.SYSTEMD_DIR, str(marker))
+    out = subprocess.run(["sh", "-c", script], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    seen = calls.read_text().splitlines() if calls.exists() else []
+    assert ("systemctl enable --now systemd-timesyncd" in seen) is installs, seen
+    assert any(c.startswith("apt-get install -y -q systemd-timesyncd") for c in seen) is installs, seen
