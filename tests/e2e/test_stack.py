@@ -20,6 +20,7 @@ import stripe
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from components import local_s3
+from components.local import LOCAL
 from tests.conftest import REPO
 from tests.e2e.conftest import wait_sync
 
@@ -47,15 +48,22 @@ def test_every_container_is_labelled_and_healthy(stack):
 
 def test_no_secret_is_in_any_containers_configuration(stack):
     """Secrets reach containers as files they mount (#26), so what `inspect` shows to anyone with the
-    engine's socket holds none: not the Stripe or bucket keys, not the database password."""
+    engine's socket holds none: no value of any deployed env file (the database password, Stripe's and
+    the bucket's keys, the proxy's token...), nor of local/secrets.json."""
     names = stack.podman("ps", "-a", "--filter", "label=ciris.region", "--format", "{{.Names}}").split()
     shown = stack.podman("inspect", *names)
     assert len(names) > 20 and "/run/secrets/ciris.env" in shown
-    values = {k: v for k, v in stack.secrets.items() if len(v) >= 12}
-    assert values, stack.secrets.keys()
-    assert not [k for k, v in values.items() for part in v.split(",") if part in shown], "a secret in `podman inspect`"
-    env = stack.podman("exec", f"ciris-{stack.regions[0]['name']}-billing-1", "sh", "-c", "env | cut -d= -f1")
-    assert "DATABASE_URL" not in env.split() and "STRIPE_SECRET_KEY" not in env.split(), env
+    values = {f"secrets.json {k}": v for k, v in stack.secrets.items()}
+    for path in LOCAL.glob("*/*/*env"):  # each host's deployed billing/env, proxy/env, postgres/env, postgres/backup.env
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[f"{path.relative_to(LOCAL)} {key}"] = value
+    values = {k: part for k, v in values.items() for part in v.split(",")
+              if len(part) >= 12 and not part.startswith(("/", "http")) and not part.isdigit()}
+    assert len(values) > 10, sorted(values)
+    assert not [k for k, v in values.items() if v in shown], "secrets in `podman inspect`"
+    env = stack.podman("exec", f"ciris-{stack.regions[0]['name']}-billing-1", "sh", "-c", "env | cut -d= -f1").split()
+    assert "DATABASE_URL" not in env and "STRIPE_SECRET_KEY" not in env, env
 
 def ask(query, name: str, rdtype, server: str):
     """One question, retried as resolvers do. Under Podman, UDP to a region's just-redeployed port can
