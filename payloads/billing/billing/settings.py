@@ -249,6 +249,7 @@ def _issuers(env: Mapping[str, str]) -> tuple[Issuer, ...]:
 
 # Secrets reach the container as a file it mounts (compose.yaml: services.SECRETS_FILE), never as
 # its configured environment, which `docker inspect` shows to anyone with the engine's socket.
+# The same loader is in payloads/proxy/ciris_proxy/settings.py: the two images share no code.
 ENV_FILE_VAR = "CIRIS_ENV_FILE"
 
 

@@ -137,6 +137,7 @@ def _billing_keys(env: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
 
 # Secrets reach the container as a file it mounts (compose.yaml: services.SECRETS_FILE), never as
 # its configured environment, which `docker inspect` shows to anyone with the engine's socket.
+# The same loader is in payloads/billing/billing/settings.py: the two images share no code.
 ENV_FILE_VAR = "CIRIS_ENV_FILE"
 
 
