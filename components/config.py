@@ -206,6 +206,31 @@ class Services(_Model):
         return self
 
 
+def _restore_target(v: Any) -> datetime.datetime | Literal["latest"]:
+    """`latest`, or an ISO 8601 time with its zone (a time without one means a different moment
+    on every machine that reads it)."""
+    if v == "latest":
+        return v
+    if isinstance(v, datetime.datetime):  # YAML reads an unquoted time as one
+        at = v
+    else:
+        try:
+            at = datetime.datetime.fromisoformat(str(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is neither \"latest\" nor an ISO 8601 time (e.g. 2026-11-22T14:05:00Z)") from None
+    if at.tzinfo is None:
+        raise ValueError(f"{v!r} has no time zone; add one (e.g. {at.isoformat()}Z)")
+    return at
+
+
+class RestoreSettings(_Model):
+    """Set for the first `pulumi up` of a stack that replaces one whose every region was lost (ADR 24):
+    the cluster is created from the bucket's pgBackRest repository instead of empty. Remove it after."""
+
+    target_time: Annotated[Any, AfterValidator(_restore_target)] = Field(
+        description='"latest" (everything archived) or the moment to restore to, e.g. 2026-11-22T14:05:00Z')
+
+
 class BackupSettings(_Model):
     """Where the primary's daily encrypted pg_dump goes (any S3-compatible object storage)."""
 
@@ -217,6 +242,7 @@ class BackupSettings(_Model):
     ca_cert: str | None = Field(
         default=None, pattern=r"^-----BEGIN CERTIFICATE-----", description="PEM of a private CA the S3 endpoint's certificate is from"
     )
+    restore: RestoreSettings | None = None
 
 
 _EMAIL = r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$"

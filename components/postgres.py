@@ -14,6 +14,7 @@ Patroni decides who is primary, and a change of the declared primary is a Patron
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import pulumi
@@ -135,7 +136,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             "mode": "synchronous" if args.replicas else "standalone",
             "port": PORT,
             "backup": (
-                {"bucket": args.backup.bucket, "retention_days": args.backup.retention_days, "hour_utc": args.backup.hour_utc}
+                {"bucket": args.backup.bucket, "retention_days": args.backup.retention_days, "hour_utc": args.backup.hour_utc,
+                 **({"restore": _shown(args.backup.restore.target_time)} if args.backup.restore else {})}
                 if args.backup
                 else None
             ),
@@ -222,6 +224,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 name=pgc.member_name(member.spec.name), address=address, etcd_hosts=hosts, tls=TLS_FILES,
                 passwords=shown, data_dir=PGDATA, socket_dir=SOCKET_DIR, hba=hba_text, archive_config=archive,
                 post_bootstrap=POST_BOOTSTRAP, timing=self._timing, wal_budget=pgc.wal_budget_mb(member.spec.volume_gb),
+                # A replacement stack's first deploy (ADR 24): the cluster is created from the bucket.
+                restore=self._backup.restore.target_time if self._backup and self._backup.restore else None,
                 # Without a witness the consensus lives beside the declared primary: only it may lead.
                 nofailover=self.witness is None and member is not self._members[0])
 
@@ -329,3 +333,8 @@ class ReplicatedPostgres(pulumi.ComponentResource):
 
     def _peers_of(self, member: Region) -> list[Region]:
         return [m for m in self._by_name if m is not member]
+
+
+def _shown(target) -> str:
+    """The restore target as the database output shows it (a time in UTC, or "latest")."""
+    return target if target == "latest" else target.astimezone(datetime.timezone.utc).isoformat()

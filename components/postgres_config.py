@@ -8,7 +8,9 @@ replication role from the peer regions; the billing app only from the host's con
 
 from __future__ import annotations
 
+import datetime
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Literal, Sequence
 from urllib.parse import urlsplit
@@ -173,6 +175,7 @@ def patroni_yml(
     pgpass: str = "/tmp/pgpass-patroni",
     nofailover: bool = False,
     wal_budget: int = wal_budget_mb(0),
+    restore: datetime.datetime | Literal["latest"] | None = None,
 ) -> str:
     """Patroni's configuration for one member (the same for every member but its name/address).
 
@@ -182,6 +185,7 @@ def patroni_yml(
     promoted, so no acknowledged commit is lost. `passwords`: superuser, replication, rewind, api.
     `nofailover`: never promote this member by itself (a stack without a witness: its consensus
     lives beside the declared primary, which must stay the leader; promotion is the runbook's).
+    `restore`: create the cluster from the pgBackRest repository instead of initdb (restore_bootstrap()).
     Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
     peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
     patroni_parameters = _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
@@ -229,6 +233,7 @@ def patroni_yml(
                 },
             },
             "initdb": [{"encoding": "UTF8"}, "data-checksums", {"auth-local": "peer"}, {"auth-host": "scram-sha-256"}],
+            **(restore_bootstrap(archive_config, restore) if restore else {}),
             **({"post_bootstrap": post_bootstrap} if post_bootstrap else {}),
         },
         "postgresql": {
@@ -285,6 +290,35 @@ def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str], app_peers: bool = 
 STANZA = "ciris"
 # A partly filled WAL segment is archived after at most this long: the PITR gap on a quiet database.
 ARCHIVE_TIMEOUT_SECONDS = 300
+
+
+def restore_command(archive_config: str, target: datetime.datetime | Literal["latest"]) -> str:
+    """pgBackRest's restore of the whole cluster into this member's (empty) data directory: to the end
+    of the archived WAL ("latest": on its newest timeline), or to just before `target` (an aware
+    time) and promoted there. --delta: a bootstrap that failed half-way is picked up, not refused."""
+    args = ["pgbackrest", f"--config={archive_config}", f"--stanza={STANZA}", "restore", "--delta"]
+    if target != "latest":
+        if target.tzinfo is None:
+            raise ValueError(f"a restore target needs a time zone, got {target.isoformat()!r}")
+        # pgBackRest's own time format (it picks the newest backup before it); PostgreSQL reads it too.
+        at = target.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S" + (".%f" if target.microsecond else "") + "+00")
+        args += ["--type=time", f"--target={at}", "--target-action=promote"]
+    return shlex.join(args)
+
+
+def restore_bootstrap(archive_config: str | None, target: datetime.datetime | Literal["latest"]) -> dict:
+    """Patroni's custom bootstrap (bootstrap.method) for a cluster whose every member was lost: the
+    member that creates the cluster restores it from the bucket; the others clone it as usual. The
+    restored cluster keeps the old system id, so the stanza still matches and archiving goes on.
+    keep_existing_recovery_conf: pgBackRest's recovery settings (restore_command, the target) stay
+    until recovery ends; no_params: pgBackRest takes its data directory from its config."""
+    if not archive_config:
+        raise ValueError("a restore needs WAL archiving (a pgbackrest.conf: backup settings)")
+    return {
+        "method": "pgbackrest",
+        "pgbackrest": {"command": restore_command(archive_config, target), "keep_existing_recovery_conf": True,
+                       "no_params": True},
+    }
 
 
 def pgbackrest_conf(

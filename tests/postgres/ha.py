@@ -133,9 +133,13 @@ class Cluster:
 
     def __init__(self, root: Path, timing: pgc.HaTiming, etcd_timing: consensus.Timing,
                  names: tuple[str, ...] = ("us-east", "eu-west", "witness"), consensus_on: tuple[str, ...] | None = None,
-                 billing_key_pem: str | None = None):
+                 billing_key_pem: str | None = None, archive_env: dict[str, str] | None = None):
         """`consensus_on`: the hosts running etcd (all by default; a witness-less stack: the
-        declared primary only, as components/postgres.py deploys it)."""
+        declared primary only, as components/postgres.py deploys it). `archive_env`: pgBackRest's
+        keys; with them every member archives its WAL as configured by its `pgbackrest.conf`
+        (written by the test), and `restore` (None, "latest" or a time) is the restore switch."""
+        self.archive_env = archive_env
+        self.restore = None
         self.root, self.timing, self.etcd_timing = root, timing, etcd_timing
         self.hosts = [Host(n, i + 1, root, database=(n != "witness")) for i, n in enumerate(names)]
         self.by_name = {h.name: h for h in self.hosts}
@@ -188,11 +192,13 @@ class Cluster:
             tls=tls, passwords=PASSWORDS, data_dir=str(h.dir / "data"), bin_dir=str(Path(pg_bin("postgres")).parent),
             socket_dir=str(h.dir / "sock"), listen=h.addr, hba=hba, post_bootstrap=f"sh {POST_BOOTSTRAP}",
             timing=self.timing, pgpass=str(h.dir / "pgpass"),
+            archive_config=str(h.dir / "pgbackrest.conf") if self.archive_env else None, restore=self.restore,
             nofailover=not any(x.name == "witness" for x in self.consensus) and h is not self.consensus[0]))
 
     def start(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")
-        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir), "LANG": "C.UTF-8"}
+        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir), "LANG": "C.UTF-8",
+               **(self.archive_env or {})}
         if h in self.consensus:
             self.start_etcd(h)
         if h.database:
@@ -200,6 +206,22 @@ class Cluster:
                                             stderr=subprocess.STDOUT, env=env))
             if self.billing_key_pem and (h.dir / "billing.log").exists():  # a restart: billing was running
                 self.start_billing(h)
+
+    def rewrite_configs(self) -> None:
+        """Every host's files rendered again (after a change such as `restore`)."""
+        for h in self.hosts:
+            self._write_configs(h)
+            if os.geteuid() == 0:
+                for p in h.dir.glob("*.yml"):
+                    shutil.chown(p, "postgres", "postgres")
+
+    def lose_everything(self) -> None:
+        """Every host dies with its disks: processes killed, PostgreSQL's and etcd's data (so also
+        Patroni's keys) and pgBackRest's local spool gone. Only the bucket is left."""
+        self.stop()
+        for h in self.hosts:
+            for d in ("data", "etcd", "pgbackrest-spool"):
+                shutil.rmtree(h.dir / d, ignore_errors=True)
 
     def start_etcd(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")

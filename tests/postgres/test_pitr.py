@@ -24,13 +24,13 @@ BUCKET = "ciris-bridge-backups"
 CANARY = "pitr-canary-7f3a"
 
 
-def tls_front(root, port: int, backend: int, cert, key) -> subprocess.Popen:
+def tls_front(root, port: int, backend: int, cert, key, addr: str = S3_ADDR) -> subprocess.Popen:
     """Caddy terminating TLS in front of moto (pgBackRest speaks only HTTPS to S3; moto's own TLS
     closes connections without close_notify, which OpenSSL 3 reports as a truncated reply)."""
     caddyfile = root / "s3.Caddyfile"
     caddyfile.write_text(
         "{\n  admin off\n  auto_https off\n}\n"
-        f"https://{S3_ADDR}:{port} {{\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n}}\n"
+        f"https://{addr}:{port} {{\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n}}\n"
     )
     env = {**os.environ, "HOME": str(root), "XDG_DATA_HOME": str(root / "caddy-data"), "XDG_CONFIG_HOME": str(root / "caddy-config")}
     proc = subprocess.Popen([require_binary("caddy"), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
@@ -38,7 +38,7 @@ def tls_front(root, port: int, backend: int, cert, key) -> subprocess.Popen:
     deadline = time.time() + 20
     while True:
         try:
-            socket.create_connection((S3_ADDR, port), timeout=1).close()
+            socket.create_connection((addr, port), timeout=1).close()
             return proc
         except OSError:
             assert proc.poll() is None and time.time() < deadline, (root / "caddy.err").read_text()[-2000:]
