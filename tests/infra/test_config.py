@@ -144,6 +144,14 @@ def _backup_at(endpoint):
     return mutate
 
 
+def _restore_to(target):
+    def mutate(raw):
+        raw[f"{P}:backup"] = {"s3_endpoint": "https://s3.eu-central-003.backblazeb2.com", "bucket": "ciris-bridge-backups",
+                              "restore": {"target_time": target}}
+    mutate.__name__ = "_restore_to_" + target.replace("-", "").replace(":", "")
+    return mutate
+
+
 def _services(**settings):
     def mutate(raw):
         raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), **settings}
@@ -184,6 +192,10 @@ CASES = [
     (_backup_at("https://fsn1.your-objectstorage.com"), f"{P}:backup.s3_endpoint",
      "is hetzner's, which also runs eu-west's database: losing that provider would take the backups too"),
     (_backup_at("https://ewr1.vultrobjects.com"), f"{P}:backup.s3_endpoint", "is vultr's, which also runs us-east's database"),
+    (_restore_to("yesterday"), f"{P}:backup.restore.target_time",
+     "'yesterday' is neither \"latest\" nor an ISO 8601 time (e.g. 2026-11-22T14:05:00Z)"),
+    (_restore_to("2026-11-22T14:05:00"), f"{P}:backup.restore.target_time",
+     "'2026-11-22T14:05:00' has no time zone; add one (e.g. 2026-11-22T14:05:00Z)"),
     (_services(jwt_keys=["1", "1"]), f"{P}:services.jwt_keys[1]", "duplicate key name '1'"),
     (_services(jwt_keys=["1", "2", "3"]), f"{P}:services.jwt_keys", "at most 2 items"),
     (_services(jwt_keys=[]), f"{P}:services.jwt_keys", "at least 1 item"),

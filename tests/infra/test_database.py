@@ -244,6 +244,22 @@ def test_the_backup_job_runs_beside_every_member():
     assert not [h for h, cs in staging.containers.items() if "backup" in {c.name for c in cs}]
 
 
+def test_the_restore_switch_creates_the_cluster_from_the_bucket():
+    """backup.restore (ADR 24): every member's Patroni would restore instead of initdb (only the one
+    that creates the cluster does); without it the cluster starts empty."""
+    raw, secret_keys = stack_raw("production")
+    raw[f"{P}:backup"] = {**raw[f"{P}:backup"], "restore": {"target_time": "2026-11-22T15:05:00+01:00"}}
+    p = run("production", raw, secret_keys)
+    for host in ("us-east", "eu-west"):
+        boot = patroni(p, host)["bootstrap"]
+        assert boot["method"] == "pgbackrest" and boot["pgbackrest"]["keep_existing_recovery_conf"] is True
+        assert boot["pgbackrest"]["command"] == (
+            "pgbackrest --config=/run/ciris-postgres/pgbackrest.conf --stanza=ciris restore --delta "
+            "--type=time '--target=2026-11-22 14:05:00+00' --target-action=promote")
+    assert p.outputs["database"]["backup"]["restore"] == "2026-11-22T14:05:00+00:00"
+    assert "method" not in patroni(run("production"), "us-east")["bootstrap"]
+
+
 def test_the_database_output_without_a_witness_says_promotion_is_manual():
     raw, secret_keys = without_witness()
     assert run("production", raw, secret_keys).outputs["database"] == {
