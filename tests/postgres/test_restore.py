@@ -3,10 +3,12 @@ from the bucket, by the restore switch in the rendered Patroni config (component
 restore_bootstrap), on real etcd + Patroni + PostgreSQL + pgBackRest in network namespaces
 (tests/postgres/ha.py) against the S3 stand-in behind TLS the PITR tests use.
 
-The drill: a cluster archives its WAL, takes a backup, rows are written around a recorded moment;
+The drill: a cluster archives its WAL (billing migrated it and granted a user credits), takes a
+backup, rows are written around a recorded moment;
 then every host is lost with its data and etcd's (the bucket survives). A new cluster started from
 the same rendered config with `restore` set to that moment has exactly the rows written before it,
-keeps the old system id (the stanza still matches), a second member clones it, and new writes are
+keeps the old system id (the stanza still matches), billing starts on it without migrating again
+and its ledger verifies, a second member clones it, and new writes are
 archived into the same stanza. Then the same again with "latest" (everything archived, on the
 restored cluster's timeline)."""
 
@@ -50,7 +52,8 @@ def restorable():
     root = Path(tempfile.mkdtemp(prefix="ciris-restore-"))
     root.chmod(0o755)
     ha, dcs = drill.timing()
-    c = Cluster(root, ha, dcs, names=("us-east", "eu-west"), consensus_on=("us-east",), archive_env=ARCHIVE_ENV)
+    c = Cluster(root, ha, dcs, names=("us-east", "eu-west"), consensus_on=("us-east",), archive_env=ARCHIVE_ENV,
+                billing_key_pem=drill.billing_key())
     server = front = None
     try:
         c.create()
@@ -140,13 +143,28 @@ def restore(c: Cluster, target) -> tuple[Host, Host]:
     wait_leader(c, us)
     c.start(eu)
     assert c.wait_healthy(timeout=180) is us
+    # Billing starts as on a new host: its migrations meet a database that has had them.
+    c.start_billing(us)
+    c.wait_billing_on(us, timeout=90)
+    log = (us.dir / "billing.log").read_text(errors="replace")
+    assert "applied migrations" not in log, log[-3000:]
     return us, eu
+
+
+def ledger_ok(c: Cluster, h: Host) -> str:
+    """The ledger verification operators run (`python -m billing verify-ledger`) passes."""
+    r = c.billing_command(h, "verify-ledger")
+    assert r.returncode == 0, f"verify-ledger exited {r.returncode}: {r.stdout}{r.stderr}"
+    return r.stdout
 
 
 def test_both_regions_lost_restore_to_a_time_then_to_the_latest(restorable):
     c = restorable
     c.start_all()
+    drill.prepare(c)  # billing migrates, a user is granted credits through its API
     leader = c.wait_healthy(timeout=180)
+    granted = sql(c, leader, "SELECT user_id::text, balance FROM credit_balances")
+    assert [u for u, _ in granted] == [c.drill_user] and granted[0][1] >= 1_000_000, granted  # (and any sign-up credit)
     pgbackrest(leader, "stanza-create")
     sql(c, leader, "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)")
     write(c, leader, "before the backup")
@@ -170,6 +188,8 @@ def test_both_regions_lost_restore_to_a_time_then_to_the_latest(restorable):
     # pgBackRest read the target itself: it picked the newest backup before it, not just the last one.
     assert "automatic backup set selection cannot be performed" not in log, log[-3000:]
     assert system_id(c, us) == system_id(c, eu) == original
+    assert sql(c, us, "SELECT user_id::text, balance FROM credit_balances") == granted
+    assert "1 users" in ledger_ok(c, us)
     assert [r[0] for r in c.query(eu, "SELECT note FROM ledger ORDER BY id", dbname=pgc.DATABASE)] == \
         ["before the backup", "after the backup"]
     # Archiving goes on into the same stanza: the backup job's stanza-create accepts it, `check`
@@ -186,6 +206,7 @@ def test_both_regions_lost_restore_to_a_time_then_to_the_latest(restorable):
     us, eu = restore(c, "latest")
     assert notes(c, us) == ["before the backup", "after the backup", "after the restore"]
     assert system_id(c, us) == original
+    ledger_ok(c, us)
     write(c, us, "after the second restore")
     pgbackrest(us, "check")
 
