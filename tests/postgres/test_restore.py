@@ -26,6 +26,7 @@ from pathlib import Path
 import boto3
 import psycopg
 import pytest
+import yaml
 from moto.server import ThreadedMotoServer
 
 from components import postgres_config as pgc
@@ -216,8 +217,6 @@ def test_restore_switch_renders_patronis_custom_bootstrap():
     common = dict(name="us_east", address="10.0.0.1", etcd_hosts=["10.0.0.1:2379"], tls=tls, hba="",
                   passwords=dict.fromkeys(("superuser", "replication", "rewind", "api"), "x"), data_dir="/d",
                   archive_config="/run/ciris-postgres/pgbackrest.conf")
-    import yaml
-
     plain = yaml.safe_load(pgc.patroni_yml(**common))["bootstrap"]
     assert "method" not in plain and "initdb" in plain  # without the switch: a new, empty cluster
     at = datetime.datetime(2026, 11, 22, 15, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=1)))
