@@ -219,7 +219,7 @@ def _restore_target(v: Any) -> datetime.datetime | Literal["latest"]:
         except ValueError:
             raise ValueError(f"{v!r} is neither \"latest\" nor an ISO 8601 time (e.g. 2026-11-22T14:05:00Z)") from None
     if at.tzinfo is None:
-        raise ValueError(f"{v!r} has no time zone; add one (e.g. {at.isoformat()}Z)")
+        raise ValueError(f"{at.isoformat()!r} has no time zone; add one (e.g. {at.isoformat()}Z)")
     return at
 
 
