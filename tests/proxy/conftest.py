@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the billing suite)
-    ADMIN, KEY, SERVICE, api, balance, billing, cluster, jwks_file, new_user, stripe_api, token,
+    ADMIN, KEY, PROXY_GENERATION, SERVICE, api, balance, billing, cluster, jwks_file, new_user, stripe_api, token,
 )
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
@@ -87,7 +87,8 @@ def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -
     return {
         **os.environ,
         "BILLING_URL": billing_url,
-        "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
+        # The proxy's scoped, revocable token (ADR 24), as the program mints it.
+        "BILLING_SERVICE_TOKEN": token("proxy", "proxy-test", gen=PROXY_GENERATION, exp=int(time.time()) + 86_400),
         "BILLING_JWKS_FILE": str(jwks_file()),  # billing's published key set, as the program ships it
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
