@@ -99,6 +99,9 @@ def test_a_revoked_generation_is_401_and_both_generations_work_during_a_rotation
         r = api.post("/v1/credits/holds", json=hold, headers=bearer("proxy", "proxy-us-east", **claims))
         assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), case
         assert api.post("/v1/auth/resolve", json={"api_key": "ck_x"}, headers=bearer("proxy", "p", **claims)).status_code == 401, case
+    # The runbook's check after a revocation: the token is refused before the (empty) body is.
+    assert api.post("/v1/credits/lookup", json={"keys": []}, headers=bearer("proxy", "p", gen="0")).status_code == 401
+    assert api.post("/v1/credits/lookup", json={"keys": []}, headers=bearer("proxy", "p", gen="1")).status_code == 422
     # A generation names nothing outside the proxy role: a service token carrying one is just a service token.
     assert api.post("/v1/credits/holds", json=hold, headers=bearer("service", "ops", gen="0")).status_code == 201
 
