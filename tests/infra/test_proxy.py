@@ -71,8 +71,8 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     for path in ("proxy/config.yaml", "proxy/billing-jwks.json", "billing/jwks.json", "proxy/ciris_proxy/server.py", "billing/billing/app.py"):
         assert (files[path][0].uid, files[path][0].mode) == (0, 0o644), path
     assert (files["billing/jwt.pem"][0].uid, files["billing/jwt.pem"][0].mode) == (SERVICE_UID, 0o600)
-    for path in ("proxy/env", "billing/env"):
-        assert (files[path][0].uid, files[path][0].mode) == (0, 0o600), path
+    for path in ("proxy/env", "billing/env"):  # read by the container's own uid, at start (d7d929b)
+        assert (files[path][0].uid, files[path][0].mode) == (SERVICE_UID, 0o600), path
     compose = files["compose.yaml"][1]
     assert "./proxy/config.yaml:/etc/ciris-proxy/config.yaml:ro" in compose and "ciris-proxy:local" in compose
 
