@@ -8,7 +8,8 @@ TLS with verify-full against the stack's CA (every member's certificate names `p
 no `pulumi up` follows a failover; billing finds the new primary by itself (payloads/billing/db.py).
 Billing's token keys are Ed25519 keys the program creates, named in `services.jwt_keys`: billing
 signs with `services.jwt_signing_key` and every region's billing and proxy verify with the whole set,
-shipped as one JWK Set (ADR 21; rotation: docs/runbook-secrets.md).
+shipped as one JWK Set (ADR 21; rotation: docs/runbook-secrets.md). Billing accepts the proxy's
+token only of the generations in `services.proxy_tokens` (PROXY_TOKEN_GENERATIONS, ADR 25).
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def render_jwks(public_pems: list[str]) -> str:
     return jwks.render(load_pem_public_key(pem.encode()) for pem in public_pems)
 
 
-def mint(private_key_pem: str, sub: str, role: auth.Role, ttl_seconds: int, now: float | None = None) -> str:
-    """A token as billing mints it (its kid too), signed with the key `private_key_pem`."""
-    return auth.mint(load_pem_private_key(private_key_pem.encode(), password=None), sub, role, ttl_seconds, now)[0]
+def mint(private_key_pem: str, sub: str, role: auth.Role, ttl_seconds: int, now: float | None = None,
+         generation: str | None = None) -> str:
+    """A token as billing mints it (its kid too), signed with the key `private_key_pem`; `generation`
+    for the proxy role (ADR 25)."""
+    key = load_pem_private_key(private_key_pem.encode(), password=None)
+    return auth.mint(key, sub, role, ttl_seconds, now, generation=generation)[0]
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class BillingArgs:
     sign_in: SignIn = SignIn()
     jwt_keys: tuple[str, ...] = ("1",)  # services.jwt_keys
     jwt_signing_key: str = "1"
+    proxy_token_generations: tuple[str, ...] = ("1",)  # services.proxy_tokens
 
 
 def sign_in_env(sign_in: SignIn) -> dict[str, str]:
@@ -140,6 +145,7 @@ class Billing(pulumi.ComponentResource):
                     "HOST": "0.0.0.0",
                     "PORT": PORT,
                     "WORKERS": 2,  # one per vCPU; bench/billing measures 2
+                    "PROXY_TOKEN_GENERATIONS": ",".join(args.proxy_token_generations),
                     **sign_in_env(args.sign_in),
                 })
 
@@ -168,6 +174,7 @@ class Billing(pulumi.ComponentResource):
                 shown={
                     "billing/env": hosts.apply(lambda hs: f"[secret: DATABASE_URL -> {', '.join(f'{h}:{PG_PORT}' for h in hs)} "
                                                "(verify-full, the read-write one), Stripe keys, price, signup credits, "
+                                               f"proxy token generations: {', '.join(args.proxy_token_generations)}, "
                                                f"sign-in: {', '.join(k for k in ('google', 'apple') if getattr(args.sign_in, k)) or 'none'}]\n"),
                     "billing/jwt.pem": f"[secret: Ed25519 token signing key {args.jwt_signing_key!r}]\n",
                 },

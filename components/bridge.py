@@ -76,6 +76,7 @@ def build(config: BridgeConfig) -> Bridge:
             sign_in=config.sign_in,
             jwt_keys=tuple(config.services.jwt_keys),
             jwt_signing_key=config.services.signing_key,
+            proxy_token_generations=tuple(config.services.proxy_tokens),
         ),
     )
     fake_upstream = None
@@ -91,6 +92,8 @@ def build(config: BridgeConfig) -> Bridge:
             billing=billing,
             price_per_interaction_cents=config.services.price_per_interaction_cents,
             token_expires=config.services.proxy_token_expires,
+            token_generation=config.services.proxy_generation,
+            token_role=config.services.proxy_token_role,
             secrets={k: config.secret(k) for k in PROVIDER_SECRETS},
             fake_upstream=fake_upstream,
             aliases=config.services.proxy_model_aliases,

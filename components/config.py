@@ -158,8 +158,15 @@ class Services(_Model):
     price_per_interaction_cents: int = Field(default=5, ge=1)
     signup_credits: int = Field(default=15, ge=0)
     proxy_token_expires: datetime.date = Field(
-        default=datetime.date(2027, 12, 31), description="expiry of the proxy's billing service token (ADR 8)"
+        default=datetime.date(2027, 12, 31), description="expiry of the proxy's billing token (ADR 8); revoked sooner by generation (ADR 25)"
     )
+    # The proxy's billing token by generation (ADR 25, docs/runbook-secrets.md): billing accepts those
+    # listed, the proxies carry one; a generation dropped from the list is revoked. Never reuse a name.
+    proxy_tokens: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]] = Field(
+        default=["1"], min_length=1, max_length=2, description="proxy token generations billing accepts; two only while one replaces the other")
+    proxy_token: str | None = Field(default=None, description="the one of proxy_tokens the proxies carry (default: the first)")
+    proxy_token_role: Literal["proxy", "service"] = Field(
+        default="proxy", description="service: the old any-user token, only for the deploy that upgrades a stack to the proxy role")
     hostmaster: str = Field(default="admin.ciris.ai", description="SOA contact, as a domain (admin@ciris.ai)")
     dns_geoip_database: str | None = Field(
         default=None, description="MaxMind DB path on the hosts; when set, health-checked records answer the closest region"
@@ -195,6 +202,10 @@ class Services(_Model):
     @property
     def signing_key(self) -> str:
         return self.jwt_signing_key or self.jwt_keys[0]
+
+    @property
+    def proxy_generation(self) -> str:
+        return self.proxy_token or self.proxy_tokens[0]
 
     @model_validator(mode="after")
     def _proxy_models_exist(self) -> "Services":
@@ -395,6 +406,7 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     _check_backup_elsewhere(config)
     _check_cost(config)
     _check_jwt_keys(config.services)
+    _check_proxy_tokens(config.services)
     _check_alerts(config)
     _check_webhook_secrets(config)
     try:
@@ -546,6 +558,15 @@ def _check_jwt_keys(services: Services) -> None:
     if services.signing_key not in services.jwt_keys:
         raise ConfigError(f"{PROJECT}:services.jwt_signing_key", f"{services.signing_key!r} is not one of services.jwt_keys "
                                                                  f"({', '.join(services.jwt_keys)}); add it there first")
+
+
+def _check_proxy_tokens(services: Services) -> None:
+    for i, name in enumerate(services.proxy_tokens):
+        if name in services.proxy_tokens[:i]:
+            raise ConfigError(f"{PROJECT}:services.proxy_tokens[{i}]", f"duplicate generation {name!r}")
+    if services.proxy_generation not in services.proxy_tokens:
+        raise ConfigError(f"{PROJECT}:services.proxy_token", f"{services.proxy_generation!r} is not one of services.proxy_tokens "
+                                                             f"({', '.join(services.proxy_tokens)}); add it there and deploy first")
 
 
 def _check_alerts(config: BridgeConfig) -> None:

@@ -3,10 +3,12 @@ behind that region's edge, calling that region's billing service (FSD §4.3, ADR
 
 The upstream config is rendered here by the payload's own renderer and shipped in the bundle; it
 holds no secret, nor does billing's key set (the JWK Set billing's tokens verify with, the same file
-in every region). The environment file carries the provider keys and the proxy's billing service
-token. That token is signed here with billing's signing key: Ed25519 signatures
-are deterministic, so the same claims give the same token and `pulumi preview` shows no change
-until `services.proxy_token_expires` or `services.jwt_signing_key` is moved (ADR 8, ADR 21).
+in every region). The environment file carries the provider keys and the proxy's billing token:
+role `proxy` (only the routes the proxy calls) and a generation (`services.proxy_token`, of those
+billing accepts, `services.proxy_tokens`), so an operator revokes it by generation (ADR 25). It is
+signed here with billing's signing key: Ed25519 signatures are deterministic, so the same claims
+give the same token and `pulumi preview` shows no change until `services.proxy_token`,
+`services.proxy_token_expires` or `services.jwt_signing_key` is moved (ADR 8, ADR 21).
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def config_text(aliases: dict[str, str] | None = None, vision_model: str | None 
                                  output_caps=output_caps)
 
 
-def service_token(private_key_pem: str, sub: str, expires: datetime.date) -> str:
-    """Billing's service token for one region's proxy, signed (and its kid named) with billing's
-    signing key; the same inputs always give the same token."""
+def service_token(private_key_pem: str, sub: str, expires: datetime.date, generation: str, role: str = "proxy") -> str:
+    """Billing's token for one region's proxy, signed (and its kid named) with billing's signing key;
+    the same inputs always give the same token. Role `service` (no generation) only while a stack
+    upgrades: the billing still running then knows no `proxy` role (ADR 25)."""
     exp = int(datetime.datetime.combine(expires, datetime.time(), datetime.timezone.utc).timestamp())
     lifetime = 2 * 366 * 86_400
-    return mint(private_key_pem, sub, "service", lifetime, now=exp - lifetime)
+    if role == "service":
+        return mint(private_key_pem, sub, "service", lifetime, now=exp - lifetime)
+    return mint(private_key_pem, sub, "proxy", lifetime, now=exp - lifetime, generation=generation)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class ProxyArgs:
     billing: Billing
     price_per_interaction_cents: int
     token_expires: datetime.date
+    token_generation: str = "1"  # services.proxy_token (ADR 25)
+    token_role: str = "proxy"  # services.proxy_token_role
     # together_api_key, groq_api_key, openrouter_api_key (from config secrets; None when unset)
     secrets: dict[str, str | None] = field(default_factory=dict)
     # `make local` without provider keys: every provider is this fake upstream (base URL).
@@ -92,11 +99,16 @@ class Proxy(pulumi.ComponentResource):
         if days_left < TOKEN_WARN_DAYS:
             pulumi.log.warn(f"proxy: its billing service token expires on {args.token_expires} ({days_left} days); "
                             "move ciris-bridge:services.proxy_token_expires later and run pulumi up", self)
+        if args.token_role == "service":
+            pulumi.log.warn("proxy: ciris-bridge:services.proxy_token_role is service: the proxies carry the old token that may act "
+                            "for any user; remove the setting once this deploy is done and run pulumi up (ADR 25)", self)
+        # What the plan shows of the token: never the token, only what an operator rotates by.
+        token_shown = f"proxy role, generation {args.token_generation!r}" if args.token_role == "proxy" else "service role"
         source = payload_files("proxy")
         rendered = config_text(args.aliases, args.vision_model, args.output_caps)
         for region in args.regions:
             token = args.billing.private_key_pem.apply(
-                lambda pem, r=region.spec.name: service_token(pem, f"proxy-{r}", args.token_expires))
+                lambda pem, r=region.spec.name: service_token(pem, f"proxy-{r}", args.token_expires, args.token_generation, args.token_role))
 
             def render(tok):
                 return env_file({
@@ -131,6 +143,6 @@ class Proxy(pulumi.ComponentResource):
                     "proxy/env": pulumi.Output.secret(token.apply(render)),
                 },
                 private={"proxy/env": SERVICE_UID},
-                shown={"proxy/env": "[secret: billing service token, Together/Groq/OpenRouter keys, price, body limit]\n"},
+                shown={"proxy/env": f"[secret: billing token ({token_shown}), Together/Groq/OpenRouter keys, price, body limit]\n"},
             )
         self.register_outputs({})

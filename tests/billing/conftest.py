@@ -38,6 +38,10 @@ KEY = Ed25519PrivateKey.generate()  # the signing key
 KEY_PEM = KEY.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
 # The key KEY replaced as the signer, still published while its tokens may be in use (ADR 21).
 PREVIOUS_KEY = Ed25519PrivateKey.generate()
+# The proxy's token generations billing accepts (ADR 25), as mid-rotation: the proxies carry the
+# second; "0" was revoked.
+PROXY_GENERATIONS = ("1", "2")
+PROXY_GENERATION = "2"
 
 
 class FakeStripe:
@@ -274,6 +278,7 @@ def billing(cluster, stripe_api, tmp_path_factory):
         "PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
         "DRAIN_FILE": str(tmp_path_factory.mktemp("billing-drain") / "draining"),
+        "PROXY_TOKEN_GENERATIONS": ",".join(PROXY_GENERATIONS),
     }
     service = Billing(env, tmp_path_factory.mktemp("billing") / "billing.log")
     service.start()
@@ -302,6 +307,7 @@ def bearer(role: str = "admin", sub: str = "ops", **claims) -> dict:
 
 ADMIN = bearer("admin")
 SERVICE = bearer("service", "proxy")
+PROXY = bearer("proxy", "proxy-test", gen=PROXY_GENERATION)  # as the program mints the proxy's (components/proxy.py)
 
 
 @pytest.fixture

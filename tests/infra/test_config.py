@@ -203,6 +203,13 @@ CASES = [
     (_services(jwt_keys=["1", "-2"]), f"{P}:services.jwt_keys[1]", "(got '-2')"),
     (_services(jwt_keys=["1", "2"], jwt_signing_key="3"), f"{P}:services.jwt_signing_key", "'3' is not one of services.jwt_keys (1, 2)"),
     (_services(jwt_signing_key="2"), f"{P}:services.jwt_signing_key", "'2' is not one of services.jwt_keys (1)"),
+    (_services(proxy_tokens=["1", "1"]), f"{P}:services.proxy_tokens[1]", "duplicate generation '1'"),
+    (_services(proxy_tokens=["1", "2", "3"]), f"{P}:services.proxy_tokens", "at most 2 items"),
+    (_services(proxy_tokens=[]), f"{P}:services.proxy_tokens", "at least 1 item"),
+    (_services(proxy_tokens=["1", "Gen_2"]), f"{P}:services.proxy_tokens[1]", "(got 'Gen_2')"),
+    (_services(proxy_tokens=["1", "2"], proxy_token="3"), f"{P}:services.proxy_token", "'3' is not one of services.proxy_tokens (1, 2)"),
+    (_services(proxy_token="2"), f"{P}:services.proxy_token", "'2' is not one of services.proxy_tokens (1); add it there and deploy first"),
+    (_services(proxy_token_role="admin"), f"{P}:services.proxy_token_role", "'admin'"),
 ]
 
 

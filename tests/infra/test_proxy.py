@@ -60,7 +60,9 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     keys = jwks.parse(files["proxy/billing-jwks.json"][1])
     claims = jwt.decode(env["BILLING_SERVICE_TOKEN"], keys[service_kid(files)], algorithms=["EdDSA"], audience="ciris-bridge",
                         issuer="ciris-billing")
-    assert claims["role"] == "service" and claims["sub"] == f"proxy-{region}"
+    # The proxy's own role, of the generation billing is told to accept (ADR 25).
+    assert (claims["role"], claims["gen"], claims["sub"]) == ("proxy", "1", f"proxy-{region}")
+    assert env_of(files["billing/env"][1])["PROXY_TOKEN_GENERATIONS"] == "1"
     assert claims["exp"] == int(datetime.datetime(2027, 12, 31, tzinfo=datetime.timezone.utc).timestamp())
     # Billing signs with a key of that set, and verifies with the same set.
     assert service_kid(files) == signing_kid(files) and files["billing/jwks.json"][1] == files["proxy/billing-jwks.json"][1]
@@ -69,8 +71,8 @@ def test_proxy_runs_in_every_region_with_its_secrets(production, region):
     for path in ("proxy/config.yaml", "proxy/billing-jwks.json", "billing/jwks.json", "proxy/ciris_proxy/server.py", "billing/billing/app.py"):
         assert (files[path][0].uid, files[path][0].mode) == (0, 0o644), path
     assert (files["billing/jwt.pem"][0].uid, files["billing/jwt.pem"][0].mode) == (SERVICE_UID, 0o600)
-    for path in ("proxy/env", "billing/env"):
-        assert (files[path][0].uid, files[path][0].mode) == (0, 0o600), path
+    for path in ("proxy/env", "billing/env"):  # read by the container's own uid, at start (d7d929b)
+        assert (files[path][0].uid, files[path][0].mode) == (SERVICE_UID, 0o600), path
     compose = files["compose.yaml"][1]
     assert "./proxy/config.yaml:/etc/ciris-proxy/config.yaml:ro" in compose and "ciris-proxy:local" in compose
 
@@ -142,9 +144,59 @@ def test_the_plan_shows_the_config_but_no_secret(production):
     artifacts = json.dumps(production.artifacts)
     for canary in SECRETS.values():
         assert canary not in artifacts
-    assert production.artifacts["us-east/proxy/env"].startswith("[secret:")
+    for region in ("us-east", "eu-west"):  # nor the proxy's billing token: only its role and generation
+        assert env_of(deployed_bundle(production, region)["proxy/env"][1])["BILLING_SERVICE_TOKEN"] not in artifacts
+    assert production.artifacts["us-east/proxy/env"].startswith("[secret: billing token (proxy role, generation '1')")
+    assert "proxy token generations: 1," in production.artifacts["us-east/billing/env"]
     config = production.artifacts["us-east/proxy/config.yaml"]
     assert "together_ai/" in config and "data_collection: deny" in config and "os.environ/TOGETHER_API_KEY" in config
+
+
+def with_proxy_tokens(generations: list[str], carried: str | None = None, **more) -> plan.Plan:
+    raw, secret_keys = stack_raw("staging")
+    raw["ciris-bridge:services"] = {**raw.get("ciris-bridge:services", {}), "proxy_tokens": generations,
+                                    **({"proxy_token": carried} if carried else {}), **more}
+    return plan.run("staging", raw, secret_keys)
+
+
+def accepted(files) -> set[str]:
+    """The proxy token generations this bundle's billing accepts."""
+    return set(env_of(files["billing/env"][1])["PROXY_TOKEN_GENERATIONS"].split(","))
+
+
+def carried(files) -> str | None:
+    claims = jwt.decode(env_of(files["proxy/env"][1])["BILLING_SERVICE_TOKEN"], options={"verify_signature": False})
+    return claims.get("gen") if claims["role"] == "proxy" else None
+
+
+def test_the_proxy_token_rotates_in_three_deploys_and_every_call_is_accepted_throughout():
+    """docs/runbook-secrets.md: billing learns the new generation, the proxies carry it, billing
+    drops the old one (revoked). While a region deploys, its old and new billing both answer
+    `billing` (the twin, ADR 16), and its old and new proxy both call it: each proxy's generation
+    must be accepted by both billings."""
+    steps = [with_proxy_tokens(["1"]), with_proxy_tokens(["1", "2"]), with_proxy_tokens(["1", "2"], "2"), with_proxy_tokens(["2"])]
+    bundles = [{r: deployed_bundle(p, r) for r in ("us-east", "eu-west")} for p in steps]
+    assert [(accepted(b["us-east"]), carried(b["us-east"])) for b in bundles] == [
+        ({"1"}, "1"), ({"1", "2"}, "1"), ({"1", "2"}, "2"), ({"2"}, "2")]
+    for before, after in zip(bundles, bundles[1:]):
+        for region in ("us-east", "eu-west"):
+            old, new = before[region], after[region]
+            for proxy_side in (old, new):
+                assert carried(proxy_side) in accepted(old) & accepted(new), (carried(proxy_side), accepted(old), accepted(new))
+    # Billing's list alone changing leaves the proxies' token as it was: no proxy restart in steps 1 and 3.
+    assert service_token_of(bundles[0]) == service_token_of(bundles[1]) and service_token_of(bundles[2]) == service_token_of(bundles[3])
+
+
+def test_a_stack_upgrades_to_the_proxy_role_in_two_deploys(monkeypatch):
+    """The billing running before this change knows no `proxy` role: for one deploy the proxies keep
+    the old service token while billing learns the role, then they switch (ADR 25)."""
+    warnings = []
+    monkeypatch.setattr("pulumi.log.warn", lambda msg, *a, **k: warnings.append(msg))
+    files = deployed_bundle(with_proxy_tokens(["1"], proxy_token_role="service"), "us-east")
+    claims = jwt.decode(env_of(files["proxy/env"][1])["BILLING_SERVICE_TOKEN"], options={"verify_signature": False})
+    assert claims["role"] == "service" and "gen" not in claims and accepted(files) == {"1"}
+    assert any("proxy_token_role is service" in w for w in warnings)
+    assert carried(deployed_bundle(with_proxy_tokens(["1"]), "us-east")) == "1"
 
 
 def test_service_token_is_stable_across_runs():

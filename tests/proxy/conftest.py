@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.billing.conftest import (  # noqa: F401  (fixtures shared with the billing suite)
-    ADMIN, KEY, SERVICE, api, balance, billing, cluster, jwks_file, new_user, stripe_api, token,
+    ADMIN, KEY, PROXY_GENERATION, SERVICE, api, balance, billing, cluster, jwks_file, new_user, stripe_api, token,
 )
 from components import postgres_config as pgc
 from tests.conftest import REPO, wait_until_healthy
@@ -83,11 +83,12 @@ class Proxy:
                 self.proc.kill()
 
 
-def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path) -> dict:
+def proxy_env(billing_url: str, upstreams: dict[str, Upstream], journal: Path, generation: str = PROXY_GENERATION) -> dict:
     return {
         **os.environ,
         "BILLING_URL": billing_url,
-        "BILLING_SERVICE_TOKEN": token("service", "proxy", exp=int(time.time()) + 86_400),
+        # The proxy's scoped, revocable token (ADR 25), as the program mints it.
+        "BILLING_SERVICE_TOKEN": token("proxy", "proxy-test", gen=generation, exp=int(time.time()) + 86_400),
         "BILLING_JWKS_FILE": str(jwks_file()),  # billing's published key set, as the program ships it
         **PROVIDER_KEYS,
         **{f"{name.upper()}_API_BASE": f"{u.url}/v1" for name, u in upstreams.items()},
@@ -131,10 +132,10 @@ def second_proxy(upstreams, tmp_path):
     """Another proxy process (its own cooldowns and journal); the test says which billing it talks to."""
     started: list[Proxy] = []
 
-    def start(billing_url: str, journal_text: str = "") -> Proxy:
+    def start(billing_url: str, journal_text: str = "", generation: str = PROXY_GENERATION) -> Proxy:
         journal = tmp_path / "captures.jsonl"
         journal.write_text(journal_text)
-        p = Proxy(proxy_env(billing_url, upstreams, journal), tmp_path / "proxy.log")
+        p = Proxy(proxy_env(billing_url, upstreams, journal, generation), tmp_path / "proxy.log")
         started.append(p)
         p.start()
         return p

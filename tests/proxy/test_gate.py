@@ -116,6 +116,7 @@ def _tokens(user: str) -> dict[str, str | None]:
         "wrong audience": token("user", user, aud="someone-else"),
         "wrong issuer": token("user", user, iss="someone-else"),
         "service role": token("service", user),
+        "the proxy's own role": token("proxy", user, gen="2"),
         "not a user id": token("user", "ops"),
         "unknown user": token("user", "00000000-0000-4000-8000-000000000000"),
         "no expiry": token("user", user, exp=None),

@@ -3,6 +3,7 @@
    python -m billing verify-ledger  check every hash chain and balance (exit 1 on the first break)
                                     [--json: the report as one JSON line, for the metrics' background check]
    python -m billing mint-token --role service --sub proxy [--ttl-seconds N]   (operators)
+                                    [--generation G: required with --role proxy, ADR 25]
    python -m billing public-key     the signing key's public half (PEM)
    python -m billing jwks           the keys billing's tokens verify with (JWK Set), for the proxy"""
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     mint.add_argument("--role", choices=auth.ROLES, required=True)
     mint.add_argument("--sub", required=True)
     mint.add_argument("--ttl-seconds", type=int, default=3600)
+    mint.add_argument("--generation", help="the proxy role's generation (one of PROXY_TOKEN_GENERATIONS)")
     args = parser.parse_args(argv)
     command = args.command or "serve"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(jwks.render(settings.jwt_keys.values()), end="")
         return 0
     if command == "mint-token":
-        print(auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds)[0])
+        if (args.role == "proxy") != (args.generation is not None):
+            print("billing: mint-token: --generation goes with --role proxy, and only with it", file=sys.stderr)
+            return 2
+        print(auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds, generation=args.generation)[0])
         return 0
     try:
         if command == "verify-ledger":

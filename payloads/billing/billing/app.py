@@ -150,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
         return await database.write(fn, *args)
 
     bearer = HTTPBearer(auto_error=False)
-    verified = auth.TokenCache(settings.jwt_keys)
+    verified = auth.TokenCache(settings.jwt_keys, proxy_generations=settings.proxy_token_generations)
     published = jwks.render(settings.jwt_keys.values())
     identities = identity.Verifier(settings.oidc_issuers, settings.oidc_ca_file)
 
@@ -179,23 +179,30 @@ def create_app(settings: Settings) -> FastAPI:
         who = await verify_id_token(id_token)
         return await user_of(who.provider, who.subject), who.exp
 
-    def check_token(token: str | None) -> auth.Principal:
+    def check_token(token: str | None, route: tuple[str, str]) -> auth.Principal:
+        """The token's principal on `route` (method, route template): the proxy's role only on its own."""
         if not token:
             raise Problem(401, "unauthorized", "missing bearer token")
         try:
-            return verified.verify(token)
+            p = verified.verify(token)
         except auth.AuthError:
             raise Problem(401, "unauthorized", "invalid or expired token") from None
+        if p.role == "proxy" and route not in auth.PROXY_ROUTES:
+            raise Problem(403, "forbidden", f"role proxy may not call {route[0]} {route[1]}: only the proxy's routes ({PROXY_ROUTE_LIST})")
+        return p
 
-    async def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
+    def route_of(request: Request) -> tuple[str, str]:
+        return request.method, request.scope["route"].path  # the template: /v1/credits/holds/{hold_id}/capture
+
+    async def principal(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> auth.Principal:
         if creds and identity.is_id_token(creds.credentials):  # a Google or Apple ID token, sent as it is
             user_id, exp = await sign_in(creds.credentials)
             return auth.Principal(sub=str(user_id), role="user", exp=exp)
-        return check_token(creds.credentials if creds else None)
+        return check_token(creds.credentials if creds else None, route_of(request))
 
-    def authenticate(header: str | None) -> auth.Principal:  # HTTPBearer's parsing, for the lean path
+    def authenticate(header: str | None, route: tuple[str, str]) -> auth.Principal:  # HTTPBearer's parsing, for the lean path
         scheme, credentials = get_authorization_scheme_param(header)
-        return check_token(credentials if scheme.lower() == "bearer" else None)
+        return check_token(credentials if scheme.lower() == "bearer" else None, route)
 
     Caller = Annotated[auth.Principal, Depends(principal)]
 
@@ -214,7 +221,7 @@ def create_app(settings: Settings) -> FastAPI:
                 who = await verify_id_token(token)
                 if (who.provider, who.subject) != (provider, external_id):
                     raise Problem(403, "forbidden", "a user may act only on their own account")
-            elif (p := check_token(token)).role == "user":
+            elif (p := check_token(token, route_of(request))).role == "user":
                 user_id = users_of.get((provider, external_id)) or await database.read(ledger.identity_user, provider, external_id)
                 if user_id is None or str(user_id) != p.sub:
                     raise Problem(403, "forbidden", "a user may act only on their own account")
@@ -282,14 +289,14 @@ def create_app(settings: Settings) -> FastAPI:
         return await in_tx(ledger.create_user, body.email, settings.signup_credits)
 
     @app.post("/v1/auth/token")
-    async def token(body: TokenRequest, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
+    async def token(request: Request, body: TokenRequest, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]):
         """Our user token for a user an admin or service names, or for a verified ID token (sign-in)."""
         if (body.user_id is None) == (body.id_token is None):
             raise Problem(422, "invalid_request", "body: give exactly one of user_id and id_token")
         if body.id_token is not None:
             user_id, _ = await sign_in(body.id_token)
         else:
-            require(await principal(creds), "admin", "service")
+            require(await principal(request, creds), "admin", "service")
             user_id = body.user_id
             if not await database.read(ledger.user_exists, user_id):
                 raise not_found("user")
@@ -298,10 +305,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/auth/resolve")
     async def resolve(body: Resolve, p: Caller):
-        """Whose credential the proxy was sent (service only, ADR 8): an ID token's user (made on
-        first sight) until the token's expiry, or an API key's own account. A refused credential
+        """Whose credential the proxy was sent (the proxy or a service, ADR 8): an ID token's user (made
+        on first sight) until the token's expiry, or an API key's own account. A refused credential
         is a 401 `credential_refused`, apart from the 401 a bad service token gets."""
-        require(p, "service")
+        require(p, "proxy", "service")
         if (body.id_token is None) == (body.api_key is None):
             raise Problem(422, "invalid_request", "body: give exactly one of id_token and api_key")
         try:
@@ -337,12 +344,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/credits/holds", status_code=201)
     async def hold(body: HoldRequest, p: Caller):
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         return await once(ledger.place_hold, body.user_id, body.amount, body.idempotency_key, body.ttl_seconds)
 
     @app.post("/v1/credits/holds/{hold_id}/capture")
     async def capture(hold_id: uuid.UUID, p: Caller, body: Capture | None = None):
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         result = await once(ledger.capture, hold_id, body.amount if body else None, bool(body and body.force))
         if result.pop("forced", False):  # the answer says what was taken and what was short
             metrics.forced("expired_hold", result["shortfall"], result["replayed"])
@@ -350,19 +357,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/credits/holds/{hold_id}/release")
     async def release(hold_id: uuid.UUID, p: Caller):
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         return await once(ledger.release, hold_id)
 
     @app.post("/v1/credits/holds/void")
     async def void(body: Void, p: Caller):
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         return await once(ledger.void, body.user_id, body.idempotency_key, body.amount)
 
     @app.post("/v1/credits/forced-debits")
     async def forced_debit(body: ForcedDebit, p: Caller):
         """Charge a call that was already answered (the proxy's stand-in advices): down to a zero
         balance at most; the rest is the shortfall, recorded and counted, never dropped."""
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         result = await once(ledger.forced_debit, body.user_id, body.amount, body.idempotency_key, body.description)
         metrics.forced("advice", result["shortfall"], result["replayed"])
         return result
@@ -371,7 +378,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lookup(body: Lookup, p: Caller):
         """What the ledger holds under each (user, idempotency key): the hold, the transaction, the
         forced debit. For reconciliation (python -m ciris_proxy reconcile)."""
-        require(p, "service", "admin")
+        require(p, "proxy", "service", "admin")
         return {"items": await database.read(ledger.lookup, [(k.user_id, k.idempotency_key) for k in body.keys])}
 
     @app.post("/v1/credits/grant")
@@ -444,6 +451,8 @@ def create_app(settings: Settings) -> FastAPI:
 ID_TOKEN_REFUSED = {"expired": "expired", "audience": "not issued for this app (aud)", "issuer": "unknown issuer (iss)",
                     "algorithm": "algorithm not accepted", "unknown_key": "signed with an unknown key (kid)",
                     "too_long": "too long", "malformed": "not a JWT"}
+
+PROXY_ROUTE_LIST = ", ".join(f"{m} {path}" for m, path in sorted(auth.PROXY_ROUTES, key=lambda r: r[1]))
 
 # The routes the proxy calls around every paid request: served without FastAPI's per-request work.
 LEAN_PATHS = ("/v1/credits/consume", "/v1/credits/holds", "/v1/credits/holds/{hold_id}/capture",

@@ -26,7 +26,7 @@ log = logging.getLogger("billing")
 
 class LeanRoutes:
     """`paths`: POST routes of `app` whose only dependency is `principal` (the bearer check);
-    `authenticate(authorization header)` is the same check for this path."""
+    `authenticate(authorization header, (method, route template))` is the same check for this path."""
 
     def __init__(self, app: FastAPI, paths: tuple[str, ...], principal: Callable, authenticate: Callable, max_body: int):
         self.authenticate, self.max_body = authenticate, max_body
@@ -86,7 +86,7 @@ class LeanRoutes:
                     raise Problem(400, "error", "There was an error parsing the body") from None
             else:
                 received = body  # refused by validation, as FastAPI does
-        caller = self.authenticate(header(scope, b"authorization"))
+        caller = self.authenticate(header(scope, b"authorization"), ("POST", route.path))
         values, errors = request_params_to_args(route.dependant.path_params, path_params)
         if route.dependant.body_params:
             body_values, body_errors = await request_body_to_args(route.dependant.body_params, received, route._embed_body_fields)

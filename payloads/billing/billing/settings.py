@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -86,6 +87,9 @@ class Settings:
     google_play_products: dict[str, int] = field(default_factory=dict)  # product id -> credits
     oidc_issuers: tuple[Issuer, ...] = ()
     oidc_ca_file: str | None = None  # a CA bundle for JWKS fetches instead of the system's (local issuer)
+    # The generations of the proxy's token accepted (ADR 25): two while one replaces the other; a
+    # generation left out is revoked. Empty: no proxy token is accepted.
+    proxy_token_generations: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.jwt_keys:  # no published set: the signing key alone
@@ -220,6 +224,18 @@ def _list(env: Mapping[str, str], var: str, default: str = "") -> tuple[str, ...
     return tuple(x.strip() for x in (env.get(var, "").strip() or default).split(",") if x.strip())
 
 
+GENERATION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # as config's services.proxy_tokens
+
+
+def _generations(env: Mapping[str, str]) -> tuple[str, ...]:
+    """PROXY_TOKEN_GENERATIONS: comma-separated generation names (not secret: a token is)."""
+    found = _list(env, "PROXY_TOKEN_GENERATIONS")
+    for name in found:
+        if not GENERATION.fullmatch(name):
+            raise SettingsError("PROXY_TOKEN_GENERATIONS", f"has {name[:40]!r}, not a generation name ([a-z0-9-], at most 32)")
+    return found
+
+
 def _webhook_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
     """STRIPE_WEBHOOK_SECRET: one endpoint secret, or several separated by commas."""
     found = _list(env, "STRIPE_WEBHOOK_SECRET")
@@ -305,4 +321,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         google_play_products=_play_products(env),
         oidc_issuers=_issuers(env),
         oidc_ca_file=env.get("OIDC_CA_FILE", "").strip() or None,
+        proxy_token_generations=_generations(env),
     )

@@ -5,8 +5,8 @@
 - a Google or Apple ID token as the bearer (the agent's mobile mode), and
 - a server API key (`cbk_live_…`) as the bearer or in X-API-Key (server mode).
 
-The last two are not verified here: billing resolves each once (POST /v1/auth/resolve, service
-only) to the user it names, and the answer is remembered by the credential's sha256 — an ID
+The last two are not verified here: billing resolves each once (POST /v1/auth/resolve, with the
+proxy's own token) to the user it names, and the answer is remembered by the credential's sha256 — an ID
 token until its expiry, an API key for `api_key_ttl_seconds` (config) so a revoked key stops within it.
 While billing cannot answer, a credential it resolved before keeps working (a key for at most
 API_KEY_STALE_SECONDS, an ID token never past its expiry); one it never saw is a 503, not a 401.
@@ -125,7 +125,7 @@ class Resolved:
 
 class Credentials:
     """The user of a request, by whichever credential it carries. `billing()` is the aiohttp
-    session that carries the proxy's service token (the credit gate's)."""
+    session that carries the proxy's billing token (the credit gate's; role `proxy`, ADR 25)."""
 
     def __init__(self, tokens: Tokens, billing, api_key_ttl_seconds: float):
         self.tokens, self.billing, self.api_key_ttl = tokens, billing, api_key_ttl_seconds
@@ -190,7 +190,7 @@ class Credentials:
             log.warning("billing did not resolve a known %s (status %s): using its last answer", kind, status)
             return hit.user
         if status in (401, 403):
-            log.error("billing refused the proxy's request to resolve a %s (status %s): check its service token", kind, status)
+            log.error("billing refused the proxy's request to resolve a %s (status %s): check its billing token (BILLING_SERVICE_TOKEN: its generation still accepted?)", kind, status)
         else:
             log.warning("billing could not resolve a %s (status %s)", kind, status)
         raise ApiError(503, f"billing cannot check this {kind.replace('_', ' ')} right now, so nothing was sent "

@@ -327,7 +327,9 @@ class CreditGate:
         if status >= 500:  # billing could not write (its outcome may be unknown): undo, then stand in
             self._void(user, key, price)
             return self._stand_in(user, call, f"HTTP {status}")
-        log.error("billing refused a hold: HTTP %d", status)
+        # 401/403: the proxy's own billing token (a revoked generation, an expired token: ADR 25), not the user's.
+        log.error("billing refused a hold: HTTP %d%s", status,
+                  "; check the proxy's billing token (BILLING_SERVICE_TOKEN: its generation still accepted?)" if status in (401, 403) else "")
         raise ApiError(503, f"billing refused the credit check (HTTP {status}); nothing was sent upstream",
                        code="billing_unavailable")
 

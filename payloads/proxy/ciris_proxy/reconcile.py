@@ -1,5 +1,5 @@
 """`python -m ciris_proxy reconcile [--since YYYY-MM-DD]`: every paid call in the call log checked
-against billing's ledger (POST /v1/credits/lookup, with the proxy's own service token). Names
+against billing's ledger (POST /v1/credits/lookup, with the proxy's own billing token). Names
 every answered call with no capture, advice or debit, and every unanswered one that was charged or
 still holds credit; a settlement still owed in the journal is "owed", not a problem (billing has
 not confirmed it yet). Exit 1 when anything is wrong. Run it in the proxy's container: it reads the
