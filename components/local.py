@@ -73,14 +73,17 @@ def local_secrets() -> dict[str, str]:
     return {**made, **given}
 
 
-def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None) -> plan_mod.Plan:
+def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None, restore: str | None = None) -> plan_mod.Plan:
+    """The plan of the local stack. `restore` (latest or an ISO time): the database is created from
+    the local bucket's backups instead of empty (`backup.restore`, ADR 24)."""
     raw, secret_keys = config.read_stack_file(stack_file)
     raw[f"{config.PROJECT}:releases_file"] = str(RELEASES.relative_to(ROOT))  # what `up` built here
     keys = local_secrets()
     if s3_ca:  # backups to this machine's S3 (components/local_s3.py)
         raw[f"{config.PROJECT}:backup"] = {
             "s3_endpoint": local_s3.ENDPOINT, "region": local_s3.REGION, "ca_cert": s3_ca,
-            "bucket": local_s3.bucket(keys["backup_s3_access_key"], keys["backup_s3_secret_key"])}
+            "bucket": local_s3.bucket(keys["backup_s3_access_key"], keys["backup_s3_secret_key"]),
+            **({"restore": {"target_time": restore}} if restore else {})}
         # Sign-in with this machine's Google and Apple, behind the same address (components/local_oidc.py).
         raw[f"{config.PROJECT}:sign_in"] = local_oidc.sign_in(s3_ca)
     for key, value in keys.items():
@@ -437,10 +440,11 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def up(stack_file: Path = STACK_FILE, cold: bool = False, labels: dict[str, dict[str, str]] | None = None) -> dict:
+def up(stack_file: Path = STACK_FILE, cold: bool = False, labels: dict[str, dict[str, str]] | None = None,
+       restore: str | None = None) -> dict:
     """Build a release of every payload (each image once; `cold`: from no cached layer, as a fresh
     machine builds) and deploy it. `labels` (payload -> labels) go on those payloads' images: a
-    test's way to ship changed code."""
+    test's way to ship changed code. `restore`: see render()."""
     env = engine_env()
     remove_dead(env)
     kill_orphans(env)
@@ -451,7 +455,7 @@ def up(stack_file: Path = STACK_FILE, cold: bool = False, labels: dict[str, dict
     history = release_mod.History.load(RELEASES)
     history.add(made)
     history.save(RELEASES)
-    return deploy_current(stack_file, env)
+    return deploy_current(stack_file, env, restore)
 
 
 def rollback(stack_file: Path = STACK_FILE) -> dict:
@@ -464,14 +468,14 @@ def rollback(stack_file: Path = STACK_FILE) -> dict:
     return deploy_current(stack_file, engine_env())
 
 
-def deploy_current(stack_file: Path, env: dict[str, str]) -> dict:
+def deploy_current(stack_file: Path, env: dict[str, str], restore: str | None = None) -> dict:
     started = time.monotonic()
     add_address(local_s3.ADDRESS)
     keys = local_secrets()
     s3_ca = local_s3.up(LOCAL / "s3", str(Path(sys.executable).parent / "moto_server"), shutil.which("caddy") or "caddy",
                         keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
     local_oidc.up(LOCAL / "oidc", shutil.which("caddy") or "caddy")
-    plan = render(stack_file, s3_ca)
+    plan = render(stack_file, s3_ca, restore)
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")
     regions = plan.outputs["client_config"]["regions"]
     every = hosts(plan)
@@ -618,8 +622,10 @@ def wait_for_edges(regions: list[dict], ca: Path, budget: float = 120) -> None:
                 time.sleep(1)
 
 
-def down() -> None:
-    env = engine_env()
+def wipe(env: dict[str, str] | None = None) -> None:
+    """Every host's containers and volumes gone, as if both regions and the witness were lost; the
+    backups stay (the local bucket is this machine's, not a host's)."""
+    env = env or engine_env()
     # Every host deployed here, the witness (local/witness) as much as the regions.
     for compose in sorted(LOCAL.glob("*/compose.yaml")):
         subprocess.run(["docker", "compose", "-f", str(compose), "down", "--volumes", "--remove-orphans", "-t", "5"],
@@ -645,18 +651,28 @@ def down() -> None:
                              capture_output=True, text=True).stdout.split()
     if anchors:
         subprocess.run(["podman", "rm", "-f", "-t", "0", *anchors], env=env, check=False, capture_output=True)
+    remove_compose_objects("volume", env)
+
+
+def remove_compose_objects(kind: str, env: dict[str, str]) -> None:
+    """The stack's compose-made volumes or networks that are left."""
+    names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
+                           env=env, capture_output=True, text=True).stdout.split()
+    for name in names:
+        if name.startswith("ciris-"):
+            subprocess.run(["podman", kind, "rm", "-f", name], env=env, check=False, capture_output=True)
+
+
+def down() -> None:
+    env = engine_env()
+    wipe(env)
     local_s3.down(LOCAL / "s3")
     local_oidc.down(LOCAL / "oidc")
     kill_orphans(env)
     subprocess.run(["nft", "delete", "table", "ip", NAT_TABLE], capture_output=True)  # route_like_hosts()'s
     remove_iptables_rules()
     remove_stale_port_rules(env)
-    for kind in ("volume", "network"):
-        names = subprocess.run(["podman", kind, "ls", "-q", "--filter", "label=com.docker.compose.project"],
-                               env=env, capture_output=True, text=True).stdout.split()
-        for name in names:
-            if name.startswith("ciris-"):
-                subprocess.run(["podman", kind, "rm", "-f", name], env=env, check=False, capture_output=True)
+    remove_compose_objects("network", env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,10 +680,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "rollback"])
     parser.add_argument("--stack-file", type=Path, default=STACK_FILE)
     parser.add_argument("--cold", action="store_true", help="build every image from no cached layer (CI)")
+    parser.add_argument("--restore", metavar="TIME", help="up: create the database from the local bucket's backups "
+                        "(latest, or an ISO time with its zone) instead of empty: after both regions were lost")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.stack_file, cold=args.cold)
+            up(args.stack_file, cold=args.cold, restore=args.restore)
         elif args.command == "rollback":
             rollback(args.stack_file)
         else:

@@ -86,6 +86,11 @@ class _SniTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+def pytest_collection_modifyitems(items):
+    """A drill that rebuilds the whole stack (test_recovery) runs after every test that shares it."""
+    items.sort(key=lambda item: item.get_closest_marker("rebuilds_the_stack") is not None)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Stack:
     require_binary("ip")
