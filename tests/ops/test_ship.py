@@ -56,5 +56,7 @@ def test_a_release_ships_only_the_images_a_host_lacks_and_they_arrive_by_id(sshd
         assert out.returncode == 1 and "asking the host for its images failed" in out.stderr, out.stderr
     finally:
         subprocess.run(["docker", "image", "rm", "-f", ref], env=env, capture_output=True)
-        subprocess.run([*remote_docker.split(), "system", "reset", "-f"], env=env, capture_output=True)
+        # Not `system reset`: it also deletes the network definitions this store shares with the
+        # machine's engine, which broke a `make local` stack that was up (its networks gone).
+        subprocess.run([*remote_docker.split(), "image", "rm", "-a", "-f"], env=env, capture_output=True)
         shutil.rmtree(store, ignore_errors=True)
