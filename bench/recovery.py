@@ -26,6 +26,7 @@ internet.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -55,29 +56,35 @@ def fill(c: Cluster, h: Host, size_mb: int) -> None:
     print(f"# filled: {size / 2**20:.0f} MB database", file=sys.stderr, flush=True)
 
 
-def acknowledged_writes(c: Cluster, h: Host, seconds: float) -> list[tuple[int, float]]:
-    """Small commits for `seconds`: (id, wall-clock time the commit was acknowledged) each."""
+# Writes are known by their note, not their id: a restored sequence can hand out a lost write's id again.
+_notes = itertools.count(1)
+
+
+def acknowledged_writes(c: Cluster, h: Host, seconds: float) -> list[tuple[str, float]]:
+    """Small commits for `seconds`: (note, wall-clock time the commit was acknowledged) each."""
     acked = []
     end = time.monotonic() + seconds
     with psycopg.connect(c.dsn([h], connect_timeout=5), autocommit=True) as conn:
         while time.monotonic() < end:
-            row = conn.execute("INSERT INTO ledger (user_id, amount, note) VALUES (1, -1, 'consume') RETURNING id")
-            acked.append((row.fetchone()[0], time.time()))
+            note = f"ack {next(_notes)}"  # not hex: no fill row has it
+            conn.execute("INSERT INTO ledger (user_id, amount, note) VALUES (1, -1, %s)", (note,))
+            acked.append((note, time.time()))
             time.sleep(WRITE_PERIOD_S)
     return acked
 
 
-def first_write(c: Cluster, h: Host, timeout: float) -> tuple[int, float]:
-    """Until a write commits on `h` (it restored, recovered, promoted and accepts writes); its id and
+def first_write(c: Cluster, h: Host, timeout: float) -> tuple[str, float]:
+    """Until a write commits on `h` (it restored, recovered, promoted and accepts writes); its note and
     acknowledgement time."""
+    note = f"ack {next(_notes)}"
     deadline = time.monotonic() + timeout
     while True:
         try:
             with psycopg.connect(c.dsn([h], connect_timeout=2), autocommit=True) as conn:
                 # A commit as billing's (synchronous_mode is not strict: alone, the leader does not wait).
                 conn.execute("SET statement_timeout = '3s'")
-                row = conn.execute("INSERT INTO ledger (user_id, amount, note) VALUES (0, 0, 'restored') RETURNING id")
-                return row.fetchone()[0], time.time()
+                conn.execute("INSERT INTO ledger (user_id, amount, note) VALUES (0, 0, %s)", (note,))
+                return note, time.time()
         except psycopg.Error:
             pass
         if patroni_exited(h):
@@ -95,7 +102,7 @@ def streaming(c: Cluster, leader: Host, replica: Host, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def round_(c: Cluster, n: int, switch: bool, write_seconds: float, earlier: list[tuple[int, float]],
+def round_(c: Cluster, n: int, switch: bool, write_seconds: float, earlier: list[tuple[str, float]],
            since: float) -> str:
     """One loss and restore. `earlier`: the acknowledged writes before this round (earlier rounds' and
     the first write on each restored cluster), appended to; `since`: the fill's last commit."""
@@ -117,10 +124,10 @@ def round_(c: Cluster, n: int, switch: bool, write_seconds: float, earlier: list
     replica = time.monotonic() - t0 - writable
 
     everything = earlier + acked
-    ids = {r[0] for r in sql(c, us, "SELECT id FROM ledger WHERE id >= %s", (everything[0][0],))} if everything else set()
-    lost = sum(i not in ids for i, _ in acked)
+    back = {r[0] for r in sql(c, us, "SELECT note FROM ledger WHERE note LIKE 'ack %%'")}
+    lost = sum(note not in back for note, _ in acked)
     # RPO: from the newest acknowledged write that came back (of any round) to the last acknowledged.
-    rpo = last_at - max([at for i, at in everything if i in ids], default=since)
+    rpo = last_at - max([at for note, at in everything if note in back], default=since)
     earlier += acked + [marker]
     how = ("WAL switched and archived before the loss" if switch else
            f"lost mid-segment: up to archive_timeout {pgc.ARCHIVE_TIMEOUT_SECONDS} s")
@@ -147,7 +154,7 @@ def main() -> None:
         assert leader is us, leader
         fill(c, us, args.size_mb)
         since = time.time()  # the fill's last commit: in the backup
-        earlier: list[tuple[int, float]] = []
+        earlier: list[tuple[str, float]] = []
         pgbackrest(us, "stanza-create")
         b0 = time.monotonic()
         pgbackrest(us, "backup", "--type=full", timeout=900)
