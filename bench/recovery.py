@@ -65,6 +65,7 @@ def acknowledged_writes(c: Cluster, h: Host, seconds: float) -> list[tuple[str, 
     acked = []
     end = time.monotonic() + seconds
     with psycopg.connect(c.dsn([h], connect_timeout=5), autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '10s'")  # a hung commit ends the bench, not stalls it
         while time.monotonic() < end:
             note = f"ack {next(_notes)}"  # not hex: no fill row has it
             conn.execute("INSERT INTO ledger (user_id, amount, note) VALUES (1, -1, %s)", (note,))
@@ -163,7 +164,7 @@ def main() -> None:
             line = round_(c, n, n % 2 == 1, args.write_seconds, earlier, since)
             lines.append(line)
             print(f"# {line}", file=sys.stderr, flush=True)
-    print(f"recovery of a {args.size_mb} MB billing database from the bucket (2-core machine, bucket local, "
+    print(f"recovery of a {args.size_mb} MB billing database from the bucket ({os.cpu_count()}-core machine, bucket local, "
           f"archive-async, archive_timeout {pgc.ARCHIVE_TIMEOUT_SECONDS} s): " + " | ".join(lines) +
           f" (bench {time.monotonic() - t0:.0f} s)")
 

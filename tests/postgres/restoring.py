@@ -76,7 +76,13 @@ def restorable_cluster(billing: bool = True) -> Iterator[Cluster]:
 def pgbackrest(h: Host, *args: str, timeout: float = 180) -> str:
     """pgBackRest on `h`, as its member's server runs it; its output, or a failure that shows it."""
     cmd = h.exec("pgbackrest", f"--config={h.dir / 'pgbackrest.conf'}", f"--stanza={pgc.STANZA}", *args)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ARCHIVE_ENV})
+    for _ in range(30):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ARCHIVE_ENV})
+        # 50: the stanza's lock, held by the asynchronous archive-push while it pushes (stanza-create
+        # takes it too); the push ends in seconds.
+        if r.returncode != 50:
+            break
+        time.sleep(1)
     assert r.returncode == 0, f"pgbackrest {' '.join(args)} on {h.name} exited {r.returncode}:\n{r.stdout}{r.stderr}"
     return r.stdout
 

@@ -23,6 +23,7 @@ import yaml
 
 from components import postgres_config as pgc
 from tests.conftest import require_binary
+from tests.postgres import drill
 from tests.postgres.ha import Cluster, Host
 from tests.postgres.restoring import pgbackrest, restorable_cluster, sql, wait_leader
 
