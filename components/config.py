@@ -14,7 +14,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import (
@@ -551,22 +551,24 @@ def _check_names(config: BridgeConfig) -> None:
                 taken[name] = key
 
 
+def _check_rotation_set(listed: Sequence[str], list_key: str, chosen: str, chosen_key: str, what: str, hint: str) -> None:
+    """A set that rotates with overlap (billing's keys, ADR 21; the proxy's token generations, ADR 25):
+    no name twice, and the one in use is listed."""
+    for i, name in enumerate(listed):
+        if name in listed[:i]:
+            raise ConfigError(f"{PROJECT}:services.{list_key}[{i}]", f"duplicate {what} {name!r}")
+    if chosen not in listed:
+        raise ConfigError(f"{PROJECT}:services.{chosen_key}",
+                          f"{chosen!r} is not one of services.{list_key} ({', '.join(listed)}); {hint}")
+
+
 def _check_jwt_keys(services: Services) -> None:
-    for i, name in enumerate(services.jwt_keys):
-        if name in services.jwt_keys[:i]:
-            raise ConfigError(f"{PROJECT}:services.jwt_keys[{i}]", f"duplicate key name {name!r}")
-    if services.signing_key not in services.jwt_keys:
-        raise ConfigError(f"{PROJECT}:services.jwt_signing_key", f"{services.signing_key!r} is not one of services.jwt_keys "
-                                                                 f"({', '.join(services.jwt_keys)}); add it there first")
+    _check_rotation_set(services.jwt_keys, "jwt_keys", services.signing_key, "jwt_signing_key", "key name", "add it there first")
 
 
 def _check_proxy_tokens(services: Services) -> None:
-    for i, name in enumerate(services.proxy_tokens):
-        if name in services.proxy_tokens[:i]:
-            raise ConfigError(f"{PROJECT}:services.proxy_tokens[{i}]", f"duplicate generation {name!r}")
-    if services.proxy_generation not in services.proxy_tokens:
-        raise ConfigError(f"{PROJECT}:services.proxy_token", f"{services.proxy_generation!r} is not one of services.proxy_tokens "
-                                                             f"({', '.join(services.proxy_tokens)}); add it there and deploy first")
+    _check_rotation_set(services.proxy_tokens, "proxy_tokens", services.proxy_generation, "proxy_token", "generation",
+                        "add it there and deploy first")
 
 
 def _check_alerts(config: BridgeConfig) -> None:
