@@ -51,9 +51,7 @@ def service_token(private_key_pem: str, sub: str, expires: datetime.date, genera
     upgrades: the billing still running then knows no `proxy` role (ADR 25)."""
     exp = int(datetime.datetime.combine(expires, datetime.time(), datetime.timezone.utc).timestamp())
     lifetime = 2 * 366 * 86_400
-    if role == "service":
-        return mint(private_key_pem, sub, "service", lifetime, now=exp - lifetime)
-    return mint(private_key_pem, sub, "proxy", lifetime, now=exp - lifetime, generation=generation)
+    return mint(private_key_pem, sub, role, lifetime, now=exp - lifetime, generation=generation if role == "proxy" else None)
 
 
 @dataclass(frozen=True)

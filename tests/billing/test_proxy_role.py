@@ -7,6 +7,7 @@ import re
 import uuid
 
 import httpx
+import jwt
 import pytest
 
 from billing import auth, jwks
@@ -125,3 +126,11 @@ def test_the_proxy_generations_setting_names_a_bad_value():
     assert _generations({}) == ()
     with pytest.raises(SettingsError, match=r"PROXY_TOKEN_GENERATIONS has 'Two'"):
         _generations({"PROXY_TOKEN_GENERATIONS": "1,Two"})
+
+
+def test_mint_token_gives_a_generation_to_the_proxy_role_and_to_no_other(billing):
+    for args in (["--role", "proxy"], ["--role", "service", "--generation", "1"]):
+        r = billing.run("mint-token", "--sub", "proxy-x", *args)
+        assert r.returncode == 2 and r.stderr.strip() == "billing: mint-token: --generation goes with --role proxy, and only with it", r.stderr
+    r = billing.run("mint-token", "--sub", "proxy-x", "--role", "proxy", "--generation", "1")
+    assert r.returncode == 0 and jwt.decode(r.stdout.strip(), options={"verify_signature": False})["gen"] == "1", r.stderr

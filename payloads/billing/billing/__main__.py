@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(jwks.render(settings.jwt_keys.values()), end="")
         return 0
     if command == "mint-token":
-        if (args.role == "proxy") != (args.generation is not None):
+        try:
+            token, _ = auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds, generation=args.generation)
+        except ValueError:  # auth.mint's rule: a generation with the proxy role, and only with it
             print("billing: mint-token: --generation goes with --role proxy, and only with it", file=sys.stderr)
             return 2
-        print(auth.mint(settings.jwt_private_key, args.sub, args.role, args.ttl_seconds, generation=args.generation)[0])
+        print(token)
         return 0
     try:
         if command == "verify-ledger":
