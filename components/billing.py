@@ -40,10 +40,11 @@ LOCAL_HOST = "postgres"  # this region's member, on the container network
 CONNECT_TIMEOUT = 3  # seconds per member: a dead or cut-off member costs a new connection this long
 
 
-def database_url(*, hosts: list[str], password: str) -> str:
-    """libpq's multi-host URL: members tried in order, the first that accepts writes kept."""
+def database_url(*, hosts: list[str], password: str, user: str = pgc.APP_ROLE) -> str:
+    """libpq's multi-host URL: members tried in order, the first that accepts writes kept. `user`:
+    the login role billing uses (services.database_login, ADR 26)."""
     members = ",".join(f"{h}:{PG_PORT}" for h in hosts)
-    return (f"postgresql://{pgc.APP_ROLE}:{password}@{members}/{pgc.DATABASE}?sslmode=verify-full&sslrootcert={CA_PATH}"
+    return (f"postgresql://{user}:{password}@{members}/{pgc.DATABASE}?sslmode=verify-full&sslrootcert={CA_PATH}"
             f"&target_session_attrs=read-write&connect_timeout={CONNECT_TIMEOUT}")
 
 
@@ -135,7 +136,7 @@ class Billing(pulumi.ComponentResource):
             def render(a):
                 hosts, password = a
                 return env_file({
-                    "DATABASE_URL": database_url(hosts=hosts, password=password),
+                    "DATABASE_URL": database_url(hosts=hosts, password=password, user=args.database.app_user),
                     "BILLING_JWT_PRIVATE_KEY_FILE": "/run/secrets/billing-jwt.pem",
                     "BILLING_JWKS_FILE": JWKS_PATH,
                     "STRIPE_SECRET_KEY": args.secrets.get("stripe_secret_key") or "",

@@ -62,6 +62,8 @@ def build(config: BridgeConfig) -> Bridge:
             backup=config.backup,
             backup_secrets={k: config.secret(k) for k in ("backup_encryption_key", "backup_s3_access_key", "backup_s3_secret_key")},
             witness=witness,
+            logins=tuple(config.services.database_logins),
+            login=config.services.app_login,
         ),
     )
     billing = Billing(

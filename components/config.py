@@ -189,6 +189,12 @@ class Services(_Model):
     jwt_keys: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]] = Field(
         default=["1"], min_length=1, max_length=2, description="billing's token keys; two only while one replaces the other")
     jwt_signing_key: str | None = Field(default=None, description="the one of jwt_keys billing signs with (default: the first)")
+    # Billing's database logins by name (ADR 26, docs/runbook-secrets.md): each a login role with its
+    # own password, set in place by the primary; billing and the backup job use one; a name dropped
+    # from the list can no longer log in. Never reuse a name.
+    database_logins: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]{0,31}$")]] = Field(
+        default=["1"], min_length=1, max_length=2, description="billing's database logins; two only while one replaces the other")
+    database_login: str | None = Field(default=None, description="the one of database_logins billing uses (default: the first)")
 
     # One charge per agent interaction (README "Proxy": interactions, ADR 8). None: the payload's defaults
     # (a window of 300 s, 80 calls and 1,000,000 tokens per region).
@@ -206,6 +212,10 @@ class Services(_Model):
     @property
     def proxy_generation(self) -> str:
         return self.proxy_token or self.proxy_tokens[0]
+
+    @property
+    def app_login(self) -> str:
+        return self.database_login or self.database_logins[0]
 
     @model_validator(mode="after")
     def _proxy_models_exist(self) -> "Services":
@@ -407,6 +417,8 @@ def parse(raw: Mapping[str, Any], secret_keys: set[str] | frozenset[str] = froze
     _check_cost(config)
     _check_jwt_keys(config.services)
     _check_proxy_tokens(config.services)
+    _check_rotation_set(config.services.database_logins, "database_logins", config.services.app_login, "database_login",
+                        "login", "add it there and deploy first")
     _check_alerts(config)
     _check_webhook_secrets(config)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 
 from components.release import KEEP as KEEP_RELEASES
-from components.services import CONFIG_LABEL, DRAIN_FILE
+from components.services import CONFIG_LABEL, DRAIN_FILE, RELOAD_HEADER
 
 # The edge asks each upstream every second whether it serves (edge.py): five intervals (a loaded
 # edge's checks run late).
@@ -100,9 +100,17 @@ for svc in $rolling; do
   have=$(docker inspect --format '{{index .Config.Labels "CONFIG_LABEL"}}' $running)
   [ "$want" = "$have" ] || changed="$changed $svc"
 done
+# What a service takes without a restart (ContainerSpec.reload: its live files, e.g. billing's
+# database logins) is taken before a rolling service's new version starts, and again at the end.
+reload() {
+  sed -n 's/^# RELOAD_HEADER //p' compose.yaml | while read -r svc cmd; do
+    dc exec -T "$svc" $cmd </dev/null || { echo "deploy: $svc could not take its new files ($cmd)" >&2; exit 1; }
+  done
+}
 if [ -n "$changed" ]; then
   others=$(dc config --services | grep -vxF "$(printf '%s\\n' $rolling)" || true)
   [ -z "$others" ] || up $others || exit 1
+  reload || exit 1
 fi
 drain() {  # <service> [profile args]: new requests go elsewhere within the edge's health interval
   svc=$1; shift
@@ -122,6 +130,7 @@ if [ -n "$twins" ]; then
   sleep DRAIN_WAIT
 fi
 up || exit 1  # a twin that was healthy keeps serving; the next deploy replaces it
+reload || exit 1
 if [ -n "$twins" ]; then
   for pair in $drained; do  # compose kept one after all: it serves again
     svc=${pair%%=*}
@@ -134,7 +143,7 @@ if [ -n "$twins" ]; then
 fi
 [ -f release.images ] && prune_releases
 exit 0
-""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS)).replace("CONFIG_LABEL", CONFIG_LABEL)
+""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS)).replace("CONFIG_LABEL", CONFIG_LABEL).replace("RELOAD_HEADER", RELOAD_HEADER)
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"

@@ -82,7 +82,7 @@ def render(stack_file: Path = STACK_FILE, s3_ca: str | None = None, restore: str
     if s3_ca:  # backups to this machine's S3 (components/local_s3.py)
         raw[f"{config.PROJECT}:backup"] = {
             "s3_endpoint": local_s3.ENDPOINT, "region": local_s3.REGION, "ca_cert": s3_ca,
-            "bucket": local_s3.bucket(keys["backup_s3_access_key"], keys["backup_s3_secret_key"]),
+            "bucket": local_s3.bucket(keys["backup_encryption_key"]),
             **({"restore": {"target_time": restore}} if restore else {})}
         # Sign-in with this machine's Google and Apple, behind the same address (components/local_oidc.py).
         raw[f"{config.PROJECT}:sign_in"] = local_oidc.sign_in(s3_ca)
@@ -473,7 +473,7 @@ def deploy_current(stack_file: Path, env: dict[str, str], restore: str | None = 
     add_address(local_s3.ADDRESS)
     keys = local_secrets()
     s3_ca = local_s3.up(LOCAL / "s3", str(Path(sys.executable).parent / "moto_server"), shutil.which("caddy") or "caddy",
-                        keys["backup_s3_access_key"], keys["backup_s3_secret_key"])
+                        keys["backup_s3_access_key"], keys["backup_s3_secret_key"], keys["backup_encryption_key"])
     local_oidc.up(LOCAL / "oidc", shutil.which("caddy") or "caddy")
     plan = render(stack_file, s3_ca, restore)
     deploys, syncs = commands(plan, "deploy"), commands(plan, "dns-sync")

@@ -25,10 +25,11 @@ REGION = "us-east-1"
 ENDPOINT = f"https://{ADDRESS}:{PORT}"
 
 
-def bucket(access_key: str, secret_key: str) -> str:
-    """A bucket per set of keys: what one set encrypted never meets a stack with another set (a new
-    checkout, or local/secrets.json made again), which could not read it."""
-    return "ciris-local-" + hashlib.sha256(f"{access_key}:{secret_key}".encode()).hexdigest()[:12]
+def bucket(encryption_key: str) -> str:
+    """A bucket per backup encryption key: what one key encrypted never meets a stack with another
+    (a new checkout, or local/secrets.json made again), which could not read it. Not per access key:
+    those rotate under the same bucket (docs/runbook-secrets.md)."""
+    return "ciris-local-" + hashlib.sha256(encryption_key.encode()).hexdigest()[:12]
 
 
 def certificates(root: Path) -> tuple[str, Path, Path]:
@@ -77,7 +78,7 @@ def stop_daemon(root: Path, name: str) -> None:
     pidfile.unlink(missing_ok=True)
 
 
-def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: str) -> str:
+def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: str, encryption_key: str) -> str:
     """Start (or keep) the endpoint and the keys' bucket; returns the CA PEM the stack must trust."""
     ca, cert, key = certificates(root)
     backend = PORT + 1
@@ -95,7 +96,7 @@ def up(root: Path, moto_server: str, caddy: str, access_key: str, secret_key: st
     deadline = time.time() + 30
     while True:
         try:
-            name = bucket(access_key, secret_key)
+            name = bucket(encryption_key)
             if name not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
                 s3.create_bucket(Bucket=name)
             return ca

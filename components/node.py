@@ -116,13 +116,18 @@ class Node(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=self.host.ready))
 
     def add_service(self, container: services.ContainerSpec, files: dict[str, pulumi.Input[str]],
-                    shown: dict[str, pulumi.Input[str]] | None = None, private: dict[str, int] | None = None) -> None:
+                    shown: dict[str, pulumi.Input[str]] | None = None, private: dict[str, int] | None = None,
+                    live: dict[str, pulumi.Input[str]] | None = None) -> None:
         """Add (or replace) a container and the files it reads in the bundle. `private` names the
         files that hold secrets, with the uid that reads them (0: root, e.g. the postgres image's env file);
-        `shown` overrides what the offline plan writes for them."""
+        `shown` overrides what the offline plan writes for them. `live`: files the running container
+        takes by its `reload` command, in a directory it mounts: a change to them alone restarts nothing."""
         assert self.deploy is None, "add services before build()"
+        if live and not container.reload:
+            raise ValueError(f"{container.name}: live files need a reload command that takes them")
         self.containers = [c for c in self.containers if c.name != container.name] + [container]
         self.files.update(files)
+        self.files.update(live or {})
         self.private.update(private or {})
         self.service_files[container.name] = self.service_files.get(container.name, []) + sorted(files)
         self.artifacts.update(shown or {})

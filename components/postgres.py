@@ -43,8 +43,13 @@ SOCKET_DIR = "/var/run/postgresql"
 S3_CA_FILE = f"{CONFIG_MOUNT}/s3-ca.crt"  # backup.ca_cert, where both containers read it
 SOCKET_VOLUME = "pgsocket"  # shared with the backup job, which talks to the server through it
 POST_BOOTSTRAP = "sh /usr/local/lib/ciris/post-bootstrap.sh"
+# Billing's logins and the bucket's keys change without a restart (ADR 26): files in the mounted
+# config directory that reload.sh, run by every deploy, puts where postgres reads them.
+RELOAD = ("sh", "/usr/local/lib/ciris/reload.sh")
+ON_ROLE = "sh /usr/local/lib/ciris/on-role.sh"  # Patroni's callback: a new leader applies the logins
+PGBACKREST_INCLUDE = f"{RUN_DIR}/pgbackrest.d"  # reload.sh copies pgbackrest-keys.conf there
 TEN_YEARS = 24 * 365 * 10
-PASSWORD_ROLES = ("superuser", "replication", "rewind", "api", "app")
+PASSWORD_ROLES = ("superuser", "replication", "rewind", "api")
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,13 @@ class ReplicatedPostgresArgs:
     # The third host (a Node at a third provider), or None: the stack has no witness.
     witness: Witness | None = None
     timing: pgc.HaTiming = pgc.HaTiming()
+    logins: tuple[str, ...] = ("1",)  # services.database_logins: billing's login roles (ADR 26)
+    login: str = "1"  # services.database_login: the one billing and the backup job use
 
 
 class ReplicatedPostgres(pulumi.ComponentResource):
-    """Outputs: `summary` (the `database` stack output), `app_password` (secret), `ca_cert`."""
+    """Outputs: `summary` (the `database` stack output), `app_user` and `app_password` (secret): the
+    login billing uses, `ca_cert`."""
 
     def __init__(self, name: str, args: ReplicatedPostgresArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ciris:bridge:ReplicatedPostgres", name, None, opts)
@@ -69,6 +77,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         self._backup = args.backup
         self._backup_secrets = args.backup_secrets or {}
         self._timing = args.timing
+        self._login_names = args.logins
         self.witness = args.witness
         # etcd: one member per provider with a witness; without one a single member beside the
         # declared primary (the replica's loss still degrades by itself; the primary's needs a person).
@@ -81,7 +90,15 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             role: random.RandomPassword(f"{name}-{role}-password", length=32, special=False, opts=child).result
             for role in PASSWORD_ROLES
         }
-        self.app_password = passwords["app"]
+        # Billing's logins: "1" keeps the resource name of the app role's password from before logins rotated.
+        logins = {
+            login: random.RandomPassword(f"{name}-app-password" + ("" if login == "1" else f"-{login}"),
+                                         length=32, special=False, opts=child).result
+            for login in args.logins
+        }
+        self.app_user = pgc.login_role(args.login)
+        self.app_password = logins[args.login]
+        self._logins_file = pulumi.Output.secret(pulumi.Output.all(**logins).apply(pgc.logins_json))
 
         ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
         ca = tls.SelfSignedCert(
@@ -124,7 +141,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 pulumi.log.warn(f"postgres: backup is configured but {', '.join(f'ciris-bridge:{k}' for k in missing)} "
                                 f"not set; the daily dump and WAL archiving will fail (pulumi config set --secret ciris-bridge:{missing[0]} ...)", self)
             for member in members:  # each job works only while its member is the primary
-                self._backup_job(member, passwords["app"])
+                self._backup_job(member, self.app_password)
 
         self.summary = {
             "engine": "patroni+etcd",
@@ -223,7 +240,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
             return pgc.patroni_yml(
                 name=pgc.member_name(member.spec.name), address=address, etcd_hosts=hosts, tls=TLS_FILES,
                 passwords=shown, data_dir=PGDATA, socket_dir=SOCKET_DIR, hba=hba_text, archive_config=archive,
-                post_bootstrap=POST_BOOTSTRAP, timing=self._timing, wal_budget=pgc.wal_budget_mb(member.spec.volume_gb),
+                post_bootstrap=POST_BOOTSTRAP, on_role=ON_ROLE, timing=self._timing, wal_budget=pgc.wal_budget_mb(member.spec.volume_gb),
                 # A replacement stack's first deploy (ADR 24): the cluster is created from the bucket.
                 restore=self._backup.restore.target_time if self._backup and self._backup.restore else None,
                 # Without a witness the consensus lives beside the declared primary: only it may lead.
@@ -232,8 +249,13 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         inputs = [member.ipv4, etcd_hosts, hba]
         conf = pulumi.Output.all(*inputs, *[passwords[r] for r in PASSWORD_ROLES]).apply(patroni)
         shown_conf = pulumi.Output.all(*inputs).apply(lambda a: patroni([*a], secret=False))
-        env = passwords["app"].apply(lambda pw: env_file({"BILLING_PASSWORD": pw, **self._pgbackrest_env()}))
         archive_files = {"postgres/etc/pgbackrest.conf": self._pgbackrest_conf(member)} if self._backup else {}
+        live = {"postgres/etc/logins.json": self._logins_file}
+        if self._backup:
+            s = self._backup_secrets
+            live["postgres/etc/pgbackrest-keys.conf"] = pulumi.Output.secret(pgc.pgbackrest_keys(
+                access_key=s.get("backup_s3_access_key") or "", secret_key=s.get("backup_s3_secret_key") or "",
+                cipher_pass=s.get("backup_encryption_key") or ""))
         if self._backup and self._backup.ca_cert:
             archive_files["postgres/etc/s3-ca.crt"] = self._backup.ca_cert
         member.add_service(
@@ -243,12 +265,12 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 build="./postgres",
                 ports=(f"{PORT}:{PORT}/tcp", f"{API_PORT}:{API_PORT}/tcp"),
                 volumes=(f"{self._data(member)}:{DATA_MOUNT}", f"{SOCKET_VOLUME}:{SOCKET_DIR}", f"./postgres/etc:{CONFIG_MOUNT}:ro"),
-                env_file="./postgres/env",
+                environment={"PGBACKREST_CONFIG_INCLUDE_PATH": PGBACKREST_INCLUDE} if self._backup else {},
+                reload=RELOAD,
             ),
             {
                 **payload_files("postgres"),
                 **archive_files,
-                "postgres/env": pulumi.Output.secret(env),
                 "postgres/etc/patroni.yml": pulumi.Output.secret(conf),
                 "postgres/etc/server.crt": cert[0],
                 "postgres/etc/server.key": pulumi.Output.secret(cert[1]),
@@ -256,12 +278,15 @@ class ReplicatedPostgres(pulumi.ComponentResource):
                 # pg_exporter.py: every other member is a replica it expects while it is the primary.
                 "postgres/etc/exporter.json": pgc.exporter_conf([m.spec.name for m in self._by_name if m is not member]),
             },
-            private=dict.fromkeys(["postgres/env", "postgres/etc/patroni.yml", "postgres/etc/server.key"], 0),
+            private=dict.fromkeys(["postgres/etc/patroni.yml", "postgres/etc/server.key", *live], 0),
             shown={
-                "postgres/env": "[secret: BILLING_PASSWORD, pgBackRest keys]\n",
                 "postgres/etc/patroni.yml": shown_conf,
                 "postgres/etc/server.key": "[secret]\n",
+                "postgres/etc/logins.json": f"[secret: SCRAM verifiers of {', '.join(map(pgc.login_role, self._login_names))}]\n",
+                **({"postgres/etc/pgbackrest-keys.conf": "[secret: the bucket's keys, the archive's cipher passphrase]\n"}
+                   if self._backup else {}),
             },
+            live=live,
         )
 
     def _backup_job(self, member: Region, app_password) -> None:
@@ -269,7 +294,7 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         backups follow the primary wherever Patroni moves it."""
         backup, secrets = self._backup, self._backup_secrets
         dsn = (
-            f"host=postgres port={PORT} user={pgc.APP_ROLE} dbname={pgc.DATABASE} "
+            f"host=postgres port={PORT} user={self.app_user} dbname={pgc.DATABASE} "
             f"sslmode=verify-full sslrootcert={CONFIG_MOUNT}/ca.crt"
         )
 

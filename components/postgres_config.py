@@ -8,7 +8,10 @@ replication role from the peer regions; the billing app only from the host's con
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
+import hmac
 import json
 import shlex
 from dataclasses import dataclass
@@ -21,7 +24,35 @@ DATABASE = "cirisbilling"
 APP_ROLE = "billing"
 REPLICATION_ROLE = "replicator"
 REWIND_ROLE = "rewinder"  # pg_rewind's source connection: turns an old primary into a replica
+# Billing's login roles (ADR 26): each logs in with its own password and acts as APP_ROLE, which owns
+# the database; two exist only while one replaces the other.
+LOGIN_PREFIX = f"{APP_ROLE}_"
 SCOPE = "ciris-billing"  # Patroni's cluster name (its keys in etcd live under /ciris/<scope>/)
+
+
+def login_role(name: str) -> str:
+    """The database role of a login named in services.database_logins: the first one ever, "1", is
+    APP_ROLE itself (a stack made before logins rotated keeps its role and password)."""
+    return APP_ROLE if name == "1" else LOGIN_PREFIX + name
+
+
+def scram_verifier(role: str, password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5802/7677), so the database hosts get
+    the verifier and never the password. The salt is derived from role and password: the same
+    password renders the same file (a redeploy changes nothing), a new one a new salt."""
+    salt = hashlib.sha256(f"ciris-scram\0{role}\0{password}".encode()).digest()[:16]
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
+
+
+def logins_json(logins: dict[str, str]) -> str:
+    """The logins file (payloads/postgres/apply-logins.sh): role -> verifier, for every login that may
+    log in; billing's other login roles are shut."""
+    return json.dumps({login_role(name): scram_verifier(login_role(name), pw) for name, pw in logins.items()},
+                      indent=1, sort_keys=True) + "\n"
 
 
 def application_name(region_name: str) -> str:
@@ -171,6 +202,7 @@ def patroni_yml(
     hba: str,
     archive_config: str | None = None,
     post_bootstrap: str | None = None,
+    on_role: str | None = None,
     timing: HaTiming = HaTiming(),
     pgpass: str = "/tmp/pgpass-patroni",
     nofailover: bool = False,
@@ -186,7 +218,8 @@ def patroni_yml(
     `nofailover`: never promote this member by itself (a stack without a witness: its consensus
     lives beside the declared primary, which must stay the leader; promotion is the runbook's).
     `restore`: create the cluster from the pgBackRest repository instead of initdb (restore_bootstrap()).
-    Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
+    `on_role`: a command Patroni runs when the member starts and when its role changes (it appends
+    action, role and scope). Every TCP connection is TLS verified against the stack's CA; etcd with client certificates."""
     peer_ssl = {"sslmode": "verify-full", "sslrootcert": tls.ca_file}
     patroni_parameters = _unquoted(server_parameters(tls=tls, socket_dir=socket_dir, archive_config=archive_config,
                                                      sender_timeout_s=timing.sender_timeout_s, wal_budget=wal_budget))
@@ -259,6 +292,7 @@ def patroni_yml(
             "remove_data_directory_on_diverged_timelines": True,
             "create_replica_methods": ["basebackup"],
             "basebackup": [{"checkpoint": "fast"}],
+            **({"callbacks": {"on_start": on_role, "on_role_change": on_role}} if on_role else {}),
         },
         "tags": {"nofailover": nofailover, "noloadbalance": False, "clonefrom": False, "nosync": False},
     }
@@ -280,7 +314,8 @@ def pg_hba(*, peers: Sequence[str], app_cidrs: Sequence[str], app_peers: bool = 
     lines += [f"hostssl replication {REPLICATION_ROLE} {cidr} scram-sha-256" for cidr in peers]
     # pg_rewind reads the new primary's files through the postgres database as its own role.
     lines += [f"hostssl postgres {REWIND_ROLE} {cidr} scram-sha-256" for cidr in peers]
-    lines += [f"hostssl {DATABASE} {APP_ROLE} {cidr} scram-sha-256" for cidr in [*app_cidrs, *(peers if app_peers else ())]]
+    # +role: the app role and its login roles (ADR 26).
+    lines += [f"hostssl {DATABASE} +{APP_ROLE} {cidr} scram-sha-256" for cidr in [*app_cidrs, *(peers if app_peers else ())]]
     # Anything else -- including any non-TLS connection -- matches no line and is refused.
     return "\n".join(lines) + "\n"
 
@@ -338,8 +373,9 @@ def pgbackrest_conf(
     """pgBackRest's configuration for the stanza, repository in the same S3 bucket as the dumps.
 
     `endpoint`: an https:// URL (pgBackRest speaks only TLS to S3). Keys and the repository
-    cipher passphrase are not in the file: pgBackRest reads PGBACKREST_REPO1_S3_KEY,
-    PGBACKREST_REPO1_S3_KEY_SECRET and PGBACKREST_REPO1_CIPHER_PASS from the environment.
+    cipher passphrase are not in the file: pgbackrest_keys() (a file of the include path,
+    PGBACKREST_CONFIG_INCLUDE_PATH), or PGBACKREST_REPO1_S3_KEY, PGBACKREST_REPO1_S3_KEY_SECRET and
+    PGBACKREST_REPO1_CIPHER_PASS in the environment.
     Full backups are kept `retention_days` days, with the WAL needed to recover to any moment since.
     Archiving is asynchronous so that `queue_max_mb` bounds what waits while the bucket cannot be
     reached: beyond it pgBackRest drops WAL from the archive (a gap in point-in-time recovery until
@@ -374,6 +410,17 @@ def pgbackrest_conf(
     stanza = {"pg1-path": pg_path, "pg1-socket-path": socket_dir, "pg1-port": str(pg_port), "pg1-user": "postgres"}
     section = lambda name, values: f"[{name}]\n" + "".join(f"{k}={v}\n" for k, v in values.items())
     return section("global", repo) + "\n" + section(STANZA, stanza)
+
+
+def pgbackrest_keys(*, access_key: str, secret_key: str, cipher_pass: str) -> str:
+    """The repository's secrets as a pgBackRest config file for the include path: every pgBackRest
+    run reads it afresh (archive_command runs one per WAL segment), so new bucket keys take effect
+    without restarting the server (ADR 26)."""
+    values = {"repo1-s3-key": access_key, "repo1-s3-key-secret": secret_key, "repo1-cipher-pass": cipher_pass}
+    for key, value in values.items():
+        if any(c in value for c in "\r\n"):
+            raise ValueError(f"{key} holds a line break, which pgBackRest's config file cannot carry")
+    return "[global]\n" + "".join(f"{k}={v}\n" for k, v in values.items())
 
 
 # --- monitoring (FSD §9.5: lag > 10 s warning, replication broken critical) ----------------------

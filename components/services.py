@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,9 @@ class ContainerSpec(BaseModel):
     rolling: bool = False
     twin_address_suffix: int | None = None  # the twin's fixed address, where the service has one
     stop_grace_seconds: int | None = None  # SIGTERM, then this long to finish what it serves, then SIGKILL
+    # Run by every deploy in the running container (as root), after its files land: how it takes
+    # its live files (Node.add_service) without a restart. Fails the deploy when it fails.
+    reload: tuple[str, ...] | None = None
     dns: tuple[str, ...] = ()  # resolvers instead of the engine's choice (and resolv.conf options)
     dns_options: tuple[str, ...] = ()
 
@@ -173,6 +177,7 @@ def render_compose(region: str, network: Network, specs: Sequence[ContainerSpec]
         doc["volumes"] = {v: {} for v in sorted(named_volumes)}
     header = "".join(f"# {CONFIG_LABEL} {name} {services[name]['labels'][CONFIG_LABEL]}\n"
                      for name in sorted(services) if f"{name}-twin" in services)
+    header += "".join(f"# {RELOAD_HEADER} {spec.name} {shlex.join(spec.reload)}\n" for spec in specs if spec.reload)
     return header + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -201,6 +206,7 @@ DRAIN_FILE = "/tmp/ciris-draining"
 # (the payloads' settings.load_env_file, payloads/postgres/env-file.sh).
 SECRETS_FILE = "/run/secrets/ciris.env"
 SECRETS_FILE_VAR = "CIRIS_ENV_FILE"
+RELOAD_HEADER = "ciris.reload"  # compose.yaml's header: `# ciris.reload <service> <command>` (ContainerSpec.reload)
 CONFIG_LABEL = "ciris.config-sha256"  # a service's rendered config; compose.yaml names the rolling ones' too
 
 

@@ -1,4 +1,4 @@
-# Sourced by start.sh and backup-loop.sh. Secrets reach the container as a file it mounts
+# Sourced by backup-loop.sh (the server has no secrets file: ADR 26). Secrets reach the container as a file it mounts
 # ($CIRIS_ENV_FILE; compose.yaml: services.SECRETS_FILE), never as its configured environment, which
 # `docker inspect` shows: export its KEY=value lines to this process and what it starts.
 if [ -n "${CIRIS_ENV_FILE:-}" ]; then

@@ -88,8 +88,11 @@ class _SniTransport(httpx.HTTPTransport):
 
 def pytest_collection_modifyitems(items):
     """A drill that rebuilds the whole stack (test_recovery) runs after every other end-to-end test,
-    still among them (the suites after tests/e2e have the engine to themselves)."""
-    marked = [i for i in items if i.get_closest_marker("rebuilds_the_stack")]
+    still among them (the suites after tests/e2e have the engine to themselves); the rotation that
+    leaves the stack on rotated settings (test_rotation) just before it."""
+    rotates = [i for i in items if i.get_closest_marker("rotates_secrets")]
+    rebuilds = [i for i in items if i.get_closest_marker("rebuilds_the_stack")]
+    marked = rotates + rebuilds
     rest = [i for i in items if i not in marked]
     e2e = [n for n, i in enumerate(rest) if "tests/e2e/" in str(i.path)]
     at = e2e[-1] + 1 if e2e else len(rest)

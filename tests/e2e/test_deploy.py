@@ -154,3 +154,32 @@ def test_the_bundle_is_the_same_bytes_for_the_same_files():
     assert bundle(files, {"a.txt": 0}) == bundle(dict(reversed(list(files.items()))), {"a.txt": 0})
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(bundle(files))), mode="r:gz") as tar:
         assert tar.getnames() == ["a.txt", "b.txt"]
+
+
+def test_live_files_reach_the_running_container_through_its_reload_and_a_failed_reload_fails_the_deploy(tmp_path):
+    """ContainerSpec.reload (ADR 26): a changed live file, in a directory the container mounts, is
+    taken by the reload command the deploy runs inside it; the container is not recreated."""
+    env = engine_env()
+
+    def files(value: str, take: str = "cp /etc/app/live.conf /tmp/taken\n") -> dict[str, str]:
+        svc = yaml.safe_load(compose(True))
+        svc["services"]["app"]["volumes"] = ["./app/etc:/etc/app:ro"]
+        return {"compose.yaml": "# ciris.reload app sh /etc/app/take.sh\n" + yaml.safe_dump(svc),
+                "app/etc/live.conf": value, "app/etc/take.sh": take}
+
+    try:
+        out = run_deploy(tmp_path, files("first\n"), {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        ps = lambda: subprocess.run(["docker", "compose", "-p", PROJECT, "ps", "-q"], env=env,  # noqa: E731
+                                    capture_output=True, text=True).stdout.split()
+        taken = lambda: subprocess.run(["docker", "compose", "-p", PROJECT, "exec", "-T", "app", "cat", "/tmp/taken"],  # noqa: E731
+                                       env=env, capture_output=True, text=True).stdout
+        first = ps()
+        assert taken() == "first\n"
+        out = run_deploy(tmp_path, files("second\n"), {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ps() == first and taken() == "second\n"
+        out = run_deploy(tmp_path, files("third\n", "exit 3\n"), {})
+        assert out.returncode != 0 and "app could not take its new files" in out.stderr, out.stderr[-2000:]
+    finally:
+        subprocess.run(["docker", "compose", "-p", PROJECT, "down", "-t", "1"], env=env, capture_output=True)

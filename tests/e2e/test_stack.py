@@ -54,7 +54,7 @@ def test_no_secret_is_in_any_containers_configuration(stack):
     shown = stack.podman("inspect", *names)
     assert len(names) > 20 and "/run/secrets/ciris.env" in shown
     values = {f"secrets.json {k}": v for k, v in stack.secrets.items()}
-    for path in LOCAL.glob("*/*/*env"):  # each host's deployed billing/env, proxy/env, postgres/env, postgres/backup.env
+    for path in LOCAL.glob("*/*/*env"):  # each host's deployed billing/env, proxy/env, postgres/backup.env
         for line in path.read_text().splitlines():
             key, _, value = line.partition("=")
             values[f"{path.relative_to(LOCAL)} {key}"] = value
@@ -220,7 +220,7 @@ def test_backups_and_wal_reach_the_local_s3_encrypted(stack):
     s3 = boto3.client("s3", endpoint_url=local_s3.ENDPOINT, verify=str(REPO / "local/s3/ca.crt"), region_name=local_s3.REGION,
                       aws_access_key_id=stack.secrets["backup_s3_access_key"],
                       aws_secret_access_key=stack.secrets["backup_s3_secret_key"])
-    bucket = local_s3.bucket(stack.secrets["backup_s3_access_key"], stack.secrets["backup_s3_secret_key"])
+    bucket = local_s3.bucket(stack.secrets["backup_encryption_key"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     dumps = sorted(k for k in keys if k.startswith("pg_dump/"))
     assert dumps and any(k.startswith("pgbackrest/archive/ciris/") for k in keys), keys

@@ -1,8 +1,9 @@
 """Paid traffic through each region's own edge while something happens to the stack (a deploy, a
-rollback): shared by tests/e2e/test_releases.py and bench/deploy.py."""
+rollback, a rotation): shared by tests/e2e/test_releases.py, tests/e2e/test_rotation.py and bench/deploy.py."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -102,3 +103,42 @@ def wait_balance(stack, region: dict, user: str, expected: int, timeout: float =
             time.sleep(1)
 
 
+def deploy_under_traffic(stack, monkeypatch, action, deploys: int = 1) -> dict[str, Traffic]:
+    """`action` (`deploys` deploys) under paid traffic through each region's edge, by users made
+    before it: nothing fails but what is allowed per deploy below; every answer charged once."""
+    for key, value in stack.env.items():  # the engine, as make local runs it
+        monkeypatch.setenv(key, value)
+    starts = {r["name"]: paying_user(stack, r) for r in stack.regions}
+    users = {name: (u, t) for name, (u, t, _) in starts.items()}
+    with traffic(stack, users) as flows:
+        action()
+    for region in stack.regions:
+        name = region["name"]
+        user, _, start = starts[name]
+        flow = flows[name]
+        # Nothing fails but, a few times per deploy, billing's own "cannot write now" 503 to a
+        # health probe while this 2-core machine runs both regions, the twins and the traffic (a
+        # write that took longer than its budget: an answer, not a dropped request), and at most
+        # one of the edge's empty 502s: a POST whose upstream connection closed as Caddy 2.6 sent
+        # its body ("invalid Read on closed Body"; ADR 16, "What is left": 1 in ~44,000 requests
+        # since the edge asks Podman's name server alone). The edge's errors are printed with them.
+        known = [f for f in flow.failed if f.startswith('billing health 503 {"status":"unhealthy"')]
+        reset = [f for f in flow.failed if f in ("proxy 502 ", "billing health 502 ")]
+        assert len(flow.failed) == len(known) + len(reset) and len(known) <= 5 * deploys and len(reset) <= deploys, \
+            f"{name}: {len(flow.failed)} failed of {flow.paid + len(flow.failed)}: {flow.failed[:10]}; " \
+            f"the edge's errors: {edge_errors(stack, name, flow.since)}"
+        if reset:
+            print(f"{name}: the edge's errors: {edge_errors(stack, name, flow.since)}")
+        print(f"{name}: {len(flow.failed)} failed of {flow.paid + flow.ok + len(flow.failed)}: {flow.failed}")
+        assert flow.paid > 10, f"{name}: only {flow.paid} paid calls went through during the deploy"
+        # Every answered call charged exactly once.
+        assert wait_balance(stack, region, user, start - PRICE * flow.paid) == start - PRICE * flow.paid, name
+    return flows
+
+
+def edge_errors(stack, region: str, since: float) -> list[str]:
+    logs = subprocess.run(["podman", "logs", "--since", str(int(since)), f"ciris-{region}-edge-1"], env=stack.env,
+                          capture_output=True, text=True)
+    logs = logs.stdout + logs.stderr
+    return [line[:600] for line in logs.splitlines() if '"status":502' in line or
+            ('"level":"error"' in line and "OCSP" not in line)][-6:]

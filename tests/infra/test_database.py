@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from components import consensus, mocks, plan
+from components import consensus, mocks, plan, postgres_config as pgc
 from tests.conftest import REPO, stack_raw, third_region, without_witness
 from tests.conftest import run_plan as run
 from tests.infra import expected
@@ -42,7 +42,7 @@ def hba_lines(p: plan.Plan, host: str, raw: dict) -> list[str]:
     return ["local all postgres peer",
             *[f"hostssl replication replicator {c} scram-sha-256" for c in peers],
             *[f"hostssl postgres rewinder {c} scram-sha-256" for c in peers],
-            *[f"hostssl cirisbilling billing {c} scram-sha-256" for c in [*app, *peers]]]
+            *[f"hostssl cirisbilling +billing {c} scram-sha-256" for c in [*app, *peers]]]  # billing and its login roles
 
 
 # --- Patroni on every member ----------------------------------------------------------------------
@@ -88,11 +88,13 @@ def test_every_member_runs_patroni_with_its_rendered_configuration(stack, witnes
         pg = yaml.safe_load(p.artifacts[f"{host}/compose.yaml"])["services"]["postgres"]
         assert sorted(pg["ports"]) == sorted(f"{a}:{port}:{port}/tcp" for port in (5432, 8008)
                                              for a in (ipv4, f"[{ips[host][1]}]"))
-        assert pg["image"] == "ciris-postgres:local" and pg["environment"] == {"CIRIS_ENV_FILE": "/run/secrets/ciris.env"}
+        # No secret in its environment or an env file (ADR 26): pgBackRest reads its keys from an included file.
+        backup = f"{P}:backup" in raw
+        assert pg["image"] == "ciris-postgres:local" and pg.get("environment") == (
+            {"PGBACKREST_CONFIG_INCLUDE_PATH": "/run/ciris-postgres/pgbackrest.d"} if backup else None)
         # The data on the region's volume when it has one, mounted as PGDATA's parent.
         data = "/srv/ciris/data/postgres" if next(r for r in raw[f"{P}:regions"] if r["name"] == host).get("volume_gb") else "pgdata"
-        assert pg["volumes"] == [f"{data}:/var/lib/postgresql/data", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro",
-                                 "./postgres/env:/run/secrets/ciris.env:ro"]
+        assert pg["volumes"] == [f"{data}:/var/lib/postgresql/data", "pgsocket:/var/run/postgresql", "./postgres/etc:/etc/ciris-postgres:ro"]
     assert {h for h in ips if f"{h}/postgres/etc/patroni.yml" in p.artifacts} == set(members)
 
 
@@ -139,10 +141,15 @@ def test_passwords_are_only_in_the_secret_files():
             .replace("mock-postgres-replication-password-" + "x" * 16, "'[secret]'") \
             .replace("mock-postgres-rewind-password-" + "x" * 16, "'[secret]'") \
             .replace("mock-postgres-api-password-" + "x" * 16, "'[secret]'")
-        for private in ("postgres/env", "postgres/etc/server.key", "postgres/backup.env", "etcd/etc/server.key"):
+        for private in ("postgres/etc/logins.json", "postgres/etc/pgbackrest-keys.conf", "postgres/etc/server.key",
+                        "postgres/backup.env", "etcd/etc/server.key"):
             assert shipped[private][1:] == (0o600, 0), private
             assert p.artifacts[f"{host}/{private}"].startswith("[secret")
-        assert "BILLING_PASSWORD=mock-postgres-app-password-" in shipped["postgres/env"][0]
+        # The database hosts get billing's login as a SCRAM verifier, never the password (ADR 26).
+        logins = shipped["postgres/etc/logins.json"][0]
+        assert json.loads(logins) == {"billing": pgc.scram_verifier("billing", "mock-postgres-app-password-" + "x" * 16)}
+        assert "mock-postgres-app-password-" not in logins and "postgres/env" not in shipped
+        assert "repo1-s3-key=" in shipped["postgres/etc/pgbackrest-keys.conf"][0]
     assert expected.bundle(p, "witness")["etcd/etc/server.key"][1:] == (0o600, 0)
 
 
@@ -301,3 +308,64 @@ def test_without_a_witness_only_the_declared_primary_may_lead():
         tags = {r: yaml.safe_load(p.artifacts[f"{r}/postgres/etc/patroni.yml"])["tags"]["nofailover"]
                 for r in ("us-east", "eu-west")}
         assert tags == {"us-east": False, "eu-west": not replica_may_lead}
+
+
+# --- billing's logins and the bucket's keys change without a restart (ADR 26) ----------------------
+
+
+def with_services(**services) -> plan.Plan:
+    raw, secret_keys = stack_raw("production")
+    raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), **services}
+    return run("production", raw, secret_keys)
+
+
+def labels(files, service: str) -> dict[str, str]:
+    return yaml.safe_load(files["compose.yaml"][0])["services"][service]["labels"]
+
+
+def billing_login(files) -> tuple[str, str]:
+    url = next(line.split("=", 1)[1] for line in files["billing/env"][0].splitlines() if line.startswith("DATABASE_URL="))
+    user, password = url.removeprefix("postgresql://").split("@")[0].split(":")
+    return user, password
+
+
+def test_billings_login_rotates_in_three_deploys_and_postgres_never_restarts():
+    """docs/runbook-secrets.md: the new login is made beside the old one, billing (and the backup
+    job) switch to it, the old one is shut. At every step the login billing uses is in the file the
+    primary applies, and neither the database server's files nor its container change: only the
+    logins file, which reload.sh takes live."""
+    steps = [with_services(), with_services(database_logins=["1", "2"]),
+             with_services(database_logins=["1", "2"], database_login="2"), with_services(database_logins=["2"])]
+    pw = lambda login: f"mock-postgres-app-password{'' if login == '1' else '-' + login}-" + "x" * 16  # noqa: E731
+    for region in ("us-east", "eu-west"):
+        bundles = [expected.bundle(p, region) for p in steps]
+        logins = [json.loads(b["postgres/etc/logins.json"][0]) for b in bundles]
+        assert logins == [{"billing": pgc.scram_verifier("billing", pw("1"))},
+                          {"billing": pgc.scram_verifier("billing", pw("1")), "billing_2": pgc.scram_verifier("billing_2", pw("2"))},
+                          {"billing": pgc.scram_verifier("billing", pw("1")), "billing_2": pgc.scram_verifier("billing_2", pw("2"))},
+                          {"billing_2": pgc.scram_verifier("billing_2", pw("2"))}]
+        used = [billing_login(b) for b in bundles]
+        assert used == [("billing", pw("1")), ("billing", pw("1")), ("billing_2", pw("2")), ("billing_2", pw("2"))]
+        for (user, password), applied in zip(used, logins):
+            assert applied[user] == pgc.scram_verifier(user, password)
+        # While a region deploys, the billing before and the billing after both log in: the step
+        # that switches comes after the step that made the login, and the one that shuts after both.
+        for before, after, was in zip(logins, logins[1:], used):
+            assert was[0] in before and was[0] in after or was == used[-1]
+        assert [f"user={u} " in b["postgres/backup.env"][0] for b, (u, _) in zip(bundles, used)] == [True] * 4
+        assert len({json.dumps(labels(b, "postgres")) for b in bundles}) == 1, "the database server would restart"
+        assert len({b["postgres/etc/patroni.yml"][0] for b in bundles}) == 1
+
+
+def test_new_bucket_keys_reach_the_server_without_a_restart():
+    raw, secret_keys = stack_raw("production")
+    keys = {f"{P}:backup_s3_access_key": "AK-CANARY-1", f"{P}:backup_s3_secret_key": "SK-CANARY-1"}
+    first = expected.bundle(run("production", {**raw, **keys}, secret_keys | set(keys)), "us-east")
+    keys2 = {f"{P}:backup_s3_access_key": "AK-CANARY-2", f"{P}:backup_s3_secret_key": "SK-CANARY-2"}
+    second = expected.bundle(run("production", {**raw, **keys2}, secret_keys | set(keys2)), "us-east")
+    assert "repo1-s3-key=AK-CANARY-2\nrepo1-s3-key-secret=SK-CANARY-2\n" in second["postgres/etc/pgbackrest-keys.conf"][0]
+    assert labels(first, "postgres") == labels(second, "postgres")  # the server is not recreated
+    assert labels(first, "backup") != labels(second, "backup")  # the backup job (boto3 reads its env at start) is
+    compose = second["compose.yaml"][0]
+    assert "# ciris.reload postgres sh /usr/local/lib/ciris/reload.sh\n" in compose
+

@@ -246,7 +246,7 @@ def test_secrets_reach_containers_as_files_only_their_user_reads():
     raw.update(secrets)
     p = run("production", raw, secret_keys | set(secrets))
     readers = {"billing": services.SERVICE_UID, "billing-twin": services.SERVICE_UID, "proxy": services.SERVICE_UID,
-               "proxy-twin": services.SERVICE_UID, "postgres": 0, "backup": 0}
+               "proxy-twin": services.SERVICE_UID, "backup": 0}
     for host in ("us-east", "eu-west"):
         files = expected.bundle(p, host)
         compose = yaml.safe_load(files["compose.yaml"][0])["services"]
@@ -260,7 +260,11 @@ def test_secrets_reach_containers_as_files_only_their_user_reads():
                 text, mode, uid = files[mounts[0]]
                 assert (mode, uid) == (0o600, readers[name]), name
         assert with_secrets == set(readers), with_secrets
-        assert "sk_live_CANARY_f1" in files["billing/env"][0] and "CANARY_s3_f2" in files["postgres/env"][0]
+        # The database server's secrets are files of its mounted config directory, root's, which
+        # reload.sh copies for postgres (ADR 26): the bucket's keys among them, not its environment.
+        assert "sk_live_CANARY_f1" in files["billing/env"][0]
+        assert "CANARY_s3_f2" in files["postgres/etc/pgbackrest-keys.conf"][0] and "CANARY_s3_f2" in files["postgres/backup.env"][0]
+        assert files["postgres/etc/pgbackrest-keys.conf"][1:] == (0o600, 0)
 
 def test_production_costs_at_most_the_fsd_target():
     """The two regions stay within the FSD's target; the witness (ADR 13) takes the stack past it,
@@ -364,11 +368,11 @@ def test_billing_runs_in_every_region_pointed_at_every_member_its_own_first(prim
         # (ADR 0007), and its own billing by the container address.
         hba = yaml.safe_load(p.artifacts[f"{region}/postgres/etc/patroni.yml"])["postgresql"]["pg_hba"]
         assert [line for line in hba if " cirisbilling " in line] == [
-            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.10/32 scram-sha-256",
-            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.13/32 scram-sha-256",  # its twin
-            f"hostssl cirisbilling billing 172.30.{0 if region == 'us-east' else 1}.11/32 scram-sha-256",
-            f"hostssl cirisbilling billing {ips[peer]['ipv4']}/32 scram-sha-256",
-            f"hostssl cirisbilling billing {ips[peer]['ipv6']}/128 scram-sha-256",
+            f"hostssl cirisbilling +billing 172.30.{0 if region == 'us-east' else 1}.10/32 scram-sha-256",
+            f"hostssl cirisbilling +billing 172.30.{0 if region == 'us-east' else 1}.13/32 scram-sha-256",  # its twin
+            f"hostssl cirisbilling +billing 172.30.{0 if region == 'us-east' else 1}.11/32 scram-sha-256",
+            f"hostssl cirisbilling +billing {ips[peer]['ipv4']}/32 scram-sha-256",
+            f"hostssl cirisbilling +billing {ips[peer]['ipv6']}/128 scram-sha-256",
         ]
     dumped = json.dumps(p.as_json()) + json.dumps(p.artifacts)
     assert "CANARY" not in dumped and "BEGIN PRIVATE KEY" not in dumped

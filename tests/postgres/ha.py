@@ -31,6 +31,7 @@ PASSWORDS = {"superuser": "su-CANARY", "replication": "repl-CANARY", "rewind": "
              "app": "app-CANARY"}
 REPO = Path(__file__).resolve().parents[2]
 POST_BOOTSTRAP = REPO / "payloads" / "postgres" / "post-bootstrap.sh"
+ON_ROLE = REPO / "payloads" / "postgres" / "on-role.sh"  # a new leader applies billing's logins (ADR 26)
 BILLING = REPO / "payloads" / "billing"
 ETCD_JOIN = REPO / "payloads" / "etcd" / "join.sh"
 BILLING_PORT = 8000
@@ -190,14 +191,17 @@ class Cluster:
         (h.dir / "patroni.yml").write_text(pgc.patroni_yml(
             name=h.member, address=h.addr, etcd_hosts=[f"{x.addr}:{consensus.CLIENT_PORT}" for x in self.consensus],
             tls=tls, passwords=PASSWORDS, data_dir=str(h.dir / "data"), bin_dir=str(Path(pg_bin("postgres")).parent),
-            socket_dir=str(h.dir / "sock"), listen=h.addr, hba=hba, post_bootstrap=f"sh {POST_BOOTSTRAP}",
+            socket_dir=str(h.dir / "sock"), listen=h.addr, hba=hba, post_bootstrap=f"sh {POST_BOOTSTRAP}", on_role=f"sh {ON_ROLE}",
             timing=self.timing, pgpass=str(h.dir / "pgpass"),
             archive_config=str(h.dir / "pgbackrest.conf") if self.archive_env else None, restore=self.restore,
             nofailover=not any(x.name == "witness" for x in self.consensus) and h is not self.consensus[0]))
+        (h.dir / "logins.json").write_text(pgc.logins_json({"1": PASSWORDS["app"]}))
 
     def start(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")
-        env = {"PATH": os.environ["PATH"], "BILLING_PASSWORD": PASSWORDS["app"], "HOME": str(h.dir), "LANG": "C.UTF-8",
+        env = {"PATH": os.environ["PATH"], "HOME": str(h.dir), "LANG": "C.UTF-8",
+               "CIRIS_LOGINS_FILE": str(h.dir / "logins.json"),
+               "CIRIS_LOGINS_CONNINFO": f"host={h.dir / 'sock'} user=postgres dbname=postgres",
                **(self.archive_env or {})}
         if h in self.consensus:
             self.start_etcd(h)
