@@ -119,10 +119,12 @@ drain() {  # <service> [profile args]: new requests go elsewhere within the edge
 twins=""
 for svc in $changed; do
   echo "deploy: $svc changes: its twin takes its traffic while it is replaced" >&2
-  dc --profile twin up -d --no-deps --force-recreate --wait --wait-timeout 300 "$svc-twin" \\
-    || { echo "deploy: the new $svc did not become healthy; the running one is untouched" >&2; dc --profile twin rm -sf "$svc-twin"; exit 1; }
   twins="$twins $svc-twin"
 done
+if [ -n "$twins" ]; then  # together: each waits for its health checks, not for the other's
+  dc --profile twin up -d --no-deps --force-recreate --wait --wait-timeout 300 $twins \\
+    || { echo "deploy: the new$changed did not become healthy; the running ones are untouched" >&2; dc --profile twin rm -sf $twins; exit 1; }
+fi
 if [ -n "$twins" ]; then
   sleep DRAIN_WAIT  # the edge has seen each twin serving
   drained=""

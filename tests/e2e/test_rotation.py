@@ -78,7 +78,7 @@ def test_every_secret_rotates_in_three_deploys_under_paid_traffic(stack, monkeyp
     old_proxy_token = next(line.split("=", 1)[1] for line in (local.LOCAL / "us-east/proxy/env").read_text().splitlines()
                            if line.startswith("BILLING_SERVICE_TOKEN="))
     before = containers(stack)
-    env = local.engine_env()
+    env = stack.env
     seen: dict[str, object] = {}
 
     def secrets_file(**changed) -> None:
