@@ -89,7 +89,7 @@ class _SniTransport(httpx.HTTPTransport):
 def pytest_collection_modifyitems(items):
     """A drill that rebuilds the whole stack (test_recovery) runs after every other end-to-end test,
     still among them (the suites after tests/e2e have the engine to themselves); the rotation that
-    leaves the stack on rotated settings (test_rotation) just before it."""
+    leaves the stack on rotated settings (test_releases_and_rotations) just before it."""
     rotates = [i for i in items if i.get_closest_marker("rotates_secrets")]
     rebuilds = [i for i in items if i.get_closest_marker("rebuilds_the_stack")]
     marked = rotates + rebuilds

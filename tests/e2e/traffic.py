@@ -1,5 +1,5 @@
 """Paid traffic through each region's own edge while something happens to the stack (a deploy, a
-rollback, a rotation): shared by tests/e2e/test_releases.py, tests/e2e/test_rotation.py and bench/deploy.py."""
+rollback, a rotation): shared by tests/e2e/test_releases_and_rotations.py and bench/deploy.py."""
 
 from __future__ import annotations
 
