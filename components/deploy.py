@@ -34,6 +34,9 @@ if command -v cloud-init >/dev/null 2>&1 && [ -d /run/cloud-init ]; then
 fi
 """
 
+# Bundle files that held secrets in earlier releases (the Postgres container's secrets file: ADR 26).
+RETIRED_FILES = ("postgres/env",)
+
 DEPLOY = ("""\
 set -eu
 dir=$1 device=${2:-}
@@ -42,6 +45,7 @@ dir=$1 device=${2:-}
 install -d -m 755 "$dir"
 base64 -d | tar -xz -C "$dir"
 cd "$dir"
+rm -f RETIRED  # what earlier bundles shipped with secrets and this one no longer has (tar adds, never deletes)
 """ + _COMPOSE + """\
 # The images of the last KEEP releases deployed here stay (a rollback needs no shipping); older
 # releases' images go. (An image a container still uses is refused by docker and stays.)
@@ -104,7 +108,7 @@ done
 # database logins) is taken before a rolling service's new version starts, and again at the end.
 reload() {
   sed -n 's/^# RELOAD_HEADER //p' compose.yaml | while read -r svc cmd; do
-    dc exec -T "$svc" $cmd </dev/null || { echo "deploy: $svc could not take its new files ($cmd)" >&2; exit 1; }
+    dc exec -T "$svc" sh -c "$cmd" </dev/null || { echo "deploy: $svc could not take its new files ($cmd)" >&2; exit 1; }
   done
 }
 if [ -n "$changed" ]; then
@@ -132,7 +136,7 @@ if [ -n "$twins" ]; then
   sleep DRAIN_WAIT
 fi
 up || exit 1  # a twin that was healthy keeps serving; the next deploy replaces it
-reload || exit 1
+reloaded=0; reload || reloaded=$?  # a failure fails the deploy, after the twins are put away
 if [ -n "$twins" ]; then
   for pair in $drained; do  # compose kept one after all: it serves again
     svc=${pair%%=*}
@@ -143,9 +147,10 @@ if [ -n "$twins" ]; then
   sleep DRAIN_WAIT
   for twin in $twins; do dc --profile twin stop "$twin" && dc --profile twin rm -f "$twin"; done
 fi
+[ $reloaded -eq 0 ] || exit 1
 [ -f release.images ] && prune_releases
 exit 0
-""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS)).replace("CONFIG_LABEL", CONFIG_LABEL).replace("RELOAD_HEADER", RELOAD_HEADER)
+""").replace("KEEP", str(KEEP_RELEASES)).replace("DRAIN_FILE", DRAIN_FILE).replace("DRAIN_WAIT", str(DRAIN_WAIT_SECONDS)).replace("CONFIG_LABEL", CONFIG_LABEL).replace("RELOAD_HEADER", RELOAD_HEADER).replace("RETIRED", " ".join(RETIRED_FILES))
 
 # The zones go to PowerDNS's API from inside its own container: the API is never published.
 DNS_SYNC = 'set -eu\ncd "$1"\n' + _COMPOSE + "dc exec -T dns python3 /usr/local/lib/ciris/pdns_sync.py\n"

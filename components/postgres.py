@@ -98,7 +98,9 @@ class ReplicatedPostgres(pulumi.ComponentResource):
         }
         self.app_user = pgc.login_role(args.login)
         self.app_password = logins[args.login]
-        self._logins_file = pulumi.Output.secret(pulumi.Output.all(**logins).apply(pgc.logins_json))
+        # The verifiers' salts are keyed by a secret the database hosts hold anyway (Patroni's superuser password).
+        self._logins_file = pulumi.Output.secret(pulumi.Output.all(pulumi.Output.all(**logins), passwords["superuser"]).apply(
+            lambda a: pgc.logins_json(a[0], a[1])))
 
         ca_key = tls.PrivateKey(f"{name}-ca-key", algorithm="ECDSA", ecdsa_curve="P256", opts=child)
         ca = tls.SelfSignedCert(

@@ -36,11 +36,12 @@ def login_role(name: str) -> str:
     return APP_ROLE if name == "1" else LOGIN_PREFIX + name
 
 
-def scram_verifier(role: str, password: str, iterations: int = 4096) -> str:
+def scram_verifier(role: str, password: str, salt_key: str, iterations: int = 4096) -> str:
     """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5802/7677), so the database hosts get
-    the verifier and never the password. The salt is derived from role and password: the same
-    password renders the same file (a redeploy changes nothing), a new one a new salt."""
-    salt = hashlib.sha256(f"ciris-scram\0{role}\0{password}".encode()).digest()[:16]
+    the verifier and never the password. The salt is keyed by a secret of the stack (`salt_key`)
+    and the role, never the password (a salt is stored in the clear): the same inputs render the
+    same file, so a redeploy changes nothing."""
+    salt = hmac.new(salt_key.encode(), f"ciris-scram-salt\0{role}".encode(), "sha256").digest()[:16]
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
     client_key = hmac.new(salted, b"Client Key", "sha256").digest()
     server_key = hmac.new(salted, b"Server Key", "sha256").digest()
@@ -48,10 +49,10 @@ def scram_verifier(role: str, password: str, iterations: int = 4096) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
 
 
-def logins_json(logins: dict[str, str]) -> str:
+def logins_json(logins: dict[str, str], salt_key: str) -> str:
     """The logins file (payloads/postgres/apply-logins.sh): role -> verifier, for every login that may
     log in; billing's other login roles are shut."""
-    return json.dumps({login_role(name): scram_verifier(login_role(name), pw) for name, pw in logins.items()},
+    return json.dumps({login_role(name): scram_verifier(login_role(name), pw, salt_key) for name, pw in logins.items()},
                       indent=1, sort_keys=True) + "\n"
 
 

@@ -13,6 +13,11 @@ install -d -o postgres -g postgres -m 700 "$RUN_DIR/pgbackrest.d"
 copy /etc/ciris-postgres/logins.json "$RUN_DIR/logins.json"
 copy /etc/ciris-postgres/pgbackrest-keys.conf "$RUN_DIR/pgbackrest.d/keys.conf"
 [ "${1:-}" = files ] && exit 0
-# The server may still be starting (a deploy that also restarted it): then on_role_change applies them.
-gosu postgres pg_isready -q -h /var/run/postgresql -U postgres || { echo "reload: the server is not up; Patroni applies the logins when it leads" >&2; exit 0; }
-gosu postgres sh /usr/local/lib/ciris/apply-logins.sh "$RUN_DIR/logins.json"
+# The server may be starting, or Patroni restarting or rewinding it: then the role-change callback
+# adds the logins when it leads. A failure while it answers is tried again before the deploy fails.
+for try in 1 2 3; do
+  gosu postgres pg_isready -q -h /var/run/postgresql -U postgres || { echo "reload: the server is not up; Patroni adds the logins when it leads" >&2; exit 0; }
+  gosu postgres sh /usr/local/lib/ciris/apply-logins.sh "$RUN_DIR/logins.json" && exit 0
+  [ $try -lt 3 ] && sleep 3
+done
+exit 1

@@ -38,10 +38,13 @@ def run_deploy(tmp_path, files: dict[str, str], private: dict[str, int]) -> subp
 def test_the_deploy_unpacks_with_modes_and_waits_for_health(tmp_path):
     env = engine_env()
     try:
+        (tmp_path / "srv/postgres").mkdir(parents=True)
+        (tmp_path / "srv/postgres/env").write_text("BILLING_PASSWORD=an-earlier-bundles\n")  # deploy.RETIRED_FILES
         out = run_deploy(tmp_path, {"compose.yaml": compose(True), "app/code.py": "print()\n", "app/env": "SECRET=1\n",
                                     "app/key.pem": "k\n"}, {"app/env": 0, "app/key.pem": 10001})
         assert out.returncode == 0, out.stderr[-2000:]
         srv = tmp_path / "srv"
+        assert not (srv / "postgres/env").exists(), "a secrets file earlier bundles shipped was left on the host"
         modes = {p: ((srv / p).stat().st_mode & 0o777, (srv / p).stat().st_uid) for p in ("app/code.py", "app/env", "app/key.pem")}
         assert modes == {"app/code.py": (0o644, 0), "app/env": (0o600, 0), "app/key.pem": (0o600, 10001)}
 

@@ -147,7 +147,7 @@ def test_passwords_are_only_in_the_secret_files():
             assert p.artifacts[f"{host}/{private}"].startswith("[secret")
         # The database hosts get billing's login as a SCRAM verifier, never the password (ADR 26).
         logins = shipped["postgres/etc/logins.json"][0]
-        assert json.loads(logins) == {"billing": pgc.scram_verifier("billing", "mock-postgres-app-password-" + "x" * 16)}
+        assert json.loads(logins) == {"billing": pgc.scram_verifier("billing", "mock-postgres-app-password-" + "x" * 16, SALT_KEY)}
         assert "mock-postgres-app-password-" not in logins and "postgres/env" not in shipped
         assert "repo1-s3-key=" in shipped["postgres/etc/pgbackrest-keys.conf"][0]
     assert expected.bundle(p, "witness")["etcd/etc/server.key"][1:] == (0o600, 0)
@@ -313,6 +313,9 @@ def test_without_a_witness_only_the_declared_primary_may_lead():
 # --- billing's logins and the bucket's keys change without a restart (ADR 26) ----------------------
 
 
+SALT_KEY = "mock-postgres-superuser-password-" + "x" * 16  # the verifiers' salts are keyed by it
+
+
 def with_services(**services) -> plan.Plan:
     raw, secret_keys = stack_raw("production")
     raw[f"{P}:services"] = {**raw.get(f"{P}:services", {}), **services}
@@ -337,21 +340,20 @@ def test_billings_login_rotates_in_three_deploys_and_postgres_never_restarts():
     steps = [with_services(), with_services(database_logins=["1", "2"]),
              with_services(database_logins=["1", "2"], database_login="2"), with_services(database_logins=["2"])]
     pw = lambda login: f"mock-postgres-app-password{'' if login == '1' else '-' + login}-" + "x" * 16  # noqa: E731
+    v = lambda role, login: pgc.scram_verifier(role, pw(login), SALT_KEY)  # noqa: E731
     for region in ("us-east", "eu-west"):
         bundles = [expected.bundle(p, region) for p in steps]
         logins = [json.loads(b["postgres/etc/logins.json"][0]) for b in bundles]
-        assert logins == [{"billing": pgc.scram_verifier("billing", pw("1"))},
-                          {"billing": pgc.scram_verifier("billing", pw("1")), "billing_2": pgc.scram_verifier("billing_2", pw("2"))},
-                          {"billing": pgc.scram_verifier("billing", pw("1")), "billing_2": pgc.scram_verifier("billing_2", pw("2"))},
-                          {"billing_2": pgc.scram_verifier("billing_2", pw("2"))}]
+        assert logins == [{"billing": v("billing", "1")}, {"billing": v("billing", "1"), "billing_2": v("billing_2", "2")},
+                          {"billing": v("billing", "1"), "billing_2": v("billing_2", "2")}, {"billing_2": v("billing_2", "2")}]
         used = [billing_login(b) for b in bundles]
         assert used == [("billing", pw("1")), ("billing", pw("1")), ("billing_2", pw("2")), ("billing_2", pw("2"))]
         for (user, password), applied in zip(used, logins):
-            assert applied[user] == pgc.scram_verifier(user, password)
-        # While a region deploys, the billing before and the billing after both log in: the step
-        # that switches comes after the step that made the login, and the one that shuts after both.
-        for before, after, was in zip(logins, logins[1:], used):
-            assert was[0] in before and was[0] in after or was == used[-1]
+            assert applied[user] == pgc.scram_verifier(user, password, SALT_KEY)
+        # While a region deploys, the billing before and the billing after both run, and the
+        # database holds the logins before or after: each must accept both billings' login.
+        for i in range(len(steps) - 1):
+            assert {used[i][0], used[i + 1][0]} <= set(logins[i]) & set(logins[i + 1]), i
         assert [f"user={u} " in b["postgres/backup.env"][0] for b, (u, _) in zip(bundles, used)] == [True] * 4
         assert len({json.dumps(labels(b, "postgres")) for b in bundles}) == 1, "the database server would restart"
         assert len({b["postgres/etc/patroni.yml"][0] for b in bundles}) == 1

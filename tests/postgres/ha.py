@@ -195,7 +195,7 @@ class Cluster:
             timing=self.timing, pgpass=str(h.dir / "pgpass"),
             archive_config=str(h.dir / "pgbackrest.conf") if self.archive_env else None, restore=self.restore,
             nofailover=not any(x.name == "witness" for x in self.consensus) and h is not self.consensus[0]))
-        (h.dir / "logins.json").write_text(pgc.logins_json({"1": PASSWORDS["app"]}))
+        (h.dir / "logins.json").write_text(pgc.logins_json({"1": PASSWORDS["app"]}, PASSWORDS["superuser"]))
 
     def start(self, h: Host) -> None:
         log = open(h.dir / "processes.log", "ab")

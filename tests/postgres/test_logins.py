@@ -15,21 +15,32 @@ import pytest
 from components import postgres_config as pgc
 from tests.postgres.conftest import PASSWORDS, as_postgres
 
-APPLY = Path(__file__).resolve().parents[2] / "payloads" / "postgres" / "apply-logins.sh"
+PAYLOAD = Path(__file__).resolve().parents[2] / "payloads" / "postgres"
+APPLY, ON_ROLE = PAYLOAD / "apply-logins.sh", PAYLOAD / "on-role.sh"
+SALT_KEY = "a-secret-of-the-stack"
 NEW = "second-login-CANARY-pw"
 
 
-def apply(cluster, logins: dict[str, str]) -> subprocess.CompletedProcess:
-    """The script as reload.sh runs it: as postgres, through the member's socket."""
+def write(cluster, logins: dict[str, str]) -> Path:
     path = cluster.root / "logins.json"
-    path.write_text(pgc.logins_json(logins))
+    path.write_text(pgc.logins_json(logins, SALT_KEY))
     if os.geteuid() == 0:
         user = pwd.getpwnam("postgres")
         os.chown(path, user.pw_uid, user.pw_gid)
-    env = {**os.environ, "CIRIS_LOGINS_CONNINFO": f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres"}
-    r = as_postgres(["sh", str(APPLY), str(path)], env=env)
+    return path
+
+
+def run(cluster, script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """A payload script as the container runs it: as postgres, through the member's socket."""
+    conninfo = f"host={cluster.socket_dir} port={cluster.port} user=postgres dbname=postgres"
+    r = as_postgres(["sh", str(script), *args], env={**os.environ, "CIRIS_LOGINS_CONNINFO": conninfo, **env})
     assert r.returncode == 0, r.stderr
     return r
+
+
+def apply(cluster, logins: dict[str, str]) -> subprocess.CompletedProcess:
+    """As reload.sh runs it on every deploy."""
+    return run(cluster, APPLY, str(write(cluster, logins)))
 
 
 def login(cluster, user: str, password: str) -> psycopg.Connection:
@@ -75,7 +86,7 @@ def test_a_second_login_acts_as_the_app_role_and_the_first_is_shut_without_a_res
 
 def test_the_file_names_only_billing_login_roles(pair):
     primary, _ = pair
-    path = primary.root / "logins.json"
+    path = primary.root / "bad-logins.json"
     path.write_text('{"postgres": "SCRAM-SHA-256$4096:x$y:z"}')
     os.chmod(path, 0o644)
     env = {**os.environ, "CIRIS_LOGINS_CONNINFO": f"host={primary.socket_dir} port={primary.port} user=postgres dbname=postgres"}
@@ -83,3 +94,19 @@ def test_the_file_names_only_billing_login_roles(pair):
     assert r.returncode != 0 and "postgres is not a billing login role" in r.stderr
     with primary.connect() as conn:  # the superuser's password is untouched
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_new_primary_adds_the_logins_it_knows_and_shuts_none(pair):
+    """Patroni's role-change callback (on-role.sh): on the member that now leads, the logins of its
+    file are added; one its (possibly older) file does not list is left as it is; a replica's call
+    does nothing."""
+    primary, replica = pair
+    old = PASSWORDS[pgc.APP_ROLE]
+    apply(primary, {"1": old, "2": NEW})
+    path = write(primary, {"1": old, "3": "third-login-CANARY-pw"})  # an older or newer file: billing_2 not in it
+    env = {"CIRIS_LOGINS_FILE": str(path)}
+    assert run(replica, ON_ROLE, "on_role_change", "replica", "ciris-billing", **env).stderr == ""
+    assert "created billing_3" in run(primary, ON_ROLE, "on_role_change", "master", "ciris-billing", **env).stderr
+    for user, password in (("billing", old), ("billing_2", NEW), ("billing_3", "third-login-CANARY-pw")):
+        with login(primary, user, password) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("billing",)
